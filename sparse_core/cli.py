@@ -1,0 +1,93 @@
+"""``python -m sparse_core key=value ...``: one pipeline run.
+
+Progress goes to stderr, one line per epoch; the LAST line of stdout is one JSON object with the
+result. ``--checkpoint PATH`` saves the full state after every epoch and, if PATH exists,
+continues from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+from .config import describe, from_flat, parse_overrides, validate_names
+
+
+def _help_epilog() -> str:
+    rows = describe()
+    width = max(len(k) for k, _, _ in rows)
+    lines = ["config keys (key=value, default in brackets):"]
+    for key, default, meaning in rows:
+        lines.append(f"  {key:<{width}}  [{default}]  {meaning}")
+    return "\n".join(lines)
+
+
+def progress_line(m: dict) -> str:
+    if m["stage"] == "prune":
+        return (f"prune round {m['round'] + 1}: density {m['density']:.4f}, test acc right after pruning "
+                f"{m['test_acc_after_prune']:.4f}, collapsed layers {m['collapsed_layers']}")
+    if m["stage"] == "rigl_init":
+        return f"rigl: random sparse start at density {m['density']:.4f}"
+    extra = ""
+    if "mask_mean" in m:
+        extra = f" mask mean {m['mask_mean']:.3f} below-0.5 {m['mask_below_half']:.3f}"
+    eta = m["seconds"] / m["epoch"] * (m["epochs"] - m["epoch"])
+    return (f"[{m['epoch']:>3}/{m['epochs']}] {m['stage']:<5} epoch {m['stage_epoch']:>3}  loss {m['train_loss']:.4f}  "
+            f"test acc {m['test_acc']:.4f}  density {m['density']:.4f}{extra}  ({m['seconds']:.1f}s, eta {eta:.0f}s)")
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sparse_core", description="Run one pruning pipeline (or RigL) and print the result as JSON.",
+        epilog=_help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. prune.density=0.01")
+    parser.add_argument("--checkpoint", metavar="PATH", help="save state here after every epoch; resume if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = parser.parse_args(argv)
+    try:
+        cfg = from_flat(parse_overrides(args.overrides))
+        validate_names(cfg)
+    except ValueError as e:
+        parser.error(str(e))
+
+    import torch  # after argument checks, so a typo fails fast
+
+    from .train import run
+
+    state = None
+    if args.checkpoint and os.path.exists(args.checkpoint):
+        state = torch.load(args.checkpoint, weights_only=False)
+        print(f"resuming from {args.checkpoint} (step {state['step_idx']})", file=sys.stderr)
+
+    def log(metrics: dict, checkpoint) -> None:
+        if not args.quiet:
+            print(progress_line(metrics), file=sys.stderr, flush=True)
+        if args.checkpoint:
+            tmp = args.checkpoint + ".tmp"
+            torch.save(checkpoint(), tmp)
+            os.replace(tmp, args.checkpoint)
+
+    try:
+        result = run(cfg, log, state)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result.pop("history")
+    if not args.quiet:
+        print(f"done: test acc {result['test_acc']:.4f} (best {result['best_test_acc']:.4f}) at density "
+              f"{result['density']:.4f} in {result['seconds']:.1f}s; run_key {result['run_key']}", file=sys.stderr)
+    print(json.dumps(_json_safe(result)))
+    return 0

@@ -1,0 +1,340 @@
+"""One frozen configuration tree with a flat, dotted view.
+
+The flat keys (``prune.density``) are the single vocabulary of the project: CLI overrides,
+Ray Tune's param_space, MLflow params and the analysis columns all use them. ``run_key`` is
+a short hash of the values that differ from the defaults, so adding a field whose default
+is "off" never renames an existing run (OpenLTH's trick).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+
+
+def _check(key: str, value: Any, ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r} is not valid; it must be {what}")
+
+
+# Names checked against the registries lazily (registries import torch; config must not need
+# to, so that sweeps can validate a grid cheaply). ``validate_names`` does that check.
+_NAMED = {
+    "data.name": "datasets",
+    "model.name": "models",
+    "init.name": "inits",
+    "prune.pruner": "pruners",
+    "prune.scope": "scopes",
+    "mask.kind": "mask_kinds",
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"  # dataset: digits (bundled, no download) | mnist | cifar10 | synthetic
+    dir: str = "data"  # where mnist/cifar10 live (torchvision layout: <dir>/MNIST/raw, <dir>/cifar-10-batches-py)
+    download: bool = False  # allow torchvision to download mnist/cifar10 into `dir` (needs internet)
+    augment: bool = True  # random crop (pad 4) + horizontal flip for cifar10; ignored for the others
+    synthetic_train: int = 512  # synthetic: number of training samples
+    synthetic_test: int = 256  # synthetic: number of test samples
+    synthetic_shape: str = "1x8x8"  # synthetic: CxHxW of one input
+    synthetic_classes: int = 10  # synthetic: number of classes
+
+    def __post_init__(self):
+        _check("data.synthetic_train", self.synthetic_train, self.synthetic_train > 0, "> 0")
+        _check("data.synthetic_test", self.synthetic_test, self.synthetic_test > 0, "> 0")
+        _check("data.synthetic_classes", self.synthetic_classes, self.synthetic_classes >= 2, ">= 2")
+        parts = self.synthetic_shape.split("x")
+        _check("data.synthetic_shape", self.synthetic_shape,
+               len(parts) == 3 and all(p.isdigit() and int(p) > 0 for p in parts), "of the form CxHxW, e.g. 3x32x32")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mlp"  # architecture: mlp | vgg16
+    width: int = 100  # mlp: units per hidden layer
+    depth: int = 5  # mlp: number of hidden layers
+    width_mult: float = 1.0  # vgg16: channel multiplier (0.25 = a quarter of every layer's channels)
+
+    def __post_init__(self):
+        _check("model.width", self.width, self.width >= 1, ">= 1")
+        _check("model.depth", self.depth, self.depth >= 1, ">= 1")
+        _check("model.width_mult", self.width_mult, 0 < self.width_mult <= 4, "in (0, 4]")
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    name: str = "kaiming"  # weight init: kaiming (Kaiming-normal) | zero (ZerO, deterministic Hadamard/identity)
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    kind: str = "none"  # learned mask during pre-training: none | sigmoid (continuous sparsification) | gates
+    init: float = 0.0  # sigmoid: initial mask score s (m = sigmoid(beta*s) = 0.5 at 0)
+    gate_init: float = 1.0  # gates: initial gate value in [0, 1] (1 = every weight starts switched on)
+    beta_final: float = 200.0  # sigmoid: temperature beta rises geometrically from 1 to this over pre-training
+    lambda_l1: float = 1e-4  # weight of the sparsity penalty lambda * sum(m), per mask entry summed over all layers
+    lambda_bin: float = 1e-4  # gates: weight of the binarity penalty sum(g * (1 - g))
+    lr: float = 0.01  # learning rate of the mask scores (own parameter group, no weight decay)
+
+    def __post_init__(self):
+        _check("mask.beta_final", self.beta_final, self.beta_final >= 1, ">= 1")
+        _check("mask.lambda_l1", self.lambda_l1, self.lambda_l1 >= 0, ">= 0")
+        _check("mask.lambda_bin", self.lambda_bin, self.lambda_bin >= 0, ">= 0")
+        _check("mask.lr", self.lr, self.lr > 0, "> 0")
+        _check("mask.gate_init", self.gate_init, 0 <= self.gate_init <= 1, "in [0, 1]")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    density: float = 0.1  # fraction of prunable weights KEPT (0.01 = 1 % remain); 1.0 = no pruning
+    pruner: str = "magnitude"  # score: magnitude | random | mask | snip | grasp | synflow
+    scope: str = "global"  # how scores become masks: global (one threshold) | layerwise | erk
+    rounds: int = 1  # 1 = one-shot; n > 1 = iterative, density_k = density^(k/n)
+    round_epochs: int = 0  # training epochs between iterative rounds (iterative magnitude pruning)
+    rewind_epoch: int = -1  # after each round rewind kept weights to their value after this pre-training epoch (-1 = no rewind, 0 = init)
+    samples_per_class: int = 10  # snip/grasp: scoring batch = this many training samples per class (fixed, seeded)
+    grasp_temperature: float = 200.0  # grasp: softmax temperature of the Hessian-gradient product
+    shuffle: bool = False  # sanity control: permute each layer's mask after pruning (same per-layer counts)
+    reinit: bool = False  # sanity control: re-initialise kept weights after pruning (with init.name)
+
+    def __post_init__(self):
+        _check("prune.density", self.density, 0 < self.density <= 1, "in (0, 1] (the fraction of weights kept)")
+        _check("prune.rounds", self.rounds, self.rounds >= 1, ">= 1")
+        _check("prune.round_epochs", self.round_epochs, self.round_epochs >= 0, ">= 0")
+        _check("prune.rewind_epoch", self.rewind_epoch, self.rewind_epoch >= -1, ">= -1")
+        _check("prune.samples_per_class", self.samples_per_class, self.samples_per_class >= 1, ">= 1")
+        _check("prune.grasp_temperature", self.grasp_temperature, self.grasp_temperature > 0, "> 0")
+
+
+@dataclass(frozen=True)
+class PostConfig:
+    label_smoothing: bool = False  # post-training loss uses label smoothing (1-a on the true class, a/(C-1) elsewhere)
+    smoothing: float = 0.1  # a, the smoothing mass
+    soft_activation: bool = False  # activation blends SiLU -> ReLU over the first soft_fraction of post-training
+    soft_skip: bool = False  # decaying identity skips alpha*P(x) on every hidden layer, gone after soft_fraction
+    soft_fraction: float = 0.5  # fraction of post-training over which the soft schedules run (then plain network)
+    skip_alpha0: float = 1.0  # initial skip weight alpha, decays linearly to 0
+
+    def __post_init__(self):
+        _check("post.smoothing", self.smoothing, 0 <= self.smoothing < 1, "in [0, 1)")
+        _check("post.soft_fraction", self.soft_fraction, 0 < self.soft_fraction <= 1, "in (0, 1]")
+        _check("post.skip_alpha0", self.skip_alpha0, self.skip_alpha0 >= 0, ">= 0")
+
+
+@dataclass(frozen=True)
+class RiglConfig:
+    delta_t: int = 100  # optimizer steps between mask updates
+    alpha: float = 0.3  # initial drop fraction; f(t) = alpha/2 * (1 + cos(pi t / T_end))
+    end_fraction: float = 0.75  # mask updates stop after this fraction of training steps
+    distribution: str = "erk"  # per-layer density of the random sparse start: erk | uniform
+
+    def __post_init__(self):
+        _check("rigl.delta_t", self.delta_t, self.delta_t >= 1, ">= 1")
+        _check("rigl.alpha", self.alpha, 0 < self.alpha < 1, "in (0, 1)")
+        _check("rigl.end_fraction", self.end_fraction, 0 < self.end_fraction <= 1, "in (0, 1]")
+        _choice("rigl.distribution", self.distribution, ("erk", "uniform"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = "prune"  # prune (init -> pre-train -> prune -> post-train) | rigl (dynamic sparse from the start)
+    pre_epochs: int = 10  # dense (or learned-mask) epochs before pruning
+    post_epochs: int = 20  # epochs after pruning with the mask fixed
+    optimizer: str = "sgd"  # sgd (with momentum) | adam
+    lr: float = 0.05  # peak learning rate of every training stage
+    momentum: float = 0.9  # sgd momentum
+    weight_decay: float = 5e-4  # L2 weight decay (not applied to mask scores)
+    schedule: str = "cosine"  # per-stage lr schedule: cosine (to 0) | constant | step (x0.1 at 50 % and 75 %)
+    batch_size: int = 64  # training batch size
+    eval_batch_size: int = 1024  # batch size for evaluation and scoring
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    amp: bool = False  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = False  # channels-last memory format for conv models on CUDA
+    fail_at_epoch: int = -1  # TESTING ONLY: raise once when this global epoch starts (-1 = never)
+
+    def __post_init__(self):
+        _choice("train.method", self.method, ("prune", "rigl"))
+        _choice("train.optimizer", self.optimizer, ("sgd", "adam"))
+        _choice("train.schedule", self.schedule, ("cosine", "constant", "step"))
+        _check("train.pre_epochs", self.pre_epochs, self.pre_epochs >= 0, ">= 0")
+        _check("train.post_epochs", self.post_epochs, self.post_epochs >= 0, ">= 0")
+        _check("train.lr", self.lr, self.lr > 0, "> 0")
+        _check("train.momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)")
+        _check("train.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
+        _check("train.batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
+        _check("train.eval_batch_size", self.eval_batch_size, self.eval_batch_size >= 1, ">= 1")
+        ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
+        _check("train.device", self.device, ok, "auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    post: PostConfig = field(default_factory=PostConfig)
+    rigl: RiglConfig = field(default_factory=RiglConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0  # the one seed every generator (data order, init, pruning, rigl) derives from
+
+    def __post_init__(self):
+        if self.prune.pruner == "mask" and self.mask.kind == "none" and self.train.method == "prune":
+            raise ValueError("prune.pruner='mask' needs a learned mask: set mask.kind to sigmoid or gates")
+        if self.mask.kind != "none" and self.train.pre_epochs == 0:
+            raise ValueError(f"mask.kind={self.mask.kind!r} learns during pre-training: set train.pre_epochs >= 1")
+        if self.prune.rewind_epoch > self.train.pre_epochs:
+            raise ValueError(f"prune.rewind_epoch={self.prune.rewind_epoch} is after pre-training "
+                             f"(train.pre_epochs={self.train.pre_epochs})")
+
+    # ---- flat view -------------------------------------------------------------------------
+    def to_flat(self) -> dict[str, Any]:
+        return to_flat(self)
+
+    def replace(self, **flat: Any) -> "Config":
+        """A copy with dotted-key overrides, e.g. ``cfg.replace(**{"prune.density": 0.01})``."""
+        return from_flat({**self.to_flat(), **flat})
+
+
+def to_flat(cfg: Config) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            for g in fields(value):
+                out[f"{f.name}.{g.name}"] = getattr(value, g.name)
+        else:
+            out[f.name] = value
+    return out
+
+
+def _field_types() -> dict[str, type]:
+    types: dict[str, type] = {}
+    defaults = Config()
+    for key, value in to_flat(defaults).items():
+        types[key] = type(value)
+    return types
+
+
+FIELD_TYPES = _field_types()
+
+
+def _parse(key: str, value: Any, typ: type) -> Any:
+    """Coerce a value (possibly a string from the CLI or MLflow) to the field's type."""
+    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    if typ is bool:
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{key}={value!r} is not valid; it must be true or false")
+    try:
+        if typ is int:
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                return int(value.strip())
+        if typ is float:
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError
+            return out
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"{key}={value!r} is not valid; it must be a {typ.__name__}")
+
+
+def from_flat(flat: Mapping[str, Any]) -> Config:
+    """Inverse of ``to_flat``; missing keys take their defaults, unknown keys are errors.
+
+    Values may be strings (CLI, MLflow params), which are parsed to the field's type.
+    """
+    unknown = sorted(set(flat) - set(FIELD_TYPES))
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(unknown)}; valid keys: {', '.join(FIELD_TYPES)}")
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in flat.items():
+        parsed = _parse(key, value, FIELD_TYPES[key])
+        if "." in key:
+            section, name = key.split(".", 1)
+            sections.setdefault(section, {})[name] = parsed
+        else:
+            top[key] = parsed
+    kwargs: dict[str, Any] = dict(top)
+    for f in fields(Config):
+        if f.name in sections:
+            kwargs[f.name] = f.default_factory(**sections[f.name])  # type: ignore[misc]
+    return Config(**kwargs)
+
+
+def validate_names(cfg: Config) -> None:
+    """Check every registry-backed name (dataset, model, init, pruner, scope, mask kind)."""
+    from . import registry  # imports torch-backed modules; kept out of plain config parsing
+
+    flat = cfg.to_flat()
+    for key, reg_name in _NAMED.items():
+        registry.REGISTRIES[reg_name].check(key, flat[key])
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["prune.density=0.01", ...]`` -> ``{"prune.density": "0.01"}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value, e.g. prune.density=0.01")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+# Keys that never change a result (where it runs, how it is tested): left out of run_key.
+_NOT_IDENTITY = ("train.device", "train.eval_batch_size", "train.fail_at_epoch", "data.dir", "data.download")
+
+
+def run_key(cfg: Config) -> str:
+    """Short stable hash of the settings that differ from the defaults (12 hex chars)."""
+    defaults = to_flat(Config())
+    changed = {k: v for k, v in to_flat(cfg).items() if v != defaults[k] and k not in _NOT_IDENTITY}
+    blob = json.dumps(changed, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """(key, default, meaning) for every flat key, from the field comments above."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    for cls in (DataConfig, ModelConfig, InitConfig, MaskConfig, PruneConfig, PostConfig, RiglConfig,
+                TrainConfig, Config):
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+): [\w\[\], ]+ = .*?#\s*(.*)$", line)
+            if m:
+                comments[f"{cls.__name__}.{m.group(1)}"] = m.group(2)
+    section_cls = {f.name: f.default_factory for f in fields(Config) if f.default_factory is not dataclasses.MISSING}
+    out = []
+    for key, default in to_flat(Config()).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            meaning = comments.get(f"{section_cls[section].__name__}.{name}", "")
+        else:
+            meaning = comments.get(f"Config.{key}", "")
+        out.append((key, default, meaning))
+    return out

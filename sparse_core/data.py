@@ -1,0 +1,175 @@
+"""Datasets held as tensors and batched by index.
+
+Every dataset here fits in (GPU) memory, so the training loop never touches a per-sample
+Python object: a batch is one index_select, and CIFAR-10's crop-and-flip is done on the
+whole batch at once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig
+from .registry import DATASETS
+
+
+@dataclass
+class TensorData:
+    x_train: torch.Tensor  # float32, (N, C, H, W), normalised
+    y_train: torch.Tensor  # int64, (N,)
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    augment: bool = False  # apply random crop (pad 4) + flip per training batch
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device: torch.device) -> "TensorData":
+        return TensorData(self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
+                          self.y_test.to(device), self.num_classes, self.augment)
+
+
+def load(cfg: DataConfig) -> TensorData:
+    """Load the dataset named by ``cfg.name`` (on CPU)."""
+    return DATASETS.get(cfg.name, "data.name")(cfg)
+
+
+def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop after zero-padding by ``pad`` and random horizontal flip, per sample.
+
+    The random numbers come from a CPU generator so the result is the same on every device.
+    """
+    b, _, h, w = x.shape
+    off = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = (off[0][:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+    cols = (off[1][:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+    cols = torch.where(flip[:, None, None], off[1][:, None, None] + (w - 1) - torch.arange(w, device=x.device), cols)
+    idx_b = torch.arange(b, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[idx_b, rows, cols]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous(memory_format=torch.contiguous_format)
+
+
+def train_batches(data: TensorData, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled training batches (the last partial batch is kept)."""
+    n = data.x_train.shape[0]
+    order = torch.randperm(n, generator=generator).to(data.x_train.device)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        x = data.x_train.index_select(0, idx)
+        if data.augment:
+            x = crop_flip(x, generator)
+        yield x, data.y_train.index_select(0, idx)
+
+
+def eval_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, x.shape[0], batch_size):
+        yield x[start:start + batch_size], y[start:start + batch_size]
+
+
+def class_balanced_subset(data: TensorData, per_class: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed, seeded scoring batch: ``per_class`` training samples of each class (fewer if a class is short)."""
+    y = data.y_train.cpu()
+    picks = []
+    for c in range(data.num_classes):
+        idx = (y == c).nonzero().flatten()
+        if len(idx):
+            picks.append(idx[torch.randperm(len(idx), generator=generator)[:per_class]])
+    idx = torch.cat(picks).to(data.x_train.device)
+    return data.x_train.index_select(0, idx), data.y_train.index_select(0, idx)
+
+
+def _normalise(train: torch.Tensor, test: torch.Tensor, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (train - mean) / std, (test - mean) / std
+
+
+# ---- datasets ------------------------------------------------------------------------------
+
+@DATASETS.register("digits")
+def digits(cfg: DataConfig) -> TensorData:
+    """scikit-learn's bundled 8x8 digits (1,797 images): 1,437 train / 360 test, fixed split."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # the split never moves
+    n_test = 360
+    test, train = order[:n_test], order[n_test:]
+    xtr, xte = _normalise(x[train], x[test], [x[train].mean().item()], [x[train].std().item()])
+    return TensorData(xtr, y[train], xte, y[test], num_classes=10)
+
+
+@DATASETS.register("synthetic")
+def synthetic(cfg: DataConfig) -> TensorData:
+    """Learnable random data for tests: a class prototype plus noise, fixed seed."""
+    g = torch.Generator().manual_seed(1234)
+    shape = tuple(int(p) for p in cfg.synthetic_shape.split("x"))
+    protos = torch.randn(cfg.synthetic_classes, *shape, generator=g)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, cfg.synthetic_classes, (n,), generator=g)
+        return protos[y] + 0.8 * torch.randn(n, *shape, generator=g), y
+
+    xtr, ytr = make(cfg.synthetic_train)
+    xte, yte = make(cfg.synthetic_test)
+    return TensorData(xtr, ytr, xte, yte, num_classes=cfg.synthetic_classes)
+
+
+def _require(path: str, name: str, cfg: DataConfig, hint: str) -> None:
+    if cfg.download or os.path.exists(path):
+        return
+    raise FileNotFoundError(
+        f"{name} not found: looked for {os.path.abspath(path)} (data.dir={cfg.dir!r}). {hint} "
+        f"Or let torchvision fetch it on a machine with internet: "
+        f"python -m sparse_core data.name={name} data.dir={cfg.dir} data.download=true")
+
+
+@DATASETS.register("mnist")
+def mnist(cfg: DataConfig) -> TensorData:
+    """MNIST through torchvision's ``MNIST`` class from ``<data.dir>/MNIST/raw``."""
+    from torchvision.datasets import MNIST
+
+    _require(os.path.join(cfg.dir, "MNIST", "raw", "train-images-idx3-ubyte"), "mnist", cfg,
+             "Put the four uncompressed IDX files (train-images-idx3-ubyte, ...) in <data.dir>/MNIST/raw.")
+    parts = [MNIST(cfg.dir, train=t, download=cfg.download) for t in (True, False)]
+    xs = [p.data.unsqueeze(1).float() / 255.0 for p in parts]
+    xtr, xte = _normalise(xs[0], xs[1], [0.1307], [0.3081])
+    return TensorData(xtr, parts[0].targets.long(), xte, parts[1].targets.long(), num_classes=10)
+
+
+def _cifar10_class():
+    from torchvision.datasets import CIFAR10
+
+    class LocalCIFAR10(CIFAR10):
+        """torchvision's CIFAR10 reader; presence is checked instead of the md5 sums, so that
+        a subset written in the same pickled format (as the tests do) also loads."""
+
+        def _check_integrity(self) -> bool:
+            base = os.path.join(self.root, self.base_folder)
+            return all(os.path.isfile(os.path.join(base, f)) for f, _ in self.train_list + self.test_list)
+
+    return LocalCIFAR10
+
+
+@DATASETS.register("cifar10")
+def cifar10(cfg: DataConfig) -> TensorData:
+    """CIFAR-10 through torchvision's ``CIFAR10`` class from ``<data.dir>/cifar-10-batches-py``."""
+    _require(os.path.join(cfg.dir, "cifar-10-batches-py", "data_batch_1"), "cifar10", cfg,
+             "Unpack cifar-10-python.tar.gz there (it holds cifar-10-batches-py/).")
+    cls = _cifar10_class()
+    parts = [cls(cfg.dir, train=t, download=cfg.download) for t in (True, False)]
+    xs = [torch.from_numpy(p.data).permute(0, 3, 1, 2).float() / 255.0 for p in parts]
+    xtr, xte = _normalise(xs[0], xs[1], [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])
+    ys = [torch.tensor(p.targets, dtype=torch.int64) for p in parts]
+    return TensorData(xtr, ys[0], xte, ys[1], num_classes=10, augment=cfg.augment)

@@ -1,0 +1,154 @@
+"""Learned masks during pre-pruning training, registered by ``mask.kind``.
+
+``sigmoid``: continuous sparsification (Savarese et al. 2020): m = sigmoid(beta * s), beta raised
+geometrically from 1 to ``beta_final`` over pre-training, L1 pressure ``lambda * sum(m)``.
+``gates``: Srinivas et al. 2016: a gate g in [0, 1] per weight, clipped after every step, the
+forward pass uses the binary gate (g > 0.5) with a straight-through gradient, and the penalty
+``lambda_l1 * sum(g) + lambda_bin * sum(g * (1 - g))`` pushes gates to be sparse and binary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .config import MaskConfig
+from .masks import prunable_layers
+from .registry import MASK_KINDS
+
+
+class MaskKind:
+    def init_score(self, weight: torch.Tensor, cfg: MaskConfig) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_mask(self, score: torch.Tensor, beta: float) -> torch.Tensor:
+        """What multiplies the weight in the forward pass."""
+        raise NotImplementedError
+
+    def value(self, score: torch.Tensor, beta: float) -> torch.Tensor:
+        """The mask value reported and used for pruning (no gradient path needed)."""
+        return self.forward_mask(score, beta)
+
+    def penalty(self, score: torch.Tensor, beta: float, cfg: MaskConfig) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self, score: torch.Tensor) -> None:
+        pass
+
+
+@MASK_KINDS.register("none")
+class NoMask(MaskKind):
+    pass
+
+
+@MASK_KINDS.register("sigmoid")
+class SigmoidMask(MaskKind):
+    def init_score(self, weight, cfg):
+        return torch.full_like(weight, cfg.init)
+
+    def forward_mask(self, score, beta):
+        return torch.sigmoid(beta * score)
+
+    def penalty(self, score, beta, cfg):
+        return cfg.lambda_l1 * torch.sigmoid(beta * score).sum()
+
+
+@MASK_KINDS.register("gates")
+class Gates(MaskKind):
+    def init_score(self, weight, cfg):
+        return torch.full_like(weight, min(max(cfg.gate_init, 0.0), 1.0))
+
+    def forward_mask(self, score, beta):
+        hard = (score > 0.5).to(score.dtype)
+        return score + (hard - score).detach()  # straight-through: value of hard, gradient of g
+
+    def value(self, score, beta):
+        return (score > 0.5).to(score.dtype)
+
+    def penalty(self, score, beta, cfg):
+        return cfg.lambda_l1 * score.sum() + cfg.lambda_bin * (score * (1 - score)).sum()
+
+    @torch.no_grad()
+    def after_step(self, score):
+        score.clamp_(0.0, 1.0)
+
+
+def get(name: str) -> MaskKind:
+    return MASK_KINDS.get(name, "mask.kind")()
+
+
+def beta_at(epoch: int, pre_epochs: int, cfg: MaskConfig) -> float:
+    """Geometric temperature schedule: 1 at the first pre-training epoch, beta_final at the last."""
+    if pre_epochs <= 1:
+        return 1.0 if pre_epochs == 0 else cfg.beta_final
+    return float(cfg.beta_final ** (epoch / (pre_epochs - 1)))
+
+
+def attach(model: nn.Module, cfg: MaskConfig) -> list[nn.Parameter]:
+    """Give every prunable layer a learned mask score; returns the score parameters."""
+    kind = get(cfg.kind)
+    scores = []
+    for layer in prunable_layers(model).values():
+        layer.mask_kind = kind
+        layer.mask_score = nn.Parameter(kind.init_score(layer.weight.detach(), cfg))
+        scores.append(layer.mask_score)
+    return scores
+
+
+def set_beta(model: nn.Module, beta: float) -> None:
+    for layer in prunable_layers(model).values():
+        layer.mask_beta = beta
+
+
+def score_params(model: nn.Module) -> list[nn.Parameter]:
+    return [l.mask_score for l in prunable_layers(model).values() if getattr(l, "mask_score", None) is not None]
+
+
+def penalty(model: nn.Module, cfg: MaskConfig) -> torch.Tensor:
+    total = None
+    for layer in prunable_layers(model).values():
+        if getattr(layer, "mask_score", None) is not None:
+            p = layer.mask_kind.penalty(layer.mask_score, layer.mask_beta, cfg)
+            total = p if total is None else total + p
+    return total
+
+
+def after_step(model: nn.Module) -> None:
+    for layer in prunable_layers(model).values():
+        if getattr(layer, "mask_score", None) is not None:
+            layer.mask_kind.after_step(layer.mask_score)
+
+
+@torch.no_grad()
+def values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Current mask value m by parameter name (empty without a learned mask)."""
+    return {name: layer.mask_kind.value(layer.mask_score, layer.mask_beta)
+            for name, layer in prunable_layers(model).items() if getattr(layer, "mask_score", None) is not None}
+
+
+@torch.no_grad()
+def stats(model: nn.Module, zero_at_init: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean mask value and the fraction below 0.5, split by weights exactly 0 at init and the rest
+    (ZerO + learned mask collapses; this split shows why)."""
+    vals = values(model)
+    if not vals:
+        return {}
+    allv = torch.cat([v.flatten() for v in vals.values()])
+    zero_sel = torch.cat([zero_at_init[n].flatten().to(allv.device) for n in vals])
+    below = allv < 0.5
+    out = {"mask_mean": float(allv.mean()), "mask_below_half": float(below.float().mean())}
+    for tag, sel in (("zero_init", zero_sel), ("nonzero_init", ~zero_sel)):
+        n = int(sel.sum())
+        out[f"mask_below_half_{tag}"] = float(below[sel].float().mean()) if n else float("nan")
+    return out
+
+
+@torch.no_grad()
+def fold(model: nn.Module) -> None:
+    """End of pre-training: multiply each weight by its mask value and remove the scores, leaving
+    the plain layer (the network function is kept up to the soft mask's residue)."""
+    for layer in prunable_layers(model).values():
+        if getattr(layer, "mask_score", None) is not None:
+            layer.weight.mul_(layer.mask_kind.value(layer.mask_score, layer.mask_beta))
+            layer.mask_score = None
+            layer.mask_kind = None

@@ -1,0 +1,74 @@
+"""Accuracy, density and FLOPs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from .data import eval_batches
+from .masks import prunable_layers
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+             amp: bool = False) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) in eval mode; restores the model's train/eval mode."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and x.is_cuda)
+    for xb, yb in eval_batches(x, y, batch_size):
+        with autocast:
+            logits = model(xb)
+        loss_sum += float(F.cross_entropy(logits.float(), yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    model.train(was_training)
+    n = max(int(y.shape[0]), 1)
+    return correct / n, loss_sum / n
+
+
+def density_summary(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict:
+    """Density over prunable weights, per layer, and over all parameters (biases and BN count as kept)."""
+    kept = sum(int(m.sum()) for m in masks.values())
+    prunable = sum(m.numel() for m in masks.values())
+    all_params = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("mask_score"))
+    return {
+        "density": kept / prunable,
+        "density_all": (all_params - prunable + kept) / all_params,
+        "prunable_weights": prunable,
+        "kept_weights": kept,
+        "layer_density": {n: float(m.float().mean()) for n, m in masks.items()},
+    }
+
+
+@torch.no_grad()
+def flops(model: nn.Module, in_shape: tuple[int, ...], masks: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(dense, sparse) FLOPs of one forward pass of one input.
+
+    Dense: ``torch.utils.flop_counter`` (2 per multiply-add of every matmul/conv). Sparse: each
+    prunable layer's FLOPs scaled by its density (a zero weight's multiply-adds are skipped).
+    """
+    layers = prunable_layers(model)
+    per_layer: dict[str, int] = {}
+    hooks = []
+    for name, layer in layers.items():
+        def hook(mod, inp, out, name=name):
+            per_layer[name] = 2 * out.numel() * (mod.weight[0].numel())  # out elems x fan-in MACs
+        hooks.append(layer.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters())
+    x = torch.zeros((1, *in_shape), device=param.device, dtype=param.dtype)
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    dense = int(counter.get_total_flops())
+    removed = sum(per_layer[n] * (1.0 - float(masks[n].float().mean())) for n in per_layer)
+    return dense, int(round(dense - removed))

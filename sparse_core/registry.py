@@ -1,0 +1,72 @@
+"""Registries keyed by name: a method is a function registered under its paper's name.
+
+Each module that defines methods registers them on import; ``REGISTRIES`` imports those
+modules on first use so that ``Registry.get`` always sees every method.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, modules: tuple[str, ...] = ()):
+        self.kind = kind
+        self._modules = modules  # modules whose import fills this registry
+        self._items: dict[str, T] = {}
+        self._loaded = False
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            if name in self._items:
+                raise KeyError(f"{self.kind} {name!r} registered twice")
+            self._items[name] = obj
+            return obj
+
+        return deco
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for mod in self._modules:
+                importlib.import_module(mod)
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._items)
+
+    def check(self, key: str, name: str) -> None:
+        self._load()
+        if name not in self._items:
+            raise ValueError(f"{key}={name!r} is not a known {self.kind}; choose one of {', '.join(self.names())}")
+
+    def get(self, name: str, key: str | None = None) -> T:
+        self.check(key or self.kind, name)
+        return self._items[name]
+
+    def __contains__(self, name: str) -> bool:
+        self._load()
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+DATASETS: Registry = Registry("dataset", ("sparse_core.data",))
+MODELS: Registry = Registry("model", ("sparse_core.models",))
+INITS: Registry = Registry("init", ("sparse_core.init",))
+PRUNERS: Registry = Registry("pruner", ("sparse_core.pruners",))
+SCOPES: Registry = Registry("scope", ("sparse_core.pruning",))
+MASK_KINDS: Registry = Registry("mask kind", ("sparse_core.learned_mask",))
+
+REGISTRIES: dict[str, Registry] = {
+    "datasets": DATASETS,
+    "models": MODELS,
+    "inits": INITS,
+    "pruners": PRUNERS,
+    "scopes": SCOPES,
+    "mask_kinds": MASK_KINDS,
+}

@@ -1,0 +1,393 @@
+"""The trainer: ``run(cfg, log, state) -> result``.
+
+A run is a fixed plan of steps (pre-training epochs, pruning rounds with optional training
+between them, post-training epochs; or RigL's epochs). After every step the trainer can hand
+out its full state (weights, masks, optimizer, LR schedule, RNG, position in the plan), and a
+state handed back continues the run to the same result. The logging callback
+``log(metrics, checkpoint)`` receives each epoch's metrics and a zero-argument function that
+returns that state, so a caller who does not checkpoint pays nothing for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import math
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import learned_mask, pruners
+from .config import Config, from_flat, run_key, validate_names
+from .data import class_balanced_subset, load, train_batches
+from .init import initialise
+from .masks import enforce_masks, get_masks, masks_bypassed, prunable_weights, set_masks
+from .metrics import density_summary, evaluate, flops
+from .models import build
+from .post_prune import SoftSchedule, make_plain, smoothed_cross_entropy
+from .pruning import collapsed, masks_from_scores, schedule, shuffle
+from .rigl import RigL, initial_masks
+
+Log = Callable[[dict, Callable[[], dict]], None]
+STATE_FORMAT = 1
+GENERATORS = ("init", "data", "prune", "score", "rigl", "reinit")
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by ``train.fail_at_epoch`` (tests of retry-from-checkpoint)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but no CUDA device is available; use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def derive_seed(seed: int, name: str) -> int:
+    """Independent seed per named generator, so changing the pruner never moves the data order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def lr_factor(kind: str, step: int, total: int) -> float:
+    if kind == "constant" or total <= 0:
+        return 1.0
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    return 0.1 ** ((step >= 0.5 * total) + (step >= 0.75 * total))  # step
+
+
+def _plan(cfg: Config) -> list[tuple]:
+    """Steps: ("train", stage, round, epoch, epochs_in_stage) | ("prune", round, density) | ("rigl_init",)."""
+    t, p = cfg.train, cfg.prune
+    if t.method == "rigl":
+        total = t.pre_epochs + t.post_epochs
+        return [("rigl_init",)] + [("train", "rigl", 0, e, total) for e in range(total)]
+    steps: list[tuple] = [("train", "pre", 0, e, t.pre_epochs) for e in range(t.pre_epochs)]
+    densities = schedule(p.density, p.rounds) if p.density < 1.0 else [1.0]
+    for r, d in enumerate(densities):
+        steps.append(("prune", r, d))
+        if r < len(densities) - 1:
+            steps += [("train", "round", r, e, p.round_epochs) for e in range(p.round_epochs)]
+    steps += [("train", "post", 0, e, t.post_epochs) for e in range(t.post_epochs)]
+    return steps
+
+
+class Trainer:
+    def __init__(self, cfg: Config, log: Log | None = None):
+        validate_names(cfg)
+        if cfg.train.method == "rigl" and cfg.mask.kind != "none":
+            raise ValueError(f"mask.kind={cfg.mask.kind!r} is a pre-training mask; train.method='rigl' has "
+                             f"no pre-training: set mask.kind=none")
+        self.cfg, self.log = cfg, log or (lambda metrics, checkpoint: None)
+        self.device = resolve_device(cfg.train.device)
+        self.data = load(cfg.data).to(self.device)
+        self.gen = {n: torch.Generator().manual_seed(derive_seed(cfg.seed, n)) for n in GENERATORS}
+        self.model = self._fresh_model(self.gen["init"])
+        self.zero_at_init = {n: (w == 0).cpu() for n, w in prunable_weights(self.model).items()}
+        if cfg.mask.kind != "none":
+            learned_mask.attach(self.model, cfg.mask)
+        self.plan = _plan(cfg)
+        self.step_idx = 0
+        self.masks: dict[str, torch.Tensor] | None = None  # None = dense
+        self.opt: torch.optim.Optimizer | None = None
+        self.sched: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.segment: tuple | None = None  # (stage, round) the optimizer belongs to
+        self.seg_step = 0  # optimizer steps taken in this segment
+        self.rigl: RigL | None = None
+        self.rigl_regrown = 0
+        self.rewind_state: dict | None = None
+        self.history: list[dict] = []
+        self.best_test_acc: float | None = None
+        self.pre_test_acc = float("nan")
+        self.prune_test_acc = float("nan")
+        self.restored = False
+        self.elapsed = 0.0
+        if cfg.prune.rewind_epoch == 0 and cfg.train.method == "prune":
+            self.rewind_state = self._cpu_state_dict()
+
+    # ---- construction ---------------------------------------------------------------------
+    def _fresh_model(self, generator: torch.Generator) -> nn.Module:
+        cfg = self.cfg
+        model = build(cfg.model, self.data.in_shape, self.data.num_classes, unit_grad_at_zero=cfg.init.name == "zero")
+        initialise(cfg.init.name, model, generator)
+        model = model.to(self.device)
+        if cfg.train.channels_last and self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _make_optimizer(self, stage: str, total_steps: int) -> None:
+        t = self.cfg.train
+        scores = set(map(id, learned_mask.score_params(self.model)))
+        groups = [{"params": [p for p in self.model.parameters() if id(p) not in scores], "weight_decay": t.weight_decay}]
+        if scores and stage == "pre":
+            groups.append({"params": learned_mask.score_params(self.model), "weight_decay": 0.0, "lr": self.cfg.mask.lr})
+        if t.optimizer == "sgd":
+            self.opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+        else:
+            self.opt = torch.optim.Adam(groups, lr=t.lr)
+        kind = t.schedule
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(kind, s, total_steps))
+
+    def _cpu_state_dict(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    # ---- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "format": STATE_FORMAT,
+            "config": self.cfg.to_flat(),
+            "step_idx": self.step_idx,
+            "model": self._cpu_state_dict(),
+            "has_mask_scores": bool(learned_mask.score_params(self.model)),
+            "masks": None if self.masks is None else {n: m.cpu().clone() for n, m in self.masks.items()},
+            "optimizer": copy.deepcopy(self.opt.state_dict()) if self.opt else None,
+            "scheduler": self.sched.state_dict() if self.sched else None,
+            "segment": self.segment,
+            "seg_step": self.seg_step,
+            "generators": {n: g.get_state() for n, g in self.gen.items()},
+            "rewind_state": self.rewind_state,
+            "history": copy.deepcopy(self.history),
+            "best_test_acc": self.best_test_acc,
+            "pre_test_acc": self.pre_test_acc,
+            "prune_test_acc": self.prune_test_acc,
+            "rigl_regrown": self.rigl.regrown if self.rigl else self.rigl_regrown,
+            "elapsed": self.elapsed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"checkpoint format {state.get('format')!r} is not {STATE_FORMAT}")
+        saved = from_flat(state["config"])
+        if run_key(saved) != run_key(self.cfg):
+            raise ValueError("checkpoint belongs to a different config (run_key "
+                             f"{run_key(saved)} != {run_key(self.cfg)})")
+        if not state["has_mask_scores"]:
+            learned_mask.fold(self.model)  # the scores were folded into the weights before this point
+        self.model.load_state_dict(state["model"])
+        self.masks = None if state["masks"] is None else {n: m.to(self.device) for n, m in state["masks"].items()}
+        if self.masks is not None:
+            set_masks(self.model, self.masks)
+        self.step_idx = state["step_idx"]
+        self.segment, self.seg_step = state["segment"], state["seg_step"]
+        if state["optimizer"] is not None:
+            step = self.plan[self.step_idx] if self.step_idx < len(self.plan) else None
+            stage = self.segment[0]
+            total = self._segment_steps(step[4]) if step and step[0] == "train" else 0
+            self._make_optimizer(stage, total)
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            if stage == "rigl":
+                self.rigl = RigL(self.cfg.rigl, total)
+                self.rigl.regrown = state["rigl_regrown"]
+        self.rigl_regrown = state["rigl_regrown"]
+        for n, g in self.gen.items():
+            g.set_state(state["generators"][n])
+        self.rewind_state = state["rewind_state"]
+        self.history = state["history"]
+        self.best_test_acc = state["best_test_acc"]
+        self.pre_test_acc, self.prune_test_acc = state["pre_test_acc"], state["prune_test_acc"]
+        self.elapsed = state["elapsed"]
+        self.restored = True
+
+    # ---- steps ------------------------------------------------------------------------------
+    def _segment_steps(self, epochs: int) -> int:
+        return epochs * math.ceil(self.data.x_train.shape[0] / self.cfg.train.batch_size)
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
+        post = self.cfg.post
+        if stage in ("post", "rigl") and post.label_smoothing:
+            return smoothed_cross_entropy(logits.float(), y, post.smoothing)
+        return F.cross_entropy(logits.float(), y)
+
+    def _train_epoch(self, stage: str, rnd: int, epoch: int, epochs: int) -> dict:
+        cfg = self.cfg
+        total = self._segment_steps(epochs)
+        if self.segment != (stage, rnd) or self.opt is None:
+            self._make_optimizer(stage, total)
+            self.segment, self.seg_step = (stage, rnd), 0
+            if stage == "rigl":
+                self.rigl = RigL(cfg.rigl, total)
+        soft = SoftSchedule(self.model, cfg.post, total) if stage in ("post", "rigl") else None
+        if stage == "pre" and cfg.mask.kind != "none":
+            learned_mask.set_beta(self.model, learned_mask.beta_at(epoch, cfg.train.pre_epochs, cfg.mask))
+        amp = cfg.train.amp and self.device.type == "cuda"
+        channels_last = cfg.train.channels_last and self.device.type == "cuda" and self.data.x_train.dim() == 4
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        batches = 0
+        t_soft = alpha = None
+        for x, y in train_batches(self.data, cfg.train.batch_size, self.gen["data"]):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if soft is not None:
+                t_soft, alpha = soft.set(self.seg_step)
+            update = self.rigl is not None and stage == "rigl" and self.rigl.is_update_step(self.seg_step + 1)
+            with masks_bypassed(self.model) if update else contextlib.nullcontext():
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    logits = self.model(x)
+                loss = self._loss(logits, y, stage)
+                if stage == "pre" and cfg.mask.kind != "none":
+                    loss = loss + learned_mask.penalty(self.model, cfg.mask)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            self.seg_step += 1
+            if stage == "pre" and cfg.mask.kind != "none":
+                learned_mask.after_step(self.model)
+            if self.masks is not None:
+                enforce_masks(self.model, self.opt)
+            if update:
+                self.masks = self.rigl.update(self.model, self.masks, self.opt, self.seg_step)
+                set_masks(self.model, self.masks)
+                enforce_masks(self.model, self.opt)
+            loss_sum += loss.detach()
+            batches += 1
+        if soft is not None and self.seg_step >= total:
+            make_plain(self.model)  # the end of post-training is the plain network
+        acc, test_loss = evaluate(self.model, self.data.x_test, self.data.y_test, cfg.train.eval_batch_size, amp)
+        metrics = {"stage": stage, "round": rnd, "stage_epoch": epoch + 1, "train_loss": float(loss_sum) / max(batches, 1),
+                   "test_acc": acc, "test_loss": test_loss, "lr": self.opt.param_groups[0]["lr"],
+                   "density": self._density()}
+        if stage == "pre" and cfg.mask.kind != "none":
+            metrics["mask_beta"] = learned_mask.beta_at(epoch, cfg.train.pre_epochs, cfg.mask)
+            metrics.update(learned_mask.stats(self.model, self.zero_at_init))
+        if soft is not None and (cfg.post.soft_activation or cfg.post.soft_skip):
+            metrics.update({"soft_t": t_soft, "skip_alpha": alpha})
+        if self.rigl is not None and stage == "rigl":
+            metrics["rigl_regrown"] = self.rigl.regrown
+        if stage == "pre" and epoch == epochs - 1:
+            self.pre_test_acc = acc
+        if stage in ("post", "rigl"):
+            self.best_test_acc = acc if self.best_test_acc is None else max(self.best_test_acc, acc)
+        if stage == "pre" and epoch + 1 == cfg.prune.rewind_epoch:
+            self.rewind_state = self._cpu_state_dict()
+        return metrics
+
+    def _score_inputs(self) -> pruners.ScoreInputs:
+        x = y = None
+        if self.cfg.prune.pruner in pruners.NEEDS_DATA:
+            g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "score"))  # the same batch every round
+            x, y = class_balanced_subset(self.data, self.cfg.prune.samples_per_class, g)
+        return pruners.ScoreInputs(x, y, self.data.in_shape, self.gen["prune"], self.cfg.prune)
+
+    def _prune(self, rnd: int, density: float) -> dict:
+        p = self.cfg.prune
+        last = rnd == p.rounds - 1 or density >= 1.0
+        if density < 1.0:
+            scores = pruners.score(p.pruner, self.model, self._score_inputs())
+        learned_mask.fold(self.model)
+        if density < 1.0:
+            masks = masks_from_scores(scores, density, p.scope, previous=self.masks)
+            if last and p.shuffle:
+                masks = shuffle(masks, self.gen["prune"])
+            self.masks = masks
+            set_masks(self.model, masks)
+            if self.rewind_state is not None:
+                self._rewind()
+            if last and p.reinit:
+                self._reinit()
+        acc, _ = evaluate(self.model, self.data.x_test, self.data.y_test, self.cfg.train.eval_batch_size)
+        if last:
+            self.prune_test_acc = acc
+        self.opt = self.sched = self.segment = None
+        masks = self.masks if self.masks is not None else get_masks(self.model)
+        return {"stage": "prune", "round": rnd, "test_acc_after_prune": acc, "density": self._density(),
+                "collapsed_layers": len(collapsed(masks))}
+
+    @torch.no_grad()
+    def _rewind(self) -> None:
+        current = self.model.state_dict()
+        self.model.load_state_dict({k: self.rewind_state[k].to(v.device) if k in self.rewind_state else v
+                                    for k, v in current.items()})
+        set_masks(self.model, self.masks)
+
+    @torch.no_grad()
+    def _reinit(self) -> None:
+        fresh = self._fresh_model(self.gen["reinit"])
+        for (name, w), new in zip(prunable_weights(self.model).items(), prunable_weights(fresh).values()):
+            w.copy_(new)
+        set_masks(self.model, self.masks)
+
+    def _density(self) -> float:
+        if self.masks is None:
+            return 1.0
+        return sum(int(m.sum()) for m in self.masks.values()) / sum(m.numel() for m in self.masks.values())
+
+    # ---- run --------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        fail_at = cfg.train.fail_at_epoch
+        while self.step_idx < len(self.plan):
+            started = time.perf_counter()
+            step = self.plan[self.step_idx]
+            if step[0] == "train":
+                _, stage, rnd, epoch, epochs = step
+                if fail_at >= 0 and not self.restored and len(self.history) + 1 == fail_at:
+                    raise InjectedFailure(f"train.fail_at_epoch={fail_at}: injected failure at the start of epoch {fail_at}")
+                metrics = self._train_epoch(stage, rnd, epoch, epochs)
+            elif step[0] == "prune":
+                metrics = self._prune(step[1], step[2])
+            else:  # rigl_init
+                self.masks = initial_masks(self.model, cfg.prune.density, cfg.rigl, self.gen["rigl"])
+                set_masks(self.model, self.masks)
+                metrics = {"stage": "rigl_init", "density": self._density()}
+            self.step_idx += 1
+            self.elapsed += time.perf_counter() - started
+            if step[0] == "train":
+                self.history.append(metrics)
+                metrics = {**metrics, "epoch": len(self.history), "epochs": sum(1 for s in self.plan if s[0] == "train")}
+            metrics["seconds"] = self.elapsed
+            self.log(metrics, self.state_dict)
+        return self.result()
+
+    def result(self) -> dict:
+        masks = self.masks if self.masks is not None else get_masks(self.model)
+        summary = density_summary(self.model, masks)
+        flops_dense, flops_sparse = flops(self.model, self.data.in_shape, masks)
+        final_acc, final_loss = evaluate(self.model, self.data.x_test, self.data.y_test, self.cfg.train.eval_batch_size)
+        best = self.best_test_acc if self.best_test_acc is not None else final_acc
+        return {
+            "run_key": run_key(self.cfg),
+            "test_acc": final_acc,
+            "test_loss": final_loss,
+            "best_test_acc": max(best, final_acc),
+            "pre_test_acc": self.pre_test_acc,
+            "prune_test_acc": self.prune_test_acc,
+            "density": summary["density"],
+            "density_target": self.cfg.prune.density,
+            "density_all": summary["density_all"],
+            "kept_weights": summary["kept_weights"],
+            "prunable_weights": summary["prunable_weights"],
+            "layer_density": summary["layer_density"],
+            "collapsed_layers": collapsed(masks),
+            "flops_dense": flops_dense,
+            "flops_sparse": flops_sparse,
+            "rigl_regrown": self.rigl.regrown if self.rigl else self.rigl_regrown,
+            "seconds": self.elapsed,
+            "epochs": len(self.history),
+            "device": str(self.device),
+            "config": self.cfg.to_flat(),
+            "history": self.history,
+        }
+
+
+def run(cfg: Config, log: Log | None = None, state: dict | None = None) -> dict[str, Any]:
+    """Run the whole pipeline for ``cfg``; ``state`` (from a checkpoint) continues a run."""
+    trainer = Trainer(cfg, log)
+    if state is not None:
+        trainer.load_state_dict(state)
+    return trainer.run()
+
+
+def plain_model(cfg: Config, state_dict: dict, in_shape, num_classes: int) -> nn.Module:
+    """The plain architecture (nn.Linear/nn.Conv2d, ReLU, no skips) loaded with a trained state."""
+    model = build(cfg.model, in_shape, num_classes, plain=True)
+    model.load_state_dict(state_dict)
+    return model
