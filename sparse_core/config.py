@@ -74,6 +74,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class InitConfig:
     name: str = "kaiming"  # weight init: kaiming (Kaiming-normal) | zero (ZerO, deterministic Hadamard/identity)
+    sparse_scale: bool = True  # kaiming weights that start sparse (RigL, pruning at init, prune.reinit) are scaled by 1/sqrt(layer density) to keep the dense activation variance (Evci et al. 2022)
 
 
 @dataclass(frozen=True)

@@ -293,6 +293,8 @@ class Trainer:
                 self._rewind()
             if last and p.reinit:
                 self._reinit()
+            if last and (p.reinit or self.cfg.train.pre_epochs == 0):
+                self._scale_sparse_init()
         acc, _ = evaluate(self.model, self.data.x_test, self.data.y_test, self.cfg.train.eval_batch_size)
         if last:
             self.prune_test_acc = acc
@@ -314,6 +316,18 @@ class Trainer:
         for (name, w), new in zip(prunable_weights(self.model).items(), prunable_weights(fresh).values()):
             w.copy_(new)
         set_masks(self.model, self.masks)
+
+    @torch.no_grad()
+    def _scale_sparse_init(self) -> None:
+        """Kaiming assumes every input is connected; with a fraction d of them kept, scaling by
+        1/sqrt(d) restores the pre-activation variance, without which a deep sparse MLP's
+        signal vanishes (Evci et al. 2022, "Gradient flow in sparse neural networks")."""
+        if not (self.cfg.init.sparse_scale and self.cfg.init.name == "kaiming"):
+            return
+        for name, w in prunable_weights(self.model).items():
+            d = float(self.masks[name].float().mean())
+            if d > 0:
+                w.mul_(1.0 / math.sqrt(d))
 
     def _density(self) -> float:
         if self.masks is None:
@@ -337,6 +351,7 @@ class Trainer:
             else:  # rigl_init
                 self.masks = initial_masks(self.model, cfg.prune.density, cfg.rigl, self.gen["rigl"])
                 set_masks(self.model, self.masks)
+                self._scale_sparse_init()
                 metrics = {"stage": "rigl_init", "density": self._density()}
             self.step_idx += 1
             self.elapsed += time.perf_counter() - started

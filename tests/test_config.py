@@ -1,0 +1,58 @@
+import pytest
+
+from sparse_core.config import Config, from_flat, parse_overrides, run_key, to_flat, validate_names
+
+
+def test_flat_round_trip_and_string_parsing():
+    cfg = Config()
+    assert from_flat(to_flat(cfg)) == cfg
+    as_strings = {k: str(v) for k, v in to_flat(cfg.replace(**{"prune.density": 0.01, "post.soft_skip": True})).items()}
+    back = from_flat(as_strings)  # what comes back from MLflow params
+    assert back.prune.density == 0.01 and back.post.soft_skip is True and back.seed == 0
+
+
+@pytest.mark.parametrize("flat, words", [
+    ({"prune.density": 0}, ["prune.density", "(0, 1]"]),
+    ({"prune.density": 1.5}, ["prune.density", "1.5"]),
+    ({"train.optimizer": "lbfgs"}, ["train.optimizer", "lbfgs", "sgd", "adam"]),
+    ({"prune.nope": 1}, ["unknown", "prune.nope", "prune.density"]),
+    ({"post.soft_skip": "maybe"}, ["post.soft_skip", "true or false"]),
+    ({"prune.pruner": "mask"}, ["mask.kind"]),
+])
+def test_bad_values_name_the_key_and_the_choices(flat, words):
+    with pytest.raises(ValueError) as e:
+        from_flat(flat)
+    for w in words:
+        assert w in str(e.value)
+
+
+@pytest.mark.parametrize("key, value, choices", [
+    ("prune.pruner", "obd", ["magnitude", "snip", "synflow", "grasp", "random", "mask"]),
+    ("data.name", "imagenet", ["digits", "mnist", "cifar10", "synthetic"]),
+    ("prune.scope", "row", ["global", "layerwise", "erk"]),
+    ("model.name", "resnet", ["mlp", "vgg16"]),
+    ("init.name", "xavier", ["kaiming", "zero"]),
+])
+def test_unknown_registry_names_list_the_valid_ones(key, value, choices):
+    with pytest.raises(ValueError) as e:
+        validate_names(from_flat({key: value}))
+    assert key in str(e.value)
+    for c in choices:
+        assert c in str(e.value)
+
+
+def test_run_key_is_stable_and_ignores_defaults_and_placement():
+    # pinned: renaming these would orphan every finished run in users' MLflow stores
+    assert run_key(Config()) == "44136fa355b3"
+    assert run_key(from_flat({"prune.density": "0.01"})) == run_key(Config().replace(**{"prune.density": 0.01}))
+    assert run_key(Config().replace(**{"train.device": "cpu", "train.fail_at_epoch": 3})) == run_key(Config())
+    assert run_key(Config().replace(**{"seed": 1})) != run_key(Config())
+    assert run_key(Config().replace(**{"prune.density": 0.1})) == run_key(Config())  # 0.1 is the default
+    assert len({run_key(Config().replace(**{"prune.density": d})) for d in (0.1, 0.01, 0.001)}) == 3
+    assert run_key(Config().replace(**{"prune.density": 0.01, "prune.pruner": "snip"})) == "86b747dfec7f"
+
+
+def test_overrides_need_an_equals_sign():
+    assert parse_overrides(["a.b=1", "c = x"]) == {"a.b": "1", "c": "x"}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["prune.density"])

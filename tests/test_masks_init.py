@@ -1,0 +1,114 @@
+import math
+
+import pytest
+import torch
+
+from sparse_core.config import ModelConfig
+from sparse_core.init import hadamard, initialise, zero_matrix
+from sparse_core.masks import MaskedConv2d, MaskedLinear, enforce_masks, prunable_weights, set_masks
+from sparse_core.models import build
+
+
+def _model():
+    torch.manual_seed(0)
+    model = build(ModelConfig(width=32, depth=2), (1, 8, 8), 10)
+    initialise("kaiming", model, torch.Generator().manual_seed(0))
+    return model
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-3),
+    lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
+    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-2),
+], ids=["sgd-momentum-wd", "adam", "adamw"])
+def test_masked_weight_stays_exactly_zero_through_training(make_opt):
+    model = _model()
+    g = torch.Generator().manual_seed(1)
+    masks = {n: torch.rand(w.shape, generator=g) < 0.1 for n, w in prunable_weights(model).items()}
+    set_masks(model, masks)
+    opt = make_opt(model.parameters())
+    x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
+    for _ in range(200):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        enforce_masks(model, opt)
+    moved = 0
+    for name, w in prunable_weights(model).items():
+        assert torch.count_nonzero(w[~masks[name]]) == 0, name
+        state = opt.state[w]
+        for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+            if key in state:
+                assert torch.count_nonzero(state[key][~masks[name]]) == 0, (name, key)
+        moved += int((w[masks[name]] != 0).sum())
+    assert moved > 0  # the kept weights did train
+
+
+def test_masked_layers_have_the_plain_state_dict_keys():
+    masked, plain = build(ModelConfig(), (1, 8, 8), 10), build(ModelConfig(), (1, 8, 8), 10, plain=True)
+    set_masks(masked, {n: torch.ones_like(w, dtype=torch.bool) for n, w in prunable_weights(masked).items()})
+    assert list(masked.state_dict()) == list(plain.state_dict())
+    assert any(isinstance(m, MaskedLinear) for m in masked.modules())
+
+
+def test_mlp_and_vgg16_prunable_counts_match_the_method():
+    mlp = build(ModelConfig(), (1, 28, 28), 10)
+    assert sum(w.numel() for w in prunable_weights(mlp).values()) == 119_400
+    vgg = build(ModelConfig(name="vgg16"), (3, 32, 32), 10)
+    assert sum(w.numel() for w in prunable_weights(vgg).values()) == 14_715_584
+    assert sum(isinstance(m, MaskedConv2d) for m in vgg.modules()) == 13
+    # biases and BatchNorm are not prunable
+    assert all(n.endswith(".weight") and w.dim() in (2, 4) for n, w in prunable_weights(vgg).items())
+
+
+def test_hadamard_is_orthogonal():
+    h = hadamard(16)
+    assert torch.equal(h @ h.T, 16 * torch.eye(16))
+
+
+def test_zero_init_matrices():
+    # out < in: partial identity
+    assert torch.equal(zero_matrix(3, 5), torch.eye(3, 5))
+    # out == in: identity
+    assert torch.equal(zero_matrix(4, 4), torch.eye(4))
+    # out > in: top-left block of the Hadamard matrix of size 2^ceil(log2(out)), scaled by 1/sqrt(p)
+    m = zero_matrix(5, 3)
+    h8 = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [1, -1, 1, -1, 1, -1, 1, -1], [1, 1, -1, -1, 1, 1, -1, -1],
+                       [1, -1, -1, 1, 1, -1, -1, 1], [1, 1, 1, 1, -1, -1, -1, -1]], dtype=torch.float32)
+    assert torch.allclose(m, h8[:5, :3] / math.sqrt(8))
+
+
+def test_zero_init_on_models_is_deterministic_and_uses_the_centre_tap():
+    vgg = build(ModelConfig(name="vgg16", width_mult=0.125), (3, 32, 32), 10)
+    initialise("zero", vgg, torch.Generator().manual_seed(0))
+    first = vgg.features[0].layer.weight  # (8, 3, 3, 3): out > in
+    assert torch.count_nonzero(first[:, :, [0, 2], :]) == 0 and torch.count_nonzero(first[:, :, :, [0, 2]]) == 0
+    assert torch.allclose(first[:, :, 1, 1], zero_matrix(8, 3))
+    mlp = build(ModelConfig(width=16, depth=2), (1, 8, 8), 10)
+    initialise("zero", mlp, torch.Generator().manual_seed(123))
+    assert torch.equal(mlp.blocks[0].layer.weight, zero_matrix(16, 64))  # out < in
+    assert torch.equal(mlp.blocks[1].layer.weight, torch.eye(16))
+    assert torch.count_nonzero(mlp.blocks[0].layer.bias) == 0
+
+
+def test_kaiming_is_seeded_by_its_generator():
+    a, b, c = (build(ModelConfig(), (1, 8, 8), 10) for _ in range(3))
+    for m, s in ((a, 1), (b, 1), (c, 2)):
+        initialise("kaiming", m, torch.Generator().manual_seed(s))
+    assert torch.equal(a.head.weight, b.head.weight) and not torch.equal(a.head.weight, c.head.weight)
+    std = a.blocks[1].layer.weight.std().item()
+    assert abs(std - math.sqrt(2 / 100)) < 0.01
+
+
+def test_enforce_masks_zeroes_weights_and_optimizer_state_directly():
+    model = _model()
+    masks = {n: torch.zeros_like(w, dtype=torch.bool) for n, w in prunable_weights(model).items()}
+    set_masks(model, masks)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with torch.no_grad():
+        for w in prunable_weights(model).values():
+            w.fill_(1.0)  # e.g. a step taken with a dense gradient (RigL's update step)
+            opt.state[w]["momentum_buffer"] = torch.ones_like(w)
+    enforce_masks(model, opt)
+    for w in prunable_weights(model).values():
+        assert torch.count_nonzero(w) == 0 and torch.count_nonzero(opt.state[w]["momentum_buffer"]) == 0
