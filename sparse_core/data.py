@@ -8,6 +8,7 @@ whole batch at once.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -158,6 +159,11 @@ def _cifar10_class():
         def _check_integrity(self) -> bool:
             base = os.path.join(self.root, self.base_folder)
             return all(os.path.isfile(os.path.join(base, f)) for f, _ in self.train_list + self.test_list)
+
+        def _load_meta(self) -> None:
+            with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
+                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     return LocalCIFAR10
 

@@ -1,0 +1,173 @@
+import copy
+
+import pytest
+import torch
+
+from sparse_core.config import Config, ModelConfig, PostConfig, RiglConfig
+from sparse_core.masks import get_masks, prunable_weights, set_masks
+from sparse_core.models import build, match_width
+from sparse_core.post_prune import SoftSchedule, smoothed_cross_entropy, smoothed_targets, soft_state
+from sparse_core.rigl import RigL, initial_masks
+from sparse_core.train import Trainer, plain_model
+
+FAST = {"train.pre_epochs": 1, "train.post_epochs": 2}
+
+
+def _cfg(**flat):
+    return Config().replace(**{**FAST, **flat})
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "gates"])
+def test_learned_mask_density_falls_under_strong_l1_and_stays_one_without(kind):
+    strong = {"mask.kind": kind, "prune.pruner": "mask", "train.pre_epochs": 4, "mask.lambda_l1": 5e-3,
+              "mask.lr": 0.5, "mask.init": 0.2}
+    seen = []
+    Trainer(_cfg(**strong), lambda m, c: seen.append(m)).run()
+    pre = [m for m in seen if m["stage"] == "pre"]
+    assert pre[-1]["mask_below_half"] > pre[0]["mask_below_half"] + 0.2
+    assert pre[-1]["mask_below_half"] > 0.3
+    assert {"mask_below_half_zero_init", "mask_below_half_nonzero_init", "mask_mean"} <= set(pre[0])
+    # no learned mask: nothing masked before pruning, density 1 throughout pre-training
+    seen = []
+    Trainer(_cfg(**{"train.pre_epochs": 3}), lambda m, c: seen.append(m)).run()
+    assert all(m["density"] == 1.0 and "mask_mean" not in m for m in seen if m["stage"] == "pre")
+
+
+def test_learned_mask_split_shows_zero_init_weights_are_switched_off():
+    # ZerO leaves most weights exactly 0: their mask scores get no loss gradient, only L1 pressure
+    cfg = _cfg(**{"init.name": "zero", "mask.kind": "sigmoid", "prune.pruner": "mask", "train.pre_epochs": 3,
+                  "mask.lambda_l1": 1e-3, "mask.lr": 0.5, "mask.init": 0.02})
+    seen = []
+    Trainer(cfg, lambda m, c: seen.append(m)).run()
+    last = [m for m in seen if m["stage"] == "pre"][-1]
+    assert last["mask_below_half_zero_init"] > last["mask_below_half_nonzero_init"]
+
+
+def test_label_smoothing_targets():
+    y = torch.tensor([0, 3, 9])
+    q = smoothed_targets(y, 10, 0.1)
+    assert torch.allclose(q.sum(1), torch.ones(3))
+    assert torch.allclose(q[torch.arange(3), y], torch.full((3,), 0.9))
+    off = q.clone()
+    off[torch.arange(3), y] = 0
+    assert torch.allclose(off.sum(1), torch.full((3,), 0.1)) and torch.isclose(off[0, 1], torch.tensor(0.1 / 9))
+    logits = torch.randn(3, 10)
+    expected = -(q * torch.log_softmax(logits, 1)).sum(1).mean()
+    assert torch.isclose(smoothed_cross_entropy(logits, y, 0.1), expected)
+    # differs from PyTorch's a/C convention
+    assert not torch.isclose(smoothed_cross_entropy(logits, y, 0.1),
+                             torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1))
+
+
+def test_soft_activation_is_silu_at_start_and_relu_at_the_end():
+    cfg = PostConfig(soft_activation=True, soft_fraction=0.5)
+    model = build(ModelConfig(width=8, depth=2), (1, 2, 2), 3)
+    sched = SoftSchedule(model, cfg, total_steps=100)
+    act = model.blocks[0].act
+    x = torch.linspace(-3, 3, 61)
+    sched.set(0)
+    assert torch.allclose(act(x), torch.nn.functional.silu(x))
+    sched.set(25)
+    assert soft_state(0.25, cfg)[0] == pytest.approx(0.5)
+    assert torch.allclose(act(x), 0.5 * torch.nn.functional.silu(x) + 0.5 * torch.relu(x))
+    sched.set(50)
+    assert torch.equal(act(x), torch.relu(x))
+    sched.set(99)
+    assert act.t == 1.0
+
+
+def test_soft_skip_adds_identity_and_decays_to_zero():
+    cfg = PostConfig(soft_skip=True, skip_alpha0=1.0, soft_fraction=0.5)
+    assert soft_state(0.0, cfg)[1] == 1.0 and soft_state(0.25, cfg)[1] == 0.5 and soft_state(0.6, cfg)[1] == 0.0
+    x = torch.randn(2, 5)
+    like = torch.zeros(2, 3)
+    assert torch.equal(match_width(x, like), x[:, :3])  # cropped
+    assert torch.equal(match_width(x, torch.zeros(2, 7))[:, 5:], torch.zeros(2, 2))  # zero-padded
+    assert match_width(torch.randn(1, 4, 8, 8), torch.zeros(1, 4, 4, 4)) is None  # shapes can't match
+    model = build(ModelConfig(width=8, depth=2), (1, 2, 2), 3)
+    block = model.blocks[1]
+    with torch.no_grad():
+        block.layer.weight.zero_()
+        block.layer.bias.zero_()
+    h = torch.rand(4, 8)
+    block.skip_alpha = 0.7
+    assert torch.allclose(block(h), 0.7 * h)  # pre-activation is exactly alpha * P(x)
+    block.skip_alpha = 0.0
+    assert torch.equal(block(h), torch.zeros(4, 8))
+
+
+def test_all_post_prune_tricks_end_as_the_plain_network():
+    cfg = _cfg(**{"post.label_smoothing": True, "post.soft_activation": True, "post.soft_skip": True,
+                  "prune.density": 0.2, "train.post_epochs": 3})
+    seen = []
+    trainer = Trainer(cfg, lambda m, c: seen.append(m))
+    result = trainer.run()
+    post = [m for m in seen if m["stage"] == "post"]
+    assert post[0]["skip_alpha"] > 0 and post[0]["soft_t"] < 1
+    assert post[-1]["skip_alpha"] == 0.0 and post[-1]["soft_t"] == 1.0
+    state = {k: v.cpu() for k, v in trainer.model.state_dict().items()}
+    plain = plain_model(cfg, state, trainer.data.in_shape, trainer.data.num_classes)
+    assert not any(type(m).__name__.startswith("Masked") for m in plain.modules())
+    with torch.no_grad():
+        acc = (plain(trainer.data.x_test).argmax(1) == trainer.data.y_test).float().mean().item()
+    assert acc == pytest.approx(result["test_acc"])
+    assert acc > 0.5
+
+
+def test_rigl_keeps_per_layer_density_regrows_and_starts_grown_weights_at_zero():
+    torch.manual_seed(0)
+    model = build(ModelConfig(width=32, depth=2), (1, 8, 8), 10)
+    cfg = RiglConfig(delta_t=1, alpha=0.3)
+    masks = initial_masks(model, 0.1, cfg, torch.Generator().manual_seed(0))
+    set_masks(model, masks)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rigl = RigL(cfg, total_steps=40)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
+    from sparse_core.masks import enforce_masks, masks_bypassed
+    grown_any = False
+    for step in range(1, 6):
+        with masks_bypassed(model):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        dense_grads = {n: w.grad.clone() for n, w in prunable_weights(model).items()}
+        assert any((dense_grads[n][~masks[n]] != 0).any() for n in masks)  # gradient of pruned weights exists
+        opt.step()
+        enforce_masks(model, opt)
+        new = rigl.update(model, masks, opt, step)
+        for n in masks:
+            assert int(new[n].sum()) == int(masks[n].sum()), n  # per-layer counts unchanged
+            grown = new[n] & ~masks[n]
+            if grown.any():
+                grown_any = True
+                w = prunable_weights(model)[n]
+                assert torch.count_nonzero(w[grown]) == 0  # regrown weights start at 0
+                assert torch.count_nonzero(opt.state[w]["momentum_buffer"][grown]) == 0
+        masks = new
+        set_masks(model, masks)
+        enforce_masks(model, opt)
+    assert grown_any and rigl.regrown > 0
+    assert rigl.drop_fraction(0) == pytest.approx(0.3) and rigl.drop_fraction(rigl.t_end) == pytest.approx(0.0)
+    assert not rigl.is_update_step(rigl.t_end)
+
+
+def test_rigl_through_the_trainer_keeps_density_and_stops_updating():
+    cfg = _cfg(**{"train.method": "rigl", "prune.density": 0.1, "rigl.delta_t": 5})
+    seen = []
+    trainer = Trainer(cfg, lambda m, c: seen.append(m))
+    before = None
+    result = trainer.run()
+    assert result["density"] == pytest.approx(0.1, abs=1e-4) and result["rigl_regrown"] > 0
+    assert all(m["density"] == pytest.approx(0.1, abs=1e-4) for m in seen)
+    assert result["epochs"] == 3  # pre + post budget
+
+
+def test_shuffle_and_reinit_controls_through_the_trainer():
+    base = Trainer(_cfg(**{"prune.density": 0.1}))
+    base.run()
+    shuffled = Trainer(_cfg(**{"prune.density": 0.1, "prune.shuffle": True}))
+    shuffled.run()
+    for n, m in base.masks.items():
+        assert int(m.sum()) == int(shuffled.masks[n].sum())
+    assert any(not torch.equal(m, shuffled.masks[n]) for n, m in base.masks.items())
