@@ -161,7 +161,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     amp: bool = False  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = False  # channels-last memory format for conv models on CUDA
-    fail_at_epoch: int = -1  # TESTING ONLY: raise once when this global epoch starts (-1 = never)
+    fail_at_epoch: int = -1  # TESTING ONLY: raise when global epoch k >= 2 starts, in a run not resumed from a checkpoint (-1 = never)
 
     def __post_init__(self):
         _choice("train.method", self.method, ("prune", "rigl"))
@@ -174,6 +174,8 @@ class TrainConfig:
         _check("train.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
         _check("train.batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
         _check("train.eval_batch_size", self.eval_batch_size, self.eval_batch_size >= 1, ">= 1")
+        _check("train.fail_at_epoch", self.fail_at_epoch, self.fail_at_epoch == -1 or self.fail_at_epoch >= 2,
+               "-1 (never) or >= 2 (epoch 1 has no checkpoint to retry from)")
         ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         _check("train.device", self.device, ok, "auto, cpu, cuda or cuda:N")
 

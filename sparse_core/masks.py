@@ -114,6 +114,16 @@ def enforce_masks(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         torch._foreach_mul_([s for s, _ in states], [m for _, m in states])
 
 
+@torch.no_grad()
+def zero_where(weight: torch.Tensor, where: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """Set ``weight`` and its optimizer state (momentum, Adam moments) to 0 at ``where``."""
+    weight.masked_fill_(where, 0.0)
+    state = optimizer.state.get(weight, {})
+    for key in _STATE_KEYS:
+        if torch.is_tensor(state.get(key)):
+            state[key].masked_fill_(where, 0.0)
+
+
 @contextlib.contextmanager
 def masks_bypassed(model: nn.Module) -> Iterator[None]:
     """Forward with the raw weights (pruned ones are exactly 0, so outputs are unchanged) so that

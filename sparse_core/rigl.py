@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .config import RiglConfig
-from .masks import prunable_weights
+from .masks import prunable_weights, zero_where
 from .pruning import masks_from_scores
 
 
@@ -64,11 +64,6 @@ class RigL:
             newly = new & ~flat_mask
             self.regrown += int(newly.sum())
             # grown weights start at exactly 0 with zero optimizer state (also regrown-just-dropped ones)
-            reset = (new & ~after_drop).view_as(w)
-            w.masked_fill_(reset, 0.0)
-            state = optimizer.state.get(w, {})
-            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                if torch.is_tensor(state.get(key)):
-                    state[key].masked_fill_(reset, 0.0)
+            zero_where(w, (new & ~after_drop).view_as(w), optimizer)
             new_masks[name] = new.view_as(mask)
         return new_masks
