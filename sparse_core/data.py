@@ -49,14 +49,12 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torc
     """
     b, _, h, w = x.shape
     off = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-    padded = F.pad(x, (pad, pad, pad, pad))
-    rows = (off[0][:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
-    cols = (off[1][:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
-    cols = torch.where(flip[:, None, None], off[1][:, None, None] + (w - 1) - torch.arange(w, device=x.device), cols)
-    idx_b = torch.arange(b, device=x.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[idx_b, rows, cols]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2).contiguous(memory_format=torch.contiguous_format)
+    flip = torch.rand(b, generator=generator) < 0.5
+    windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)  # (B, C, 2p+1, 2p+1, H, W) view
+    out = windows[torch.arange(b, device=x.device), :, off[0], off[1]]  # whole crops gathered at once
+    flipped = flip.nonzero().squeeze(1).to(x.device)  # decided on the CPU: no device sync
+    out[flipped] = out[flipped].flip(3)
+    return out
 
 
 def train_batches(data: TensorData, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -44,13 +44,16 @@ class SoftSchedule:
         self.acts, self.blocks = soft_modules(model)
         self.cfg, self.total = cfg, max(total_steps, 1)
         self.active = cfg.soft_activation or cfg.soft_skip
+        self._last: tuple[float, float] | None = None
 
     def set(self, step: int) -> tuple[float, float]:
         t, alpha = soft_state(step / self.total, self.cfg) if self.active else (1.0, 0.0)
-        for a in self.acts:
-            a.t = t
-        for b in self.blocks:
-            b.skip_alpha = alpha
+        if (t, alpha) != self._last:  # nothing to write on most steps once the schedule has ended
+            for a in self.acts:
+                a.t = t
+            for b in self.blocks:
+                b.skip_alpha = alpha
+            self._last = (t, alpha)
         return t, alpha
 
 

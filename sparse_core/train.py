@@ -25,7 +25,7 @@ from . import learned_mask, pruners
 from .config import Config, from_flat, run_key, validate_names
 from .data import class_balanced_subset, load, train_batches
 from .init import initialise
-from .masks import enforce_masks, get_masks, masks_bypassed, prunable_weights, set_masks
+from .masks import enforce_masks, get_masks, masks_bypassed, prunable_layers, prunable_weights, set_masks
 from .metrics import density_summary, evaluate, flops
 from .models import build
 from .post_prune import SoftSchedule, make_plain, smoothed_cross_entropy
@@ -90,6 +90,7 @@ class Trainer:
         self.gen = {n: torch.Generator().manual_seed(derive_seed(cfg.seed, n)) for n in GENERATORS}
         self.model = self._fresh_model(self.gen["init"])
         self.zero_at_init = {n: (w == 0).cpu() for n, w in prunable_weights(self.model).items()}
+        self.layers = list(prunable_layers(self.model).values())  # walked once, not every step
         if cfg.mask.kind != "none":
             learned_mask.attach(self.model, cfg.mask)
         self.plan = _plan(cfg)
@@ -242,11 +243,11 @@ class Trainer:
             if stage == "pre" and cfg.mask.kind != "none":
                 learned_mask.after_step(self.model)
             if self.masks is not None:
-                enforce_masks(self.model, self.opt)
+                enforce_masks(self.model, self.opt, self.layers)
             if update:
                 self.masks = self.rigl.update(self.model, self.masks, self.opt, self.seg_step)
                 set_masks(self.model, self.masks)
-                enforce_masks(self.model, self.opt)
+                enforce_masks(self.model, self.opt, self.layers)
             loss_sum += loss.detach()
             batches += 1
         if soft is not None and self.seg_step >= total:

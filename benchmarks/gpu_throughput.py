@@ -1,0 +1,100 @@
+"""Training throughput of VGG-16 on CIFAR-10-shaped data: the sparse trainer's step vs plain PyTorch.
+
+Rows: per precision/layout setting (fp32; bf16 autocast; bf16 autocast + channels-last, i.e. the
+trainer's ``train.amp`` and ``train.channels_last``), the plain model in a hand-written loop and
+the trainer's step path (``step_overhead.SparseStep``: masked layers, ``enforce_masks`` after each
+step) at density 1.0 and 0.01, all three interleaved block by block. Images/s = batch / median
+step time; an epoch is 50,000 images at that rate (steps only: the data path is in data_path.py).
+"ratio" is the sparse step time over the plain step time of the same setting and round; "vs fp32"
+is the plain fp32 step time over this row's, i.e. whether bf16 / channels-last help.
+
+On CPU (no GPU present, or --device cpu) it is a tiny run (width 0.125, few steps, fp32 only:
+the trainer uses autocast and channels-last on CUDA only) and says so.
+
+    python benchmarks/gpu_throughput.py           # full VGG-16, batch 128, on the GPU
+    python benchmarks/gpu_throughput.py --tiny    # seconds: the smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+
+from step_overhead import (  # also puts the repo root on sys.path
+    TARGET, Case, PlainStep, SparseStep, add_common_args, apply_threads, check_finite, interleaved, make_batches,
+    median_ms, paired_ratio, plain_twin, print_header, print_table, sparse_model, synchronizer)
+
+from sparse_core.config import ModelConfig
+
+EPOCH_IMAGES = 50_000  # CIFAR-10's training set
+SETTINGS = {"fp32": (False, False), "bf16": (True, False), "bf16+channels_last": (True, True)}  # (amp, channels_last)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(ap)
+    ap.add_argument("--batch-size", type=int, default=128, help="batch size on the GPU (default 128)")
+    ap.add_argument("--width-mult", type=float, default=1.0, help="VGG-16 channel multiplier on the GPU (default 1.0)")
+    ap.add_argument("--rounds", type=int, default=20, help="blocks per variant")
+    ap.add_argument("--block", type=int, default=10, help="steps per block on the GPU")
+    args = ap.parse_args(argv)
+    apply_threads(args)
+
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda and not args.tiny:
+        width, batch, rounds, block = args.width_mult, args.batch_size, args.rounds, args.block
+    elif cuda:
+        width, batch, rounds, block = 0.25, 32, 3, 2
+    else:
+        width, batch, rounds, block = 0.125, 16 if args.tiny else 32, 3 if args.tiny else 10, 1 if args.tiny else 2
+    settings = SETTINGS if cuda else {"fp32": SETTINGS["fp32"]}
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # both loops alike: pick the fastest conv algorithms
+
+    print_header("VGG-16 training throughput: sparse trainer step vs plain PyTorch loop", [device])
+    if cuda:
+        print(f"# GPU: {torch.cuda.get_device_name(device)}")
+    else:
+        print("# CPU RUN: no GPU used; tiny size (width 0.125), fp32 only; figures say nothing about GPU throughput")
+    print(f"# VGG-16 width {width:g}, CIFAR-10-shaped synthetic batches (3x32x32, 10 classes), batch {batch}; "
+          f"median over {rounds} interleaved blocks of {block} steps; epoch = {EPOCH_IMAGES} images"
+          f"{'  (--tiny: figures not meaningful)' if args.tiny else ''}")
+
+    case = Case("vgg16", ModelConfig(name="vgg16", width_mult=width), (3, 32, 32), batch)
+    sync = synchronizer(device)
+    rows, fp32_plain_ms = [], None
+    for label, (amp, channels_last) in settings.items():
+        batches = make_batches(case, device)
+        variants = {}
+        for density in (1.0, 0.01):
+            model = sparse_model(case, density, device, channels_last)
+            variants[f"sparse {density:g}"] = SparseStep(model, batches, device, amp, channels_last)
+        variants["plain"] = PlainStep(plain_twin(case, model, device, channels_last), batches, device, amp,
+                                      channels_last)
+        times = interleaved(variants, rounds, block, warmup=max(3, block), sync=sync)
+        check_finite(*variants.values())
+        plain_ms = median_ms(times["plain"])
+        fp32_plain_ms = fp32_plain_ms or plain_ms
+        for name in ("plain", "sparse 1", "sparse 0.01"):
+            ms = median_ms(times[name])
+            ratio = paired_ratio(times, name, "plain")
+            met = "" if name == "plain" else ("yes" if ratio.median <= TARGET else "NO")
+            rows.append([label, name, f"{ms:.2f}", f"{batch / ms * 1e3:,.0f}",
+                         f"{math.ceil(EPOCH_IMAGES / batch) * ms / 1e3:.2f}",
+                         "1.000" if name == "plain" else str(ratio), met, f"{fp32_plain_ms / ms:.2f}x"])
+        del variants, batches, model
+        if cuda:
+            torch.cuda.empty_cache()
+    print()
+    print_table(["setting", "model", "ms/step", "images/s", "epoch s", "ratio [IQR]", "<= 1.10", "vs fp32"], rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
