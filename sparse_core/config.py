@@ -234,7 +234,10 @@ FIELD_TYPES = _field_types()
 
 
 def _parse(key: str, value: Any, typ: type) -> Any:
-    """Coerce a value (possibly a string from the CLI or MLflow) to the field's type."""
+    """Coerce a value (possibly a string from the CLI or MLflow, or a numpy scalar from a
+    DataFrame) to the field's type."""
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", None) == 0:
+        value = value.item()
     if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
         return value
     if typ is bool:
@@ -308,13 +311,13 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 
 # Keys that never change a result (where it runs, how it is tested): left out of run_key.
-_NOT_IDENTITY = ("train.device", "train.eval_batch_size", "train.fail_at_epoch", "data.dir", "data.download")
+NOT_IDENTITY = ("train.device", "train.eval_batch_size", "train.fail_at_epoch", "data.dir", "data.download")
 
 
 def run_key(cfg: Config) -> str:
     """Short stable hash of the settings that differ from the defaults (12 hex chars)."""
     defaults = to_flat(Config())
-    changed = {k: v for k, v in to_flat(cfg).items() if v != defaults[k] and k not in _NOT_IDENTITY}
+    changed = {k: v for k, v in to_flat(cfg).items() if v != defaults[k] and k not in NOT_IDENTITY}
     blob = json.dumps(changed, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

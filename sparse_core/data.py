@@ -125,13 +125,27 @@ def synthetic(cfg: DataConfig) -> TensorData:
     return TensorData(xtr, ytr, xte, yte, num_classes=cfg.synthetic_classes)
 
 
-def _require(path: str, name: str, cfg: DataConfig, hint: str) -> None:
-    if cfg.download or os.path.exists(path):
+# Files whose presence means a torchvision data set is in data.dir, and how to put it there.
+REQUIRED_FILES = {
+    "mnist": (os.path.join("MNIST", "raw", "train-images-idx3-ubyte"),
+              "Put the four uncompressed IDX files (train-images-idx3-ubyte, ...) in <data.dir>/MNIST/raw."),
+    "cifar10": (os.path.join("cifar-10-batches-py", "data_batch_1"),
+                "Unpack cifar-10-python.tar.gz there (it holds cifar-10-batches-py/)."),
+}
+
+
+def check(cfg: DataConfig) -> None:
+    """Raise FileNotFoundError (where it looked, how to get the data) if the data set named by
+    ``cfg`` is not on disk; cheap, loads nothing. Bundled and synthetic data always pass."""
+    if cfg.name not in REQUIRED_FILES or cfg.download:
         return
-    raise FileNotFoundError(
-        f"{name} not found: looked for {os.path.abspath(path)} (data.dir={cfg.dir!r}). {hint} "
-        f"Or let torchvision fetch it on a machine with internet: "
-        f"python -m sparse_core data.name={name} data.dir={cfg.dir} data.download=true")
+    rel, hint = REQUIRED_FILES[cfg.name]
+    path = os.path.join(cfg.dir, rel)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{cfg.name} not found: looked for {os.path.abspath(path)} (data.dir={cfg.dir!r}). {hint} "
+            f"Or let torchvision fetch it on a machine with internet: "
+            f"python -m sparse_core data.name={cfg.name} data.dir={cfg.dir} data.download=true")
 
 
 @DATASETS.register("mnist")
@@ -139,8 +153,7 @@ def mnist(cfg: DataConfig) -> TensorData:
     """MNIST through torchvision's ``MNIST`` class from ``<data.dir>/MNIST/raw``."""
     from torchvision.datasets import MNIST
 
-    _require(os.path.join(cfg.dir, "MNIST", "raw", "train-images-idx3-ubyte"), "mnist", cfg,
-             "Put the four uncompressed IDX files (train-images-idx3-ubyte, ...) in <data.dir>/MNIST/raw.")
+    check(cfg)
     parts = [MNIST(cfg.dir, train=t, download=cfg.download) for t in (True, False)]
     xs = [p.data.unsqueeze(1).float() / 255.0 for p in parts]
     xtr, xte = _normalise(xs[0], xs[1], [0.1307], [0.3081])
@@ -169,8 +182,7 @@ def _cifar10_class():
 @DATASETS.register("cifar10")
 def cifar10(cfg: DataConfig) -> TensorData:
     """CIFAR-10 through torchvision's ``CIFAR10`` class from ``<data.dir>/cifar-10-batches-py``."""
-    _require(os.path.join(cfg.dir, "cifar-10-batches-py", "data_batch_1"), "cifar10", cfg,
-             "Unpack cifar-10-python.tar.gz there (it holds cifar-10-batches-py/).")
+    check(cfg)
     cls = _cifar10_class()
     parts = [cls(cfg.dir, train=t, download=cfg.download) for t in (True, False)]
     xs = [torch.from_numpy(p.data).permute(0, 3, 1, 2).float() / 255.0 for p in parts]

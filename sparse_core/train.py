@@ -78,6 +78,11 @@ def _plan(cfg: Config) -> list[tuple]:
     return steps
 
 
+def total_epochs(cfg: Config) -> int:
+    """Training epochs in the run's plan (pre + iterative-round + post epochs, or RigL's)."""
+    return sum(1 for step in _plan(cfg) if step[0] == "train")
+
+
 class Trainer:
     def __init__(self, cfg: Config, log: Log | None = None):
         validate_names(cfg)
@@ -358,7 +363,7 @@ class Trainer:
             self.elapsed += time.perf_counter() - started
             if step[0] == "train":
                 self.history.append(metrics)
-                metrics = {**metrics, "epoch": len(self.history), "epochs": sum(1 for s in self.plan if s[0] == "train")}
+                metrics = {**metrics, "epoch": len(self.history), "epochs": total_epochs(cfg)}
             metrics["seconds"] = self.elapsed
             self.log(metrics, self.state_dict)
         return self.result()

@@ -1,10 +1,9 @@
-import copy
 
 import pytest
 import torch
 
 from sparse_core.config import Config, ModelConfig, PostConfig, RiglConfig
-from sparse_core.masks import get_masks, prunable_weights, set_masks
+from sparse_core.masks import prunable_weights, set_masks
 from sparse_core.models import build, match_width
 from sparse_core.post_prune import SoftSchedule, smoothed_cross_entropy, smoothed_targets, soft_state
 from sparse_core.rigl import RigL, initial_masks
@@ -156,7 +155,6 @@ def test_rigl_through_the_trainer_keeps_density_and_stops_updating():
     cfg = _cfg(**{"train.method": "rigl", "prune.density": 0.1, "rigl.delta_t": 5})
     seen = []
     trainer = Trainer(cfg, lambda m, c: seen.append(m))
-    before = None
     result = trainer.run()
     assert result["density"] == pytest.approx(0.1, abs=1e-4) and result["rigl_regrown"] > 0
     assert all(m["density"] == pytest.approx(0.1, abs=1e-4) for m in seen)

@@ -1,0 +1,160 @@
+"""Accuracy vs density (log axis, decreasing to the right) and per-layer density, as PNG and PDF.
+
+The per-layer plot exists because layer collapse (a layer left with no weight, which disconnects the
+network) is what separates pruners at 1 % and 0.1 % density; a collapsed layer is drawn as a red ×
+on the bottom axis, since a zero has no place on a log scale.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
+
+from .load import AnalysisError, layer_densities  # noqa: E402
+from .table import ablation_table, check_key, is_percent  # noqa: E402
+
+DENSITY = "prune.density"
+X_LABEL = "density (fraction of weights kept)"
+
+
+def _save(fig, stem: str) -> list[str]:
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    paths = [f"{stem}.png", f"{stem}.pdf"]
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def _legend(ax, title: str) -> None:
+    """Outside the axes, on the right: with many variants an inside legend hides curves."""
+    ax.legend(title=title, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0, frameon=False)
+
+
+def _label(metric: str) -> str:
+    return {"test_acc": "final test accuracy", "best_test_acc": "best test accuracy"}.get(metric, metric) + \
+        (" (%)" if is_percent(metric) else "")
+
+
+def dense_reference(df: pd.DataFrame, metric: str) -> tuple[float, str] | None:
+    """(value, legend text): mean dense accuracy after pre-training, else the mean at density 1.0."""
+    if "pre_test_acc" in df.columns and df["pre_test_acc"].notna().any() and is_percent(metric):
+        values = df["pre_test_acc"].dropna()
+        return float(values.mean()), f"dense, after pre-training (mean of {len(values)} runs)"
+    dense = df.loc[df[DENSITY] >= 1.0, metric].dropna()
+    if len(dense):
+        return float(dense.mean()), f"dense, density 1.0 (mean of {len(dense)} runs)"
+    return None
+
+
+def accuracy_vs_density(df: pd.DataFrame, stem: str, metric: str = "test_acc", rows: str = "cell",
+                        title: str | None = None) -> list[str]:
+    """One line per variant (mean over seeds, ± std band); returns [png, pdf]."""
+    table = ablation_table(df, metric, rows, DENSITY)  # same checks as the table: no hidden averaging
+    scale = 100.0 if is_percent(metric) else 1.0
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    cells = table.cells[table.cells["n"] > 0]
+    for i, row in enumerate(table.row_order):
+        g = cells[cells[rows] == row].sort_values(DENSITY)
+        if g.empty:
+            continue
+        x, mean, std = g[DENSITY].to_numpy(), g["mean"].to_numpy() * scale, g["std"].fillna(0).to_numpy() * scale
+        color = f"C{i % 10}"
+        ax.plot(x, mean, marker="o", ms=4.5, lw=1.8, color=color, label=f"{row}")
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.18, lw=0)
+        hit = g["collapsed"].to_numpy()
+        if hit.any():
+            ax.plot(x[hit], mean[hit], ls="none", marker="x", ms=9, mew=2, color="black", zorder=5)
+    if cells["collapsed"].any():
+        ax.plot([], [], ls="none", marker="x", ms=8, mew=2, color="black", label="layer collapse (any seed)")
+    ref = dense_reference(df, metric)
+    if ref is not None:
+        ax.axhline(ref[0] * scale, color="0.35", ls="--", lw=1.2, label=ref[1])
+    ax.set_xscale("log")
+    ticks = sorted(cells[DENSITY].unique())
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    if len(ticks) > 1:
+        pad = (math.log10(max(ticks)) - math.log10(min(ticks))) * 0.05
+        ax.set_xlim(10 ** (math.log10(max(ticks)) + pad), 10 ** (math.log10(min(ticks)) - pad))
+    else:
+        ax.invert_xaxis()
+    ax.set_xlabel(X_LABEL + "  →  sparser")
+    ax.set_ylabel(_label(metric))
+    ax.grid(True, which="major", alpha=0.3)
+    n = sorted(set(cells["n"]))
+    seeds = f"{n[0]} seed(s)" if len(n) == 1 else f"{n[0]}–{n[-1]} seeds"
+    ax.set_title(title or f"{_label(metric)} vs density; mean ± std over {seeds}", fontsize=10)
+    _legend(ax, rows)
+    return _save(fig, stem)
+
+
+def pick_density(df: pd.DataFrame, density: float | None) -> float:
+    """``density`` if runs exist there, else the lowest density below 1 (where collapse shows first)."""
+    present = sorted(df[DENSITY].unique())
+    if density is None:
+        below = [d for d in present if d < 1.0]
+        return (below or present)[0]
+    for d in present:
+        if math.isclose(d, density, rel_tol=1e-9):
+            return d
+    raise AnalysisError(f"--layer-density {density:g}: no runs at that density; densities present: "
+                        f"{', '.join(f'{d:g}' for d in present)}")
+
+
+def layer_density_plot(df: pd.DataFrame, stem: str, density: float | None = None, rows: str = "cell",
+                       uri: str | None = None) -> list[str]:
+    """Kept fraction per prunable layer at one density: one bar series per variant, mean over seeds."""
+    check_key(df, rows, "--rows")
+    density = pick_density(df, density)
+    sel = df[df[DENSITY] == density]
+    per_run = layer_densities(uri or df.attrs["tracking_uri"], sel["run_id"])
+    if not per_run:
+        raise AnalysisError(f"no run at density {density:g} has a layer_density.json artifact")
+    layers: list[str] = []
+    for d in per_run.values():
+        layers += [name for name in d if name not in layers]
+    variants = [r for r in sorted(sel[rows].unique(), key=str) if sel.loc[sel[rows] == r, "run_id"].isin(per_run).any()]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(layers) + 2.5), 4.2))
+    width = 0.8 / len(variants)
+    x = np.arange(len(layers))
+    kept = [v for d in per_run.values() for v in d.values() if v > 0]
+    floor = min(kept + [density]) / 3  # the bottom of the log axis, where collapsed layers are marked
+    any_collapse = False
+    for i, variant in enumerate(variants):
+        ids = [r for r in sel.loc[sel[rows] == variant, "run_id"] if r in per_run]
+        frame = pd.DataFrame([per_run[r] for r in ids]).reindex(columns=layers)
+        mean, lo, hi = frame.mean(), frame.min(), frame.max()
+        offset = x - 0.4 + width * (i + 0.5)
+        color = f"C{i % 10}"
+        ok = (mean > 0).to_numpy()
+        ax.bar(offset[ok], mean[ok], width, color=color, label=f"{variant} (n={len(ids)})", alpha=0.85)
+        ax.errorbar(offset[ok], mean[ok], yerr=[(mean - lo)[ok], (hi - mean)[ok]], fmt="none", ecolor="0.2", lw=0.8)
+        zero = (frame == 0).any().to_numpy()
+        if zero.any():
+            any_collapse = True
+            ax.plot(offset[zero], [floor * 1.15] * int(zero.sum()), ls="none", marker="x", ms=9, mew=2, color="red")
+    if any_collapse:
+        ax.plot([], [], ls="none", marker="x", ms=8, mew=2, color="red", label="collapsed (0 kept, any seed)")
+    ax.axhline(density, color="0.35", ls="--", lw=1.2, label=f"target density {density:g}")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=floor)
+    ax.set_xticks(x)
+    ax.set_xticklabels([name.removesuffix(".weight") for name in layers], rotation=30, ha="right", fontsize=8)
+    ax.set_xlabel("prunable layer (input → output)")
+    ax.set_ylabel("layer density (fraction kept)")
+    ax.set_title(f"per-layer density at density {density:g}; bars: mean over seeds, whiskers: min–max", fontsize=10)
+    ax.grid(True, axis="y", which="major", alpha=0.3)
+    _legend(ax, rows)
+    return _save(fig, stem)
+

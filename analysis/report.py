@@ -1,0 +1,120 @@
+"""One folder with the tables, the plots and a self-contained index.html, also logged to MLflow.
+
+index.html embeds its images as base64 (it works copied alone) and links the PDF, CSV, LaTeX and
+Markdown files beside it by relative paths (they work when the folder is copied). The files are
+logged as artifacts of a run named "analysis" tagged cell=analysis, which the loader skips.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import logging
+import os
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+import sparse_core
+
+from . import plots
+from .load import ANALYSIS_CELL, AnalysisError, apply_filters, experiment_ids, load_runs
+from .table import EXTENSIONS, FORMATS, Table, ablation_table, cell_parts, col_label, grid, notes, uniform_n
+
+log = logging.getLogger("analysis")
+
+
+def _html_table(table: Table) -> str:
+    per_cell_n = not uniform_n(table)
+    head = "".join(f"<th>{html.escape(col_label(table.cols, c))}</th>" for c in table.col_order)
+    body = []
+    for r, cells in grid(table):
+        tds = []
+        for cell in cells:
+            text, suffix = (html.escape(s) for s in cell_parts(table, cell, per_cell_n))
+            tds.append(f"<td>{f'<b>{text}</b>' if cell['best'] else text}{suffix}</td>")
+        body.append(f"<tr><th>{html.escape(str(r))}</th>{''.join(tds)}</tr>")
+    return (f"<table><thead><tr><th>{html.escape(table.rows)}</th>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table>")
+
+
+def _figure(out: str, paths: list[str], caption: str) -> str:
+    png, pdf = (os.path.basename(p) for p in paths)
+    with open(os.path.join(out, png), "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}" data-file="{png}">'
+            f'<figcaption>{html.escape(caption)} (<a href="{png}">PNG</a>, <a href="{pdf}">PDF</a>)</figcaption></figure>')
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}th,td{padding:.3em .8em;border-bottom:1px solid #ccc}"
+        "td{text-align:right;font-variant-numeric:tabular-nums}thead th{border-bottom:2px solid #444}"
+        "img{max-width:100%}figure{margin:1.5em 0}.meta{color:#555;font-size:.9em}")
+
+
+def build(uri: str, experiments: list[str], out: str, metric: str = "test_acc", rows: str = "cell",
+          cols: str = "prune.density", filters: list[str] | None = None, statuses=("FINISHED",),
+          layer_density: float | None = None, log_to_mlflow: bool = True) -> dict:
+    """Write the report into ``out``; returns {"files": [...], "run_id": analysis run id or None}."""
+    df = apply_filters(load_runs(uri, experiments, statuses), filters)
+    table = ablation_table(df, metric, rows, cols)  # bad input raises before any file is written
+    density = plots.pick_density(df, layer_density)
+    os.makedirs(out, exist_ok=True)
+    files = []
+    for fmt, render in FORMATS.items():
+        path = os.path.join(out, f"table.{EXTENSIONS[fmt]}")
+        with open(path, "w") as f:
+            f.write(render(table))
+        files.append(path)
+    figures = []
+    if cols == plots.DENSITY:
+        paths = plots.accuracy_vs_density(df, os.path.join(out, "accuracy_vs_density"), metric, rows)
+        figures.append(_figure(out, paths, f"{metric} vs density, one line per {rows}"))
+        files += paths
+    else:
+        log.info("no accuracy-vs-density plot: the columns are %s, not %s", cols, plots.DENSITY)
+    try:
+        paths = plots.layer_density_plot(df, os.path.join(out, "layer_density"), density, rows, uri)
+        figures.append(_figure(out, paths, f"per-layer density at density {density:g}, one series per {rows}"))
+        files += paths
+    except AnalysisError as e:  # no layer_density.json artifacts: the rest of the report still stands
+        log.warning("no per-layer density plot: %s", e)
+    run_id = None
+    client = MlflowClient(tracking_uri=uri)
+    if log_to_mlflow:
+        exp_id = experiment_ids(client, experiments[:1])[experiments[0]]
+        tags = {"cell": ANALYSIS_CELL, "analysis.metric": metric, "analysis.rows": rows, "analysis.cols": cols,
+                "analysis.filters": " ".join(filters or []), "analysis.experiments": ",".join(experiments),
+                "analysis.runs": str(len(df)), "sparse_core_version": sparse_core.__version__}
+        run_id = client.create_run(exp_id, run_name="analysis", tags=tags).info.run_id
+    index = os.path.join(out, "index.html")
+    with open(index, "w") as f:
+        f.write(_page(df, table, figures, files, uri, experiments, filters, run_id))
+    files.append(index)
+    if run_id is not None:
+        client.log_artifacts(run_id, out)
+        client.set_terminated(run_id)
+        log.info("logged %d files to run %s (name 'analysis') in experiment %r", len(files), run_id, experiments[0])
+    return {"files": files, "run_id": run_id}
+
+
+def _page(df: pd.DataFrame, table: Table, figures: list[str], files: list[str], uri: str, experiments: list[str],
+          filters: list[str] | None, run_id: str | None) -> str:
+    left = df.attrs.get("left_out", {})
+    meta = [f"experiment(s): {', '.join(experiments)}", f"tracking URI: {uri}", f"runs: {len(df)}"
+            + (" (left out: " + ", ".join(f"{n} {k}" for k, n in sorted(left.items())) + ")" if left else ""),
+            f"filters: {' '.join(filters) if filters else 'none'}",
+            f"generated {dt.datetime.now().isoformat(timespec='seconds')} by sparse_core {sparse_core.__version__}"]
+    if run_id:
+        meta.append(f"MLflow run: {run_id} (name 'analysis')")
+    links = " · ".join(f'<a href="{os.path.basename(p)}">{os.path.basename(p)}</a>' for p in files
+                       if p.endswith((".md", ".csv", ".tex")))
+    note_html = "".join(f"<p>{html.escape(n)}</p>" for n in notes(table))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Analysis: {html.escape(', '.join(experiments))}"
+            f"</title><style>{_CSS}</style></head><body><h1>Ablation: {html.escape(', '.join(experiments))}</h1>"
+            f"<ul class='meta'>{''.join(f'<li>{html.escape(m)}</li>' for m in meta)}</ul>"
+            f"<h2>{html.escape(table.metric)} by {html.escape(table.rows)} and {html.escape(table.cols)}</h2>"
+            f"{_html_table(table)}{note_html}<p>Table files: {links}</p><h2>Plots</h2>{''.join(figures)}"
+            f"</body></html>\n")
+

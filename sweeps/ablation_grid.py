@@ -1,0 +1,183 @@
+"""Ablation grid: every design cell x density x seed as Ray Tune trials, one MLflow run each.
+
+    python sweeps/ablation_grid.py                       # laptop preset, leave-one-out design
+    python sweeps/ablation_grid.py --preset smoke --dry-run
+    ray job submit --working-dir . -- python sweeps/ablation_grid.py --preset paper-cifar \\
+        --data-dir /data --mlflow-uri http://mlflow:5000 --storage-path /shared/ray_results
+
+Trials whose run_key already has a FINISHED run in the experiment are skipped, so re-running a
+sweep only runs what is missing. ``--resume`` restores the latest interrupted Tune run of the
+sweep; a trial that crashes is retried from its last checkpoint (``--max-failures``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the repo root is not
+    _root = str(Path(__file__).resolve().parent.parent)
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        sys.path[0] = _root
+    else:
+        sys.path.insert(0, _root)
+
+from sweeps import designs, options, presets, tracking  # noqa: E402
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python sweeps/ablation_grid.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="presets:\n" + "\n".join(f"  {p.name:<12} {p.description}" for p in presets.PRESETS.values())
+        + "\n\ndesigns: " + ", ".join(designs.DESIGNS) + " (see sweeps/designs.py)")
+    parser.add_argument("--preset", default="laptop", choices=list(presets.PRESETS), help="default %(default)s")
+    parser.add_argument("--design", default="leave-one-out", choices=designs.DESIGNS, help="default %(default)s")
+    parser.add_argument("--cells", help="only these design cells, comma separated (e.g. full,base,rigl)")
+    parser.add_argument("--densities", help="comma separated fractions kept, e.g. 0.1,0.01 (default: the preset's)")
+    parser.add_argument("--seeds", help="comma separated seeds, e.g. 0,1,2 (default: the preset's)")
+    parser.add_argument("--resume", nargs="?", const="latest", metavar="RUN",
+                        help="restore an interrupted sweep: the latest Tune run of this sweep under --storage-path, "
+                             "or the named one")
+    options.add_common(parser, "<preset>-<design>")
+    return parser, parser.parse_args(argv)
+
+
+def _numbers(parser, text: str | None, kind, what: str, default):
+    if text is None:
+        return tuple(default)
+    try:
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        parser.error(f"--{what} {text!r}: give comma separated numbers")
+    if not values:
+        parser.error(f"--{what} is empty")
+    return values
+
+
+def plan(parser, args):
+    """The validated trial list (raises SystemExit via parser.error on any bad input)."""
+    preset = presets.get(args.preset)
+    densities = _numbers(parser, args.densities, float, "densities", preset.densities)
+    seeds = _numbers(parser, args.seeds, int, "seeds", preset.seeds)
+    cells = [c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else None
+    try:
+        base = options.base_overrides(preset.base, args.set, args.data_dir)
+        trials, dups = designs.trials(args.design, base, densities, seeds, preset.synflow_rounds, cells)
+        options.check_trials(t.flat for t in trials)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        parser.error("--max-concurrent must be >= 1")
+    return preset, trials, dups
+
+
+def print_table(trials, dups) -> None:
+    width = max([4] + [len(t.cell) for t in trials])
+    print(f"{'#':>4}  {'cell':<{width}}  {'density':>8}  {'seed':>4}  run_key")
+    for i, t in enumerate(trials, 1):
+        print(f"{i:>4}  {t.cell:<{width}}  {t.density:>8g}  {t.seed:>4}  {t.run_key}")
+    for t, same in dups:
+        print(f"      (dropped {t.cell} d={t.density:g} s={t.seed}: same config as {same})")
+
+
+def main(argv=None) -> int:
+    started = time.time()
+    parser, args = parse_args(argv)
+    preset, trials, dups = plan(parser, args)
+    sweep = args.name or f"{args.preset}-{args.design}"
+    if args.dry_run:
+        print_table(trials, dups)
+        print(f"{len(trials)} trials in sweep {sweep!r} (dry run: nothing started)")
+        return 0
+    try:
+        uri, exp_id = options.tracking_target(args.mlflow_uri, args.experiment)
+    except tracking.TrackingError as e:
+        parser.error(str(e))
+    storage = options.storage_path(args.storage_path)
+    print(f"sweep {sweep!r}: {len(trials)} trials | MLflow {uri} experiment {args.experiment!r} | "
+          f"Tune storage {storage}", flush=True)
+    if tracking.sqlite_path(uri) and os.environ.get("RAY_ADDRESS") and not args.mlflow_uri:
+        print("warning: a SQLite store inside 'ray job submit' lives in the job's temporary working dir; "
+              "pass an absolute --mlflow-uri sqlite:////path/mlflow.db or a tracking server", file=sys.stderr)
+
+    if args.resume:
+        todo, skipped = trials, 0
+    else:
+        finished = tracking.finished_by_run_key(uri, args.experiment)
+        todo = [t for t in trials if t.run_key not in finished]
+        skipped = len(trials) - len(todo)
+        if skipped:
+            print(f"skipping {skipped} of {len(trials)} trials: already FINISHED in experiment {args.experiment!r}")
+
+    from sweeps import launch  # Ray is imported from here on
+
+    launched, trial_seconds, failed, unfinished = 0, 0.0, 0, 0
+    if todo:
+        launched, trial_seconds, failed, unfinished = _run(args, preset, sweep, todo, uri, exp_id, storage, launch)
+    else:
+        print("nothing to run: every trial is FINISHED")
+    launch.print_summary(launch.summary(trials, uri, args.experiment))
+    wall = time.time() - started
+    ratio = f"{wall / trial_seconds:.2f}" if trial_seconds else "-"
+    left = f", {unfinished} unfinished: continue with --resume" if unfinished else ""
+    print(f"sweep {sweep!r}: {len(trials)} trials ({launched} launched, {skipped} skipped, {failed} failed{left}) | "
+          f"wall {wall:.1f}s | sum of trial times {trial_seconds:.1f}s | wall/sum {ratio}")
+    return 1 if failed or unfinished else 0
+
+
+def _run(args, preset, sweep, todo, uri, exp_id, storage, launch) -> tuple[int, float, int, int]:
+    """Run the trials through Tune: (trials in the Tune run, sum of trial seconds, failed, unfinished)."""
+    from ray import tune
+
+    path = None
+    if args.resume:
+        path = (launch.latest_run(storage, sweep) if args.resume == "latest"
+                else storage.rstrip("/") + "/" + args.resume)
+        if path is None or not tune.Tuner.can_restore(path):
+            raise SystemExit(f"error: no Tune run of sweep {sweep!r} to resume under {storage} "
+                             f"(run without --resume to start one)")
+    started_ray = launch.connect()
+    try:
+        gpus = args.gpus_per_trial
+        have_gpus = launch.cluster_gpus()
+        if gpus is None:
+            gpus = preset.gpus_per_trial if have_gpus else 0.0
+        elif gpus > 0 and not have_gpus:
+            raise SystemExit(f"error: --gpus-per-trial {gpus} but the Ray cluster has no GPU")
+        cpus = args.cpus_per_trial or preset.cpus_per_trial
+        meta = {"sweep": sweep, "tracking_uri": uri, "experiment_id": exp_id, "cpus": cpus,
+                "git_commit": tracking.git_commit(launch.ROOT)}
+        progress = launch.Progress(len(todo), uri, exp_id)
+        if path:
+            print(f"resuming {path}", flush=True)
+            tuner = launch.restore(path, cpus=cpus, gpus=gpus)
+        else:
+            name = f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}"
+            space = {"trial": tune.grid_search([{"cell": t.cell, "flat": t.flat} for t in todo]), "meta": meta}
+            tune_cfg = tune.TuneConfig(max_concurrent_trials=args.max_concurrent, reuse_actors=True,
+                                       trial_dirname_creator=launch.trial_dirname)
+            tuner = launch.tuner(space, cpus=cpus, gpus=gpus, tune_config=tune_cfg,
+                                 run_cfg=launch.run_config(name, storage, args.max_failures, [progress]))
+        if not args.resume:
+            print(f"launching {len(todo)} trials ({cpus:g} CPU, {gpus:g} GPU each)", flush=True)
+        results = tuner.fit()
+        seconds = sum(r.metrics.get("time_total_s", 0.0) for r in results if r.metrics)
+        failed = sum(1 for r in results if r.error is not None)
+        cut = [r for r in results if r.error is None and not (r.metrics or {}).get("final")]
+        # Interrupted (Ctrl-C, job stopped): close their runs; --resume reopens them.
+        cut_ids = [r.metrics["trial_id"] for r in cut if (r.metrics or {}).get("trial_id")]
+        tracking.close_unfinished(uri, exp_id, cut_ids, "KILLED", "sweep interrupted before this trial finished")
+        return len(results), seconds, failed, len(cut)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Ablation designs: which method variants ("cells") a sweep runs.
+
+The full pipeline of METHOD.md is five components on top of a plain baseline (Kaiming init,
+no mask, magnitude pruning, plain post-training):
+
+- ``zero_init``        ZerO initialisation
+- ``mask``             a learned mask during pre-training, pruned by its scores (pruner=mask)
+- ``label_smoothing``  post-prune label smoothing
+- ``soft_activation``  post-prune SiLU -> ReLU blend
+- ``soft_skip``        post-prune decaying identity skips
+
+``leave-one-out``: ``full``, ``full-no_<c>`` for each component c (plus ``full-no_mask_pruner``:
+mask learned but pruned by magnitude), ``base``, ``base+<c>``, every other pruner on the base
+(``pruner=random|snip|grasp|synflow``; ``base`` is the magnitude one) and ``rigl``.
+``factorial``: every combination of the five switches, labelled by the components that are on.
+
+A cell sets exactly the keys in ``DESIGN_KEYS``; everything else comes from the preset and
+``--set``. The learned mask uses ``mask.kind`` from ``--set`` (default sigmoid), so
+``--set mask.kind=gates`` ablates the gates variant instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from sparse_core.config import from_flat, run_key, to_flat
+
+# The plain baseline: what every cell starts from.
+BASE = {
+    "train.method": "prune",  # init -> pre-train -> prune -> post-train
+    "init.name": "kaiming",
+    "mask.kind": "none",
+    "prune.pruner": "magnitude",
+    "post.label_smoothing": False,
+    "post.soft_activation": False,
+    "post.soft_skip": False,
+}
+COMPONENT_NAMES = ("zero_init", "mask", "label_smoothing", "soft_activation", "soft_skip")
+BASELINE_PRUNERS = ("random", "snip", "grasp", "synflow")  # magnitude is the base cell itself
+# Keys a design varies per trial: a --set on them would be silently overwritten, so it is refused.
+DESIGN_KEYS = tuple(BASE) + ("prune.density", "seed")
+DESIGNS = ("leave-one-out", "factorial")
+
+
+@dataclass(frozen=True)
+class Trial:
+    cell: str  # design cell label, e.g. "full-no_soft_skip"
+    flat: dict  # the complete flat config (every key)
+
+    @property
+    def density(self) -> float:
+        return self.flat["prune.density"]
+
+    @property
+    def seed(self) -> int:
+        return self.flat["seed"]
+
+    @property
+    def run_key(self) -> str:
+        return run_key(from_flat(self.flat))
+
+
+def components(mask_kind: str) -> dict[str, dict]:
+    """Overrides that switch each component on."""
+    return {
+        "zero_init": {"init.name": "zero"},
+        "mask": {"mask.kind": mask_kind, "prune.pruner": "mask"},
+        "label_smoothing": {"post.label_smoothing": True},
+        "soft_activation": {"post.soft_activation": True},
+        "soft_skip": {"post.soft_skip": True},
+    }
+
+
+def _with(parts: dict[str, dict], names) -> dict:
+    out = dict(BASE)
+    for n in names:
+        out.update(parts[n])
+    return out
+
+
+def cells(design: str, mask_kind: str = "sigmoid", synflow_rounds: int = 100) -> list[tuple[str, dict]]:
+    """(label, overrides) for every cell of ``design``, in a stable order."""
+    parts = components(mask_kind)
+    if design == "leave-one-out":
+        out = [("full", _with(parts, COMPONENT_NAMES))]
+        for c in COMPONENT_NAMES:
+            out.append((f"full-no_{c}", _with(parts, [n for n in COMPONENT_NAMES if n != c])))
+        out.append(("full-no_mask_pruner", {**_with(parts, COMPONENT_NAMES), "prune.pruner": "magnitude"}))
+        out.append(("base", dict(BASE)))
+        out += [(f"base+{c}", _with(parts, [c])) for c in COMPONENT_NAMES]
+        for p in BASELINE_PRUNERS:
+            extra = {"prune.rounds": synflow_rounds} if p == "synflow" else {}
+            out.append((f"pruner={p}", {**BASE, "prune.pruner": p, **extra}))
+        out.append(("rigl", {**BASE, "train.method": "rigl"}))
+        return out
+    if design == "factorial":
+        out = []
+        for on in itertools.product((False, True), repeat=len(COMPONENT_NAMES)):
+            names = [n for n, flag in zip(COMPONENT_NAMES, on) if flag]
+            label = "full" if len(names) == len(COMPONENT_NAMES) else "+".join(names) or "base"
+            out.append((label, _with(parts, names)))
+        return out
+    raise ValueError(f"--design {design!r} is not known; choose one of {', '.join(DESIGNS)}")
+
+
+def trials(design: str, base: dict, densities, seeds, synflow_rounds: int,
+           only_cells: list[str] | None = None) -> tuple[list[Trial], list[tuple[Trial, str]]]:
+    """Every (cell, density, seed) trial as a validated full flat config.
+
+    Returns (trials, duplicates): a trial whose run_key equals an earlier one's is dropped and
+    listed in ``duplicates`` with the label it duplicates. Raises ValueError naming the cell
+    and the bad key.
+    """
+    clash = sorted(set(base) & (set(DESIGN_KEYS) - {"mask.kind"}))
+    if clash:
+        raise ValueError(f"--set {', '.join(clash)}: the design sets these per trial "
+                         f"(use --densities / --seeds for prune.density / seed)")
+    mask_kind = base.get("mask.kind", "sigmoid")
+    mask_kind = "sigmoid" if mask_kind == "none" else mask_kind
+    base = {k: v for k, v in base.items() if k != "mask.kind"}
+    chosen = cells(design, mask_kind, synflow_rounds)
+    if only_cells:
+        known = [label for label, _ in chosen]
+        unknown = [c for c in only_cells if c not in known]
+        if unknown:
+            raise ValueError(f"--cells {', '.join(unknown)} not in design {design!r}; choose from {', '.join(known)}")
+        chosen = [(label, o) for label, o in chosen if label in only_cells]
+    out: list[Trial] = []
+    dups: list[tuple[Trial, str]] = []
+    seen: dict[str, str] = {}
+    for seed in seeds:
+        for density in densities:
+            for label, overrides in chosen:
+                flat = {**base, **overrides, "prune.density": density, "seed": seed}
+                try:
+                    cfg = from_flat(flat)
+                except ValueError as e:
+                    raise ValueError(f"cell {label!r} (density {density}, seed {seed}): {e}") from None
+                trial = Trial(label, to_flat(cfg))
+                key = run_key(cfg)
+                if key in seen:
+                    dups.append((trial, seen[key]))
+                    continue
+                seen[key] = label
+                out.append(trial)
+    return out, dups

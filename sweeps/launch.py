@@ -1,0 +1,223 @@
+"""Driver side of a sweep: connect to Ray, run (or restore) the Tuner, show progress, summarise.
+
+Shared by ``ablation_grid.py`` and ``optuna_search.py``. Imported only after the command line
+and every trial config have been checked, so bad input never starts Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from . import tracking
+from .trainable import resources, train_trial
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# Tune snapshots its experiment state whenever old checkpoints are deleted (so --resume stays
+# consistent) and warns about it every few seconds with short trials; the snapshots are cheap.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# The legacy output engine honours RunConfig(verbose=0): Progress below is the only live view.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def connect(**local) -> bool:
+    """Join the cluster in RAY_ADDRESS (set inside ``ray job submit``) or start a local runtime
+    (``local``: extra ``ray.init`` arguments for it, e.g. num_cpus).
+
+    Returns True when this call started Ray (the caller then shuts it down).
+    """
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)
+    else:  # workers of a local runtime must import sweeps/ and sparse_core/ from this checkout
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}}, **local)
+    return True
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_cpus() -> float:
+    return float(ray.cluster_resources().get("CPU", 1))
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
+
+
+def trial_label(trial) -> str:
+    spec = trial.config.get("trial", {})
+    flat = spec.get("flat", {})
+    label = f"{spec.get('cell', '?')} d={flat.get('prune.density', float('nan')):g} s={flat.get('seed', '?')}"
+    return f"{label} #{trial.trial_id.rsplit('_', 1)[-1]}" if spec.get("cell") == "optuna" else label
+
+
+def trial_dirname(trial) -> str:
+    """Short, unique and filesystem-safe (long config strings break: 'File name too long')."""
+    cell = trial.config.get("trial", {}).get("cell", "trial")
+    safe = "".join(ch if ch.isalnum() or ch in "-_=+." else "_" for ch in cell)[:40]
+    return f"{safe}_{trial.trial_id}"
+
+
+class Progress(tune.Callback):
+    """One line per finished trial plus a heartbeat: done/running/pending, best so far, ETA.
+
+    Also closes the MLflow run of a trial that errored for good or was stopped by a scheduler,
+    so that no run is left RUNNING.
+    """
+
+    def __init__(self, total: int, tracking_uri: str, experiment_id: str, heartbeat_s: float = 30.0):
+        self.total, self.uri, self.experiment_id, self.heartbeat_s = total, tracking_uri, experiment_id, heartbeat_s
+        self.t0 = self.last_line = None
+        self.best: tuple[float, str] | None = None
+        self.epochs: dict[str, tuple[int, int]] = {}  # trial_id -> (epoch, epochs) of running trials
+        self.trial_seconds: dict[str, float] = {}
+
+    def _status(self, trials, ended=None, ended_as: str = "TERMINATED") -> str:
+        now = time.time()
+        # The trial being reported on may not carry its final status yet.
+        states = [ended_as if t is ended else t.status for t in trials]
+        done = sum(s in ("TERMINATED", "ERROR") for s in states)
+        running = states.count("RUNNING")
+        failed = states.count("ERROR")
+        total = max(self.total, len(trials))
+        frac = done + sum(e / max(n, 1) for tid, (e, n) in self.epochs.items())
+        elapsed = now - self.t0
+        eta = _fmt_s(elapsed * (total - frac) / frac) if frac > 0 else "?"
+        best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
+        fail = f", {failed} failed" if failed else ""
+        return (f"{done}/{total} done, {running} running, {total - done - running} pending{fail} | {best} | "
+                f"{_fmt_s(elapsed)} elapsed, ETA {eta}")
+
+    def _print(self, text: str) -> None:
+        self.last_line = time.time()
+        print(text, flush=True)
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.t0 is None:
+            self.t0 = self.last_line = time.time()
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.t0 is not None and time.time() - self.last_line >= self.heartbeat_s:
+            running = [f"{trial_label(t)} {e}/{n}" for t in trials if t.status == "RUNNING"
+                       for e, n in [self.epochs.get(t.trial_id, (0, 0))]]
+            self._print(f"[{self._status(trials)}] running: {'; '.join(running[:4])}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" in result and "epochs" in result:
+            self.epochs[trial.trial_id] = (result["epoch"], result["epochs"])
+        self.trial_seconds[trial.trial_id] = result.get("time_total_s", 0.0)
+        if result.get("final") and math.isfinite(result.get("test_acc", math.nan)):
+            if self.best is None or result["test_acc"] > self.best[0]:
+                self.best = (result["test_acc"], trial_label(trial))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.epochs.pop(trial.trial_id, None)
+        last = trial.last_result or {}
+        if last.get("final"):
+            what = f"test_acc {last['test_acc']:.4f}"
+        else:
+            what = "stopped early"
+            tracking.close_unfinished(self.uri, self.experiment_id, [trial.trial_id], "KILLED",
+                                      "stopped early by the Tune scheduler")
+        self._print(f"  done {trial_label(trial)}: {what} ({last.get('time_total_s', 0):.1f}s) "
+                    f"[{self._status(trials, trial)}]")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._print(f"  retry {trial_label(trial)}: failed, continuing from its last checkpoint")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.epochs.pop(trial.trial_id, None)
+        tracking.close_unfinished(self.uri, self.experiment_id, [trial.trial_id], "FAILED",
+                                  "trial errored (retries exhausted)")
+        where = getattr(trial, "error_file", None) or getattr(trial, "path", "")
+        self._print(f"  FAILED {trial_label(trial)} (see {where}) [{self._status(trials, trial, 'ERROR')}]")
+
+
+def run_config(name: str, storage_path: str, max_failures: int, callbacks: list) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=name, storage_path=storage_path, verbose=0, callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+        # Two, not one: a crash while the newest is written still leaves the previous epoch's.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+
+
+def tuner(param_space: dict, *, cpus: float, gpus: float, tune_config: tune.TuneConfig,
+          run_cfg: tune.RunConfig) -> tune.Tuner:
+    return tune.Tuner(tune.with_resources(train_trial, resources(cpus, gpus)), param_space=param_space,
+                      tune_config=tune_config, run_config=run_cfg)
+
+
+def restore(path: str, *, cpus: float, gpus: float) -> tune.Tuner:
+    return tune.Tuner.restore(path, tune.with_resources(train_trial, resources(cpus, gpus)),
+                              resume_unfinished=True, resume_errored=True)
+
+
+def latest_run(storage_path: str, sweep: str) -> str | None:
+    """Newest ``<sweep>-<timestamp>`` Tune run under storage_path that can be restored."""
+    import pyarrow.fs as pafs
+
+    fs, base = pafs.FileSystem.from_uri(storage_path) if "://" in storage_path else (pafs.LocalFileSystem(),
+                                                                                       storage_path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError:
+        return None
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith(sweep + "-") and i.base_name[len(sweep) + 1:].replace("-", "").isdigit())
+    for name in reversed(names):
+        path = storage_path.rstrip("/") + "/" + name
+        if tune.Tuner.can_restore(path):
+            return path
+    return None
+
+
+def summary(trials, uri: str, experiment: str) -> list[dict]:
+    """One row per (cell, density): FINISHED seeds and mean test accuracy, from MLflow."""
+    finished = tracking.finished_by_run_key(uri, experiment)
+    groups: dict[tuple[str, float], list] = {}
+    for t in trials:
+        groups.setdefault((t.cell, t.density), []).append(finished.get(t.run_key))
+    rows = []
+    for (cell, density), runs in groups.items():
+        ok = [r.data.metrics for r in runs if r is not None]
+        acc = [m["test_acc"] for m in ok if "test_acc" in m]
+
+        def mean(key, missing=math.nan):
+            return statistics.fmean(m.get(key, missing) for m in ok) if ok else math.nan
+
+        rows.append({"cell": cell, "density": density, "seeds": f"{len(ok)}/{len(runs)}",
+                     "test_acc": statistics.fmean(acc) if acc else math.nan,
+                     "std": statistics.stdev(acc) if len(acc) > 1 else math.nan,
+                     "best_test_acc": mean("best_test_acc"), "collapsed": mean("n_collapsed_layers", 0),
+                     "seconds": mean("seconds")})
+    return rows
+
+
+def print_summary(rows: list[dict]) -> None:
+    if not rows:
+        return
+    width = max(len("cell"), *(len(r["cell"]) for r in rows))
+    print(f"{'cell':<{width}}  {'density':>8}  {'seeds':>5}  {'test_acc':>8}  {'std':>6}  {'best':>6}  "
+          f"{'collapsed':>9}  {'s/trial':>7}")
+    for r in rows:
+        def f(v, fmt):
+            return format(v, fmt) if math.isfinite(v) else "-"
+        print(f"{r['cell']:<{width}}  {r['density']:>8g}  {r['seeds']:>5}  {f(r['test_acc'], '8.4f'):>8}  "
+              f"{f(r['std'], '6.4f'):>6}  {f(r['best_test_acc'], '6.4f'):>6}  {f(r['collapsed'], '9.1f'):>9}  "
+              f"{f(r['seconds'], '7.1f'):>7}")

@@ -1,0 +1,98 @@
+"""Command-line options and pre-flight checks shared by the sweep scripts.
+
+Everything here runs before Ray is imported: a typo, a bad value, a missing dataset or an
+unreachable tracking server ends the command in seconds with a message naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from sparse_core import data as sparse_data
+from sparse_core.config import from_flat, parse_overrides, validate_names
+
+from . import tracking
+
+DEFAULT_EXPERIMENT = "sparsity-sweep"
+DEFAULT_STORAGE = "ray_results"  # Tune's trial dirs and checkpoints; use shared storage on multi-node clusters
+
+
+def positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0")
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def add_common(parser: argparse.ArgumentParser, sweep_default: str) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the base config, e.g. --set train.lr=0.1 (repeatable)")
+    parser.add_argument("--name", help=f"sweep name: MLflow tag 'sweep' and Tune run name prefix "
+                                        f"(default {sweep_default})")
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default %(default)s)")
+    parser.add_argument("--mlflow-uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--data-dir", help="where mnist / cifar10 live (sets data.dir; absolute paths survive "
+                                           "'ray job submit')")
+    parser.add_argument("--max-concurrent", type=int, help="at most this many trials at once (default: as "
+                                                           "resources allow)")
+    parser.add_argument("--cpus-per-trial", type=positive, help="CPU cores per trial (default: the preset's)")
+    parser.add_argument("--gpus-per-trial", type=non_negative,
+                        help="GPU share per trial, fractions allowed (default: the preset's if the cluster has "
+                             "GPUs, else 0)")
+    parser.add_argument("--max-failures", type=int, default=2,
+                        help="retries per trial, each from its last checkpoint (default %(default)s)")
+    parser.add_argument("--storage-path", default=DEFAULT_STORAGE,
+                        help="Tune storage (trial dirs, checkpoints; needed by --resume); shared (NFS, s3://) on "
+                             "multi-node clusters (default ./%(default)s)")
+    parser.add_argument("--dry-run", action="store_true", help="print the trials and their count, run nothing")
+
+
+def base_overrides(preset_base: dict, sets: list[str], data_dir: str | None) -> dict:
+    """Preset base, then --set, then --data-dir; data.dir made absolute (workers run elsewhere)."""
+    flat = {**preset_base, **parse_overrides(sets)}
+    if data_dir:
+        flat["data.dir"] = data_dir
+    cfg = from_flat(flat)  # unknown keys and bad values fail here, naming the key
+    validate_names(cfg)  # unknown pruner, dataset, ... likewise
+    flat["data.dir"] = os.path.abspath(os.path.expanduser(cfg.data.dir))
+    return flat
+
+
+def check_trials(flats) -> None:
+    """Registry names and dataset files of every distinct config; raises ValueError."""
+    seen = set()
+    for flat in flats:
+        cfg = from_flat(flat)
+        sig = (cfg.data.name, cfg.data.dir, cfg.data.download, cfg.model.name, cfg.init.name, cfg.prune.pruner,
+               cfg.prune.scope, cfg.mask.kind)
+        if sig in seen:
+            continue
+        seen.add(sig)
+        validate_names(cfg)
+        try:
+            sparse_data.check(cfg.data)
+        except FileNotFoundError as e:
+            raise ValueError(f"{e} (or pass --data-dir)") from None
+
+
+def tracking_target(cli_uri: str | None, experiment: str) -> tuple[str, str]:
+    """(tracking URI, experiment id), failing fast if the store cannot be reached."""
+    uri = tracking.resolve_tracking_uri(cli_uri)
+    tracking.check_reachable(uri)
+    return uri, tracking.experiment_id(uri, experiment)
+
+
+def storage_path(value: str) -> str:
+    return value if "://" in value else os.path.abspath(os.path.expanduser(value))
+
+
+def fmt_overrides(flat: dict) -> str:
+    return " ".join(f"--set {k}={v}" for k, v in flat.items())

@@ -1,0 +1,174 @@
+"""Optuna (TPE) search over the continuous knobs of one fixed method, through Ray Tune.
+
+    python sweeps/optuna_search.py --set init.name=zero --set mask.kind=sigmoid --set prune.pruner=mask \\
+        --set post.label_smoothing=true --density 0.01 --num-samples 24 --asha
+
+Only the knobs the method uses are searched (mask.* with a learned mask, post.smoothing with
+label smoothing, post.soft_fraction with a soft schedule); ``--params`` picks them by hand.
+Every trial is an MLflow run with cell ``optuna``; the best config is printed as ``--set``
+overrides to paste into ``ablation_grid.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the repo root is not
+    _root = str(Path(__file__).resolve().parent.parent)
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        sys.path[0] = _root
+    else:
+        sys.path.insert(0, _root)
+
+from sparse_core.config import from_flat  # noqa: E402
+from sweeps import designs, options, presets, tracking  # noqa: E402
+
+# knob -> (distribution, low, high, used when); log-uniform for scale-like knobs.
+SPACE = {
+    "train.lr": ("loguniform", 1e-3, 0.3, lambda c: True),  # peak learning rate of every stage
+    "mask.lambda_l1": ("loguniform", 1e-7, 1e-3, lambda c: c.mask.kind != "none"),  # sparsity pressure per mask entry
+    "mask.lr": ("loguniform", 1e-3, 0.3, lambda c: c.mask.kind != "none"),  # learning rate of the mask scores
+    "post.smoothing": ("uniform", 0.0, 0.3, lambda c: c.post.label_smoothing),  # label smoothing mass
+    "post.soft_fraction": ("uniform", 0.1, 1.0,  # share of post-training the soft schedules run
+                           lambda c: c.post.soft_activation or c.post.soft_skip),
+}
+CELL = "optuna"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python sweeps/optuna_search.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="searchable knobs: " + ", ".join(SPACE))
+    parser.add_argument("--preset", default="laptop", choices=list(presets.PRESETS),
+                        help="base config (data, model, epochs, resources); default %(default)s")
+    parser.add_argument("--density", type=float, default=0.01, help="prune.density, fixed (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="config seed, fixed (default %(default)s)")
+    parser.add_argument("--params", help="comma separated knobs to search (default: those the method uses)")
+    parser.add_argument("--num-samples", type=int, default=16, help="trials (default %(default)s)")
+    parser.add_argument("--sampler-seed", type=int, default=0, help="TPE sampler seed (default %(default)s)")
+    parser.add_argument("--asha", action="store_true",
+                        help="stop weak trials early (ASHA on test_acc; rungs start after pruning)")
+    options.add_common(parser, "optuna-<preset>")
+    parser.set_defaults(max_concurrent=None)
+    return parser, parser.parse_args(argv)
+
+
+def plan(parser, args):
+    preset = presets.get(args.preset)
+    try:
+        base = options.base_overrides(preset.base, args.set, args.data_dir)
+        flat = {**base, "prune.density": args.density, "seed": args.seed}
+        cfg = from_flat(flat)
+        options.check_trials([flat])
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    if args.params:
+        knobs = [k.strip() for k in args.params.split(",") if k.strip()]
+        unknown = [k for k in knobs if k not in SPACE]
+        if unknown:
+            parser.error(f"--params {', '.join(unknown)}: not searchable; choose from {', '.join(SPACE)}")
+    else:
+        knobs = [k for k, spec in SPACE.items() if spec[3](cfg)]
+    if args.num_samples < 1:
+        parser.error("--num-samples must be >= 1")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        parser.error("--max-concurrent must be >= 1")
+    fixed = {k: v for k, v in from_flat(flat).to_flat().items() if k not in knobs}
+    return preset, cfg, fixed, knobs
+
+
+def main(argv=None) -> int:
+    started = time.time()
+    parser, args = parse_args(argv)
+    preset, cfg, fixed, knobs = plan(parser, args)
+    sweep = args.name or f"optuna-{args.preset}"
+    space_text = ", ".join(f"{k} ~ {SPACE[k][0]}({SPACE[k][1]:g}, {SPACE[k][2]:g})" for k in knobs)
+    if args.dry_run:
+        method = " ".join(f"{k}={fixed[k]}" for k in designs.BASE)
+        print(f"sweep {sweep!r}: {args.num_samples} trials of TPE over {space_text}\n"
+              f"fixed method: {method} prune.density={args.density:g} seed={args.seed}")
+        return 0
+    try:
+        uri, exp_id = options.tracking_target(args.mlflow_uri, args.experiment)
+    except tracking.TrackingError as e:
+        parser.error(str(e))
+    storage = options.storage_path(args.storage_path)
+    print(f"sweep {sweep!r}: {args.num_samples} trials, TPE over {space_text} | MLflow {uri} "
+          f"experiment {args.experiment!r}", flush=True)
+
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweeps import launch
+    from sparse_core.train import total_epochs
+
+    started_ray = launch.connect()
+    try:
+        have_gpus = launch.cluster_gpus()
+        gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (preset.gpus_per_trial if have_gpus else 0.0)
+        if gpus > 0 and not have_gpus:
+            raise SystemExit(f"error: --gpus-per-trial {gpus} but the Ray cluster has no GPU")
+        cpus = args.cpus_per_trial or preset.cpus_per_trial
+        dist = {"loguniform": tune.loguniform, "uniform": tune.uniform}
+        flat_space = {**fixed, **{k: dist[SPACE[k][0]](SPACE[k][1], SPACE[k][2]) for k in knobs}}
+        meta = {"sweep": sweep, "tracking_uri": uri, "experiment_id": exp_id, "cpus": cpus,
+                "git_commit": tracking.git_commit(launch.ROOT)}
+        space = {"trial": {"cell": CELL, "flat": flat_space}, "meta": meta}
+        sampler = optuna.samplers.TPESampler(seed=args.sampler_seed)
+        concurrent = args.max_concurrent or max(1, int(launch.cluster_cpus() // cpus))
+        search = ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=concurrent)
+        scheduler = None
+        if args.asha:
+            epochs = total_epochs(cfg)
+            first = 1 if cfg.train.method == "rigl" else min(epochs, epochs - cfg.train.post_epochs + 1)
+            # max_t one past the last epoch: a trial that survives every rung must still send its final result.
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=max(1, first),
+                                      reduction_factor=2)
+        tune_cfg = tune.TuneConfig(metric="test_acc", mode="max", search_alg=search, scheduler=scheduler,
+                                   num_samples=args.num_samples, reuse_actors=True,
+                                   trial_dirname_creator=launch.trial_dirname)
+        name = f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}"
+        progress = launch.Progress(args.num_samples, uri, exp_id)
+        tuner = launch.tuner(space, cpus=cpus, gpus=gpus, tune_config=tune_cfg,
+                             run_cfg=launch.run_config(name, storage, args.max_failures, [progress]))
+        results = tuner.fit()
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    complete = [r for r in results if r.metrics and r.metrics.get("final")]
+    failed = sum(1 for r in results if r.error is not None)
+    seconds = sum(r.metrics.get("time_total_s", 0.0) for r in results if r.metrics)
+    wall = time.time() - started
+    print(f"sweep {sweep!r}: {len(results)} trials ({len(complete)} complete, {failed} failed, "
+          f"{len(results) - len(complete) - failed} stopped early) | wall {wall:.1f}s | "
+          f"sum of trial times {seconds:.1f}s")
+    if not complete:
+        print("no trial completed")
+        return 1
+    best = max(complete, key=lambda r: r.metrics["test_acc"])
+    tuned = {k: best.config["trial"]["flat"][k] for k in knobs}
+    print(f"best test_acc {best.metrics['test_acc']:.4f} (mlflow run {best.metrics.get('mlflow_run_id')}):")
+    for k, v in tuned.items():
+        print(f"  {k} = {v:.6g}")
+    extra = [s for s in args.set if s.split("=", 1)[0].strip() not in designs.DESIGN_KEYS]
+    print("for ablation_grid.py: " + " ".join([f"--set {s}" for s in extra]
+                                               + [f"--set {k}={_short(v)}" for k, v in tuned.items()]))
+    return 1 if failed else 0
+
+
+def _short(value: float) -> str:
+    return f"{value:.6g}" if math.isfinite(value) else str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

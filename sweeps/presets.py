@@ -1,0 +1,108 @@
+"""Sweep presets: the base config, density ladder, seeds and per-trial resources of a sweep.
+
+A preset only sets what differs from ``sparse_core.config`` defaults. ``--set key=value``,
+``--densities`` and ``--seeds`` on the command line override it; the design (``designs.py``)
+then sets the method knobs of each cell on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    base: dict = field(default_factory=dict)  # flat config overrides shared by every trial
+    densities: tuple[float, ...] = (0.1, 0.01)  # fractions of prunable weights kept, one trial set per value
+    seeds: tuple[int, ...] = (0,)  # config seeds; the summary averages test accuracy over them
+    synflow_rounds: int = 100  # prune.rounds of the pruner=synflow cell (its paper uses 100)
+    cpus_per_trial: float = 1.0  # CPU cores reserved per trial (also torch's intra-op threads)
+    gpus_per_trial: float = 0.0  # GPU share per trial when the cluster has GPUs (fractions share a card)
+
+
+# The MLP of METHOD.md on MNIST: 784-100x5-10, 119,400 prunable weights.
+_MNIST_MLP = {
+    "data.name": "mnist",
+    "model.name": "mlp",
+    "train.batch_size": 128,  # images per SGD step
+    "train.lr": 0.05,  # peak SGD learning rate, cosine to 0 in every stage
+    "train.pre_epochs": 20,  # dense (or learned-mask) training before pruning
+    "train.post_epochs": 40,  # sparse training after pruning
+}
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            name="smoke",
+            description="tests and a first look: tiny digits MLP, 1+2 epochs, 2 densities, 1 seed (seconds per trial)",
+            base={
+                "data.name": "digits",  # bundled with scikit-learn, no download
+                "model.width": 16,  # units per hidden layer (tiny on purpose)
+                "model.depth": 2,  # hidden layers
+                "train.batch_size": 128,  # fewer steps per epoch
+                "train.pre_epochs": 1,  # one dense / learned-mask epoch
+                "train.post_epochs": 2,  # two sparse epochs (the soft schedules still run: fraction 0.5)
+            },
+            densities=(0.1, 0.01),
+            seeds=(0,),
+            synflow_rounds=2,  # enough to exercise the iterative schedule
+            gpus_per_trial=0.1,  # if there is a GPU at all, share it widely
+        ),
+        Preset(
+            name="laptop",
+            description="digits MLP (64-100x5-10), 10+20 epochs, 4 densities, 1 seed: 72 trials, ~2 min on 2 CPU cores",
+            base={
+                "data.name": "digits",  # bundled with scikit-learn, no download
+                "model.name": "mlp",  # 5 hidden layers of 100 units (the paper's MLP on 8x8 inputs)
+                "train.pre_epochs": 10,  # dense / learned-mask epochs before pruning
+                "train.post_epochs": 20,  # sparse epochs after pruning
+            },
+            densities=(0.1, 0.03, 0.01, 0.003),  # 0.003 leaves ~140 of 47,400 weights
+            seeds=(0,),
+            synflow_rounds=20,  # 100 rounds cost ~30 s per trial here; 20 keep the schedule's shape
+            gpus_per_trial=0.25,
+        ),
+        Preset(
+            name="paper-mnist",
+            description="MLP 784-100x5-10 on MNIST (data.dir), 20+40 epochs, METHOD.md density ladder, 3 seeds",
+            base=dict(_MNIST_MLP),
+            densities=(0.1, 0.01, 0.00562, 0.00316, 0.00178, 0.001),
+            seeds=(0, 1, 2),
+            synflow_rounds=100,  # as in the SynFlow paper
+            cpus_per_trial=2.0,
+            gpus_per_trial=0.25,  # an MLP uses a sliver of a GPU: four trials per card
+        ),
+        Preset(
+            name="paper-cifar",
+            description="VGG-16-BN on CIFAR-10 (data.dir), 40+160 epochs, METHOD.md density ladder, 3 seeds",
+            base={
+                "data.name": "cifar10",
+                "model.name": "vgg16",  # 13 conv layers, 14,715,584 prunable weights
+                "data.augment": True,  # random crop (pad 4) + horizontal flip
+                "train.batch_size": 128,  # as in the Synaptic-Flow reference runs
+                "train.lr": 0.1,  # peak SGD learning rate
+                "train.momentum": 0.9,
+                "train.weight_decay": 5e-4,
+                "train.schedule": "step",  # x0.1 at 50 % and 75 % of each stage
+                "train.pre_epochs": 40,  # dense / learned-mask training before pruning
+                "train.post_epochs": 160,  # the reference table's training budget after pruning
+                "train.amp": True,  # bf16 autocast on CUDA
+                "train.channels_last": True,  # faster convs on tensor cores
+            },
+            densities=(0.1, 0.01, 0.00562, 0.00316, 0.00178, 0.001),
+            seeds=(0, 1, 2),
+            synflow_rounds=100,  # as in the SynFlow paper
+            cpus_per_trial=2.0,
+            gpus_per_trial=0.5,  # two VGG-16 trials share one card (memory is not isolated)
+        ),
+    )
+}
+
+
+def get(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"--preset {name!r} is not known; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,292 @@
+"""MLflow: where runs go, one run per trial, and reading finished runs back.
+
+Knows MLflow, not Ray, so ``analysis`` can import the read side. Every trial is one run:
+params = the flat config, per-epoch metrics (step = global epoch), final metrics, tags
+(run_key, sweep, cell, trial_id, provenance) and ``layer_density.json``. A trial retried by
+Ray finds its run again through the ``trial_id`` tag and continues it, so a retry never adds
+a second run and never logs an epoch twice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# Per-epoch keys from sparse_core.train that are bookkeeping, not measurements.
+_NOT_METRICS = {"epoch", "epochs", "round", "stage_epoch", "stage"}
+# Result keys logged once at the end (step = number of training epochs).
+FINAL_METRICS = ("test_acc", "test_loss", "best_test_acc", "pre_test_acc", "prune_test_acc", "density",
+                 "density_target", "density_all", "kept_weights", "prunable_weights", "flops_dense",
+                 "flops_sparse", "rigl_regrown", "seconds", "epochs")
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (unreachable server, bad URI)."""
+
+
+# ---- where ---------------------------------------------------------------------------------
+def resolve_tracking_uri(cli_value: str | None = None) -> str:
+    """``--mlflow-uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
+
+    A relative SQLite path is made absolute here (against the current directory), because Ray
+    workers run elsewhere. The plain file store (``./mlruns``) is refused by MLflow >= 3.13.
+    """
+    uri = (cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI).strip()
+    if uri.startswith("sqlite://"):
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if not path or path == ":memory:":
+            raise TrackingError(f"tracking URI {uri!r}: give a database file, e.g. {DEFAULT_TRACKING_URI}")
+        return "sqlite:///" + os.path.abspath(path)
+    if "://" not in uri or uri.startswith("file:"):
+        raise TrackingError(f"tracking URI {uri!r} is a file store, which MLflow >= 3.13 refuses; use "
+                            f"{DEFAULT_TRACKING_URI} or an http(s) tracking server")
+    return uri
+
+
+def sqlite_path(uri: str) -> str | None:
+    return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (seconds, not MLflow's minutes of retries) if the store cannot be reached."""
+    path = sqlite_path(uri)
+    if path is not None:
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            raise TrackingError(f"tracking URI {uri}: directory {parent} does not exist")
+        return
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            urllib.request.urlopen(url, timeout=timeout).read(64)
+        except urllib.error.HTTPError:
+            return  # it answered: reachable (auth or routing problems surface from MLflow itself)
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingError(f"MLflow tracking server {uri} is not reachable ({reason}); start it "
+                                f"(mlflow server ...) or pass another --mlflow-uri") from None
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """The id of experiment ``name``, created if missing (artifacts next to a SQLite db)."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage != "active":
+            raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or choose another --experiment")
+        return exp.experiment_id
+    location = None
+    path = sqlite_path(uri)
+    if path is not None:  # MLflow's default (./mlruns of whichever process creates it) would scatter them
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+        location = Path(os.path.dirname(path), "mlartifacts", safe).as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit(repo_root: str | Path) -> str | None:
+    """HEAD of the checkout at repo_root (suffix ``-dirty`` when tracked files differ), else
+    ``$GIT_COMMIT`` (``ray job submit`` uploads no .git: pass it with --runtime-env-json), else None."""
+    if not Path(repo_root, ".git").exists():
+        return os.environ.get("GIT_COMMIT") or None
+    try:
+        head = subprocess.run(["git", "-C", str(repo_root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo_root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+# ---- write: one run per trial ----------------------------------------------------------------
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _retry(fn, *args, attempts: int = 4, **kwargs):
+    """SQLite allows one writer at a time; concurrent trials occasionally see 'database is locked'."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - MLflow wraps store errors in several types
+            if i == attempts - 1 or "locked" not in str(e).lower():
+                raise
+            time.sleep(0.2 * 2 ** i)
+
+
+class TrialRun:
+    """The MLflow run of one trial: created at first start, reused when the trial is retried."""
+
+    def __init__(self, uri: str, experiment_id: str, *, sweep: str, cell: str, flat: dict, run_key: str,
+                 trial_id: str | None = None, tags: dict | None = None):
+        self.uri, self.experiment_id = uri, experiment_id
+        self.sweep, self.cell, self.flat, self.run_key, self.trial_id = sweep, cell, flat, run_key, trial_id
+        self.tags = dict(tags or {})
+        self.client = client(uri)
+        self.run_id: str | None = None
+        self.logged_epoch = 0  # epochs <= this are already in the run (from before a retry)
+        self.logged_round = 0
+        self.reused = False
+
+    def open(self, resumed_at_epoch: int | None = None) -> "TrialRun":
+        from mlflow.entities import Param
+
+        existing = self.find_trial_run(self.client, self.experiment_id, self.trial_id) if self.trial_id else None
+        if existing is not None:
+            self.run_id, self.reused = existing.info.run_id, True
+            _retry(self.client.update_run, self.run_id, status="RUNNING")
+            history = self.client.get_metric_history
+            self.logged_epoch = max((m.step for m in history(self.run_id, "test_acc")), default=0)
+            self.logged_round = max((m.step for m in history(self.run_id, "test_acc_after_prune")), default=0)
+            if "error" in existing.data.tags:  # the error that made Ray retry: keep it, but not as 'error'
+                _retry(self.client.set_tag, self.run_id, "retried_after", existing.data.tags["error"])
+                _retry(self.client.delete_tag, self.run_id, "error")
+            if resumed_at_epoch is not None:
+                old = existing.data.tags.get("resumed_at_epoch")
+                value = str(resumed_at_epoch) if not old else f"{old},{resumed_at_epoch}"
+                _retry(self.client.set_tag, self.run_id, "resumed_at_epoch", value)
+            return self
+        tags = {"run_key": self.run_key, "sweep": self.sweep, "cell": self.cell, **self.tags}
+        if self.trial_id:
+            tags["trial_id"] = self.trial_id
+        name = f"{self.cell} d={self.flat['prune.density']:g} s={self.flat['seed']}"
+        run = _retry(self.client.create_run, self.experiment_id, tags={k: str(v) for k, v in tags.items()},
+                     run_name=name)
+        self.run_id = run.info.run_id
+        params = [Param(k, str(v)) for k, v in self.flat.items()]
+        for i in range(0, len(params), 100):
+            _retry(self.client.log_batch, self.run_id, params=params[i:i + 100])
+        return self
+
+    @staticmethod
+    def find_trial_run(c, experiment_id: str, trial_id: str):
+        runs = c.search_runs([experiment_id], filter_string=f"tags.trial_id = '{trial_id}'", max_results=1)
+        return runs[0] if runs else None
+
+    def _log(self, values: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in values.items() if _finite(v)]
+        if metrics:
+            _retry(self.client.log_batch, self.run_id, metrics=metrics)
+
+    def log_step(self, metrics: dict) -> None:
+        """One step of ``sparse_core.train.run``'s log: a training epoch or a pruning round."""
+        stage = metrics.get("stage")
+        if stage == "prune":
+            rnd = metrics["round"] + 1
+            if rnd > self.logged_round:
+                self._log({"test_acc_after_prune": metrics["test_acc_after_prune"],
+                           "prune_density": metrics["density"],
+                           "prune_collapsed_layers": metrics["collapsed_layers"]}, rnd)
+                self.logged_round = rnd
+        elif "epoch" in metrics and metrics["epoch"] > self.logged_epoch:
+            self._log({k: v for k, v in metrics.items() if k not in _NOT_METRICS}, metrics["epoch"])
+            self.logged_epoch = metrics["epoch"]
+
+    def finish(self, result: dict) -> None:
+        """Final metrics, tags and layer densities; the run ends FINISHED."""
+        last = result["history"][-1] if result.get("history") else {}
+        final = {k: result[k] for k in FINAL_METRICS if k in result and not (k in last and last[k] == result[k])}
+        final["n_collapsed_layers"] = len(result["collapsed_layers"])
+        self._log(final, result["epochs"])
+        _retry(self.client.set_tag, self.run_id, "collapsed_layers", ",".join(result["collapsed_layers"]))
+        _retry(self.client.set_tag, self.run_id, "device", result.get("device", ""))
+        _retry(self.client.log_dict, self.run_id, result["layer_density"], "layer_density.json")
+        _retry(self.client.set_terminated, self.run_id, "FINISHED")
+
+    def fail(self, error: BaseException) -> None:
+        """Mark the run FAILED (an exception) or KILLED (interrupted); never leave it RUNNING."""
+        if self.run_id is None:
+            return
+        status = "FAILED" if isinstance(error, Exception) else "KILLED"
+        reason = "stopped by Tune (scheduler or end of sweep)" if isinstance(error, SystemExit) else \
+            f"{type(error).__name__}: {error}"
+        try:
+            _retry(self.client.set_tag, self.run_id, "error", reason[:4000])
+            _retry(self.client.set_terminated, self.run_id, status)
+        except Exception:  # noqa: BLE001 - the original error matters more than this one
+            pass
+
+
+def close_unfinished(uri: str, experiment_id: str, trial_ids: Iterable[str], status: str, reason: str) -> int:
+    """Set runs of these trials that are still RUNNING to ``status`` (from the driver)."""
+    c = client(uri)
+    n = 0
+    for tid in trial_ids:
+        run = TrialRun.find_trial_run(c, experiment_id, tid)
+        if run is not None and run.info.status == "RUNNING":
+            c.set_tag(run.info.run_id, "error", reason)
+            c.set_terminated(run.info.run_id, status)
+            n += 1
+    return n
+
+
+# ---- read ------------------------------------------------------------------------------------
+def search(uri: str, experiment: str, filter_string: str = "") -> list:
+    """Every run of ``experiment`` (by name) matching ``filter_string`` (all pages)."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs, token = [], None
+    while True:
+        page = c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def finished_by_run_key(uri: str, experiment: str) -> dict[str, Any]:
+    """run_key -> the latest FINISHED run with that key (the idempotency check of a sweep)."""
+    out: dict[str, Any] = {}
+    for run in search(uri, experiment, "attributes.status = 'FINISHED'"):
+        key = run.data.tags.get("run_key")
+        if key and (key not in out or run.info.end_time > out[key].info.end_time):
+            out[key] = run
+    return out
+
+
+def run_row(run) -> dict:
+    """One flat row: run_id, status, tags sweep/cell/run_key, the typed config, the latest metrics."""
+    from sparse_core.config import FIELD_TYPES, from_flat, to_flat
+
+    params = {k: v for k, v in run.data.params.items() if k in FIELD_TYPES}
+    tags = run.data.tags
+    row = {"run_id": run.info.run_id, "status": run.info.status, "sweep": tags.get("sweep"),
+           "cell": tags.get("cell"), "run_key": tags.get("run_key"),
+           "collapsed_layers": tags.get("collapsed_layers", "")}
+    row.update(to_flat(from_flat(params)))
+    row.update(run.data.metrics)
+    return row
+
+
+def load_runs(uri: str, experiment: str, sweep: str | None = None, status: str | None = "FINISHED") -> list[dict]:
+    """Rows (see ``run_row``) of an experiment, optionally one sweep and one status."""
+    clauses = []
+    if status:
+        clauses.append(f"attributes.status = '{status}'")
+    if sweep:
+        clauses.append(f"tags.sweep = '{sweep}'")
+    return [run_row(r) for r in search(uri, experiment, " and ".join(clauses))]

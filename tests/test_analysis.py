@@ -1,0 +1,284 @@
+"""analysis/ against a real MLflow SQLite store filled by real (tiny) trainer runs, written by the
+sweep's own MLflow writer (sweeps.tracking.TrialRun).
+
+The expected numbers are recomputed from what ``sparse_core.train.run`` returned, never read back
+from the code under test.
+"""
+
+import base64
+import io
+import logging
+import os
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+import sparse_core
+from sparse_core.config import FIELD_TYPES, from_flat, run_key
+from sparse_core.train import InjectedFailure, run
+from sweeps import tracking
+
+from analysis import plots, report
+from analysis.cli import main
+from analysis.load import AnalysisError, apply_filters, load_runs
+from analysis.table import ablation_table, to_csv, to_latex, to_markdown
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = {"data.name": "digits", "train.pre_epochs": 2, "train.post_epochs": 2, "model.width": 32, "model.depth": 2,
+        "train.device": "cpu"}
+CELLS = {"base": {}, "base+label_smoothing": {"post.label_smoothing": True}}
+DENSITIES = [0.3, 0.05, 0.003]  # 0.003 of 3,392 weights: global magnitude empties a layer for seed 0
+SEEDS = [0, 1, 2]  # three, so a median or a first-seed-only bug cannot pass for the mean
+
+
+def trained_run(uri, exp_id, cell, flat, status="FINISHED"):
+    """One trial through the sweep's real MLflow writer (sweeps.tracking.TrialRun), as the trainable does it."""
+    cfg = from_flat(flat)
+    mlrun = tracking.TrialRun(uri, exp_id, sweep="test-grid", cell=cell, flat=cfg.to_flat(), run_key=run_key(cfg),
+                              tags={"sparse_core_version": sparse_core.__version__}).open()
+    if status == "RUNNING":
+        return cfg, None, mlrun.run_id
+    try:
+        result = run(cfg, lambda metrics, _: mlrun.log_step(metrics))
+    except InjectedFailure as e:
+        mlrun.fail(e)
+        return cfg, None, mlrun.run_id
+    mlrun.finish(result)
+    return cfg, result, mlrun.run_id
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    """Experiment "grid": 2 cells x 3 densities x 2 seeds finished, plus one FAILED and one RUNNING run.
+    Experiment "extra": one finished run that differs from a grid run only in train.lr."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    grid, extra = tracking.experiment_id(uri, "grid"), tracking.experiment_id(uri, "extra")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 3-layer MLP: extra threads only spin, and on a loaded machine cost 10x
+    try:
+        results = []
+        for cell, over in CELLS.items():
+            for density in DENSITIES:
+                for seed in SEEDS:
+                    cfg, result, run_id = trained_run(uri, grid, cell, {**BASE, **over, "prune.density": density,
+                                                                        "seed": seed})
+                    results.append({"cell": cell, "density": density, "seed": seed, "cfg": cfg, "result": result,
+                                    "run_id": run_id})
+        _, none, failed = trained_run(uri, grid, "base", {**BASE, "prune.density": 0.05, "seed": 7,
+                                                          "train.fail_at_epoch": 2})
+        assert none is None
+        running = trained_run(uri, grid, "base", {**BASE, "seed": 8}, status="RUNNING")[2]
+        trained_run(uri, extra, "base", {**BASE, "prune.density": 0.3, "seed": 0, "train.lr": 0.1})
+    finally:
+        torch.set_num_threads(threads)
+    return {"uri": uri, "client": MlflowClient(tracking_uri=uri), "results": results, "failed": failed,
+            "running": running}
+
+
+def expected(store, metric="test_acc"):
+    rows = [{"cell": r["cell"], "prune.density": r["density"], "v": r["result"][metric],
+             "collapsed": bool(r["result"]["collapsed_layers"])} for r in store["results"]]
+    return pd.DataFrame(rows).groupby(["cell", "prune.density"]).agg(
+        mean=("v", "mean"), std=("v", lambda v: np.std(v, ddof=1)), n=("v", "size"), collapsed=("collapsed", "any"))
+
+
+def test_load_types_finals_and_left_out_runs(store, caplog):
+    with caplog.at_level(logging.INFO, logger="analysis"):
+        df = load_runs(store["uri"], ["grid"])
+    assert len(df) == len(store["results"])
+    assert df.attrs["left_out"] == {"FAILED": 1, "RUNNING": 1}
+    assert "left out 1 FAILED, 1 RUNNING" in caplog.text
+    assert {store["failed"], store["running"]}.isdisjoint(df["run_id"])
+    assert set(FIELD_TYPES) <= set(df.columns) and {"cell", "run_key", "sweep"} <= set(df.columns)
+    assert df["prune.density"].dtype == float and df["seed"].dtype == np.int64
+    assert df["post.label_smoothing"].dtype == bool and df["model.width"].dtype == np.int64
+    by_id = df.set_index("run_id")
+    for r in store["results"]:
+        row = by_id.loc[r["run_id"]]
+        assert from_flat({k: row[k].item() if hasattr(row[k], "item") else row[k] for k in FIELD_TYPES}) == r["cfg"]
+        assert row["test_acc"] == pytest.approx(r["result"]["test_acc"])  # the latest value, not epoch 1
+        assert row["cell"] == r["cell"] and row["run_key"] == r["result"]["run_key"]
+    everything = load_runs(store["uri"], ["grid"], statuses=["FINISHED", "FAILED", "RUNNING"])
+    assert len(everything) == len(df) + 2
+
+
+def test_table_means_std_n_best_and_collapse(store):
+    df = load_runs(store["uri"], ["grid"])
+    table = ablation_table(df)
+    exp = expected(store)
+    assert table.row_order == sorted(CELLS) and table.col_order == sorted(DENSITIES, reverse=True)
+    cells = table.cells.set_index(["cell", "prune.density"])
+    assert len(cells) == len(exp)
+    for key, e in exp.iterrows():
+        got = cells.loc[key]
+        assert got["mean"] == pytest.approx(e["mean"]) and got["std"] == pytest.approx(e["std"])
+        assert got["n"] == e["n"] == len(SEEDS) and got["collapsed"] == e["collapsed"]
+    assert exp["collapsed"].any(), "the grid should contain a collapsed layer so the marker is exercised"
+    best = exp.reset_index().groupby("prune.density")["mean"].transform("max") == exp.reset_index()["mean"]
+    assert list(cells.loc[exp.index, "best"]) == list(best)
+
+    md = to_markdown(table).splitlines()
+    assert md[0] == "| cell | 30 % | 5 % | 0.3 % |"
+    for line, cell in zip(md[2:4], table.row_order):
+        texts = [t.strip() for t in line.strip("|").split("|")]
+        assert texts[0] == cell
+        for text, density in zip(texts[1:], table.col_order):
+            e = exp.loc[(cell, density)]
+            assert f"{100 * e['mean']:.2f} ± {100 * e['std']:.2f}" in text
+            assert text.startswith("**") == bool(cells.loc[(cell, density), "best"])
+            assert text.endswith("†") == bool(e["collapsed"])
+    assert f"n = {len(SEEDS)} seed(s) per cell" in to_markdown(table)
+
+    csv = pd.read_csv(io.StringIO(to_csv(table)))
+    assert list(csv.columns[:2]) == ["cell", "prune.density"]
+    csv = csv.set_index(["cell", "prune.density"]).loc[exp.index]
+    assert csv["mean"].to_numpy() == pytest.approx(exp["mean"]) and list(csv["best"]) == list(best)
+    tex = to_latex(table)
+    for piece in (r"\toprule", r"\midrule", r"\bottomrule", r"\textbf{", r"$\pm$", r"$^\dagger$", r"30\,\%",
+                  r"base+label\_smoothing"):
+        assert piece in tex
+    body = "".join(line for line in tex.splitlines() if not line.startswith("%")).replace(r"\{", "").replace(r"\}", "")
+    assert body.count("{") == body.count("}")
+
+
+def test_varying_axis_is_refused_and_filter_resolves_it(store, capsys):
+    df = load_runs(store["uri"], ["grid", "extra"])
+    with pytest.raises(AnalysisError, match=r"train\.lr.*--filter train\.lr="):
+        ablation_table(df)
+    filtered = ablation_table(apply_filters(df, ["train.lr=0.05"]))
+    assert filtered.cells.equals(ablation_table(load_runs(store["uri"], ["grid"])).cells)
+    uri = ["--mlflow-uri", store["uri"]]
+    assert main(["table", "--experiment", "grid,extra", *uri]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "Traceback" not in err
+    assert main(["table", "--experiment", "grid", "--experiment", "extra", *uri, "--filter", "train.lr=0.05",
+                 "--format", "csv"]) == 0
+    assert pd.read_csv(io.StringIO(capsys.readouterr().out))["n"].tolist() == [len(SEEDS)] * 6
+
+
+@pytest.mark.parametrize("args, listed", [
+    (["--experiment", "nope"], "existing experiments: Default, extra, grid"),
+    (["--experiment", "grid", "--metric", "acc"], "best_test_acc"),
+    (["--experiment", "grid", "--filter", "prune.dens=0.3"], "prune.density"),
+    (["--experiment", "grid", "--filter", "prune.density=0.2"], "values present: 0.003, 0.05, 0.3"),
+    (["--experiment", "grid", "--rows", "pruner"], "prune.pruner"),
+])
+def test_bad_names_exit_2_and_list_what_exists(store, capsys, args, listed):
+    assert main(["table", "--mlflow-uri", store["uri"], *args]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and listed in last and "Traceback" not in err
+
+
+def _check_png(path):
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    assert pixels.std() > 0 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 2
+
+
+def _check_pdf(path):
+    with open(path, "rb") as f:
+        assert f.read(5) == b"%PDF-"
+
+
+def test_plots_are_real_images(store, tmp_path):
+    df = load_runs(store["uri"], ["grid"])
+    files = plots.accuracy_vs_density(df, str(tmp_path / "acc"))
+    files += plots.layer_density_plot(df, str(tmp_path / "layers"), 0.003)
+    assert [os.path.basename(f) for f in files] == ["acc.png", "acc.pdf", "layers.png", "layers.pdf"]
+    for f in files:
+        (_check_png if f.endswith(".png") else _check_pdf)(f)
+    assert plots.dense_reference(df, "test_acc")[0] == pytest.approx(
+        np.mean([r["result"]["pre_test_acc"] for r in store["results"]]))
+    with pytest.raises(AnalysisError, match="densities present: 0.003, 0.05, 0.3"):
+        plots.layer_density_plot(df, str(tmp_path / "x"), 0.5)
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.hrefs = [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a)
+        if tag == "a":
+            self.hrefs.append(a["href"])
+
+
+def test_report_cli_writes_self_contained_html_and_logs_artifacts(store, tmp_path):
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "analysis", "report", "--experiment", "grid", "--mlflow-uri",
+                           store["uri"], "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "left out 1 FAILED, 1 RUNNING" in proc.stderr
+    claimed = proc.stdout.split()
+    names = {"table.md", "table.csv", "table.tex", "accuracy_vs_density.png", "accuracy_vs_density.pdf",
+             "layer_density.png", "layer_density.pdf", "index.html"}
+    assert {os.path.basename(p) for p in claimed} == names and all(os.path.isfile(p) for p in claimed)
+    page = _Links()
+    page.feed((out / "index.html").read_text())
+    assert len(page.imgs) == 2
+    for img in page.imgs:  # embedded, and the same bytes as the PNG beside it
+        assert img["src"].startswith("data:image/png;base64,")
+        assert base64.b64decode(img["src"].split(",", 1)[1]) == (out / img["data-file"]).read_bytes()
+    assert {"table.md", "table.csv", "table.tex", "accuracy_vs_density.pdf", "layer_density.pdf"} <= set(page.hrefs)
+    assert all((out / h).is_file() for h in page.hrefs)
+    assert (out / "table.md").read_text() == to_markdown(ablation_table(load_runs(store["uri"], ["grid"])))
+
+    client = store["client"]
+    grid = client.get_experiment_by_name("grid").experiment_id
+    runs = client.search_runs([grid], "tags.cell = 'analysis'")
+    assert len(runs) == 1 and runs[0].info.run_name == "analysis" and runs[0].info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == names
+    again = load_runs(store["uri"], ["grid"])  # the analysis run is not a trial
+    assert len(again) == len(store["results"]) and "analysis" not in set(again["cell"])
+    assert again.attrs["left_out"] == {"FAILED": 1, "RUNNING": 1}
+
+
+def test_report_refuses_before_writing_when_an_axis_varies(store, tmp_path):
+    with pytest.raises(AnalysisError, match="train.lr"):
+        report.build(store["uri"], ["grid", "extra"], str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_reads_the_same_runs_through_a_real_mlflow_server(store, tmp_path):
+    """The http path: `mlflow server` on loopback over the same SQLite store (slow: the server takes ~10-30 s)."""
+    import signal
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store["uri"],
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(180):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow server exited"
+                time.sleep(0.5)
+        over_http = load_runs(url, ["grid"])
+        assert ablation_table(over_http).cells.equals(ablation_table(load_runs(store["uri"], ["grid"])).cells)
+        assert over_http.attrs["left_out"] == {"FAILED": 1, "RUNNING": 1}
+        files = plots.layer_density_plot(over_http, str(tmp_path / "layers"), 0.003, uri=url)
+        _check_png(files[0])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started, nothing else
+        server.wait(timeout=30)

@@ -1,0 +1,356 @@
+"""Sweeps through the real parts: a real Ray runtime, a real SQLite MLflow store, the real CLIs.
+
+One smoke sweep (the whole leave-one-out design, 36 trials) is shared by the module; the
+tests that need their own sweep keep it to a trial or two. ``-m slow`` adds the end-to-end
+``ray start`` + ``ray job submit`` run and an interrupted-then-resumed sweep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sparse_core.config import FIELD_TYPES, from_flat, run_key, to_flat
+from sweeps import ablation_grid, designs, optuna_search, options, presets, tracking
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE_CELLS = len(designs.cells("leave-one-out"))
+SMOKE_TRIALS = SMOKE_CELLS * len(presets.get("smoke").densities)
+
+
+def run_cli(main, argv) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    return code, out.getvalue()
+
+
+def runs(uri: str, experiment: str, status: str | None = None) -> list:
+    return tracking.search(uri, experiment, f"attributes.status = '{status}'" if status else "")
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    """One local Ray runtime for this module (small object store, no dashboard)."""
+    import ray
+
+    from sweeps import launch
+
+    started = launch.connect(num_cpus=2, object_store_memory=100 * 1024**2)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweeps")
+    return {"uri": f"sqlite:///{d}/mlflow.db", "storage": str(d / "ray_results"), "dir": d}
+
+
+def grid_args(store, experiment, *extra):
+    return ["--preset", "smoke", "--mlflow-uri", store["uri"], "--storage-path", store["storage"],
+            "--experiment", experiment, *extra]
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(ray_runtime, store):
+    started = time.time()
+    code, out = run_cli(ablation_grid.main, grid_args(store, "smoke"))
+    return {"code": code, "out": out, "seconds": time.time() - started}
+
+
+# ---- designs (no Ray) -------------------------------------------------------------------------
+def test_leave_one_out_cells_are_distinct_valid_configs():
+    trials, dups = designs.trials("leave-one-out", {}, (0.01,), (0,), 100)
+    labels = [t.cell for t in trials]
+    assert not dups and len(set(t.run_key for t in trials)) == len(trials)
+    for c in designs.COMPONENT_NAMES:
+        assert f"full-no_{c}" in labels and f"base+{c}" in labels
+    assert {"full", "base", "rigl", "pruner=random", "pruner=snip", "pruner=grasp", "pruner=synflow"} <= set(labels)
+    by = {t.cell: from_flat(t.flat) for t in trials}
+    full = by["full"]
+    assert (full.init.name, full.mask.kind, full.prune.pruner) == ("zero", "sigmoid", "mask")
+    assert full.post.label_smoothing and full.post.soft_activation and full.post.soft_skip
+    base = by["base"]
+    assert (base.init.name, base.mask.kind, base.prune.pruner) == ("kaiming", "none", "magnitude")
+    assert not (base.post.label_smoothing or base.post.soft_activation or base.post.soft_skip)
+    assert by["full-no_mask"].prune.pruner == "magnitude" and by["full-no_mask"].mask.kind == "none"
+    assert by["pruner=synflow"].prune.rounds == 100 and by["rigl"].train.method == "rigl"
+
+
+def test_factorial_covers_every_combination_and_mask_kind_follows_set():
+    trials, _ = designs.trials("factorial", {"mask.kind": "gates"}, (0.1,), (0,), 2)
+    assert len(trials) == 2 ** len(designs.COMPONENT_NAMES) == len({t.run_key for t in trials})
+    kinds = {from_flat(t.flat).mask.kind for t in trials}
+    assert kinds == {"none", "gates"}
+
+
+def test_set_on_a_design_key_is_refused():
+    with pytest.raises(ValueError, match="init.name"):
+        designs.trials("leave-one-out", {"init.name": "zero"}, (0.1,), (0,), 2)
+
+
+def test_tracking_uri_precedence(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.resolve_tracking_uri(None) == "http://127.0.0.1:5000"
+    assert tracking.resolve_tracking_uri("sqlite:///x.db") == f"sqlite:///{tmp_path}/x.db"
+    with pytest.raises(tracking.TrackingError, match="file store"):
+        tracking.resolve_tracking_uri("./mlruns")
+
+
+# ---- bad input fails fast, before Ray and before MLflow -----------------------------------------
+_WRAPPER = """
+import sys, time
+from sweeps import {module} as m
+t = time.time()
+try:
+    code = m.main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+print(f"RESULT ray_imported={{'ray' in sys.modules}} seconds={{time.time() - t:.2f}} code={{code}}", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("module,extra,message", [
+    ("ablation_grid", ["--set", "prune.densty=0.1"], "unknown config key(s): prune.densty"),
+    ("ablation_grid", ["--densities", "0,0.1"], "prune.density=0.0 is not valid"),
+    ("ablation_grid", ["--densities", "1.5"], "prune.density=1.5 is not valid"),
+    ("ablation_grid", ["--set", "prune.pruner=foo"], "prune.pruner='foo' is not a known pruner"),
+    ("ablation_grid", ["--set", "data.name=mnist", "--data-dir", "{tmp}/no-such-dir"], "MNIST/raw"),
+    ("ablation_grid", ["--mlflow-uri", "http://127.0.0.1:9"], "http://127.0.0.1:9 is not reachable"),
+    ("optuna_search", ["--set", "train.method=nope"], "train.method='nope' is not valid"),
+])
+def test_bad_input_fails_fast_without_ray_or_runs(tmp_path, module, extra, message):
+    db = tmp_path / "mlflow.db"
+    argv = ["--preset", "smoke", "--storage-path", str(tmp_path / "ray")]
+    if "--mlflow-uri" not in extra:
+        argv += ["--mlflow-uri", f"sqlite:///{db}"]
+    argv += [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    proc = subprocess.run([sys.executable, "-c", _WRAPPER.format(module=module), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert message in proc.stderr, proc.stderr
+    result = proc.stderr.strip().splitlines()[-1]
+    assert "ray_imported=False" in result and "code=2" in result, result
+    assert float(result.split("seconds=")[1].split()[0]) < 10
+    assert not db.exists() and not (tmp_path / "ray").exists()  # no MLflow store, no Tune run
+
+
+# ---- the shared smoke sweep ---------------------------------------------------------------------
+def test_smoke_sweep_one_finished_run_per_trial(smoke_sweep, store):
+    assert smoke_sweep["code"] == 0, smoke_sweep["out"]
+    out = smoke_sweep["out"]
+    assert f"{SMOKE_TRIALS} trials ({SMOKE_TRIALS} launched, 0 skipped, 0 failed)" in out
+    expected, _ = designs.trials("leave-one-out", options.base_overrides(
+        presets.get("smoke").base, [], None), presets.get("smoke").densities, (0,), presets.get("smoke").synflow_rounds)
+    finished = runs(store["uri"], "smoke", "FINISHED")
+    assert len(finished) == len(runs(store["uri"], "smoke")) == SMOKE_TRIALS
+    by_key = {r.data.tags["run_key"]: r for r in finished}
+    assert set(by_key) == {t.run_key for t in expected}
+    for t in expected:
+        r = by_key[t.run_key]
+        assert set(r.data.params) == set(FIELD_TYPES)
+        assert to_flat(from_flat(r.data.params)) == t.flat  # params are the whole flat config
+        tags = r.data.tags
+        assert tags["cell"] == t.cell and tags["sweep"] == "smoke-leave-one-out" and tags["trial_id"]
+        assert tags["sparse_core_version"] and "collapsed_layers" in tags
+        assert run_key(from_flat(r.data.params)) == tags["run_key"]
+        for k in ("test_acc", "best_test_acc", "density", "density_all", "flops_dense", "flops_sparse",
+                  "n_collapsed_layers", "seconds") + (("pre_test_acc", "prune_test_acc") if t.cell != "rigl" else ()):
+            assert k in r.data.metrics, (t.cell, k)  # (RigL has no pre-training: NaN is not logged)
+        assert abs(r.data.metrics["density"] - t.density) < 1e-3
+    c = tracking.client(store["uri"])
+    full = by_key[next(t.run_key for t in expected if t.cell == "full")]
+    steps = [m.step for m in c.get_metric_history(full.info.run_id, "test_acc")]
+    assert steps == [1, 2, 3]  # pre 1 + post 2 epochs, step = global epoch
+    assert [m.step for m in c.get_metric_history(full.info.run_id, "mask_mean")] == [1]
+    artifact = c.download_artifacts(full.info.run_id, "layer_density.json", str(store["dir"]))
+    layer = json.loads(Path(artifact).read_text())
+    assert layer and all(0 <= v <= 1 for v in layer.values())
+    # progress lines and the summary table: one line per cell and density
+    assert out.count("  done ") == SMOKE_TRIALS
+    assert sum(1 for line in out.splitlines() if line.startswith("full ")) == len(presets.get("smoke").densities)
+    assert "sum of trial times" in out and "wall/sum" in out
+
+
+def test_rerun_launches_nothing(smoke_sweep, store):
+    before = len(runs(store["uri"], "smoke"))
+    code, out = run_cli(ablation_grid.main, grid_args(store, "smoke"))
+    assert code == 0
+    assert f"skipping {SMOKE_TRIALS} of {SMOKE_TRIALS} trials" in out
+    assert f"(0 launched, {SMOKE_TRIALS} skipped, 0 failed)" in out
+    assert len(runs(store["uri"], "smoke")) == before
+
+
+def test_extra_density_launches_only_new_trials(smoke_sweep, store):
+    before = len(runs(store["uri"], "smoke"))
+    code, out = run_cli(ablation_grid.main, grid_args(store, "smoke", "--cells", "base,rigl",
+                                                      "--densities", "0.1,0.01,0.05"))
+    assert code == 0, out
+    assert "6 trials (2 launched, 4 skipped, 0 failed)" in out
+    new = runs(store["uri"], "smoke")
+    assert len(new) == before + 2 and all(r.info.status == "FINISHED" for r in new)
+    assert {r.data.params["prune.density"] for r in new if r.data.tags["cell"] in ("base", "rigl")} >= {"0.05"}
+
+
+def test_failed_trial_resumes_from_checkpoint_as_one_run(smoke_sweep, store):
+    code, out = run_cli(ablation_grid.main, grid_args(store, "retry", "--cells", "base", "--densities", "0.1",
+                                                      "--set", "train.fail_at_epoch=2"))
+    assert code == 0, out
+    assert "retry base d=0.1 s=0" in out
+    (run,) = runs(store["uri"], "retry")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["resumed_at_epoch"] == "1"  # continued after epoch 1, not from scratch
+    assert "InjectedFailure" in run.data.tags["retried_after"] and "error" not in run.data.tags
+    c = tracking.client(store["uri"])
+    for key in ("test_acc", "train_loss"):
+        assert [m.step for m in c.get_metric_history(run.info.run_id, key)] == [1, 2, 3]
+    # the same config, never interrupted, in the smoke sweep: identical result
+    key = run.data.tags["run_key"]
+    (plain,) = [r for r in runs(store["uri"], "smoke", "FINISHED") if r.data.tags["run_key"] == key]
+    assert run.data.metrics["test_acc"] == plain.data.metrics["test_acc"]
+
+
+def test_optuna_search_logs_runs_and_prints_overrides(smoke_sweep, store):
+    code, out = run_cli(optuna_search.main, grid_args(store, "optuna", "--set", "mask.kind=sigmoid", "--set",
+                                                      "prune.pruner=mask", "--set", "post.label_smoothing=true",
+                                                      "--num-samples", "4", "--asha", "--max-concurrent", "2"))
+    assert code == 0, out
+    line = next(line for line in out.splitlines() if line.startswith("for ablation_grid.py:"))
+    for knob in ("train.lr", "mask.lambda_l1", "mask.lr", "post.smoothing"):
+        assert f"--set {knob}=" in line
+    all_runs = runs(store["uri"], "optuna")
+    assert len(all_runs) == 4 and {r.data.tags["cell"] for r in all_runs} == {"optuna"}
+    assert {r.info.status for r in all_runs} <= {"FINISHED", "KILLED"}  # ASHA stops are KILLED, never RUNNING
+    lrs = {r.data.params["train.lr"] for r in all_runs}
+    assert len(lrs) == 4  # TPE proposed four different learning rates
+
+
+# ---- slow: the user's path through a real cluster -------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_end_to_end(tmp_path):
+    """ray start --head (token auth on) -> ray job submit --working-dir . -> runs in MLflow -> stop."""
+    temp = Path(f"/tmp/rt{os.getpid()}")  # short: Ray's socket paths must stay under 107 bytes
+    dash = _free_port()
+    head = subprocess.Popen(["ray", "start", "--head", "--block", "--port", str(_free_port()), "--num-cpus", "2",
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                             "--ray-client-server-port", str(_free_port()), "--temp-dir", str(temp),
+                             "--object-store-memory", str(100 * 1024**2)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_dashboard(dash, head)
+        db = tmp_path / "mlflow.db"
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        env.pop("RAY_ADDRESS", None)
+        proc = subprocess.run(
+            ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".", "--",
+             "python", "sweeps/ablation_grid.py", "--preset", "smoke", "--cells", "full,base",
+             "--mlflow-uri", f"sqlite:///{db}", "--experiment", "job"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        assert "succeeded" in proc.stdout + proc.stderr
+        finished = runs(f"sqlite:///{db}", "job", "FINISHED")
+        assert len(finished) == 4 and {r.data.tags["cell"] for r in finished} == {"full", "base"}
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops everything it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for_dashboard(port: int, head: subprocess.Popen, timeout: float = 120) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError("ray start exited: " + (head.stdout.read() if head.stdout else ""))
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:  # it answers (401 without the token): up
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError("the Ray dashboard did not come up")
+
+
+@pytest.mark.slow
+def test_sweep_against_a_real_mlflow_server(tmp_path):
+    """An http tracking URI: runs, params and the layer_density.json artifact go through the server."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                               f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art"),
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                tracking.check_reachable(uri, timeout=2)
+                break
+            except tracking.TrackingError:
+                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(1)
+        proc = subprocess.run([sys.executable, "sweeps/ablation_grid.py", "--preset", "smoke", "--cells", "base,rigl",
+                               "--densities", "0.1", "--mlflow-uri", uri, "--storage-path", str(tmp_path / "ray")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        finished = runs(uri, options.DEFAULT_EXPERIMENT, "FINISHED")
+        assert len(finished) == 2
+        c = tracking.client(uri)
+        for r in finished:
+            assert [a.path for a in c.list_artifacts(r.info.run_id)] == ["layer_density.json"]
+            assert set(r.data.params) == set(FIELD_TYPES)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes(tmp_path):
+    """Ctrl-C after the first finished trial, then --resume: every trial ends as one FINISHED run."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    argv = [sys.executable, "sweeps/ablation_grid.py", "--preset", "smoke", "--cells", "full,base,rigl",
+            "--densities", "0.1,0.05,0.01", "--mlflow-uri", uri, "--storage-path", str(tmp_path / "ray")]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("  done "):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 1, "".join(lines) + rest
+    assert "unfinished: continue with --resume" in rest
+    assert not runs(uri, "sparsity-sweep", "RUNNING")
+    done = subprocess.run(argv + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    all_runs = runs(uri, "sparsity-sweep")
+    assert len(all_runs) == 9 and {r.info.status for r in all_runs} == {"FINISHED"}
+    assert len({r.data.tags["run_key"] for r in all_runs}) == 9
