@@ -966,3 +966,15 @@ def test_job_submit_runs_the_smoke_sweep_driver_on_head_trials_on_worker(ray_clu
     assert supervisor["node_id"] == head
     assert {node_of_pid.get(pid) for pid in trial_pids} == {worker}, (
         f"trial pids {sorted(trial_pids)} ran on nodes {[node_of_pid.get(p) for p in trial_pids]}; worker {worker}")
+
+
+def test_top_level_readme_cluster_commands_are_the_ones_docker_readme_documents():
+    """The README's 'Running on a cluster' block must not drift from docker/README.md."""
+    section = (ROOT / "README.md").read_text().split("## Running on a cluster", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    assert blocks, "no bash block in the README's cluster section"
+    documented = readme_commands()
+    for line in blocks[0].replace("\\\n", " ").splitlines():
+        argv = shlex.split(line, comments=True)
+        if argv:
+            assert argv in documented, f"README command not in docker/README.md: {' '.join(argv)}"
