@@ -40,16 +40,27 @@ def _legend(ax, title: str) -> None:
               borderaxespad=0, frameon=False)
 
 
+def _style(i: int) -> tuple:
+    """(colour, line style, marker) for the i-th variant: 20 colours, then new dashes and markers,
+    so 18 ablation cells stay tellable apart."""
+    k = i % 20
+    colour = plt.get_cmap("tab20")((2 * k) % 20 + k // 10)  # ten distinct hues first, then their light shades
+    return colour, ("-", "--", ":", "-.")[(i // 20) % 4], ("o", "s", "^", "D")[(i // 20) % 4]
+
+
 def _label(metric: str) -> str:
     return {"test_acc": "final test accuracy", "best_test_acc": "best test accuracy"}.get(metric, metric) + \
         (" (%)" if is_percent(metric) else "")
 
 
 def dense_reference(df: pd.DataFrame, metric: str) -> tuple[float, str] | None:
-    """(value, legend text): mean dense accuracy after pre-training, else the mean at density 1.0."""
-    if "pre_test_acc" in df.columns and df["pre_test_acc"].notna().any() and is_percent(metric):
-        values = df["pre_test_acc"].dropna()
-        return float(values.mean()), f"dense, after pre-training (mean of {len(values)} runs)"
+    """(value, legend text): mean accuracy of plain dense pre-training (runs without a learned
+    mask, whose pre-training is ordinary dense training), else the mean at density 1.0."""
+    if "pre_test_acc" in df.columns and is_percent(metric):
+        plain = df["mask.kind"] == "none" if "mask.kind" in df.columns else pd.Series(True, index=df.index)
+        values = df.loc[plain, "pre_test_acc"].dropna()
+        if len(values):
+            return float(values.mean()), f"dense, after pre-training (mean of {len(values)} runs)"
     dense = df.loc[df[DENSITY] >= 1.0, metric].dropna()
     if len(dense):
         return float(dense.mean()), f"dense, density 1.0 (mean of {len(dense)} runs)"
@@ -68,8 +79,8 @@ def accuracy_vs_density(df: pd.DataFrame, stem: str, metric: str = "test_acc", r
         if g.empty:
             continue
         x, mean, std = g[DENSITY].to_numpy(), g["mean"].to_numpy() * scale, g["std"].fillna(0).to_numpy() * scale
-        color = f"C{i % 10}"
-        ax.plot(x, mean, marker="o", ms=4.5, lw=1.8, color=color, label=f"{row}")
+        color, style, marker = _style(i)
+        ax.plot(x, mean, marker=marker, ms=4.5, lw=1.8, ls=style, color=color, label=f"{row}")
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.18, lw=0)
         hit = g["collapsed"].to_numpy()
         if hit.any():
@@ -136,7 +147,7 @@ def layer_density_plot(df: pd.DataFrame, stem: str, density: float | None = None
         frame = pd.DataFrame([per_run[r] for r in ids]).reindex(columns=layers)
         mean, lo, hi = frame.mean(), frame.min(), frame.max()
         offset = x - 0.4 + width * (i + 0.5)
-        color = f"C{i % 10}"
+        color = _style(i)[0]
         ok = (mean > 0).to_numpy()
         ax.bar(offset[ok], mean[ok], width, color=color, label=f"{variant} (n={len(ids)})", alpha=0.85)
         ax.errorbar(offset[ok], mean[ok], yerr=[(mean - lo)[ok], (hi - mean)[ok]], fmt="none", ecolor="0.2", lw=0.8)
