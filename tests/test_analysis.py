@@ -282,3 +282,15 @@ def test_reads_the_same_runs_through_a_real_mlflow_server(store, tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started, nothing else
         server.wait(timeout=30)
+
+
+def test_dense_reference_ignores_learned_mask_pre_training():
+    # a learned mask's pre-training is not plain dense training: it must not pull the line down
+    import pandas as pd
+
+    from analysis.plots import dense_reference
+
+    df = pd.DataFrame({"mask.kind": ["none", "none", "sigmoid"], "pre_test_acc": [0.96, 0.98, 0.30],
+                       "prune.density": [0.1, 0.01, 0.1], "test_acc": [0.9, 0.5, 0.2]})
+    value, label = dense_reference(df, "test_acc")
+    assert value == pytest.approx(0.97) and "2 runs" in label
