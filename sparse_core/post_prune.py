@@ -56,6 +56,11 @@ class SoftSchedule:
             self._last = (t, alpha)
         return t, alpha
 
+    @property
+    def current(self) -> tuple[float, float] | None:
+        """(t, alpha) as last set, None before the first step."""
+        return self._last
+
 
 def make_plain(model: nn.Module) -> None:
     """Turn every soft trick off (t = 1, alpha = 0): the plain network."""

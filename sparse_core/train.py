@@ -96,6 +96,8 @@ class Trainer:
         self.model = self._fresh_model(self.gen["init"])
         self.zero_at_init = {n: (w == 0).cpu() for n, w in prunable_weights(self.model).items()}
         self.layers = list(prunable_layers(self.model).values())  # walked once, not every step
+        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self.channels_last = cfg.train.channels_last and self.device.type == "cuda" and self.data.x_train.dim() == 4
         if cfg.mask.kind != "none":
             learned_mask.attach(self.model, cfg.mask)
         self.plan = _plan(cfg)
@@ -211,53 +213,62 @@ class Trainer:
             return smoothed_cross_entropy(logits.float(), y, post.smoothing)
         return F.cross_entropy(logits.float(), y)
 
+    def begin_segment(self, stage: str, rnd: int, total_steps: int) -> None:
+        """Optimizer and LR schedule (and RigL) for a training segment, unless it is already running
+        (a run restored mid-segment keeps its loaded optimizer state)."""
+        if self.segment != (stage, rnd) or self.opt is None:
+            self._make_optimizer(stage, total_steps)
+            self.segment, self.seg_step = (stage, rnd), 0
+            if stage == "rigl":
+                self.rigl = RigL(self.cfg.rigl, total_steps)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, stage: str, soft: SoftSchedule | None = None) -> torch.Tensor:
+        """One optimizer step on a batch: soft schedules, masked forward, loss (+ mask penalty),
+        backward, step, learned-mask clipping, masks re-applied, RigL drop/grow on its update steps.
+        Returns the detached loss (no host sync)."""
+        learned = stage == "pre" and self.cfg.mask.kind != "none"
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if soft is not None:
+            soft.set(self.seg_step)
+        update = self.rigl is not None and stage == "rigl" and self.rigl.is_update_step(self.seg_step + 1)
+        with masks_bypassed(self.model) if update else contextlib.nullcontext():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                logits = self.model(x)
+            loss = self._loss(logits, y, stage)
+            if learned:
+                loss = loss + learned_mask.penalty(self.model, self.cfg.mask)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self.seg_step += 1
+        if learned:
+            learned_mask.after_step(self.model)
+        if self.masks is not None:
+            enforce_masks(self.model, self.opt, self.layers)
+        if update:
+            self.masks = self.rigl.update(self.model, self.masks, self.opt, self.seg_step)
+            set_masks(self.model, self.masks)
+            enforce_masks(self.model, self.opt, self.layers)
+        return loss.detach()
+
     def _train_epoch(self, stage: str, rnd: int, epoch: int, epochs: int) -> dict:
         cfg = self.cfg
         total = self._segment_steps(epochs)
-        if self.segment != (stage, rnd) or self.opt is None:
-            self._make_optimizer(stage, total)
-            self.segment, self.seg_step = (stage, rnd), 0
-            if stage == "rigl":
-                self.rigl = RigL(cfg.rigl, total)
+        self.begin_segment(stage, rnd, total)
         soft = SoftSchedule(self.model, cfg.post, total) if stage in ("post", "rigl") else None
         if stage == "pre" and cfg.mask.kind != "none":
             learned_mask.set_beta(self.model, learned_mask.beta_at(epoch, cfg.train.pre_epochs, cfg.mask))
-        amp = cfg.train.amp and self.device.type == "cuda"
-        channels_last = cfg.train.channels_last and self.device.type == "cuda" and self.data.x_train.dim() == 4
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         batches = 0
-        t_soft = alpha = None
         for x, y in train_batches(self.data, cfg.train.batch_size, self.gen["data"]):
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if soft is not None:
-                t_soft, alpha = soft.set(self.seg_step)
-            update = self.rigl is not None and stage == "rigl" and self.rigl.is_update_step(self.seg_step + 1)
-            with masks_bypassed(self.model) if update else contextlib.nullcontext():
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    logits = self.model(x)
-                loss = self._loss(logits, y, stage)
-                if stage == "pre" and cfg.mask.kind != "none":
-                    loss = loss + learned_mask.penalty(self.model, cfg.mask)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            self.sched.step()
-            self.seg_step += 1
-            if stage == "pre" and cfg.mask.kind != "none":
-                learned_mask.after_step(self.model)
-            if self.masks is not None:
-                enforce_masks(self.model, self.opt, self.layers)
-            if update:
-                self.masks = self.rigl.update(self.model, self.masks, self.opt, self.seg_step)
-                set_masks(self.model, self.masks)
-                enforce_masks(self.model, self.opt, self.layers)
-            loss_sum += loss.detach()
+            loss_sum += self.train_step(x, y, stage, soft)
             batches += 1
         if soft is not None and self.seg_step >= total:
             make_plain(self.model)  # the end of post-training is the plain network
-        acc, test_loss = evaluate(self.model, self.data.x_test, self.data.y_test, cfg.train.eval_batch_size, amp)
+        acc, test_loss = evaluate(self.model, self.data.x_test, self.data.y_test, cfg.train.eval_batch_size, self.amp)
         metrics = {"stage": stage, "round": rnd, "stage_epoch": epoch + 1, "train_loss": float(loss_sum) / max(batches, 1),
                    "test_acc": acc, "test_loss": test_loss, "lr": self.opt.param_groups[0]["lr"],
                    "density": self._density()}
@@ -265,7 +276,7 @@ class Trainer:
             metrics["mask_beta"] = learned_mask.beta_at(epoch, cfg.train.pre_epochs, cfg.mask)
             metrics.update(learned_mask.stats(self.model, self.zero_at_init))
         if soft is not None and (cfg.post.soft_activation or cfg.post.soft_skip):
-            metrics.update({"soft_t": t_soft, "skip_alpha": alpha})
+            metrics.update(dict(zip(("soft_t", "skip_alpha"), soft.current)))
         if self.rigl is not None and stage == "rigl":
             metrics["rigl_regrown"] = self.rigl.regrown
         if stage == "pre" and epoch == epochs - 1:
