@@ -2,7 +2,7 @@
 
 Rows: per precision/layout setting (fp32; bf16 autocast; bf16 autocast + channels-last, i.e. the
 trainer's ``train.amp`` and ``train.channels_last``), the plain model in a hand-written loop and
-the trainer's step path (``step_overhead.SparseStep``: masked layers, ``enforce_masks`` after each
+the trainer's step path (``step_overhead.SparseStep``, i.e. ``Trainer.train_step``: masked layers, ``enforce_masks`` after each
 step) at density 1.0 and 0.01, all three interleaved block by block. Images/s = batch / median
 step time; an epoch is 50,000 images at that rate (steps only: the data path is in data_path.py).
 "ratio" is the sparse step time over the plain step time of the same setting and round; "vs fp32"
@@ -25,7 +25,7 @@ import torch
 
 from step_overhead import (  # also puts the repo root on sys.path
     TARGET, Case, PlainStep, SparseStep, add_common_args, apply_threads, check_finite, interleaved, make_batches,
-    median_ms, paired_ratio, plain_twin, print_header, print_table, sparse_model, synchronizer)
+    median_ms, paired_ratio, plain_twin, print_header, print_table, sparse_trainer, synchronizer)
 
 from sparse_core.config import ModelConfig
 
@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         batches = make_batches(case, device)
         variants = {}
         for density in (1.0, 0.01):
-            model = sparse_model(case, density, device, channels_last)
-            variants[f"sparse {density:g}"] = SparseStep(model, batches, device, amp, channels_last)
-        variants["plain"] = PlainStep(plain_twin(case, model, device, channels_last), batches, device, amp,
+            step = SparseStep(sparse_trainer(case, density, device, amp, channels_last), batches)
+            variants[f"sparse {density:g}"] = step
+        variants["plain"] = PlainStep(plain_twin(case, step.model, device, channels_last), batches, device, amp,
                                       channels_last)
         times = interleaved(variants, rounds, block, warmup=max(3, block), sync=sync)
         check_finite(*variants.values())
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([label, name, f"{ms:.2f}", f"{batch / ms * 1e3:,.0f}",
                          f"{math.ceil(EPOCH_IMAGES / batch) * ms / 1e3:.2f}",
                          "1.000" if name == "plain" else str(ratio), met, f"{fp32_plain_ms / ms:.2f}x"])
-        del variants, batches, model
+        del variants, batches, step
         if cuda:
             torch.cuda.empty_cache()
     print()

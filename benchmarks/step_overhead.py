@@ -1,8 +1,8 @@
 """What the sparse trainer's training step costs over a plain PyTorch loop.
 
-Candidate: the body of ``Trainer._train_epoch``'s batch loop in the post-pruning stage (masked
-layers computing ``weight * mask`` in forward, ``enforce_masks(model, opt)`` after every step,
-the soft-schedule update, the per-step LR schedule). Baseline: the same architecture built from
+Candidate: the trainer's own per-batch step, ``Trainer.train_step``, in the post-pruning stage
+(masked layers computing ``weight * mask`` in forward, ``enforce_masks`` after every step, the
+soft-schedule update, the per-step LR schedule). Baseline: the same architecture built from
 plain ``nn`` layers (``build(..., plain=True)``) with the same weights, optimizer (SGD, momentum,
 weight decay), per-step cosine schedule, data and batch size, in the loop one would write by hand.
 Both run on pre-made batches, so only the step is timed. A second table times whole epochs:
@@ -39,12 +39,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparse_core.config import Config, ModelConfig, PostConfig, TrainConfig
-from sparse_core.init import initialise
-from sparse_core.masks import enforce_masks, prunable_weights, set_masks
+from sparse_core.config import Config, ModelConfig, TrainConfig
 from sparse_core.models import build
 from sparse_core.post_prune import SoftSchedule
-from sparse_core.pruning import masks_from_scores
 from sparse_core.train import Trainer, lr_factor
 
 TARGET = 1.10  # sparse step time / plain step time must stay at or below this
@@ -166,17 +163,15 @@ def make_batches(case: Case, device: torch.device, count: int = 4) -> list[tuple
              torch.randint(0, NUM_CLASSES, (case.batch,), generator=g).to(device)) for _ in range(count)]
 
 
-def sparse_model(case: Case, density: float, device: torch.device, channels_last: bool = False) -> nn.Module:
-    """The trainer's model (masked layers, Kaiming init); below density 1 a magnitude/global mask."""
-    model = build(case.model, case.in_shape, NUM_CLASSES)
-    initialise("kaiming", model, torch.Generator().manual_seed(0))
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+def sparse_trainer(case: Case, density: float, device: torch.device, amp: bool = False,
+                   channels_last: bool = False) -> Trainer:
+    """A Trainer for ``case`` (masked layers, Kaiming init); below density 1 pruned by its own
+    magnitude/global pruning step."""
+    cfg = trainer_config(case, density, device, case.batch, case.batch)
+    trainer = Trainer(cfg.replace(**{"train.amp": amp, "train.channels_last": channels_last}))
     if density < 1.0:
-        scores = {n: w.detach().abs() for n, w in prunable_weights(model).items()}
-        set_masks(model, masks_from_scores(scores, density, "global"))
-    return model
+        trainer._prune(0, density)
+    return trainer
 
 
 def plain_twin(case: Case, like: nn.Module, device: torch.device, channels_last: bool = False) -> nn.Module:
@@ -195,38 +190,24 @@ def optimizer(model: nn.Module, t: TrainConfig) -> tuple[torch.optim.Optimizer, 
 
 
 class SparseStep:
-    """One iteration of ``Trainer._train_epoch``'s batch loop, post-pruning stage (fixed mask,
-    no learned mask, no RigL, default post settings), statement for statement."""
+    """The trainer's own per-batch step, ``Trainer.train_step``, in the post-pruning stage (fixed
+    mask, default post settings): masked forward, loss, backward, step, schedule, ``enforce_masks``."""
 
-    def __init__(self, model: nn.Module, batches, device: torch.device, amp: bool = False,
-                 channels_last: bool = False, train: TrainConfig = TrainConfig()):
-        self.model, self.batches, self.i = model, batches, 0
-        self.opt, self.sched = optimizer(model, train)
-        self.soft = SoftSchedule(model, PostConfig(), SCHEDULE_STEPS)
-        self.masked = any(getattr(m, "weight_mask", None) is not None for m in model.modules())
-        self.amp, self.channels_last = amp and device.type == "cuda", channels_last and device.type == "cuda"
-        self.seg_step = 0
-        self.loss_sum = torch.zeros((), device=device)
-        model.train()
+    def __init__(self, trainer: Trainer, batches):
+        self.trainer, self.batches, self.i = trainer, batches, 0
+        trainer.begin_segment("post", 0, SCHEDULE_STEPS)
+        self.soft = SoftSchedule(trainer.model, trainer.cfg.post, SCHEDULE_STEPS)
+        self.loss_sum = torch.zeros((), device=trainer.device)
+        trainer.model.train()
+
+    @property
+    def model(self) -> nn.Module:
+        return self.trainer.model
 
     def __call__(self) -> None:
         x, y = self.batches[self.i % len(self.batches)]
         self.i += 1
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        self.soft.set(self.seg_step)
-        with contextlib.nullcontext():  # the trainer's masks_bypassed slot (RigL update steps only)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-                logits = self.model(x)
-            loss = F.cross_entropy(logits.float(), y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.sched.step()
-        self.seg_step += 1
-        if self.masked:
-            enforce_masks(self.model, self.opt)
-        self.loss_sum += loss.detach()
+        self.loss_sum += self.trainer.train_step(x, y, "post", self.soft)
 
 
 class PlainStep:
@@ -261,10 +242,9 @@ class PlainStep:
 def step_pair(case: Case, density: float, device: torch.device, amp: bool = False,
               channels_last: bool = False) -> tuple[SparseStep, PlainStep]:
     batches = make_batches(case, device)
-    sparse = sparse_model(case, density, device, channels_last)
-    plain = plain_twin(case, sparse, device, channels_last)
-    return (SparseStep(sparse, batches, device, amp, channels_last),
-            PlainStep(plain, batches, device, amp, channels_last))
+    sparse = SparseStep(sparse_trainer(case, density, device, amp, channels_last), batches)
+    plain = plain_twin(case, sparse.model, device, channels_last)
+    return sparse, PlainStep(plain, batches, device, amp, channels_last)
 
 
 def check_finite(*steps) -> None:

@@ -147,6 +147,7 @@ class SweepResult:
     run_s: float = 0.0  # sum of MLflow run durations (open -> finish)
     tune_s: float = 0.0  # sum of Tune's time_total_s
     startup: float = 0.0
+    phases: dict = field(default_factory=dict)  # start-up phase -> seconds after command start
     shutdown: float = 0.0
     span: float = 0.0  # first run opens -> last run closes
     cpu: dict = field(default_factory=dict)
@@ -201,9 +202,14 @@ def run_sweep(name: str, args: list[str], workdir: str, slots: int, verbose: boo
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = CpuSampler(proc.pid)
     sampler.start()
-    lines = []
+    lines, phases = [], {}
     for line in proc.stdout:
         lines.append(line)
+        # ablation_grid.py flushes these lines: they time-stamp its start-up phases
+        if line.startswith("sweep ") and "MLflow" in line and "imports + MLflow store" not in phases:
+            phases["imports + MLflow store"] = time.time() - started
+        elif line.startswith("launching ") and "Ray start + Tuner" not in phases:
+            phases["Ray start + Tuner"] = time.time() - started
         if verbose:
             sys.stderr.write(line)
     proc.wait()
@@ -212,7 +218,7 @@ def run_sweep(name: str, args: list[str], workdir: str, slots: int, verbose: boo
     sampler.join()
     busy1, _ = machine_busy()
     res = SweepResult(name, slots=slots, wall=ended - started, returncode=proc.returncode,
-                      cpu=sampler.by_category(), machine_busy=busy1 - busy0)
+                      cpu=sampler.by_category(), machine_busy=busy1 - busy0, phases=phases)
     if proc.returncode != 0:
         sys.stderr.write("".join(lines[-40:]))
         print(f"error: sweep {name!r} exited with {proc.returncode}", file=sys.stderr)
@@ -226,6 +232,7 @@ def run_sweep(name: str, args: list[str], workdir: str, slots: int, verbose: boo
     res.tune_s = sum(tune_times(storage))
     if runs:
         res.startup = min(starts) - started
+        phases["first trial's MLflow run opens"] = res.startup
         res.shutdown = ended - max(ends)
         res.span = max(ends) - min(starts)
     return res
@@ -260,6 +267,12 @@ def print_report(results: list[SweepResult]) -> None:
           "in-trial overhead: MLflow run open -> finish minus the trainer's `seconds` (per-epoch MLflow writes,\n"
           "checkpoints, Tune reports, CPU stolen by other processes); gap: slot time outside any run\n"
           "(scheduling, actor reuse, trial set-up, the idle tail) per trial; busy slots: trainer time / (slots x span).")
+
+    print("\n## start-up phases (seconds after command start; each line the end of a phase)")
+    for r in results:
+        marks = "; ".join(f"{k} {v:.1f}" for k, v in r.phases.items())
+        print(f"{r.name:<10} {marks}")
+        print(f"{'':<10} (worker start + trainable imports: the gap between the last two)")
 
     cats = sorted({c for r in results for c in r.cpu})
     if cats:
