@@ -927,9 +927,15 @@ def test_job_submit_runs_the_smoke_sweep_driver_on_head_trials_on_worker(ray_clu
     c = ray_cluster
     # KubeRay's entrypoint has no --working-dir: a job starts in the raylet's directory, which is
     # the image's WORKDIR (here: the repository, where the head was started).
-    probe = subprocess.run([RAY_CLI, "job", "submit", "--address", c.dashboard, "--", "python", "-c",
-                            f"import pathlib, sys; sys.exit(not pathlib.Path('{SWEEP_SCRIPT}').is_file())"],
-                           env=c.client_env(), capture_output=True, text=True, timeout=300, cwd=tempfile.gettempdir())
+    for _ in range(3):
+        probe = subprocess.run([RAY_CLI, "job", "submit", "--address", c.dashboard, "--", "python", "-c",
+                                f"import pathlib, sys; sys.exit(not pathlib.Path('{SWEEP_SCRIPT}').is_file())"],
+                               env=c.client_env(), capture_output=True, text=True, timeout=300,
+                               cwd=tempfile.gettempdir())
+        # a loaded head can answer before its job agent registers; Ray then asks to try again later
+        if "No available agent to submit job" not in probe.stdout + probe.stderr:
+            break
+        time.sleep(5)
     assert probe.returncode == 0, probe.stdout[-3000:] + probe.stderr[-3000:]
     # The README's submission, with loopback addresses for MLflow and storage.
     storage = c.base / "ray_results"
