@@ -37,6 +37,10 @@ STATE_FORMAT = 1
 GENERATORS = ("init", "data", "prune", "score", "rigl", "reinit")
 
 
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite (scores and masks would be meaningless)."""
+
+
 class InjectedFailure(RuntimeError):
     """Raised by ``train.fail_at_epoch`` (tests of retry-from-checkpoint)."""
 
@@ -266,6 +270,9 @@ class Trainer:
         for x, y in train_batches(self.data, cfg.train.batch_size, self.gen["data"]):
             loss_sum += self.train_step(x, y, stage, soft)
             batches += 1
+        if not math.isfinite(float(loss_sum)):  # one host sync per epoch
+            raise TrainingDiverged(f"training diverged: the {stage} loss became non-finite in epoch {epoch + 1} "
+                                   f"(train.lr={cfg.train.lr}); lower train.lr")
         if soft is not None and self.seg_step >= total:
             make_plain(self.model)  # the end of post-training is the plain network
         acc, test_loss = evaluate(self.model, self.data.x_test, self.data.y_test, cfg.train.eval_batch_size, self.amp)

@@ -25,7 +25,12 @@ if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the re
     else:
         sys.path.insert(0, _root)
 
+from sparse_core.config import parse_overrides  # noqa: E402
 from sweeps import designs, options, presets, tracking  # noqa: E402
+
+# A grid has no scheduler: one Tune report per second (plus stage ends) keeps the progress line
+# live without a driver round-trip per epoch (see sweeps/trainable.py).
+REPORT_EVERY_S = 1.0
 
 
 def parse_args(argv):
@@ -66,7 +71,10 @@ def plan(parser, args):
     cells = [c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else None
     try:
         base = options.base_overrides(preset.base, args.set, args.data_dir)
-        trials, dups = designs.trials(args.design, base, densities, seeds, preset.synflow_rounds, cells)
+        given = set(parse_overrides(args.set))  # a --set key applies to every cell, tuned or not
+        per_cell = {pattern: {k: v for k, v in extra.items() if k not in given}
+                    for pattern, extra in preset.cell_overrides.items()}
+        trials, dups = designs.trials(args.design, base, densities, seeds, preset.synflow_rounds, cells, per_cell)
         options.check_trials(t.flat for t in trials)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
@@ -89,6 +97,10 @@ def main(argv=None) -> int:
     parser, args = parse_args(argv)
     preset, trials, dups = plan(parser, args)
     sweep = args.name or f"{args.preset}-{args.design}"
+    for pattern, extra in preset.cell_overrides.items():
+        shown = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()
+                         if k not in parse_overrides(args.set))
+        print(f"preset {preset.name!r}, cells {pattern}: {shown or '(all replaced by --set)'}")
     if args.dry_run:
         print_table(trials, dups)
         print(f"{len(trials)} trials in sweep {sweep!r} (dry run: nothing started)")
@@ -150,7 +162,7 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch) -> tuple[int, 
             raise SystemExit(f"error: --gpus-per-trial {gpus} but the Ray cluster has no GPU")
         cpus = args.cpus_per_trial or preset.cpus_per_trial
         meta = {"sweep": sweep, "tracking_uri": uri, "experiment_id": exp_id, "cpus": cpus,
-                "git_commit": tracking.git_commit(launch.ROOT)}
+                "git_commit": tracking.git_commit(launch.ROOT), "report_every_s": REPORT_EVERY_S}
         progress = launch.Progress(len(todo), uri, exp_id)
         if path:
             print(f"resuming {path}", flush=True)

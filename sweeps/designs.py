@@ -15,12 +15,14 @@ mask learned but pruned by magnitude), ``base``, ``base+<c>``, every other prune
 ``factorial``: every combination of the five switches, labelled by the components that are on.
 
 A cell sets exactly the keys in ``DESIGN_KEYS``; everything else comes from the preset and
-``--set``. The learned mask uses ``mask.kind`` from ``--set`` (default sigmoid), so
+``--set``, except that a preset's ``cell_overrides`` (knobs tuned for some cells, e.g. the full
+pipeline's mask penalty) apply to the cells whose label matches their pattern only. The learned mask uses ``mask.kind`` from ``--set`` (default sigmoid), so
 ``--set mask.kind=gates`` ablates the gates variant instead.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 from dataclasses import dataclass
 
@@ -104,10 +106,22 @@ def cells(design: str, mask_kind: str = "sigmoid", synflow_rounds: int = 100) ->
     raise ValueError(f"--design {design!r} is not known; choose one of {', '.join(DESIGNS)}")
 
 
+def cell_extra(label: str, cell_overrides: dict[str, dict] | None) -> dict:
+    """The overrides of every ``cell_overrides`` pattern (fnmatch, in order) that matches ``label``."""
+    out: dict = {}
+    for pattern, extra in (cell_overrides or {}).items():
+        if fnmatch.fnmatchcase(label, pattern):
+            out.update(extra)
+    return out
+
+
 def trials(design: str, base: dict, densities, seeds, synflow_rounds: int,
-           only_cells: list[str] | None = None) -> tuple[list[Trial], list[tuple[Trial, str]]]:
+           only_cells: list[str] | None = None,
+           cell_overrides: dict[str, dict] | None = None) -> tuple[list[Trial], list[tuple[Trial, str]]]:
     """Every (cell, density, seed) trial as a validated full flat config.
 
+    ``cell_overrides``: {label pattern: flat overrides}, applied on top of ``base`` to the matching
+    cells only (the design's own keys still win; a pattern may match no cell of this design).
     Returns (trials, duplicates): a trial whose run_key equals an earlier one's is dropped and
     listed in ``duplicates`` with the label it duplicates. Raises ValueError naming the cell
     and the bad key.
@@ -116,6 +130,10 @@ def trials(design: str, base: dict, densities, seeds, synflow_rounds: int,
     if clash:
         raise ValueError(f"--set {', '.join(clash)}: the design sets these per trial "
                          f"(use --densities / --seeds for prune.density / seed)")
+    for pattern, extra in (cell_overrides or {}).items():
+        bad = sorted(set(extra) & set(DESIGN_KEYS))
+        if bad:
+            raise ValueError(f"cell override {pattern!r} sets {', '.join(bad)}: the design sets these per trial")
     mask_kind = base.get("mask.kind", "sigmoid")
     mask_kind = "sigmoid" if mask_kind == "none" else mask_kind
     base = {k: v for k, v in base.items() if k != "mask.kind"}
@@ -132,7 +150,8 @@ def trials(design: str, base: dict, densities, seeds, synflow_rounds: int,
     for seed in seeds:
         for density in densities:
             for label, overrides in chosen:
-                flat = {**base, **overrides, "prune.density": density, "seed": seed}
+                flat = {**base, **cell_extra(label, cell_overrides), **overrides, "prune.density": density,
+                        "seed": seed}
                 try:
                     cfg = from_flat(flat)
                 except ValueError as e:

@@ -4,7 +4,10 @@ Knows MLflow, not Ray, so ``analysis`` can import the read side. Every trial is 
 params = the flat config, per-epoch metrics (step = global epoch), final metrics, tags
 (run_key, sweep, cell, trial_id, provenance) and ``layer_density.json``. A trial retried by
 Ray finds its run again through the ``trial_id`` tag and continues it, so a retry never adds
-a second run and never logs an epoch twice.
+a second run and never logs an epoch twice. Per-epoch metrics are buffered and written by
+``flush()`` (the trainable flushes before every checkpoint, so a retried trial finds every epoch up
+to its checkpoint in the run), by ``finish()`` and by ``fail()``: one SQLite transaction per epoch
+cost as much as a digits-MLP epoch itself (benchmarks/sweep_efficiency.py).
 """
 
 from __future__ import annotations
@@ -146,6 +149,7 @@ class TrialRun:
         self.logged_epoch = 0  # epochs <= this are already in the run (from before a retry)
         self.logged_round = 0
         self.reused = False
+        self._pending: list = []  # metrics not yet written (see flush)
 
     def open(self, resumed_at_epoch: int | None = None) -> "TrialRun":
         from mlflow.entities import Param
@@ -186,9 +190,14 @@ class TrialRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for k, v in values.items() if _finite(v)]
-        if metrics:
-            _retry(self.client.log_batch, self.run_id, metrics=metrics)
+        self._pending += [Metric(k, float(v), now, step) for k, v in values.items() if _finite(v)]
+
+    def flush(self) -> None:
+        """Write the buffered metrics (MLflow takes at most 1,000 per batch)."""
+        while self._pending:
+            batch = self._pending[:1000]
+            _retry(self.client.log_batch, self.run_id, metrics=batch)
+            del self._pending[:len(batch)]
 
     def log_step(self, metrics: dict) -> None:
         """One step of ``sparse_core.train.run``'s log: a training epoch or a pruning round."""
@@ -210,6 +219,7 @@ class TrialRun:
         final = {k: result[k] for k in FINAL_METRICS if k in result and not (k in last and last[k] == result[k])}
         final["n_collapsed_layers"] = len(result["collapsed_layers"])
         self._log(final, result["epochs"])
+        self.flush()
         _retry(self.client.set_tag, self.run_id, "collapsed_layers", ",".join(result["collapsed_layers"]))
         _retry(self.client.set_tag, self.run_id, "device", result.get("device", ""))
         _retry(self.client.log_dict, self.run_id, result["layer_density"], "layer_density.json")
@@ -223,6 +233,7 @@ class TrialRun:
         reason = "stopped by Tune (scheduler or end of sweep)" if isinstance(error, SystemExit) else \
             f"{type(error).__name__}: {error}"
         try:
+            self.flush()  # the epochs before the error belong to the run (and a retry skips them)
             _retry(self.client.set_tag, self.run_id, "error", reason[:4000])
             _retry(self.client.set_terminated, self.run_id, status)
         except Exception:  # noqa: BLE001 - the original error matters more than this one

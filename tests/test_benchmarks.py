@@ -1,5 +1,8 @@
 """Smoke tests of the benchmark scripts: each runs with ``--tiny`` and prints its table.
 
+The sweep scripts (sweep_efficiency.py, digits_study.py) start their own local Ray runtime and
+write a real SQLite MLflow store; ``RAY_ADDRESS`` is removed so they never join another cluster.
+
 The figures of a tiny run mean nothing; speed is measured by running the scripts themselves
 (benchmarks/README.md), never asserted here. ``--threads 1`` keeps the runs short on a shared
 machine (with more torch threads than free cores, every parallel op can stall).
@@ -7,6 +10,8 @@ machine (with more torch threads than free cores, every parallel op can stall).
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
 import subprocess
 import sys
@@ -35,3 +40,63 @@ def test_tiny_run_prints_its_table(script):
     # every table row has a number in it
     table = proc.stdout.split("\n--")[-1]
     assert any(ch.isdigit() for ch in table)
+
+
+# ---- the sweep benchmarks: a real local Ray runtime and a real SQLite MLflow store -------------------
+
+def _run(argv, timeout):
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_sweep_efficiency_tiny_reports_ratio_and_startup():  # ~20 s: one 8-trial sweep, its own Ray runtime
+    out = _run([os.path.join(ROOT, "benchmarks", "sweep_efficiency.py"), "--tiny"], timeout=180)
+    assert f"torch {__import__('torch').__version__}" in out and "# device " in out
+    for header in ("wall/ideal", "start-up", "in-trial ovh/trial", "trial workers (ray::)", "target"):
+        assert header in out, f"{header!r} missing from:\n{out}"
+    row = next(line for line in out.splitlines() if line.startswith("zero-work "))
+    fields = row.split()
+    assert fields[1] == "8" and fields[2].isdigit()  # 8 trials finished, slots
+    wall, ideal = float(fields[3]), float(fields[4])
+    assert wall > ideal > 0
+    assert "the target wall <= 1.2 x ideal + 15 s" in out
+
+
+@pytest.mark.slow  # ~30 s: two 2-sample searches, an 8-trial study and the analysis on one Ray runtime
+def test_digits_study_tiny_tunes_sweeps_and_analyses(tmp_path):
+    out = _run([os.path.join(ROOT, "benchmarks", "digits_study.py"), "--tiny", "--tune", "--out", str(tmp_path)],
+               timeout=240)
+    # both searches ran with the same budget and printed their best settings
+    assert "| full | 2 (2, 0) |" in out and "| synflow | 2 (2, 0) |" in out
+    tuning = json.loads((tmp_path / "tuning.json").read_text())
+    assert set(tuning["full"]["best_settings"]) == {"train.lr", "mask.lambda_l1", "mask.lr", "post.smoothing",
+                                                     "post.soft_fraction"}
+    assert set(tuning["synflow"]["best_settings"]) == {"train.lr"}
+    # the ablation table: one row per tiny cell, one column per density, through analysis
+    table = (tmp_path / "ablation_table.md").read_text()
+    assert table in out
+    assert table.splitlines()[0] == "| cell | 10 % | 1 % |"
+    rows = {line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:] if line.startswith("| ")}
+    assert rows == {"full", "base", "pruner=synflow", "rigl"}
+    assert "| density | full | best full-* variant | best baseline |" in out
+    for stem in ("accuracy_vs_density", "accuracy_vs_density_contenders", "layer_density"):
+        for ext in ("png", "pdf"):
+            assert (tmp_path / f"{stem}.{ext}").stat().st_size > 1000
+    # the preset's tuned knobs reached the cells they were tuned for, and only those
+    from sparse_core.config import Config, from_flat
+    from sweeps import presets, tracking
+
+    runs = tracking.search(f"sqlite:///{tmp_path}/mlflow.db", "digits-study")
+    assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
+    preset = presets.get("digits-study")
+    untuned = {**Config().to_flat(), **preset.base}
+    for r in runs:
+        cell, params = r.data.tags["cell"], from_flat(r.data.params).to_flat()
+        expected = dict(untuned)
+        for pattern, extra in preset.cell_overrides.items():
+            if fnmatch.fnmatchcase(cell, pattern):
+                expected.update(extra)
+        for key in {k for extra in preset.cell_overrides.values() for k in extra}:
+            assert params[key] == from_flat({key: expected[key]}).to_flat()[key], (cell, key)

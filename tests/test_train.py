@@ -228,3 +228,13 @@ def test_sparse_core_never_imports_ray_or_mlflow():
                 text = open(os.path.join(dirpath, f)).read()
                 assert "import ray" not in text and "import mlflow" not in text and "from ray" not in text \
                     and "from mlflow" not in text, f
+
+
+def test_divergence_is_reported_as_such_not_as_a_pruning_error():
+    from sparse_core.train import TrainingDiverged
+    cfg = Config().replace(**{"train.lr": 1e6, "train.pre_epochs": 1, "train.post_epochs": 1,
+                              "prune.pruner": "synflow"})
+    with pytest.raises(TrainingDiverged, match="lower train.lr"):
+        run(cfg)
+    out = _cli("train.lr=1e6", "train.pre_epochs=1", "train.post_epochs=1")
+    assert out.returncode == 2 and "diverged" in out.stderr and "Traceback" not in out.stderr
