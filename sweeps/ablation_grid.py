@@ -13,7 +13,6 @@ sweep; a trial that crashes is retried from its last checkpoint (``--max-failure
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -105,16 +104,9 @@ def main(argv=None) -> int:
         print_table(trials, dups)
         print(f"{len(trials)} trials in sweep {sweep!r} (dry run: nothing started)")
         return 0
-    try:
-        uri, exp_id = options.tracking_target(args.mlflow_uri, args.experiment)
-    except tracking.TrackingError as e:
-        parser.error(str(e))
-    storage = options.storage_path(args.storage_path)
+    uri, exp_id, storage = options.targets(parser, args)
     print(f"sweep {sweep!r}: {len(trials)} trials | MLflow {uri} experiment {args.experiment!r} | "
           f"Tune storage {storage}", flush=True)
-    if tracking.sqlite_path(uri) and os.environ.get("RAY_ADDRESS") and not args.mlflow_uri:
-        print("warning: a SQLite store inside 'ray job submit' lives in the job's temporary working dir; "
-              "pass an absolute --mlflow-uri sqlite:////path/mlflow.db or a tracking server", file=sys.stderr)
 
     if args.resume:
         todo, skipped = trials, 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from sparse_core import data as sparse_data
 from sparse_core.config import from_flat, parse_overrides, validate_names
@@ -88,6 +89,20 @@ def tracking_target(cli_uri: str | None, experiment: str) -> tuple[str, str]:
     uri = tracking.resolve_tracking_uri(cli_uri)
     tracking.check_reachable(uri)
     return uri, tracking.experiment_id(uri, experiment)
+
+
+def targets(parser: argparse.ArgumentParser, args) -> tuple[str, str, str]:
+    """(tracking URI, experiment id, Tune storage path) for a sweep script, exiting through
+    ``parser.error`` when the tracking store cannot be reached; warns when a relative SQLite store
+    would land in a ``ray job submit`` job's temporary working dir."""
+    try:
+        uri, exp_id = tracking_target(args.mlflow_uri, args.experiment)
+    except tracking.TrackingError as e:
+        parser.error(str(e))
+    if tracking.sqlite_path(uri) and os.environ.get("RAY_ADDRESS") and not args.mlflow_uri:
+        print("warning: a SQLite store inside 'ray job submit' lives in the job's temporary working dir; "
+              "pass an absolute --mlflow-uri sqlite:////path/mlflow.db or a tracking server", file=sys.stderr)
+    return uri, exp_id, storage_path(args.storage_path)
 
 
 def storage_path(value: str) -> str:

@@ -92,11 +92,7 @@ def main(argv=None) -> int:
         print(f"sweep {sweep!r}: {args.num_samples} trials of TPE over {space_text}\n"
               f"fixed method: {method} prune.density={args.density:g} seed={args.seed}")
         return 0
-    try:
-        uri, exp_id = options.tracking_target(args.mlflow_uri, args.experiment)
-    except tracking.TrackingError as e:
-        parser.error(str(e))
-    storage = options.storage_path(args.storage_path)
+    uri, exp_id, storage = options.targets(parser, args)
     print(f"sweep {sweep!r}: {args.num_samples} trials, TPE over {space_text} | MLflow {uri} "
           f"experiment {args.experiment!r}", flush=True)
 
