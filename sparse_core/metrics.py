@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .data import eval_batches
-from .masks import prunable_layers
+from .masks import count, layer_density, prunable_layers
 
 
 @torch.no_grad()
@@ -31,15 +31,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 def density_summary(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict:
     """Density over prunable weights, per layer, and over all parameters (biases and BN count as kept)."""
-    kept = sum(int(m.sum()) for m in masks.values())
-    prunable = sum(m.numel() for m in masks.values())
+    kept, prunable = count(masks)
     all_params = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("mask_score"))
     return {
         "density": kept / prunable,
         "density_all": (all_params - prunable + kept) / all_params,
         "prunable_weights": prunable,
         "kept_weights": kept,
-        "layer_density": {n: float(m.float().mean()) for n, m in masks.items()},
+        "layer_density": layer_density(masks),
     }
 
 

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .masks import count
 from .registry import SCOPES
 
 
@@ -113,8 +114,7 @@ def masks_from_scores(scores: dict[str, torch.Tensor], density: float, scope: st
 
 
 def check_density(masks: dict[str, torch.Tensor], density: float) -> None:
-    total = sum(m.numel() for m in masks.values())
-    kept = sum(int(m.sum()) for m in masks.values())
+    kept, total = count(masks)
     want = target_count(total, density)
     if kept != want:
         raise DensityError(f"pruning kept {kept} of {total} weights; density {density} asks for exactly {want}")

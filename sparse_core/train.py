@@ -25,7 +25,7 @@ from . import learned_mask, pruners
 from .config import Config, from_flat, run_key, validate_names
 from .data import class_balanced_subset, load, train_batches
 from .init import initialise
-from .masks import enforce_masks, get_masks, masks_bypassed, prunable_layers, prunable_weights, set_masks
+from .masks import count, enforce_masks, get_masks, masks_bypassed, prunable_layers, prunable_weights, set_masks
 from .metrics import density_summary, evaluate, flops
 from .models import build
 from .post_prune import SoftSchedule, make_plain, smoothed_cross_entropy
@@ -356,7 +356,8 @@ class Trainer:
     def _density(self) -> float:
         if self.masks is None:
             return 1.0
-        return sum(int(m.sum()) for m in self.masks.values()) / sum(m.numel() for m in self.masks.values())
+        kept, total = count(self.masks)
+        return kept / total
 
     # ---- run --------------------------------------------------------------------------------
     def run(self) -> dict:
