@@ -48,8 +48,11 @@ class DataConfig:
     synthetic_test: int = 256  # synthetic: number of test samples
     synthetic_shape: str = "1x8x8"  # synthetic: CxHxW of one input
     synthetic_classes: int = 10  # synthetic: number of classes
+    val_size: int = -1  # validation images carved from the training set by a fixed permutation (never moves with seed or method); -1 = the data set's standard: digits 144 of 1,437, mnist 5,000 (55k/5k), cifar10 5,000 (45k/5k), synthetic 10 %
 
     def __post_init__(self):
+        _check("data.val_size", self.val_size, self.val_size == -1 or self.val_size >= 1,
+               "-1 (the data set's standard split) or >= 1 (selection needs a validation split)")
         _check("data.synthetic_train", self.synthetic_train, self.synthetic_train > 0, "> 0")
         _check("data.synthetic_test", self.synthetic_test, self.synthetic_test > 0, "> 0")
         _check("data.synthetic_classes", self.synthetic_classes, self.synthetic_classes >= 2, ">= 2")
@@ -80,10 +83,11 @@ class InitConfig:
 @dataclass(frozen=True)
 class MaskConfig:
     kind: str = "none"  # learned mask during pre-training: none | sigmoid (continuous sparsification) | gates
-    init: float = 0.0  # sigmoid: initial mask score s (m = sigmoid(beta*s) = 0.5 at 0)
+    init: float = 3.0  # sigmoid: initial mask score s; m = sigmoid(beta*s) starts at 0.95 (at 0, m = 0.5 scales a 6-layer net by 1/64)
     gate_init: float = 1.0  # gates: initial gate value in [0, 1] (1 = every weight starts switched on)
     beta_final: float = 200.0  # sigmoid: temperature beta rises geometrically from 1 to this over pre-training
-    lambda_l1: float = 1e-4  # weight of the sparsity penalty lambda * sum(m), per mask entry summed over all layers
+    lambda_l1: float = 1e-4  # sparsity pressure on each mask entry (the loss adds lambda * sum(m), so each score feels lambda * dm/ds whatever the network size); sigmoid: only while the mean mask is above the target density
+    target: bool = True  # sigmoid: steer the mean mask towards prune.density by the end of pre-training (target falls geometrically from 1); false = constant L1 pressure
     lambda_bin: float = 1e-4  # gates: weight of the binarity penalty sum(g * (1 - g))
     lr: float = 0.01  # learning rate of the mask scores (own parameter group, no weight decay)
 
@@ -101,6 +105,9 @@ class PruneConfig:
     pruner: str = "magnitude"  # score: magnitude | random | mask | snip | grasp | synflow
     scope: str = "global"  # how scores become masks: global (one threshold) | layerwise | erk
     rounds: int = 1  # 1 = one-shot; n > 1 = iterative, density_k = density^(k/n)
+    gradual_epochs: int = 0  # GMP (Zhu & Gupta 2017): epochs after pre-training in which the mask is re-pruned every gradual_every steps on the cubic schedule from 1 to density (0 = off)
+    gradual_every: int = 10  # gradual: optimizer steps between pruning steps
+    rescale: str = "none"  # after pruning a trained network: none | sqrt (kept weights x 1/sqrt(layer density)) | data (per layer, restore the pre-activation std of the unpruned network on the scoring batch)
     round_epochs: int = 0  # training epochs between iterative rounds (iterative magnitude pruning)
     rewind_epoch: int = -1  # after each round rewind kept weights to their value after this pre-training epoch (-1 = no rewind, 0 = init)
     samples_per_class: int = 10  # snip/grasp: scoring batch = this many training samples per class (fixed, seeded)
@@ -115,6 +122,9 @@ class PruneConfig:
         _check("prune.rewind_epoch", self.rewind_epoch, self.rewind_epoch >= -1, ">= -1")
         _check("prune.samples_per_class", self.samples_per_class, self.samples_per_class >= 1, ">= 1")
         _check("prune.grasp_temperature", self.grasp_temperature, self.grasp_temperature > 0, "> 0")
+        _check("prune.gradual_epochs", self.gradual_epochs, self.gradual_epochs >= 0, ">= 0")
+        _check("prune.gradual_every", self.gradual_every, self.gradual_every >= 1, ">= 1")
+        _choice("prune.rescale", self.rescale, ("none", "sqrt", "data"))
 
 
 @dataclass(frozen=True)
@@ -162,6 +172,7 @@ class TrainConfig:
     amp: bool = False  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = False  # channels-last memory format for conv models on CUDA
     fail_at_epoch: int = -1  # TESTING ONLY: raise when global epoch k >= 2 starts, in a run not resumed from a checkpoint (-1 = never)
+    latency_rounds: int = 5  # timed rounds of the CPU inference latency (dense vs sparse) measured after every run; 0 = skip it (never changes accuracy)
 
     def __post_init__(self):
         _choice("train.method", self.method, ("prune", "rigl"))
@@ -174,6 +185,7 @@ class TrainConfig:
         _check("train.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
         _check("train.batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
         _check("train.eval_batch_size", self.eval_batch_size, self.eval_batch_size >= 1, ">= 1")
+        _check("train.latency_rounds", self.latency_rounds, self.latency_rounds >= 0, ">= 0")
         _check("train.fail_at_epoch", self.fail_at_epoch, self.fail_at_epoch == -1 or self.fail_at_epoch >= 2,
                "-1 (never) or >= 2 (epoch 1 has no checkpoint to retry from)")
         ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
@@ -193,8 +205,16 @@ class Config:
     seed: int = 0  # the one seed every generator (data order, init, pruning, rigl) derives from
 
     def __post_init__(self):
+        """Every rule that ties two fields together lives here, so a sweep's pre-flight (which builds a
+        Config per trial) catches all of them before any trial starts."""
         if self.prune.pruner == "mask" and self.mask.kind == "none" and self.train.method == "prune":
             raise ValueError("prune.pruner='mask' needs a learned mask: set mask.kind to sigmoid or gates")
+        if self.train.method == "rigl" and self.mask.kind != "none":
+            raise ValueError(f"mask.kind={self.mask.kind!r} is a pre-training mask; train.method='rigl' has "
+                             f"no pre-training: set mask.kind=none")
+        if self.prune.gradual_epochs and self.prune.rounds > 1:
+            raise ValueError(f"prune.gradual_epochs={self.prune.gradual_epochs} (cubic schedule) and "
+                             f"prune.rounds={self.prune.rounds} (exponential rounds) are two schedules: set one")
         if self.mask.kind != "none" and self.train.pre_epochs == 0:
             raise ValueError(f"mask.kind={self.mask.kind!r} learns during pre-training: set train.pre_epochs >= 1")
         if self.prune.rewind_epoch > self.train.pre_epochs:
@@ -311,7 +331,14 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 
 # Keys that never change a result (where it runs, how it is tested): left out of run_key.
-NOT_IDENTITY = ("train.device", "train.eval_batch_size", "train.fail_at_epoch", "data.dir", "data.download")
+NOT_IDENTITY = ("train.device", "train.eval_batch_size", "train.fail_at_epoch", "data.dir", "data.download",
+                "train.latency_rounds")
+
+
+# Bumped when the same settings stop meaning the same experiment. 2: the validation split (training
+# sets lost their validation images) and the learned-mask defaults (mask.init, target steering) changed,
+# so no run of version 1 may be taken for a finished run of version 2.
+PROTOCOL = 2
 
 
 def run_key(cfg: Config) -> str:
@@ -319,6 +346,8 @@ def run_key(cfg: Config) -> str:
     defaults = to_flat(Config())
     changed = {k: v for k, v in to_flat(cfg).items() if v != defaults[k] and k not in NOT_IDENTITY}
     blob = json.dumps(changed, sort_keys=True, separators=(",", ":"))
+    if PROTOCOL > 1:
+        blob = f"v{PROTOCOL}:{blob}"
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

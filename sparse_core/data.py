@@ -27,19 +27,50 @@ class TensorData:
     y_test: torch.Tensor
     num_classes: int
     augment: bool = False  # apply random crop (pad 4) + flip per training batch
+    x_val: torch.Tensor | None = None  # carved from the training set (``split_validation``)
+    y_val: torch.Tensor | None = None
 
     @property
     def in_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.y_train), "val": 0 if self.y_val is None else len(self.y_val), "test": len(self.y_test)}
+
     def to(self, device: torch.device) -> "TensorData":
-        return TensorData(self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
-                          self.y_test.to(device), self.num_classes, self.augment)
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TensorData(move(self.x_train), move(self.y_train), move(self.x_test), move(self.y_test),
+                          self.num_classes, self.augment, move(self.x_val), move(self.y_val))
+
+
+# Validation images each data set sets aside when data.val_size = -1 (the usual splits).
+STANDARD_VAL_SIZE = {"digits": 144, "mnist": 5000, "cifar10": 5000}
+VAL_SPLIT_SEED = 20240601  # fixed: the split never moves with the config seed or the method
+
+
+def split_validation(data: TensorData, size: int) -> TensorData:
+    """Move ``size`` training images, chosen by a fixed permutation, into the validation split."""
+    n = len(data.y_train)
+    if not 1 <= size < n:
+        raise ValueError(f"data.val_size={size} is not valid for a training set of {n} images; "
+                         f"it must be in [1, {n - 1}]")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+    val, train = order[:size].sort().values, order[size:].sort().values
+    return TensorData(data.x_train[train], data.y_train[train], data.x_test, data.y_test, data.num_classes,
+                      data.augment, data.x_train[val], data.y_train[val])
+
+
+def val_size(cfg: DataConfig, n_train: int) -> int:
+    if cfg.val_size != -1:
+        return cfg.val_size
+    return STANDARD_VAL_SIZE.get(cfg.name, max(1, round(0.1 * n_train)))
 
 
 def load(cfg: DataConfig) -> TensorData:
-    """Load the dataset named by ``cfg.name`` (on CPU)."""
-    return DATASETS.get(cfg.name, "data.name")(cfg)
+    """Load the dataset named by ``cfg.name`` (on CPU), with its validation split."""
+    data = DATASETS.get(cfg.name, "data.name")(cfg)
+    return split_validation(data, val_size(cfg, len(data.y_train)))
 
 
 def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -94,14 +125,29 @@ def _normalise(train: torch.Tensor, test: torch.Tensor, mean, std) -> tuple[torc
 
 # ---- datasets ------------------------------------------------------------------------------
 
+def _digits_table():
+    """The (1797, 65) table behind ``sklearn.datasets.load_digits``, read from scikit-learn's package data
+    without importing ``sklearn.datasets`` (whose import alone costs ~1.6 CPU seconds)."""
+    import gzip
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("data.name='digits' reads scikit-learn's bundled copy: pip install scikit-learn")
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz")
+    with gzip.open(path, "rt") as f:
+        return np.loadtxt(f, delimiter=",", dtype=np.float32)
+
+
 @DATASETS.register("digits")
 def digits(cfg: DataConfig) -> TensorData:
-    """scikit-learn's bundled 8x8 digits (1,797 images): 1,437 train / 360 test, fixed split."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(bunch.target, dtype=torch.int64)
+    """scikit-learn's bundled 8x8 digits (1,797 images): 1,437 train / 360 test, fixed split (``load``
+    then sets 144 of the 1,437 aside for validation)."""
+    table = _digits_table()
+    x = torch.tensor(table[:, :-1], dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(table[:, -1], dtype=torch.int64)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # the split never moves
     n_test = 360
     test, train = order[:n_test], order[n_test:]

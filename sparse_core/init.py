@@ -43,12 +43,13 @@ def hadamard(p: int) -> torch.Tensor:
 
 
 def zero_matrix(out_dim: int, in_dim: int) -> torch.Tensor:
-    """ZerO's matrix: the partial identity if out <= in, else the top-left (out, in) block of the
-    Hadamard matrix of size 2^ceil(log2(out)) scaled by 1/sqrt(size)."""
+    """ZerO's matrix (Zhao et al. 2022, Algorithm 1): the partial identity if out <= in, else the
+    top-left (out, in) block of the Hadamard matrix H_m of size 2^m, m = ceil(log2(out)), times
+    c = 2^(-(m-1)/2) (the paper's constant: sqrt(2) larger than an orthonormal 1/sqrt(2^m))."""
     if out_dim <= in_dim:
         return torch.eye(out_dim, in_dim)
-    p = 1 << math.ceil(math.log2(out_dim))
-    return hadamard(p)[:out_dim, :in_dim] / math.sqrt(p)
+    m = math.ceil(math.log2(out_dim))
+    return hadamard(1 << m)[:out_dim, :in_dim] * 2.0 ** (-(m - 1) / 2)
 
 
 @INITS.register("zero")

@@ -1,7 +1,14 @@
 """Learned masks during pre-pruning training, registered by ``mask.kind``.
 
 ``sigmoid``: continuous sparsification (Savarese et al. 2020): m = sigmoid(beta * s), beta raised
-geometrically from 1 to ``beta_final`` over pre-training, L1 pressure ``lambda * sum(m)``.
+geometrically from 1 to ``beta_final`` over pre-training, s starting at ``mask.init`` = 3 (m = 0.95: at
+s = 0 every weight is halved and a 6-layer net computes with 1/64 of its function and gradients), L1
+pressure ``lambda * sum(m)`` (so each score feels lambda * dm/ds, whatever the network's size) that,
+with ``mask.target``, acts only while the mean mask is above a target density falling geometrically
+from 1 to ``prune.density`` over pre-training: the mask is steered to the density it will be pruned to.
+Under ZerO most weights are exactly 0 and dL/ds = dL/d(w m) * w * dm/ds is 0 for them; the weights
+themselves get gradient (dL/dw = dL/d(w m) * m, with m = 0.95) and leave 0 in the first steps, after
+which their scores learn too. That is why the start near 1 matters most for ZerO.
 ``gates``: Srinivas et al. 2016: a gate g in [0, 1] per weight, clipped after every step, the
 forward pass uses the binary gate (g > 0.5) with a straight-through gradient, and the penalty
 ``lambda_l1 * sum(g) + lambda_bin * sum(g * (1 - g))`` pushes gates to be sparse and binary.
@@ -52,6 +59,9 @@ class SigmoidMask(MaskKind):
     def penalty(self, score, beta, cfg):
         return cfg.lambda_l1 * torch.sigmoid(beta * score).sum()
 
+    def soft_sum(self, score, beta) -> torch.Tensor:
+        return torch.sigmoid(beta * score).sum()
+
 
 @MASK_KINDS.register("gates")
 class Gates(MaskKind):
@@ -100,16 +110,29 @@ def set_beta(model: nn.Module, beta: float) -> None:
         layer.mask_beta = beta
 
 
+def target_at(epoch: int, pre_epochs: int, density: float) -> float:
+    """Target mean mask during pre-training epoch ``epoch``: density^((epoch + 1) / pre_epochs), so it
+    falls geometrically from 1 and is ``density`` in the last epoch."""
+    return float(density ** ((epoch + 1) / max(pre_epochs, 1)))
+
+
 def score_params(model: nn.Module) -> list[nn.Parameter]:
     return [l.mask_score for l in prunable_layers(model).values() if getattr(l, "mask_score", None) is not None]
 
 
-def penalty(model: nn.Module, cfg: MaskConfig) -> torch.Tensor:
-    total = None
+def penalty(model: nn.Module, cfg: MaskConfig, target: float | None = None) -> torch.Tensor:
+    """The mask penalty summed over layers; with ``target`` (sigmoid masks and ``mask.target``) it is
+    switched off, without a host sync, while the mean soft mask is at or below ``target``."""
+    total, soft, n = None, None, 0
     for layer in prunable_layers(model).values():
         if getattr(layer, "mask_score", None) is not None:
             p = layer.mask_kind.penalty(layer.mask_score, layer.mask_beta, cfg)
             total = p if total is None else total + p
+            if target is not None and hasattr(layer.mask_kind, "soft_sum"):
+                m = layer.mask_kind.soft_sum(layer.mask_score.detach(), layer.mask_beta)
+                soft, n = (m if soft is None else soft + m), n + layer.mask_score.numel()
+    if soft is not None:
+        total = total * (soft / n > target).to(total.dtype)
     return total
 
 
@@ -136,7 +159,11 @@ def stats(model: nn.Module, zero_at_init: dict[str, torch.Tensor]) -> dict[str, 
     allv = torch.cat([v.flatten() for v in vals.values()])
     zero_sel = torch.cat([zero_at_init[n].flatten().to(allv.device) for n in vals])
     below = allv < 0.5
-    out = {"mask_mean": float(allv.mean()), "mask_below_half": float(below.float().mean())}
+    # soft density: the mean mask; hard: the share that pruning at 0.5 would keep; binary gap: mean
+    # distance to the nearest of 0 and 1 (0 = converged to a binary mask)
+    out = {"mask_mean": float(allv.mean()), "mask_below_half": float(below.float().mean()),
+           "mask_soft_density": float(allv.mean()), "mask_hard_density": float((~below).float().mean()),
+           "mask_binary_gap": float(torch.minimum(allv, 1 - allv).mean())}
     for tag, sel in (("zero_init", zero_sel), ("nonzero_init", ~zero_sel)):
         n = int(sel.sum())
         out[f"mask_below_half_{tag}"] = float(below[sel].float().mean()) if n else float("nan")

@@ -54,11 +54,11 @@ def magnitude(model: nn.Module, inputs: ScoreInputs) -> dict[str, torch.Tensor]:
 @PRUNERS.register("mask")
 @torch.no_grad()
 def mask(model: nn.Module, inputs: ScoreInputs) -> dict[str, torch.Tensor]:
-    """|w * m|, m the learned mask value (sigmoid(beta s) or the binary gate)."""
-    values = learned_mask.values(model)
-    if not values:
-        raise ValueError("prune.pruner='mask' needs a learned mask (mask.kind=sigmoid or gates)")
-    return {name: (w.detach() * values[name]).abs() for name, w in prunable_weights(model).items()}
+    """|w * m|, m the learned mask value (sigmoid(beta s) or the binary gate). After the first pruning round
+    the mask is folded into the weights (w <- w * m), so later rounds score |w|, the same quantity."""
+    values = learned_mask.values(model)  # empty once folded into the weights (rounds after the first)
+    return {name: (w.detach() * values[name] if values else w.detach()).abs()
+            for name, w in prunable_weights(model).items()}
 
 
 @PRUNERS.register("random")
@@ -69,7 +69,7 @@ def random(model: nn.Module, inputs: ScoreInputs) -> dict[str, torch.Tensor]:
             for name, w in prunable_weights(model).items()}
 
 
-@PRUNERS.register("snip")
+@PRUNERS.register("snip", needs_data=True)
 def snip(model: nn.Module, inputs: ScoreInputs) -> dict[str, torch.Tensor]:
     """SNIP (Lee et al. 2019): |dL/dw * w| on the fixed scoring batch."""
     clone = _scoring_copy(model)
@@ -77,7 +77,7 @@ def snip(model: nn.Module, inputs: ScoreInputs) -> dict[str, torch.Tensor]:
     return {name: (w.grad * w).detach().abs() for name, w in prunable_weights(clone).items()}
 
 
-@PRUNERS.register("grasp")
+@PRUNERS.register("grasp", needs_data=True)
 def grasp(model: nn.Module, inputs: ScoreInputs) -> dict[str, torch.Tensor]:
     """GraSP (Wang et al. 2020): signed (H g) * w at temperature T; the LOWEST are pruned
     (removing them reduces gradient flow the least), as in the Synaptic-Flow reference code."""
@@ -112,4 +112,6 @@ def score(name: str, model: nn.Module, inputs: ScoreInputs) -> dict[str, torch.T
     return PRUNERS.get(name, "prune.pruner")(model, inputs)
 
 
-NEEDS_DATA = ("snip", "grasp")
+def needs_data(name: str) -> bool:
+    """Whether pruner ``name`` scores on a batch of training data (registered with ``needs_data=True``)."""
+    return bool(PRUNERS.meta(name, "prune.pruner").get("needs_data", False))

@@ -17,16 +17,24 @@ class Registry(Generic[T]):
         self.kind = kind
         self._modules = modules  # modules whose import fills this registry
         self._items: dict[str, T] = {}
+        self._meta: dict[str, dict] = {}
         self._loaded = False
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, **meta) -> Callable[[T], T]:
+        """Register under ``name``; ``meta`` is what the trainer needs to know about the method
+        (e.g. ``needs_data=True`` for a pruner scored on a data batch), read back with ``meta(name)``."""
         def deco(obj: T) -> T:
             if name in self._items:
                 raise KeyError(f"{self.kind} {name!r} registered twice")
             self._items[name] = obj
+            self._meta[name] = dict(meta)
             return obj
 
         return deco
+
+    def meta(self, name: str, key: str | None = None) -> dict:
+        self.check(key or self.kind, name)
+        return self._meta[name]
 
     def _load(self) -> None:
         if not self._loaded:

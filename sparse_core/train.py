@@ -1,18 +1,21 @@
 """The trainer: ``run(cfg, log, state) -> result``.
 
-A run is a fixed plan of steps (pre-training epochs, pruning rounds with optional training
-between them, post-training epochs; or RigL's epochs). After every step the trainer can hand
-out its full state (weights, masks, optimizer, LR schedule, RNG, position in the plan), and a
-state handed back continues the run to the same result. The logging callback
-``log(metrics, checkpoint)`` receives each epoch's metrics and a zero-argument function that
-returns that state, so a caller who does not checkpoint pays nothing for it.
+A run is a fixed plan of typed steps (``plan.py``: pre-training epochs, an optional gradual-pruning
+stage, pruning rounds with optional training between them, post-training epochs; or RigL's epochs).
+After every step the trainer can hand out its full state (weights, masks, optimizer, LR schedule,
+RNG, position in the plan), and a state handed back continues the run to the same result. The
+logging callback ``log(metrics, checkpoint)`` receives each step's metrics (with ``stage_end`` and, for
+pruning, ``last_prune``, so no reader re-derives the plan) and a zero-argument function that returns
+that state, so a caller who does not checkpoint pays nothing for it.
+
+Every epoch is evaluated on the validation split (``val_acc``) and on the test split (``test_acc``);
+anything that selects (the best epoch, a tuner, a scheduler) reads validation only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
 import time
 from typing import Any, Callable
@@ -21,19 +24,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import learned_mask, pruners
+from . import learned_mask, pruners, rescale
 from .config import Config, from_flat, run_key, validate_names
 from .data import class_balanced_subset, load, train_batches
 from .init import initialise
 from .masks import count, enforce_masks, get_masks, masks_bypassed, prunable_layers, prunable_weights, set_masks
 from .metrics import density_summary, evaluate, flops
 from .models import build
+from .plan import PruneStep, RiglInit, TrainEpoch, cubic, derive_seed, gradual_steps, lr_factor, total_epochs
+from .plan import build as build_plan
 from .post_prune import SoftSchedule, make_plain, smoothed_cross_entropy
-from .pruning import collapsed, masks_from_scores, schedule, shuffle
+from .pruning import collapsed, masks_from_scores, shuffle
 from .rigl import RigL, initial_masks
 
+__all__ = ["Trainer", "run", "plain_model", "total_epochs", "lr_factor", "derive_seed", "TrainingDiverged",
+           "InjectedFailure", "resolve_device"]
+
 Log = Callable[[dict, Callable[[], dict]], None]
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 GENERATORS = ("init", "data", "prune", "score", "rigl", "reinit")
 
 
@@ -53,46 +61,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def derive_seed(seed: int, name: str) -> int:
-    """Independent seed per named generator, so changing the pruner never moves the data order."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
-
-
-def lr_factor(kind: str, step: int, total: int) -> float:
-    if kind == "constant" or total <= 0:
-        return 1.0
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-    return 0.1 ** ((step >= 0.5 * total) + (step >= 0.75 * total))  # step
-
-
-def _plan(cfg: Config) -> list[tuple]:
-    """Steps: ("train", stage, round, epoch, epochs_in_stage) | ("prune", round, density) | ("rigl_init",)."""
-    t, p = cfg.train, cfg.prune
-    if t.method == "rigl":
-        total = t.pre_epochs + t.post_epochs
-        return [("rigl_init",)] + [("train", "rigl", 0, e, total) for e in range(total)]
-    steps: list[tuple] = [("train", "pre", 0, e, t.pre_epochs) for e in range(t.pre_epochs)]
-    densities = schedule(p.density, p.rounds) if p.density < 1.0 else [1.0]
-    for r, d in enumerate(densities):
-        steps.append(("prune", r, d))
-        if r < len(densities) - 1:
-            steps += [("train", "round", r, e, p.round_epochs) for e in range(p.round_epochs)]
-    steps += [("train", "post", 0, e, t.post_epochs) for e in range(t.post_epochs)]
-    return steps
-
-
-def total_epochs(cfg: Config) -> int:
-    """Training epochs in the run's plan (pre + iterative-round + post epochs, or RigL's)."""
-    return sum(1 for step in _plan(cfg) if step[0] == "train")
-
-
 class Trainer:
     def __init__(self, cfg: Config, log: Log | None = None):
         validate_names(cfg)
-        if cfg.train.method == "rigl" and cfg.mask.kind != "none":
-            raise ValueError(f"mask.kind={cfg.mask.kind!r} is a pre-training mask; train.method='rigl' has "
-                             f"no pre-training: set mask.kind=none")
         self.cfg, self.log = cfg, log or (lambda metrics, checkpoint: None)
         self.device = resolve_device(cfg.train.device)
         self.data = load(cfg.data).to(self.device)
@@ -104,20 +75,22 @@ class Trainer:
         self.channels_last = cfg.train.channels_last and self.device.type == "cuda" and self.data.x_train.dim() == 4
         if cfg.mask.kind != "none":
             learned_mask.attach(self.model, cfg.mask)
-        self.plan = _plan(cfg)
+        self.plan = build_plan(cfg)
         self.step_idx = 0
         self.masks: dict[str, torch.Tensor] | None = None  # None = dense
         self.opt: torch.optim.Optimizer | None = None
         self.sched: torch.optim.lr_scheduler.LambdaLR | None = None
         self.segment: tuple | None = None  # (stage, round) the optimizer belongs to
         self.seg_step = 0  # optimizer steps taken in this segment
+        self.seg_total = 0  # optimizer steps the segment will take
+        self.gradual_at: set[int] = set()  # steps of a gradual stage after which the mask is re-pruned
+        self.mask_target: float | None = None  # target mean mask of this pre-training epoch (sigmoid)
         self.rigl: RigL | None = None
         self.rigl_regrown = 0
         self.rewind_state: dict | None = None
         self.history: list[dict] = []
-        self.best_test_acc: float | None = None
-        self.pre_test_acc = float("nan")
-        self.prune_test_acc = float("nan")
+        self.best: dict = {}  # best_val_acc, best_val_epoch, test_acc_at_best_val (post-pruning epochs)
+        self.marks = {k: float("nan") for k in ("pre_val_acc", "pre_test_acc", "prune_val_acc", "prune_test_acc")}
         self.restored = False
         self.elapsed = 0.0
         if cfg.prune.rewind_epoch == 0 and cfg.train.method == "prune":
@@ -151,6 +124,7 @@ class Trainer:
 
     # ---- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Tensors, numbers, strings, lists, tuples and dicts only: loadable with weights_only=True."""
         return {
             "format": STATE_FORMAT,
             "config": self.cfg.to_flat(),
@@ -165,16 +139,16 @@ class Trainer:
             "generators": {n: g.get_state() for n, g in self.gen.items()},
             "rewind_state": self.rewind_state,
             "history": copy.deepcopy(self.history),
-            "best_test_acc": self.best_test_acc,
-            "pre_test_acc": self.pre_test_acc,
-            "prune_test_acc": self.prune_test_acc,
+            "best": dict(self.best),
+            "marks": dict(self.marks),
             "rigl_regrown": self.rigl.regrown if self.rigl else self.rigl_regrown,
             "elapsed": self.elapsed,
         }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"checkpoint format {state.get('format')!r} is not {STATE_FORMAT}")
+            raise ValueError(f"checkpoint format {state.get('format')!r} is not {STATE_FORMAT} (written by another "
+                             f"version of sparse_core); delete it to start afresh")
         saved = from_flat(state["config"])
         if run_key(saved) != run_key(self.cfg):
             raise ValueError("checkpoint belongs to a different config (run_key "
@@ -190,20 +164,19 @@ class Trainer:
         if state["optimizer"] is not None:
             step = self.plan[self.step_idx] if self.step_idx < len(self.plan) else None
             stage = self.segment[0]
-            total = self._segment_steps(step[4]) if step and step[0] == "train" else 0
+            total = self._segment_steps(step.epochs) if isinstance(step, TrainEpoch) else 0
             self._make_optimizer(stage, total)
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
-            if stage == "rigl":
-                self.rigl = RigL(self.cfg.rigl, total)
+            self._segment_extras(stage, total)
+            if self.rigl is not None:
                 self.rigl.regrown = state["rigl_regrown"]
         self.rigl_regrown = state["rigl_regrown"]
         for n, g in self.gen.items():
             g.set_state(state["generators"][n])
         self.rewind_state = state["rewind_state"]
         self.history = state["history"]
-        self.best_test_acc = state["best_test_acc"]
-        self.pre_test_acc, self.prune_test_acc = state["pre_test_acc"], state["prune_test_acc"]
+        self.best, self.marks = dict(state["best"]), dict(state["marks"])
         self.elapsed = state["elapsed"]
         self.restored = True
 
@@ -217,19 +190,25 @@ class Trainer:
             return smoothed_cross_entropy(logits.float(), y, post.smoothing)
         return F.cross_entropy(logits.float(), y)
 
+    def _segment_extras(self, stage: str, total_steps: int) -> None:
+        self.seg_total = total_steps
+        self.rigl = RigL(self.cfg.rigl, total_steps) if stage == "rigl" else None
+        self.gradual_at = set(gradual_steps(total_steps, self.cfg.prune.gradual_every)) if stage == "gradual" else set()
+
     def begin_segment(self, stage: str, rnd: int, total_steps: int) -> None:
-        """Optimizer and LR schedule (and RigL) for a training segment, unless it is already running
-        (a run restored mid-segment keeps its loaded optimizer state)."""
+        """Optimizer and LR schedule (and RigL, or the gradual pruning steps) for a training segment,
+        unless it is already running (a run restored mid-segment keeps its loaded optimizer state)."""
         if self.segment != (stage, rnd) or self.opt is None:
+            if stage == "gradual":
+                learned_mask.fold(self.model)  # a learned mask ends with pre-training
             self._make_optimizer(stage, total_steps)
             self.segment, self.seg_step = (stage, rnd), 0
-            if stage == "rigl":
-                self.rigl = RigL(self.cfg.rigl, total_steps)
+            self._segment_extras(stage, total_steps)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, stage: str, soft: SoftSchedule | None = None) -> torch.Tensor:
         """One optimizer step on a batch: soft schedules, masked forward, loss (+ mask penalty),
-        backward, step, learned-mask clipping, masks re-applied, RigL drop/grow on its update steps.
-        Returns the detached loss (no host sync)."""
+        backward, step, learned-mask clipping, masks re-applied, RigL drop/grow on its update steps,
+        gradual re-pruning on its steps. Returns the detached loss (no host sync)."""
         learned = stage == "pre" and self.cfg.mask.kind != "none"
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -241,7 +220,7 @@ class Trainer:
                 logits = self.model(x)
             loss = self._loss(logits, y, stage)
             if learned:
-                loss = loss + learned_mask.penalty(self.model, self.cfg.mask)
+                loss = loss + learned_mask.penalty(self.model, self.cfg.mask, self.mask_target)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -255,15 +234,28 @@ class Trainer:
             self.masks = self.rigl.update(self.model, self.masks, self.opt, self.seg_step)
             set_masks(self.model, self.masks)
             enforce_masks(self.model, self.opt, self.layers)
+        if self.seg_step in self.gradual_at:
+            self._mask_to(cubic(self.cfg.prune.density, self.seg_step, self.seg_total))
+            enforce_masks(self.model, self.opt, self.layers)  # newly pruned weights' momentum too
         return loss.detach()
 
-    def _train_epoch(self, stage: str, rnd: int, epoch: int, epochs: int) -> dict:
-        cfg = self.cfg
-        total = self._segment_steps(epochs)
-        self.begin_segment(stage, rnd, total)
+    def _evaluate(self) -> dict[str, float]:
+        d, bs = self.data, self.cfg.train.eval_batch_size
+        val_acc, val_loss = evaluate(self.model, d.x_val, d.y_val, bs, self.amp)
+        test_acc, test_loss = evaluate(self.model, d.x_test, d.y_test, bs, self.amp)
+        return {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc, "test_loss": test_loss}
+
+    def train_epoch(self, step: TrainEpoch) -> dict:
+        """One training epoch of the plan, evaluated on validation and test."""
+        cfg, stage, epoch = self.cfg, step.stage, step.epoch
+        total = self._segment_steps(step.epochs)
+        self.begin_segment(stage, step.round, total)
         soft = SoftSchedule(self.model, cfg.post, total) if stage in ("post", "rigl") else None
-        if stage == "pre" and cfg.mask.kind != "none":
+        learned = stage == "pre" and cfg.mask.kind != "none"
+        if learned:
             learned_mask.set_beta(self.model, learned_mask.beta_at(epoch, cfg.train.pre_epochs, cfg.mask))
+            self.mask_target = (learned_mask.target_at(epoch, cfg.train.pre_epochs, cfg.prune.density)
+                                if cfg.mask.target and cfg.mask.kind == "sigmoid" else None)
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         batches = 0
@@ -275,57 +267,76 @@ class Trainer:
                                    f"(train.lr={cfg.train.lr}); lower train.lr")
         if soft is not None and self.seg_step >= total:
             make_plain(self.model)  # the end of post-training is the plain network
-        acc, test_loss = evaluate(self.model, self.data.x_test, self.data.y_test, cfg.train.eval_batch_size, self.amp)
-        metrics = {"stage": stage, "round": rnd, "stage_epoch": epoch + 1, "train_loss": float(loss_sum) / max(batches, 1),
-                   "test_acc": acc, "test_loss": test_loss, "lr": self.opt.param_groups[0]["lr"],
-                   "density": self._density()}
-        if stage == "pre" and cfg.mask.kind != "none":
+        scores = self._evaluate()
+        metrics = {"stage": stage, "round": step.round, "stage_epoch": epoch + 1, "stage_end": step.stage_end,
+                   "train_loss": float(loss_sum) / max(batches, 1), **scores,
+                   "lr": self.opt.param_groups[0]["lr"], "density": self._density()}
+        if learned:
             metrics["mask_beta"] = learned_mask.beta_at(epoch, cfg.train.pre_epochs, cfg.mask)
+            if self.mask_target is not None:
+                metrics["mask_target"] = self.mask_target
             metrics.update(learned_mask.stats(self.model, self.zero_at_init))
         if soft is not None and (cfg.post.soft_activation or cfg.post.soft_skip):
             metrics.update(dict(zip(("soft_t", "skip_alpha"), soft.current)))
         if self.rigl is not None and stage == "rigl":
             metrics["rigl_regrown"] = self.rigl.regrown
-        if stage == "pre" and epoch == epochs - 1:
-            self.pre_test_acc = acc
-        if stage in ("post", "rigl"):
-            self.best_test_acc = acc if self.best_test_acc is None else max(self.best_test_acc, acc)
+        if stage == "pre" and step.stage_end:
+            self.marks.update(pre_val_acc=scores["val_acc"], pre_test_acc=scores["test_acc"])
+        if stage in ("post", "rigl") and scores["val_acc"] > self.best.get("best_val_acc", -1.0):
+            self.best = {"best_val_acc": scores["val_acc"], "best_val_epoch": len(self.history) + 1,
+                         "test_acc_at_best_val": scores["test_acc"]}
         if stage == "pre" and epoch + 1 == cfg.prune.rewind_epoch:
             self.rewind_state = self._cpu_state_dict()
         return metrics
 
     def _score_inputs(self) -> pruners.ScoreInputs:
         x = y = None
-        if self.cfg.prune.pruner in pruners.NEEDS_DATA:
-            g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "score"))  # the same batch every round
-            x, y = class_balanced_subset(self.data, self.cfg.prune.samples_per_class, g)
+        if pruners.needs_data(self.cfg.prune.pruner):
+            x, y = self._scoring_batch()
         return pruners.ScoreInputs(x, y, self.data.in_shape, self.gen["prune"], self.cfg.prune)
 
-    def _prune(self, rnd: int, density: float) -> dict:
-        p = self.cfg.prune
-        last = rnd == p.rounds - 1 or density >= 1.0
-        if density < 1.0:
-            scores = pruners.score(p.pruner, self.model, self._score_inputs())
+    def _scoring_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "score"))  # the same batch every round
+        return class_balanced_subset(self.data, self.cfg.prune.samples_per_class, g)
+
+    def _mask_to(self, density: float) -> None:
+        """Score, keep the top ``density`` (weights pruned before stay pruned), install the masks."""
+        scores = pruners.score(self.cfg.prune.pruner, self.model, self._score_inputs())
+        self.masks = masks_from_scores(scores, density, self.cfg.prune.scope, previous=self.masks)
+        set_masks(self.model, self.masks)
+
+    def prune(self, step: PruneStep) -> dict:
+        """One pruning round of the plan (a no-op at density 1). A learned mask is folded into the
+        weights first (w <- w * m), so every pruner scores the network as it computes."""
+        p, trained = self.cfg.prune, bool(self.history)
         learned_mask.fold(self.model)
-        if density < 1.0:
-            masks = masks_from_scores(scores, density, p.scope, previous=self.masks)
-            if last and p.shuffle:
-                masks = shuffle(masks, self.gen["prune"])
-            self.masks = masks
-            set_masks(self.model, masks)
+        if step.density < 1.0:
+            fix = p.rescale if trained and not (step.last and p.reinit) and self.rewind_state is None else "none"
+            x_cal = self._scoring_batch()[0] if fix == "data" else None
+            reference = rescale.linear_std(self.model, x_cal) if x_cal is not None else None
+            before = self.masks
+            self._mask_to(step.density)
+            if step.last and p.shuffle:
+                self.masks = shuffle(self.masks, self.gen["prune"])
+                set_masks(self.model, self.masks)
             if self.rewind_state is not None:
                 self._rewind()
-            if last and p.reinit:
+            if step.last and p.reinit:
                 self._reinit()
-            if last and (p.reinit or self.cfg.train.pre_epochs == 0):
+            if step.last and (p.reinit or not trained):
                 self._scale_sparse_init()
-        acc, _ = evaluate(self.model, self.data.x_test, self.data.y_test, self.cfg.train.eval_batch_size)
-        if last:
-            self.prune_test_acc = acc
+            if fix == "sqrt":
+                rescale.sqrt_density(self.model, before, self.masks)
+            elif fix == "data":
+                rescale.recalibrate(self.model, x_cal, reference)
+        scores = self._evaluate()
+        if step.last:
+            self.marks.update(prune_val_acc=scores["val_acc"], prune_test_acc=scores["test_acc"])
         self.opt = self.sched = self.segment = None
         masks = self.masks if self.masks is not None else get_masks(self.model)
-        return {"stage": "prune", "round": rnd, "test_acc_after_prune": acc, "density": self._density(),
-                "collapsed_layers": len(collapsed(masks))}
+        return {"stage": "prune", "round": step.round, "last_prune": step.last, "stage_end": True,
+                "val_acc_after_prune": scores["val_acc"], "test_acc_after_prune": scores["test_acc"],
+                "density": self._density(), "n_collapsed_layers": len(collapsed(masks))}
 
     @torch.no_grad()
     def _rewind(self) -> None:
@@ -346,12 +357,8 @@ class Trainer:
         """Kaiming assumes every input is connected; with a fraction d of them kept, scaling by
         1/sqrt(d) restores the pre-activation variance, without which a deep sparse MLP's
         signal vanishes (Evci et al. 2022, "Gradient flow in sparse neural networks")."""
-        if not (self.cfg.init.sparse_scale and self.cfg.init.name == "kaiming"):
-            return
-        for name, w in prunable_weights(self.model).items():
-            d = float(self.masks[name].float().mean())
-            if d > 0:
-                w.mul_(1.0 / math.sqrt(d))
+        if self.cfg.init.sparse_scale and self.cfg.init.name == "kaiming":
+            rescale.sqrt_density(self.model, None, self.masks)
 
     def _density(self) -> float:
         if self.masks is None:
@@ -366,21 +373,21 @@ class Trainer:
         while self.step_idx < len(self.plan):
             started = time.perf_counter()
             step = self.plan[self.step_idx]
-            if step[0] == "train":
-                _, stage, rnd, epoch, epochs = step
+            if isinstance(step, TrainEpoch):
                 if fail_at >= 0 and not self.restored and len(self.history) + 1 == fail_at:
                     raise InjectedFailure(f"train.fail_at_epoch={fail_at}: injected failure at the start of epoch {fail_at}")
-                metrics = self._train_epoch(stage, rnd, epoch, epochs)
-            elif step[0] == "prune":
-                metrics = self._prune(step[1], step[2])
-            else:  # rigl_init
+                metrics = self.train_epoch(step)
+            elif isinstance(step, PruneStep):
+                metrics = self.prune(step)
+            else:
+                assert isinstance(step, RiglInit)
                 self.masks = initial_masks(self.model, cfg.prune.density, cfg.rigl, self.gen["rigl"])
                 set_masks(self.model, self.masks)
                 self._scale_sparse_init()
-                metrics = {"stage": "rigl_init", "density": self._density()}
+                metrics = {"stage": "rigl_init", "stage_end": True, "density": self._density()}
             self.step_idx += 1
             self.elapsed += time.perf_counter() - started
-            if step[0] == "train":
+            if isinstance(step, TrainEpoch):
                 self.history.append(metrics)
                 metrics = {**metrics, "epoch": len(self.history), "epochs": total_epochs(cfg)}
             metrics["seconds"] = self.elapsed
@@ -391,15 +398,14 @@ class Trainer:
         masks = self.masks if self.masks is not None else get_masks(self.model)
         summary = density_summary(self.model, masks)
         flops_dense, flops_sparse = flops(self.model, self.data.in_shape, masks)
-        final_acc, final_loss = evaluate(self.model, self.data.x_test, self.data.y_test, self.cfg.train.eval_batch_size)
-        best = self.best_test_acc if self.best_test_acc is not None else final_acc
+        final = self._evaluate()
+        best = self.best or {"best_val_acc": final["val_acc"], "best_val_epoch": len(self.history),
+                             "test_acc_at_best_val": final["test_acc"]}
         return {
             "run_key": run_key(self.cfg),
-            "test_acc": final_acc,
-            "test_loss": final_loss,
-            "best_test_acc": max(best, final_acc),
-            "pre_test_acc": self.pre_test_acc,
-            "prune_test_acc": self.prune_test_acc,
+            **final,
+            **best,
+            **self.marks,
             "density": summary["density"],
             "density_target": self.cfg.prune.density,
             "density_all": summary["density_all"],
@@ -412,18 +418,25 @@ class Trainer:
             "rigl_regrown": self.rigl.regrown if self.rigl else self.rigl_regrown,
             "seconds": self.elapsed,
             "epochs": len(self.history),
+            "data_sizes": self.data.sizes,
             "device": str(self.device),
             "config": self.cfg.to_flat(),
             "history": self.history,
         }
 
 
-def run(cfg: Config, log: Log | None = None, state: dict | None = None) -> dict[str, Any]:
-    """Run the whole pipeline for ``cfg``; ``state`` (from a checkpoint) continues a run."""
+def run(cfg: Config, log: Log | None = None, state: dict | None = None, export_path: str | None = None) -> dict[str, Any]:
+    """Run the whole pipeline for ``cfg``; ``state`` (from a checkpoint) continues a run. The result
+    carries the model's measured size and latency (``export.figures``); ``export_path`` also writes the
+    compact model there."""
+    from .export import figures
+
     trainer = Trainer(cfg, log)
     if state is not None:
         trainer.load_state_dict(state)
-    return trainer.run()
+    result = trainer.run()
+    result.update(figures(trainer, export_path))
+    return result
 
 
 def plain_model(cfg: Config, state_dict: dict, in_shape, num_classes: int) -> nn.Module:

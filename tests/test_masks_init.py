@@ -71,11 +71,12 @@ def test_zero_init_matrices():
     assert torch.equal(zero_matrix(3, 5), torch.eye(3, 5))
     # out == in: identity
     assert torch.equal(zero_matrix(4, 4), torch.eye(4))
-    # out > in: top-left block of the Hadamard matrix of size 2^ceil(log2(out)), scaled by 1/sqrt(p)
+    # out > in: top-left block of the Hadamard matrix of size 2^m, m = ceil(log2(out)) = 3, scaled by
+    # the paper's c = 2^(-(m-1)/2) = 1/2 (Algorithm 1), not the orthonormal 1/sqrt(8)
     m = zero_matrix(5, 3)
     h8 = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [1, -1, 1, -1, 1, -1, 1, -1], [1, 1, -1, -1, 1, 1, -1, -1],
                        [1, -1, -1, 1, 1, -1, -1, 1], [1, 1, 1, 1, -1, -1, -1, -1]], dtype=torch.float32)
-    assert torch.allclose(m, h8[:5, :3] / math.sqrt(8))
+    assert torch.allclose(m, h8[:5, :3] / 2)
 
 
 def test_zero_init_on_models_is_deterministic_and_uses_the_centre_tap():
