@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
 from .load import AnalysisError, layer_densities  # noqa: E402
-from .table import ablation_table, check_key, is_percent  # noqa: E402
+from .table import ablation_table, check_key, is_baseline, is_percent  # noqa: E402
 
 DENSITY = "prune.density"
 X_LABEL = "density (fraction of weights kept)"
@@ -49,7 +49,8 @@ def _style(i: int) -> tuple:
 
 
 def _label(metric: str) -> str:
-    return {"test_acc": "final test accuracy", "best_test_acc": "best test accuracy"}.get(metric, metric) + \
+    return {"test_acc": "final test accuracy", "val_acc": "final validation accuracy",
+            "test_acc_at_best_val": "test accuracy at the best validation epoch"}.get(metric, metric) + \
         (" (%)" if is_percent(metric) else "")
 
 
@@ -67,46 +68,86 @@ def dense_reference(df: pd.DataFrame, metric: str) -> tuple[float, str] | None:
     return None
 
 
-def accuracy_vs_density(df: pd.DataFrame, stem: str, metric: str = "test_acc", rows: str = "cell",
-                        title: str | None = None) -> list[str]:
-    """One line per variant (mean over seeds, ± std band); returns [png, pdf]."""
-    table = ablation_table(df, metric, rows, DENSITY)  # same checks as the table: no hidden averaging
-    scale = 100.0 if is_percent(metric) else 1.0
-    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+PANEL_LINES = 8  # at most this many curves per panel: more cannot be told apart
+
+
+def panels(labels: list) -> list[tuple[str, list]]:
+    """Rows split into panels of at most PANEL_LINES curves: baselines, the full pipeline's leave-one-out
+    cells, the one-component additions to the base, then anything else in chunks."""
+    groups = {"baselines": [], "full pipeline, one component left out": [], "base + one component": [], "other": []}
+    for label in labels:
+        text = str(label)
+        if is_baseline(text):
+            groups["baselines"].append(label)
+        elif text == "full" or text.startswith("full-"):
+            groups["full pipeline, one component left out"].append(label)
+        elif text.startswith("base+"):
+            groups["base + one component"].append(label)
+        else:
+            groups["other"].append(label)
+    if "base" in groups["baselines"] and groups["base + one component"]:
+        groups["base + one component"].insert(0, "base")  # the line the additions are measured against
+    if "full" in groups["full pipeline, one component left out"] and len(groups["baselines"]) < PANEL_LINES:
+        groups["baselines"].append("full")  # the paper's pipeline against the baselines
+    out = []
+    for title, members in groups.items():
+        for i in range(0, len(members), PANEL_LINES):
+            part = members[i:i + PANEL_LINES]
+            out.append((title if len(members) <= PANEL_LINES else f"{title} ({i // PANEL_LINES + 1})", part))
+    return [(t, m) for t, m in out if m]
+
+
+def _draw(ax, table, rows: str, members: list, scale: float, ref) -> None:
     cells = table.cells[table.cells["n"] > 0]
-    for i, row in enumerate(table.row_order):
+    for i, row in enumerate(members):
         g = cells[cells[rows] == row].sort_values(DENSITY)
         if g.empty:
             continue
-        x, mean, std = g[DENSITY].to_numpy(), g["mean"].to_numpy() * scale, g["std"].fillna(0).to_numpy() * scale
+        x, mean = g[DENSITY].to_numpy(), g["mean"].to_numpy() * scale
+        lo = g["ci_low"].fillna(g["mean"]).to_numpy() * scale
+        hi = g["ci_high"].fillna(g["mean"]).to_numpy() * scale
         color, style, marker = _style(i)
         ax.plot(x, mean, marker=marker, ms=4.5, lw=1.8, ls=style, color=color, label=f"{row}")
-        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.18, lw=0)
+        ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
         hit = g["collapsed"].to_numpy()
         if hit.any():
-            ax.plot(x[hit], mean[hit], ls="none", marker="x", ms=9, mew=2, color="black", zorder=5)
-    if cells["collapsed"].any():
-        ax.plot([], [], ls="none", marker="x", ms=8, mew=2, color="black", label="layer collapse (any seed)")
-    ref = dense_reference(df, metric)
+            ax.plot(x[hit], mean[hit], ls="none", marker="x", ms=8, mew=1.8, color="black", zorder=5)
+    if cells[cells[rows].isin(members)]["collapsed"].any():
+        ax.plot([], [], ls="none", marker="x", ms=8, mew=1.8, color="black", label="layer collapse (any seed)")
     if ref is not None:
         ax.axhline(ref[0] * scale, color="0.35", ls="--", lw=1.2, label=ref[1])
-    ax.set_xscale("log")
     ticks = sorted(cells[DENSITY].unique())
+    ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.set_xticklabels([f"{100 * t:g} %" for t in ticks])
     if len(ticks) > 1:
         pad = (math.log10(max(ticks)) - math.log10(min(ticks))) * 0.05
         ax.set_xlim(10 ** (math.log10(max(ticks)) + pad), 10 ** (math.log10(min(ticks)) - pad))
     else:
         ax.invert_xaxis()
-    ax.set_xlabel(X_LABEL + "  →  sparser")
-    ax.set_ylabel(_label(metric))
     ax.grid(True, which="major", alpha=0.3)
-    n = sorted(set(cells["n"]))
+    ax.legend(fontsize=7.5, loc="lower left", frameon=True, framealpha=0.85)
+
+
+def accuracy_vs_density(df: pd.DataFrame, stem: str, metric: str = "test_acc", rows: str = "cell",
+                        title: str | None = None, reference=None) -> list[str]:
+    """Mean over seeds with its 95 % confidence band, one panel per group of at most PANEL_LINES curves
+    (baselines; the full pipeline's ablations; base + one component); returns [png, pdf]."""
+    table = ablation_table(df, metric, rows, DENSITY, reference)  # same checks as the table: no hidden averaging
+    scale = 100.0 if is_percent(metric) else 1.0
+    groups = panels(table.row_order)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.4), sharey=True, squeeze=False)
+    ref = dense_reference(df, metric)
+    for ax, (panel_title, members) in zip(axes[0], groups):
+        _draw(ax, table, rows, members, scale, ref)
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_xlabel("density (% of weights kept)  →  sparser")
+    axes[0][0].set_ylabel(_label(metric))
+    n = sorted(set(table.cells.loc[table.cells["n"] > 0, "n"]))
     seeds = f"{n[0]} seed(s)" if len(n) == 1 else f"{n[0]}–{n[-1]} seeds"
-    ax.set_title(title or f"{_label(metric)} vs density; mean ± std over {seeds}", fontsize=10)
-    _legend(ax, rows)
+    fig.suptitle(title or f"{_label(metric)} vs density: mean and 95 % confidence band over {seeds}", fontsize=11)
+    fig.tight_layout()
     return _save(fig, stem)
 
 

@@ -8,12 +8,13 @@ and names it, so a stray learning-rate trial never hides inside a "seed average"
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
 from sparse_core.config import FIELD_TYPES, NOT_IDENTITY
 
+from . import stats
 from .load import AnalysisError, metric_columns
 
 SEED = "seed"
@@ -68,41 +69,102 @@ def higher_is_better(metric: str) -> bool:
 
 @dataclass
 class Table:
-    cells: pd.DataFrame  # one row per (row, col): mean, std, n, seeds, collapsed, best (metric units)
+    cells: pd.DataFrame  # one row per (row, col): mean, std, n, ci_low, ci_high, p_value, p_holm, mark, ...
     rows: str
     cols: str
     metric: str
     row_order: list
     col_order: list
+    reference: dict = field(default_factory=dict)  # column value -> reference row label
+    reference_how: str = ""  # how the reference rows were chosen (for the footnote)
 
 
-def ablation_table(df: pd.DataFrame, metric: str = "test_acc", rows: str = "cell", cols: str = "prune.density") -> Table:
+BETTER, WORSE, REF = "▲", "▼", "ref"
+
+
+def is_baseline(label) -> bool:
+    """A method outside the paper's pipeline: the plain magnitude ``base``, another pruner, GMP, RigL."""
+    label = str(label)
+    return label in ("base", "gmp", "rigl") or label.startswith("pruner=")
+
+
+def _per_seed(g: pd.DataFrame, metric: str) -> dict[int, float]:
+    return {int(s): float(v) for s, v in zip(g[SEED], g[metric]) if pd.notna(v)}
+
+
+def _pick_reference(data: pd.DataFrame, rows: str, cols: str, col, reference, select: str) -> object:
+    """The given reference row, else the baseline (any row if none is a baseline) with the best mean of
+    ``select`` (validation accuracy) in this column: the comparator is never chosen on test data."""
+    here = data[data[cols] == col]
+    if reference is not None:
+        return reference if (here[rows] == reference).any() else None
+    candidates = here[here[rows].map(is_baseline)]
+    candidates = candidates if len(candidates) else here
+    means = candidates.groupby(rows)[select].mean().dropna()
+    if means.empty:
+        return None
+    return means.idxmax() if higher_is_better(select) else means.idxmin()
+
+
+def ablation_table(df: pd.DataFrame, metric: str = "test_acc", rows: str = "cell", cols: str = "prune.density",
+                   reference=None, select_metric: str = "val_acc") -> Table:
+    """Mean and 95 % CI per (row, col) over seeds, and a paired test of each cell against the column's
+    reference row (``reference``, or the best baseline by mean ``select_metric``)."""
     check_metric(df, metric)
     check_key(df, rows, "--rows")
     check_key(df, cols, "--cols")
     if rows == cols:
         raise AnalysisError(f"--rows and --cols are both {rows!r}")
+    if reference is not None and not (df[rows] == reference).any():
+        raise AnalysisError(f"--reference {reference!r} is not a {rows} of these runs; choose from "
+                            f"{', '.join(sorted(map(str, df[rows].unique())))}")
     check_axes(df, [rows, cols])
+    how = f"the {rows} given by --reference" if reference is not None else None
+    if select_metric not in df.columns or df[select_metric].isna().all():
+        select_metric = metric  # runs from before the validation split: say so in the footnote
+        how = how or f"the best baseline by mean {metric} (these runs have no validation accuracy)"
+    how = how or f"the best baseline by mean {select_metric} (validation), never by test"
     data = df.assign(_collapsed=collapsed_flags(df))
     cells = []
     for (r, c), g in data.groupby([rows, cols], sort=False):
         values = g[metric].dropna()
-        cells.append({rows: r, cols: c, "metric": metric, "mean": values.mean() if len(values) else math.nan,
+        mean, lo, hi = stats.t_interval(values)
+        cells.append({rows: r, cols: c, "metric": metric, "mean": mean,
                       "std": values.std(ddof=1) if len(values) > 1 else math.nan, "n": len(values),
+                      "ci_low": lo, "ci_high": hi,
                       "seeds": ";".join(str(s) for s in sorted(g.loc[values.index, SEED])),
                       "collapsed": bool(g["_collapsed"].any())})
     cells = pd.DataFrame(cells)
-    best = cells.groupby(cols)["mean"].transform("max" if higher_is_better(metric) else "min")
-    cells["best"] = cells["mean"].notna() & (cells["mean"] == best)
     col_order = sorted(cells[cols].unique(), reverse=cols == "prune.density")  # the field reads 10 % -> 0.1 %
     row_order = sorted(cells[rows].unique(), key=str)
     cells = cells.set_index([rows, cols]).reindex(pd.MultiIndex.from_product([row_order, col_order], names=[rows, cols]))
     cells = cells.reset_index()
     cells["n"] = cells["n"].fillna(0).astype(int)
-    cells["best"] = cells["best"].fillna(False).astype(bool)
     cells["collapsed"] = cells["collapsed"].fillna(False).astype(bool)
     cells["metric"] = metric
-    return Table(cells, rows, cols, metric, row_order, col_order)
+    refs, p, p_holm, marks, ref_col = {}, [math.nan] * len(cells), [math.nan] * len(cells), [""] * len(cells), []
+    for c in col_order:
+        ref = _pick_reference(data, rows, cols, c, reference, select_metric)
+        refs[c] = ref
+        idx = [i for i in range(len(cells)) if cells.at[i, cols] == c]
+        if ref is None:
+            continue
+        ref_seeds = _per_seed(data[(data[rows] == ref) & (data[cols] == c)], metric)
+        for i in idx:
+            if cells.at[i, rows] == ref:
+                marks[i] = REF
+                continue
+            g = data[(data[rows] == cells.at[i, rows]) & (data[cols] == c)]
+            p[i] = stats.paired_test(_per_seed(g, metric), ref_seeds).p_value
+        adjusted = stats.holm([p[i] for i in idx])
+        for i, q in zip(idx, adjusted):
+            p_holm[i] = q
+            if math.isfinite(q) and q < stats.ALPHA:
+                better = (cells.at[i, "mean"] > cells.loc[(cells[rows] == ref) & (cells[cols] == c), "mean"].iloc[0])
+                marks[i] = BETTER if better == higher_is_better(metric) else WORSE
+    cells["reference"] = [refs.get(c) for c in cells[cols]]
+    cells["p_value"], cells["p_holm"], cells["mark"] = p, p_holm, marks
+    return Table(cells, rows, cols, metric, row_order, col_order, refs, how)
 
 
 def collapsed_flags(df: pd.DataFrame) -> pd.Series:
@@ -128,13 +190,14 @@ def _number(table: Table, value: float) -> str:
 
 
 def cell_parts(table: Table, cell: pd.Series, per_cell_n: bool) -> tuple[str, str]:
-    """(value text, suffix) e.g. ("91.23 ± 0.45", " (n=2)†")."""
+    """(value text, suffix) e.g. ("91.23 ± 0.45", " ▲ (n=5)†"): mean ± 95 % CI half-width."""
     if cell["n"] == 0:
         return "–", ""
     text = _number(table, cell["mean"])
-    if cell["n"] > 1:
-        text += f" ± {_number(table, cell['std'])}"
-    suffix = f" (n={cell['n']})" if per_cell_n else ""
+    if cell["n"] > 1 and math.isfinite(cell["ci_high"]):
+        text += f" ± {_number(table, cell['ci_high'] - cell['mean'])}"
+    mark = f" {cell['mark']}" if cell["mark"] in (BETTER, WORSE) else ""
+    suffix = mark + (f" (n={cell['n']})" if per_cell_n else "")
     return text, suffix + (DAGGER if cell["collapsed"] else "")
 
 
@@ -148,8 +211,16 @@ def notes(table: Table) -> list[str]:
     ns = sorted(set(table.cells.loc[table.cells["n"] > 0, "n"]))
     unit = " (%)" if is_percent(table.metric) else ""
     seeds = f"n = {ns[0]} seed(s) per cell" if len(ns) == 1 else "n seeds per cell in brackets"
-    better = "highest" if higher_is_better(table.metric) else "lowest"
-    out = [f"{table.metric}{unit}, mean ± std over seeds; {seeds}; bold: {better} in its column."]
+    out = [f"{table.metric}{unit}: mean ± half-width of the 95 % confidence interval over seeds (Student t, n - 1 "
+           f"degrees of freedom); {seeds}."]
+    refs = {r for r in table.reference.values() if r is not None}
+    if refs:
+        where = (str(next(iter(refs))) if len(refs) == 1 else
+                 "; ".join(f"{col_label(table.cols, c)}: {r}" for c, r in table.reference.items() if r is not None))
+        out.append(f"Bold: the reference row of each column ({where}), {table.reference_how}. {BETTER} / {WORSE}: "
+                   f"significantly better / worse than it: two-sided paired t-test over the seeds both rows have "
+                   f"(same seed = same data order and init), Holm-corrected within the column, p < {stats.ALPHA}. "
+                   f"Unmarked cells are not distinguishable from the reference at this n.")
     if table.cols == "prune.density":
         out.append("Columns: prune.density, the fraction of prunable weights kept.")
     if table.cells["collapsed"].any():
@@ -170,13 +241,14 @@ def to_markdown(table: Table) -> str:
         out = []
         for cell in cells:
             text, suffix = cell_parts(table, cell, per_cell_n)
-            out.append((f"**{text}**" if cell["best"] else text) + suffix)
+            out.append((f"**{text}**" if cell["mark"] == REF else text) + suffix)
         lines.append("| " + " | ".join([esc(r)] + out) + " |")
     return "\n".join(lines + [""] + notes(table)) + "\n"
 
 
 def to_csv(table: Table) -> str:
-    """Long form, metric units (fractions for accuracies), one row per (row, col); `best` flags the column best."""
+    """Long form, metric units (fractions for accuracies), one row per (row, col), with the 95 % CI (ci_low,
+    ci_high), the paired test against the column's reference (p_value, p_holm, mark) and the reference row."""
     return table.cells.to_csv(index=False)
 
 
@@ -201,8 +273,9 @@ def to_latex(table: Table) -> str:
         for cell in cells:
             text, suffix = cell_parts(table, cell, per_cell_n)
             text = text.replace("±", r"$\pm$").replace("–", "--")
+            suffix = suffix.replace(BETTER, r"$\blacktriangle$").replace(WORSE, r"$\blacktriangledown$")
             suffix = suffix.replace(DAGGER, r"$^\dagger$").replace("(n=", r"\,{\scriptsize(n=").replace(")", ")}")
-            out.append((rf"\textbf{{{text}}}" if cell["best"] else text) + suffix)
+            out.append((rf"\textbf{{{text}}}" if cell["mark"] == REF else text) + suffix)
         lines.append(" & ".join([tex_escape(r)] + out) + r" \\")
     lines.append(r"\bottomrule")
     if table.cells["collapsed"].any():

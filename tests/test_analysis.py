@@ -110,10 +110,31 @@ def test_load_types_finals_and_left_out_runs(store, caplog):
     assert len(everything) == len(df) + 2
 
 
-def test_table_means_std_n_best_and_collapse(store):
+def _scipy_expectations(store, metric="test_acc"):
+    """95 % t interval per cell and the paired t-test of base+label_smoothing against base, by seed,
+    computed straight from the trainer's results with scipy."""
+    from scipy import stats as st
+
+    by = {}
+    for r in store["results"]:
+        by.setdefault((r["cell"], r["density"]), {})[r["seed"]] = r["result"][metric]
+    ci, p = {}, {}
+    for key, values in by.items():
+        v = np.array([values[s] for s in SEEDS])
+        ci[key] = st.t.interval(0.95, len(v) - 1, loc=v.mean(), scale=st.sem(v)) if v.std() > 0 else (v.mean(),) * 2
+    for d in DENSITIES:
+        a = [by[("base+label_smoothing", d)][s] for s in SEEDS]
+        b = [by[("base", d)][s] for s in SEEDS]
+        diff = np.subtract(a, b)
+        p[d] = st.ttest_rel(a, b).pvalue if diff.std() > 0 else (0.0 if diff[0] else 1.0)
+    return ci, p
+
+
+def test_table_means_ci_paired_tests_reference_and_collapse(store):
     df = load_runs(store["uri"], ["grid"])
     table = ablation_table(df)
     exp = expected(store)
+    ci, p = _scipy_expectations(store)
     assert table.row_order == sorted(CELLS) and table.col_order == sorted(DENSITIES, reverse=True)
     cells = table.cells.set_index(["cell", "prune.density"])
     assert len(cells) == len(exp)
@@ -121,9 +142,16 @@ def test_table_means_std_n_best_and_collapse(store):
         got = cells.loc[key]
         assert got["mean"] == pytest.approx(e["mean"]) and got["std"] == pytest.approx(e["std"])
         assert got["n"] == e["n"] == len(SEEDS) and got["collapsed"] == e["collapsed"]
+        assert (got["ci_low"], got["ci_high"]) == pytest.approx(ci[key])
     assert exp["collapsed"].any(), "the grid should contain a collapsed layer so the marker is exercised"
-    best = exp.reset_index().groupby("prune.density")["mean"].transform("max") == exp.reset_index()["mean"]
-    assert list(cells.loc[exp.index, "best"]) == list(best)
+    # the reference is the only baseline, chosen by validation; the other row is tested against it
+    assert table.reference == {d: "base" for d in DENSITIES}
+    for d in DENSITIES:
+        assert cells.loc[("base", d), "mark"] == "ref" and np.isnan(cells.loc[("base", d), "p_value"])
+        got = cells.loc[("base+label_smoothing", d)]
+        assert got["p_value"] == pytest.approx(p[d]) and got["p_holm"] == pytest.approx(p[d])  # one test per column
+        want = "" if not p[d] < 0.05 else ("▲" if got["mean"] > cells.loc[("base", d), "mean"] else "▼")
+        assert got["mark"] == want
 
     md = to_markdown(table).splitlines()
     assert md[0] == "| cell | 30 % | 5 % | 0.3 % |"
@@ -131,22 +159,50 @@ def test_table_means_std_n_best_and_collapse(store):
         texts = [t.strip() for t in line.strip("|").split("|")]
         assert texts[0] == cell
         for text, density in zip(texts[1:], table.col_order):
-            e = exp.loc[(cell, density)]
-            assert f"{100 * e['mean']:.2f} ± {100 * e['std']:.2f}" in text
-            assert text.startswith("**") == bool(cells.loc[(cell, density), "best"])
+            e, (lo, hi) = exp.loc[(cell, density)], ci[(cell, density)]
+            assert f"{100 * e['mean']:.2f} ± {100 * (hi - e['mean']):.2f}" in text
+            assert text.startswith("**") == (cell == "base")  # bold: the reference
             assert text.endswith("†") == bool(e["collapsed"])
-    assert f"n = {len(SEEDS)} seed(s) per cell" in to_markdown(table)
+    text = to_markdown(table)
+    assert f"n = {len(SEEDS)} seed(s) per cell" in text and "95 % confidence interval" in text
+    assert "paired t-test" in text and "Holm" in text and "reference row of each column (base)" in text
 
     csv = pd.read_csv(io.StringIO(to_csv(table)))
     assert list(csv.columns[:2]) == ["cell", "prune.density"]
+    assert {"ci_low", "ci_high", "p_value", "p_holm", "mark", "reference"} <= set(csv.columns)
     csv = csv.set_index(["cell", "prune.density"]).loc[exp.index]
-    assert csv["mean"].to_numpy() == pytest.approx(exp["mean"]) and list(csv["best"]) == list(best)
+    assert csv["mean"].to_numpy() == pytest.approx(exp["mean"])
     tex = to_latex(table)
     for piece in (r"\toprule", r"\midrule", r"\bottomrule", r"\textbf{", r"$\pm$", r"$^\dagger$", r"30\,\%",
                   r"base+label\_smoothing"):
         assert piece in tex
     body = "".join(line for line in tex.splitlines() if not line.startswith("%")).replace(r"\{", "").replace(r"\}", "")
     assert body.count("{") == body.count("}")
+
+
+def test_stats_against_scipy_on_known_numbers():
+    from scipy import stats as st
+
+    from analysis.stats import holm, paired_test, t_interval
+    a = [0.91, 0.93, 0.95, 0.90, 0.92]
+    b = [0.89, 0.90, 0.94, 0.88, 0.90]
+    mean, lo, hi = t_interval(a)
+    assert (lo, hi) == pytest.approx(st.t.interval(0.95, 4, loc=np.mean(a), scale=st.sem(a)))
+    test = paired_test(dict(enumerate(a)), dict(enumerate(b)))
+    assert test.n == 5 and test.p_value == pytest.approx(st.ttest_rel(a, b).pvalue) and test.diff == pytest.approx(0.02)
+    assert paired_test({0: 0.9, 1: 0.8, 7: 0.5}, {0: 0.85, 1: 0.8}).n == 2  # only seeds both rows have are paired
+    assert np.isnan(paired_test({0: 0.9}, {0: 0.8}).p_value)
+    assert holm([0.01, 0.04, float("nan"), 0.03]) == pytest.approx([0.03, 0.06, float("nan"), 0.06], nan_ok=True)
+
+
+def test_reference_option_and_its_errors(store, capsys):
+    df = load_runs(store["uri"], ["grid"])
+    table = ablation_table(df, reference="base+label_smoothing")
+    assert set(table.reference.values()) == {"base+label_smoothing"}
+    with pytest.raises(AnalysisError, match="--reference 'nope'.*base, base\\+label_smoothing"):
+        ablation_table(df, reference="nope")
+    assert main(["table", "--experiment", "grid", "--mlflow-uri", store["uri"], "--reference", "nope"]) == 2
+    assert "--reference 'nope'" in capsys.readouterr().err
 
 
 def test_varying_axis_is_refused_and_filter_resolves_it(store, capsys):
@@ -166,7 +222,7 @@ def test_varying_axis_is_refused_and_filter_resolves_it(store, capsys):
 
 @pytest.mark.parametrize("args, listed", [
     (["--experiment", "nope"], "existing experiments: Default, extra, grid"),
-    (["--experiment", "grid", "--metric", "acc"], "best_test_acc"),
+    (["--experiment", "grid", "--metric", "acc"], "test_acc_at_best_val"),
     (["--experiment", "grid", "--filter", "prune.dens=0.3"], "prune.density"),
     (["--experiment", "grid", "--filter", "prune.density=0.2"], "values present: 0.003, 0.05, 0.3"),
     (["--experiment", "grid", "--rows", "pruner"], "prune.pruner"),
@@ -224,11 +280,11 @@ def test_report_cli_writes_self_contained_html_and_logs_artifacts(store, tmp_pat
     assert "left out 1 FAILED, 1 RUNNING" in proc.stderr
     claimed = proc.stdout.split()
     names = {"table.md", "table.csv", "table.tex", "accuracy_vs_density.png", "accuracy_vs_density.pdf",
-             "layer_density.png", "layer_density.pdf", "index.html"}
+             "layer_density.png", "layer_density.pdf", "efficiency.png", "efficiency.pdf", "efficiency.md", "index.html"}
     assert {os.path.basename(p) for p in claimed} == names and all(os.path.isfile(p) for p in claimed)
     page = _Links()
     page.feed((out / "index.html").read_text())
-    assert len(page.imgs) == 2
+    assert len(page.imgs) == 3
     for img in page.imgs:  # embedded, and the same bytes as the PNG beside it
         assert img["src"].startswith("data:image/png;base64,")
         assert base64.b64decode(img["src"].split(",", 1)[1]) == (out / img["data-file"]).read_bytes()
