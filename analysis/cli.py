@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--cols", default="prune.density", help="column that makes the table columns (default: prune.density)")
     t.add_argument("--format", choices=list(FORMATS), help="markdown (default), csv or latex (booktabs)")
     t.add_argument("--out", metavar="FILE", help="write here instead of stdout (format inferred from .md/.csv/.tex)")
-    p = sub.add_parser("plot", parents=[_common()], help="accuracy vs density and per-layer density (PNG + PDF)")
+    p = sub.add_parser("plot", parents=[_common()], help="accuracy vs density, per-layer density, size and latency vs density (PNG + PDF)")
     p.add_argument("--out", default="plots", metavar="DIR", help="output folder (default: plots)")
     p.add_argument("--layer-density", type=float, metavar="D",
                    help="density for the per-layer plot (default: the lowest below 1)")
@@ -71,11 +71,12 @@ def _table(args, uri: str, experiments: list[str], statuses: list[str]) -> None:
 
 
 def _plot(args, uri: str, experiments: list[str], statuses: list[str]) -> None:
-    from . import plots
+    from . import efficiency, plots
 
     df = apply_filters(load_runs(uri, experiments, statuses), args.filter)
     files = plots.accuracy_vs_density(df, os.path.join(args.out, "accuracy_vs_density"), args.metric, args.rows)
     files += plots.layer_density_plot(df, os.path.join(args.out, "layer_density"), args.layer_density, args.rows, uri)
+    files += efficiency.write(df, args.out)  # size and latency vs density ([] for runs without the figures)
     for path in files:
         print(path)
 

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 import sparse_core
 
-from . import plots
+from . import efficiency, plots
 from .load import ANALYSIS_CELL, AnalysisError, apply_filters, experiment_ids, load_runs
 from .table import EXTENSIONS, FORMATS, Table, ablation_table, cell_parts, col_label, grid, notes, uniform_n
 
@@ -80,6 +80,11 @@ def build(uri: str, experiments: list[str], out: str, metric: str = "test_acc", 
         files += paths
     except AnalysisError as e:  # no layer_density.json artifacts: the rest of the report still stands
         log.warning("no per-layer density plot: %s", e)
+    paths = efficiency.write(df, out)  # [] (and a warning) for runs without size/latency figures
+    if paths:
+        figures.append(_figure(out, paths[:2], "model file size and CPU inference latency vs density (sparse / dense); "
+                                               "table: efficiency.md"))
+        files += paths
     run_id = None
     client = MlflowClient(tracking_uri=uri)
     if log_to_mlflow:

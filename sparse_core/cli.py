@@ -56,12 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. prune.density=0.01")
     parser.add_argument("--checkpoint", metavar="PATH", help="save state here after every epoch; resume if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--export", metavar="PATH", help="write the final model here in compact sparse form "
+                        "(safetensors; sparse_core.export.load rebuilds it)")
     args = parser.parse_args(argv)
     try:
         cfg = from_flat(parse_overrides(args.overrides))
         validate_names(cfg)
     except ValueError as e:
         parser.error(str(e))
+
+    if args.export:
+        parent = os.path.dirname(os.path.abspath(args.export))
+        if os.path.isdir(args.export) or not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            print(f"error: --export {args.export}: cannot write a file there ({parent} must be a writable "
+                  f"directory); pass another path", file=sys.stderr)
+            return 2
 
     import torch  # after argument checks, so a typo fails fast
 
@@ -81,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             os.replace(tmp, args.checkpoint)
 
     try:
-        result = run(cfg, log, state)
+        result = run(cfg, log, state, export_path=args.export)  # + sizes, CPU latencies; the file if --export
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -89,5 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(f"done: test acc {result['test_acc']:.4f} (best {result['best_test_acc']:.4f}) at density "
               f"{result['density']:.4f} in {result['seconds']:.1f}s; run_key {result['run_key']}", file=sys.stderr)
+    if args.export and not args.quiet:
+        print(f"exported {args.export}: {result['model_bytes_sparse']:,} bytes (dense state dict "
+              f"{result['model_bytes_dense']:,})", file=sys.stderr)
     print(json.dumps(_json_safe(result)))
     return 0

@@ -46,6 +46,9 @@ def parse_args(argv):
     parser.add_argument("--resume", nargs="?", const="latest", metavar="RUN",
                         help="restore an interrupted sweep: the latest Tune run of this sweep under --storage-path, "
                              "or the named one")
+    parser.add_argument("--export", action="store_true",
+                        help="log each finished trial's compact sparse model (sparse_core.export) as the MLflow "
+                             "artifact model.safetensors")
     options.add_common(parser, "<preset>-<design>")
     return parser, parser.parse_args(argv)
 
@@ -154,7 +157,8 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch) -> tuple[int, 
             raise SystemExit(f"error: --gpus-per-trial {gpus} but the Ray cluster has no GPU")
         cpus = args.cpus_per_trial or preset.cpus_per_trial
         meta = {"sweep": sweep, "tracking_uri": uri, "experiment_id": exp_id, "cpus": cpus,
-                "git_commit": tracking.git_commit(launch.ROOT), "report_every_s": REPORT_EVERY_S}
+                "git_commit": tracking.git_commit(launch.ROOT), "report_every_s": REPORT_EVERY_S,
+                "export": args.export}
         progress = launch.Progress(len(todo), uri, exp_id)
         if path:
             print(f"resuming {path}", flush=True)

@@ -27,7 +27,12 @@ _NOT_METRICS = {"epoch", "epochs", "round", "stage_epoch", "stage"}
 # Result keys logged once at the end (step = number of training epochs).
 FINAL_METRICS = ("test_acc", "test_loss", "best_test_acc", "pre_test_acc", "prune_test_acc", "density",
                  "density_target", "density_all", "kept_weights", "prunable_weights", "flops_dense",
-                 "flops_sparse", "rigl_regrown", "seconds", "epochs")
+                 "flops_sparse", "rigl_regrown", "seconds", "epochs",
+                 # sparse_core.export.figures: file sizes and CPU inference latency (NaN = not measured)
+                 "model_bytes_dense", "model_bytes_sparse", "latency_threads", "latency_dense_ms_b1",
+                 "latency_sparse_ms_b1", "latency_ratio_b1", "latency_dense_ms_b256", "latency_sparse_ms_b256",
+                 "latency_ratio_b256")
+EXPORT_ARTIFACT = "model.safetensors"  # a trial's compact model (sparse_core.export), with --export
 
 
 class TrackingError(RuntimeError):
@@ -222,8 +227,19 @@ class TrialRun:
         self.flush()
         _retry(self.client.set_tag, self.run_id, "collapsed_layers", ",".join(result["collapsed_layers"]))
         _retry(self.client.set_tag, self.run_id, "device", result.get("device", ""))
+        if "sparse_path" in result:
+            _retry(self.client.set_tag, self.run_id, "sparse_path", result["sparse_path"])
         _retry(self.client.log_dict, self.run_id, result["layer_density"], "layer_density.json")
         _retry(self.client.set_terminated, self.run_id, "FINISHED")
+
+    def log_export(self, path: str) -> None:
+        """The trial's exported model file, as the artifact ``EXPORT_ARTIFACT``."""
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            shutil.copyfile(path, os.path.join(d, EXPORT_ARTIFACT))
+            _retry(self.client.log_artifact, self.run_id, os.path.join(d, EXPORT_ARTIFACT))
 
     def fail(self, error: BaseException) -> None:
         """Mark the run FAILED (an exception) or KILLED (interrupted); never leave it RUNNING."""

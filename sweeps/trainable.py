@@ -98,7 +98,11 @@ def train_trial(config: dict) -> None:
         last_sync = last_report = time.monotonic()
 
     try:
-        result = run_pipeline(cfg, log, state)
+        with tempfile.TemporaryDirectory() as d:  # meta["export"]: the compact model as an artifact
+            path = os.path.join(d, tracking.EXPORT_ARTIFACT) if meta.get("export") else None
+            result = run_pipeline(cfg, log, state, export_path=path)
+            if path:
+                mlrun.log_export(path)
         mlrun.finish(result)
     except BaseException as e:
         mlrun.fail(e)

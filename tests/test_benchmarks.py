@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import subprocess
 import sys
@@ -100,3 +101,24 @@ def test_digits_study_tiny_tunes_sweeps_and_analyses(tmp_path):
                 expected.update(extra)
         for key in {k for extra in preset.cell_overrides.values() for k in extra}:
             assert params[key] == from_flat({key: expected[key]}).to_flat()[key], (cell, key)
+
+
+def test_sparse_latency_tiny_reports_finite_ratios_per_density_and_batch():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sparse_latency.py"), "--tiny"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    assert f"torch {__import__('torch').__version__}" in out and "# device cpu" in out
+    assert "1 torch thread(s)" in out
+    if not __import__("torch").cuda.is_available():
+        assert "no CUDA device in this run: CPU rows only" in out
+    header = next(line for line in out.splitlines() if line.startswith("device "))
+    assert header.split() == ["device", "density", "batch", "dense", "ms", "sparse", "ms", "sparse/dense", "[IQR]",
+                              "size", "ratio"]
+    rows = [line.split() for line in out.splitlines() if line.startswith(("cpu ", "cuda "))]
+    assert [(r[1], r[2]) for r in rows if r[0] == "cpu"] == [(d, b) for d in ("0.1", "0.01", "0.001")
+                                                            for b in ("1", "256")]
+    for r in rows:
+        dense_ms, sparse_ms, ratio, size = float(r[3]), float(r[4]), float(r[5]), float(r[7])
+        assert all(math.isfinite(v) and v > 0 for v in (dense_ms, sparse_ms, ratio, size)), r
+        assert size < 1.0  # the compact export is smaller than the dense state dict at every density here
