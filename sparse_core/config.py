@@ -107,7 +107,7 @@ class PruneConfig:
     rounds: int = 1  # 1 = one-shot; n > 1 = iterative, density_k = density^(k/n)
     gradual_epochs: int = 0  # GMP (Zhu & Gupta 2017): epochs after pre-training in which the mask is re-pruned every gradual_every steps on the cubic schedule from 1 to density (0 = off)
     gradual_every: int = 10  # gradual: optimizer steps between pruning steps
-    rescale: str = "none"  # after pruning a trained network: none | sqrt (kept weights x 1/sqrt(layer density)) | data (per layer, restore the pre-activation std of the unpruned network on the scoring batch)
+    rescale: str = "auto"  # after pruning a trained network: auto (the pruner's registered choice: data for random, none for the rest, as measured) | none | sqrt (kept weights x sqrt(kept before / kept after)) | data (per layer, restore the pre-activation std of the unpruned network on the scoring batch)
     round_epochs: int = 0  # training epochs between iterative rounds (iterative magnitude pruning)
     rewind_epoch: int = -1  # after each round rewind kept weights to their value after this pre-training epoch (-1 = no rewind, 0 = init)
     samples_per_class: int = 10  # snip/grasp: scoring batch = this many training samples per class (fixed, seeded)
@@ -124,7 +124,7 @@ class PruneConfig:
         _check("prune.grasp_temperature", self.grasp_temperature, self.grasp_temperature > 0, "> 0")
         _check("prune.gradual_epochs", self.gradual_epochs, self.gradual_epochs >= 0, ">= 0")
         _check("prune.gradual_every", self.gradual_every, self.gradual_every >= 1, ">= 1")
-        _choice("prune.rescale", self.rescale, ("none", "sqrt", "data"))
+        _choice("prune.rescale", self.rescale, ("auto", "none", "sqrt", "data"))
 
 
 @dataclass(frozen=True)
@@ -293,7 +293,18 @@ def from_flat(flat: Mapping[str, Any]) -> Config:
     """
     unknown = sorted(set(flat) - set(FIELD_TYPES))
     if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join(unknown)}; valid keys: {', '.join(FIELD_TYPES)}")
+        import difflib
+
+        def closest(key: str) -> str:  # same field name in another section first, then spelling
+            same = [k for k in FIELD_TYPES if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+            score = {k: difflib.SequenceMatcher(None, key, k).ratio() for k in FIELD_TYPES}
+            top = max(score.values())  # the best match and any as close (a shared section prefix inflates all)
+            near = same + [k for k in sorted(score, key=score.get, reverse=True)[:3]
+                           if score[k] >= max(0.6, top - 0.05) and k not in same]
+            return f"{key} (did you mean {' or '.join(near[:3])}?)" if near else key
+
+        raise ValueError(f"unknown config key(s): {', '.join(map(closest, unknown))}; valid keys: "
+                         f"{', '.join(FIELD_TYPES)}")
     sections: dict[str, dict[str, Any]] = {}
     top: dict[str, Any] = {}
     for key, value in flat.items():

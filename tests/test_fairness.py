@@ -150,6 +150,8 @@ def test_mask_pruner_works_over_several_rounds():
 # ---- the pruner registry carries what the trainer needs ------------------------------------------
 def test_needs_data_comes_from_the_registry():
     assert {n for n in PRUNERS if pruners.needs_data(n)} == {"snip", "grasp"}
+    # prune.rescale=auto: only random pruning, where it was measured to help, gets the data rescale
+    assert {n for n in PRUNERS if pruners.rescale_after_training(n) == "data"} == {"random"}
     with pytest.raises(ValueError, match="no-such-pruner"):
         pruners.needs_data("no-such-pruner")
 

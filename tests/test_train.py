@@ -76,13 +76,18 @@ def test_cli_digits_mlp_dense_reaches_95_percent_and_prints_the_contract():
     out = _cli("prune.density=1.0")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("run_key", "test_acc", "best_test_acc", "density", "density_target", "layer_density",
+    for key in ("run_key", "test_acc", "val_acc", "best_val_acc", "test_acc_at_best_val", "density", "density_target",
+                "layer_density",
                 "collapsed_layers", "flops_dense", "flops_sparse", "seconds", "config"):
         assert key in result, key
     assert result["test_acc"] >= 0.95
     assert result["density"] == 1.0 and result["flops_sparse"] == result["flops_dense"]
     assert result["config"]["prune.density"] == 1.0
+    assert "best_test_acc" not in result  # no selection on test
     assert "[ 30/30] post" in out.stderr  # progress per epoch on stderr, nothing else on stdout
+    # the split: 1,437 training images less 144 for validation, and the 360-image test set
+    assert "1293 train / 144 validation / 360 test images (1797 in all)" in out.stderr
+    assert result["data_sizes"] == {"train": 1293, "val": 144, "test": 360}
     assert len(out.stdout.strip().splitlines()) == 1
 
 

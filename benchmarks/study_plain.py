@@ -1,0 +1,108 @@
+"""A sweep's trials run as a plain process pool (no Ray, no MLflow), then analysis's table and plot.
+
+The same trial list as ``python sweeps/ablation_grid.py --preset P --design D`` (``sweeps.designs``, so the
+same configs and run_keys), each trial one ``sparse_core.train.run`` with 1 torch thread, ``--workers``
+processes at once. Results are appended to ``<out>/results.jsonl`` as they finish, and a re-run skips
+run_keys already there, so an interrupted study continues. Then ``analysis.table`` (mean, 95 % CI, paired
+tests against the best baseline by validation accuracy) and ``analysis.plots`` build
+``<out>/table.md``/``table.csv`` and ``<out>/accuracy_vs_density.png``/``.pdf`` from the same numbers a
+sweep would log. Used for the README's results when the sweep machinery itself is not what is studied.
+
+    python benchmarks/study_plain.py --preset digits-study --densities 0.1,0.03,0.01,0.003 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _one(item):
+    import torch
+
+    torch.set_num_threads(1)
+    from sparse_core.config import from_flat
+    from sparse_core.train import run
+
+    cell, flat = item
+    started = time.process_time()
+    result = run(from_flat(flat))
+    result.pop("history")
+    return {"cell": cell, "cpu_s": time.process_time() - started, **result}
+
+
+def frame(rows: list[dict]):
+    import pandas as pd
+
+    out = []
+    for r in rows:
+        row = {**r["config"], **{k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+        row.update(cell=r["cell"], collapsed_layers=",".join(r["collapsed_layers"]),
+                   n_collapsed_layers=len(r["collapsed_layers"]), run_key=r["run_key"])
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def main(argv=None) -> int:
+    from sweeps import designs, presets
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="digits-study")
+    ap.add_argument("--design", default="leave-one-out")
+    ap.add_argument("--densities", help="comma separated (default: the preset's)")
+    ap.add_argument("--seeds", help="comma separated (default: the preset's)")
+    ap.add_argument("--cells", help="comma separated cells (default: all of the design)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_study"))
+    args = ap.parse_args(argv)
+    preset = presets.get(args.preset)
+    densities = tuple(float(d) for d in args.densities.split(",")) if args.densities else preset.densities
+    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else preset.seeds
+    cells = args.cells.split(",") if args.cells else None
+    trials, _ = designs.trials(args.design, dict(preset.base), densities, seeds, preset.synflow_rounds, cells,
+                               preset.cell_overrides)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.jsonl")
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                done[r["run_key"]] = r
+    todo = [(t.cell, t.flat) for t in trials if t.run_key not in done]
+    print(f"{len(trials)} trials, {len(done)} already in {path}, {len(todo)} to run on {args.workers} workers",
+          flush=True)
+    started = time.time()
+    with mp.get_context("spawn").Pool(args.workers) as pool, open(path, "a") as f:
+        for i, r in enumerate(pool.imap_unordered(_one, todo), 1):
+            f.write(json.dumps(r, default=str) + "\n")
+            f.flush()
+            done[r["run_key"]] = r
+            eta = (time.time() - started) / i * (len(todo) - i)
+            print(f"[{i}/{len(todo)}] {r['cell']} d={r['density_target']:g} s={r['config']['seed']}: "
+                  f"val {100 * r['val_acc']:.2f} test {100 * r['test_acc']:.2f} ({r['cpu_s']:.1f} CPU s, "
+                  f"eta {eta:.0f}s)", flush=True)
+    from analysis import plots
+    from analysis.table import ablation_table, to_csv, to_markdown
+
+    keys = {t.run_key for t in trials}
+    df = frame([r for k, r in done.items() if k in keys])
+    table = ablation_table(df)
+    for name, render in (("table.md", to_markdown), ("table.csv", to_csv)):
+        with open(os.path.join(args.out, name), "w") as f:
+            f.write(render(table))
+    files = plots.accuracy_vs_density(df, os.path.join(args.out, "accuracy_vs_density"))
+    print(to_markdown(table))
+    print("wrote", ", ".join([os.path.join(args.out, n) for n in ("table.md", "table.csv")] + files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
