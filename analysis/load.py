@@ -1,10 +1,13 @@
 """Read sweep runs from MLflow into one typed DataFrame (one row per run).
 
 Columns: every flat config key of ``sparse_core`` (typed by ``from_flat``, so ``prune.density`` is a
-float and ``post.soft_skip`` a bool), the final metrics (MLflow's latest value of each), the tags
+float and ``post.soft_skip`` a bool), the final metrics (``final/test_acc`` read as ``test_acc``; runs
+logged before the prefix read the same, see ``runstore``), the tags
 ``cell``, ``run_key``, ``sweep``, ``collapsed_layers``, and ``run_id``, ``experiment``, ``status``.
 The subtle point: runs that are not FINISHED (a FAILED trial, a RUNNING one mid-sweep) would bias a
-mean, so they are left out by default and the count per status is logged, never dropped silently.
+mean, so they are left out by default and the count per status is logged, never dropped silently;
+so are the runs of Optuna searches (cell ``optuna``: their tuned knobs differ from run to run) unless
+``include_search``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import pandas as pd
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from sparse_core.config import FIELD_TYPES, from_flat
+from runstore import SEARCH_CELL, final_metrics, parse_bool, search_ids, typed_config
+from sparse_core.config import FIELD_TYPES
 
 log = logging.getLogger("analysis")
 
@@ -57,35 +61,18 @@ def _existing(client: MlflowClient) -> str:
     return "; existing experiments: " + (", ".join(names) if names else "(none)")
 
 
-def _typed_config(params: dict[str, str]) -> tuple[dict | None, list[str]]:
-    """(typed flat config with defaults filled in, unknown param keys); None if the params do not parse."""
-    known = {k: v for k, v in params.items() if k in FIELD_TYPES}
-    extra = sorted(set(params) - set(known))
-    if not known:
-        return None, extra
-    try:
-        return from_flat(known).to_flat(), extra
-    except ValueError:
-        return None, extra
-
-
-def load_runs(uri: str, experiments: Sequence[str], statuses: Sequence[str] = ("FINISHED",)) -> pd.DataFrame:
+def load_runs(uri: str, experiments: Sequence[str], statuses: Sequence[str] = ("FINISHED",),
+              include_search: bool = False) -> pd.DataFrame:
     """All trial runs of ``experiments`` whose status is in ``statuses``, one row each.
 
-    Left out, with a logged count per reason: other statuses, the analysis run itself, and runs whose
-    params are not a sparse_core config. Runs that repeat a run_key (same config run twice) keep the newest.
+    Left out, with a logged count per reason: other statuses, the analysis run itself, runs of Optuna
+    searches (unless ``include_search``) and runs whose params are not a sparse_core config. Runs that
+    repeat a run_key (same config run twice) keep the newest.
     """
     client = MlflowClient(tracking_uri=uri)
     ids = experiment_ids(client, experiments)
     names = {v: k for k, v in ids.items()}
-    runs, token = [], None
-    while True:
-        page = client.search_runs(list(ids.values()), run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
-                                  order_by=["attributes.start_time DESC"], page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
+    runs = search_ids(client, ids.values(), order_by=["attributes.start_time DESC"])
     wanted = {s.upper() for s in statuses}
     left_out: Counter = Counter()
     extra_keys: set[str] = set()
@@ -94,10 +81,13 @@ def load_runs(uri: str, experiments: Sequence[str], statuses: Sequence[str] = ("
         tags = run.data.tags
         if tags.get("cell") == ANALYSIS_CELL:
             continue  # the report's own run: not a trial, and not worth a message
+        if tags.get("cell") == SEARCH_CELL and not include_search:
+            left_out[f"Optuna search runs (cell {SEARCH_CELL!r}; --include-search to use them)"] += 1
+            continue
         if run.info.status not in wanted:
             left_out[run.info.status] += 1
             continue
-        config, extra = _typed_config(run.data.params)
+        config, extra = typed_config(run.data.params)
         if config is None:
             left_out["params not a valid sparse_core config"] += 1
             continue
@@ -107,7 +97,7 @@ def load_runs(uri: str, experiments: Sequence[str], statuses: Sequence[str] = ("
             left_out["duplicate run_key (kept the newest)"] += 1
             continue
         seen.add(key)
-        row = {**config, **{k: float(v) for k, v in run.data.metrics.items()}}
+        row = {**config, **final_metrics(run.data.metrics)}
         row.update({t: tags.get(t, "") for t in TAGS})  # the tag wins over a same-named per-round metric
         row["cell"] = row["cell"] or "(no cell tag)"
         row.update(run_id=run.info.run_id, experiment=names[run.info.experiment_id], status=run.info.status,
@@ -138,9 +128,9 @@ def metric_columns(df: pd.DataFrame) -> list[str]:
 def _coerce(column: pd.Series, key: str, value: str):
     typ = FIELD_TYPES.get(key)
     if typ is bool or pd.api.types.is_bool_dtype(column):
-        low = value.strip().lower()
-        if low in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return low in ("true", "1", "yes", "on")
+        parsed = parse_bool(value)
+        if parsed is not None:
+            return parsed
         raise AnalysisError(f"--filter {key}={value}: {key} is true or false")
     if typ in (int, float) or pd.api.types.is_numeric_dtype(column):
         try:

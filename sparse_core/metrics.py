@@ -71,3 +71,19 @@ def flops(model: nn.Module, in_shape: tuple[int, ...], masks: dict[str, torch.Te
     dense = int(counter.get_total_flops())
     removed = sum(per_layer[n] * (1.0 - float(masks[n].float().mean())) for n in per_layer)
     return dense, int(round(dense - removed))
+
+
+CHANCE_FACTOR = 1.5  # "at chance": accuracy below this multiple of the best constant guess
+
+
+def chance_accuracy(y: torch.Tensor, num_classes: int) -> float:
+    """Accuracy of the best constant guess on labels ``y``: the most frequent class's share (at
+    least 1/num_classes). A network that learned nothing, or diverged, predicts one class and
+    scores about this."""
+    counts = torch.bincount(y.detach().long().cpu(), minlength=num_classes)
+    return max(float(counts.max()) / max(int(y.numel()), 1), 1.0 / num_classes)
+
+
+def at_chance(acc: float, y: torch.Tensor, num_classes: int) -> bool:
+    """True when ``acc`` is below ``CHANCE_FACTOR`` x ``chance_accuracy`` (NaN counts as at chance)."""
+    return not acc >= CHANCE_FACTOR * chance_accuracy(y, num_classes)

@@ -2,5 +2,6 @@
 
 ``ablation_grid.py`` (design cells x densities x seeds) and ``optuna_search.py`` (continuous
 knobs of one method) are the command lines; ``trainable.py`` is the only module where
-sparse_core meets Ray; ``tracking.py`` is the MLflow side (read helpers for ``analysis`` too).
+sparse_core meets Ray; ``tracking.py`` writes one MLflow run per trial (the store itself is
+``runstore``, shared with ``analysis``); ``summary.py`` ends a sweep with a summary and the report.
 """

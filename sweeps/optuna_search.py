@@ -5,8 +5,10 @@
 
 Only the knobs the method uses are searched (mask.* with a learned mask, post.smoothing with
 label smoothing, post.soft_fraction with a soft schedule); ``--params`` picks them by hand.
-Every trial is an MLflow run with cell ``optuna``; the best config is printed as ``--set``
-overrides to paste into ``ablation_grid.py``.
+Every trial is an MLflow run with cell ``optuna``, in its own experiment (default
+``sparsity-sweep-optuna``, so the grid's tables never mix with it). Trials are ranked, stopped (ASHA)
+and picked by validation accuracy (``val_acc``), never test accuracy; the best config is printed as
+``--set`` overrides to paste into ``ablation_grid.py``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the re
         sys.path.insert(0, _root)
 
 from sparse_core.config import from_flat  # noqa: E402
+from runstore import SEARCH_CELL, ui_link  # noqa: E402
 from sweeps import designs, options, presets, tracking  # noqa: E402
 
 # knob -> (distribution, low, high, used when); log-uniform for scale-like knobs.
@@ -36,7 +39,8 @@ SPACE = {
     "post.soft_fraction": ("uniform", 0.1, 1.0,  # share of post-training the soft schedules run
                            lambda c: c.post.soft_activation or c.post.soft_skip),
 }
-CELL = "optuna"
+CELL = SEARCH_CELL
+METRIC = "val_acc"  # what the search maximises, ASHA compares and the best pick uses
 
 
 def parse_args(argv):
@@ -51,9 +55,9 @@ def parse_args(argv):
     parser.add_argument("--num-samples", type=int, default=16, help="trials (default %(default)s)")
     parser.add_argument("--sampler-seed", type=int, default=0, help="TPE sampler seed (default %(default)s)")
     parser.add_argument("--asha", action="store_true",
-                        help="stop weak trials early (ASHA on test_acc; rungs start after pruning)")
+                        help=f"stop weak trials early (ASHA on {METRIC}; rungs start after pruning)")
     options.add_common(parser, "optuna-<preset>")
-    parser.set_defaults(max_concurrent=None)
+    parser.set_defaults(max_concurrent=None, experiment=f"{options.DEFAULT_EXPERIMENT}-optuna")
     return parser, parser.parse_args(argv)
 
 
@@ -96,14 +100,9 @@ def main(argv=None) -> int:
     print(f"sweep {sweep!r}: {args.num_samples} trials, TPE over {space_text} | MLflow {uri} "
           f"experiment {args.experiment!r}", flush=True)
 
-    import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     from sweeps import launch
-    from sparse_core.train import total_epochs
 
     started_ray = launch.connect()
     try:
@@ -117,19 +116,9 @@ def main(argv=None) -> int:
         meta = {"sweep": sweep, "tracking_uri": uri, "experiment_id": exp_id, "cpus": cpus,
                 "git_commit": tracking.git_commit(launch.ROOT)}
         space = {"trial": {"cell": CELL, "flat": flat_space}, "meta": meta}
-        sampler = optuna.samplers.TPESampler(seed=args.sampler_seed)
         concurrent = args.max_concurrent or max(1, int(launch.cluster_cpus() // cpus))
-        search = ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=concurrent)
-        scheduler = None
-        if args.asha:
-            epochs = total_epochs(cfg)
-            first = 1 if cfg.train.method == "rigl" else min(epochs, epochs - cfg.train.post_epochs + 1)
-            # max_t one past the last epoch: a trial that survives every rung must still send its final result.
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=max(1, first),
-                                      reduction_factor=2)
-        tune_cfg = tune.TuneConfig(metric="test_acc", mode="max", search_alg=search, scheduler=scheduler,
-                                   num_samples=args.num_samples, reuse_actors=True,
-                                   trial_dirname_creator=launch.trial_dirname)
+        tune_cfg = search_config(cfg, args.num_samples, args.sampler_seed, concurrent, args.asha,
+                                 trial_dirname_creator=launch.trial_dirname)
         name = f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}"
         progress = launch.Progress(args.num_samples, uri, exp_id)
         tuner = launch.tuner(space, cpus=cpus, gpus=gpus, tune_config=tune_cfg,
@@ -151,15 +140,50 @@ def main(argv=None) -> int:
     if not complete:
         print("no trial completed")
         return 1
-    best = max(complete, key=lambda r: r.metrics["test_acc"])
+    best = best_result(complete)
     tuned = {k: best.config["trial"]["flat"][k] for k in knobs}
-    print(f"best test_acc {best.metrics['test_acc']:.4f} (mlflow run {best.metrics.get('mlflow_run_id')}):")
+    print(f"best by {METRIC}: val {100 * best.metrics[METRIC]:.2f} %, test {100 * best.metrics['test_acc']:.2f} % "
+          f"(mlflow run {best.metrics.get('mlflow_run_id')}, experiment {args.experiment!r}):")
     for k, v in tuned.items():
         print(f"  {k} = {v:.6g}")
     extra = [s for s in args.set if s.split("=", 1)[0].strip() not in designs.DESIGN_KEYS]
     print("for ablation_grid.py: " + " ".join([f"--set {s}" for s in extra]
                                                + [f"--set {k}={_short(v)}" for k, v in tuned.items()]))
+    command, url = ui_link(uri, exp_id)
+    print(f"all trials in the MLflow UI: {url}" + (f" (serve it with: {command})" if command else ""))
     return 1 if failed else 0
+
+
+def search_config(cfg, num_samples: int, sampler_seed: int, concurrent: int, asha: bool, **kwargs):
+    """The TuneConfig of the search: seeded TPE (at most ``concurrent`` trials at once) maximising
+    ``METRIC``, with ASHA on the same metric when ``asha`` (rungs start at the first epoch after pruning)."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sparse_core.train import total_epochs
+
+    search = ConcurrencyLimiter(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sampler_seed)),
+                                max_concurrent=concurrent)
+    scheduler = None
+    if asha:
+        epochs = total_epochs(cfg)
+        first = 1 if cfg.train.method == "rigl" else min(epochs, epochs - cfg.train.post_epochs + 1)
+        # max_t one past the last epoch: a trial that survives every rung must still send its final result.
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=max(1, first), reduction_factor=2)
+    return tune.TuneConfig(metric=METRIC, mode="max", search_alg=search, scheduler=scheduler,
+                           num_samples=num_samples, reuse_actors=True, **kwargs)
+
+
+def best_result(results):
+    """The result with the highest ``METRIC`` (validation accuracy; a NaN never wins)."""
+    def score(result) -> float:
+        value = result.metrics.get(METRIC, math.nan)
+        return value if math.isfinite(value) else -math.inf
+
+    return max(results, key=score)
 
 
 def _short(value: float) -> str:

@@ -1,0 +1,247 @@
+"""The MLflow store of a study: where it is, its experiments, and reading runs back.
+
+Shared by ``sweeps`` (which writes one run per trial) and ``analysis`` (which reads them); it
+imports neither, nor Ray. One naming rule lives here: per-epoch metrics are ``epoch/<key>``, values
+logged once at the end ``final/<key>`` and per pruning round ``prune/<key>`` (MLflow charts one
+section per prefix, in name order, so a run's page shows the curves first and the final values
+apart); readers take ``final/`` as the plain key, and runs logged before the prefixes read the same.
+
+The subtle point is the experiment kind. MLflow 3.17's UI opens an experiment on its GenAI
+overview unless told otherwise: its experiment page takes the kind from the workflow switch
+(``?workflowType=`` in the URL, else the browser's saved choice, which defaults to ``genai``), and
+the experiment tag ``mlflow.experimentKind`` is what the UI's kind selector writes and reads.
+Every experiment made or written to here carries ``custom_model_development`` and every link we
+print carries ``workflowType=machine_learning``, plus ``viewStateShareKey=study``: a view of the
+runs table (config and final-metric columns, best validation accuracy first) stored as the
+experiment tag ``mlflow.sharedViewState.study``, which is how the UI's "share view" works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # MLflow's "Machine learning" kind (not GenAI)
+GENAI_KINDS = ("genai_development", "genai_development_inferred")
+UI_QUERY = "workflowType=machine_learning"  # the UI's workflow switch, set by the link itself
+STUDY_VIEW = "study"  # ?viewStateShareKey= of the runs-table view below
+VIEW_TAG = "mlflow.sharedViewState." + STUDY_VIEW
+_VIEW = json.dumps({  # column ids as the UI writes them: <type>.`<key>`
+    "selectedColumns": ["tags.`cell`", "params.`prune.density`", "params.`seed`", "metrics.`final/val_acc`",
+                        "metrics.`final/test_acc`", "metrics.`final/n_collapsed_layers`", "metrics.`final/seconds`"],
+    "orderByKey": "metrics.`final/val_acc`", "orderByAsc": False})
+# Metric names: MLflow 3.17 charts a run in one section per ``prefix/``, sections sorted by name, and
+# puts unprefixed metrics last, so the per-epoch curves get the prefix that sorts first.
+EPOCH_PREFIX = "epoch/"  # per training epoch (step = global epoch): the curves
+FINAL_PREFIX = "final/"  # once, at the end (step = number of epochs): the results
+PRUNE_PREFIX = "prune/"  # per pruning round (step = round): right after pruning
+SEARCH_CELL = "optuna"  # the cell tag of Optuna search trials (their tuned knobs differ run to run)
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (unreachable server, bad URI, deleted experiment)."""
+
+
+# ---- where ---------------------------------------------------------------------------------
+def resolve_tracking_uri(cli_value: str | None = None) -> str:
+    """``--mlflow-uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
+
+    A relative SQLite path is made absolute here (against the current directory), because Ray
+    workers run elsewhere. The plain file store (``./mlruns``) is refused by MLflow >= 3.13.
+    """
+    uri = (cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI).strip()
+    if uri.startswith("sqlite://"):
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if not path or path == ":memory:":
+            raise TrackingError(f"tracking URI {uri!r}: give a database file, e.g. {DEFAULT_TRACKING_URI}")
+        return "sqlite:///" + os.path.abspath(path)
+    if "://" not in uri or uri.startswith("file:"):
+        raise TrackingError(f"tracking URI {uri!r} is a file store, which MLflow >= 3.13 refuses; use "
+                            f"{DEFAULT_TRACKING_URI} or an http(s) tracking server")
+    return uri
+
+
+def sqlite_path(uri: str) -> str | None:
+    return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+
+
+def unwritable(path: str, *, directory: bool = True) -> str | None:
+    """Why ``path`` (a directory, or a file when ``directory`` is False) cannot be created or written
+    there, or None. Checks the path and its nearest existing ancestor, touching nothing."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path):
+        if directory and not os.path.isdir(path):
+            return f"{path} is a file, not a directory"
+        if not directory and os.path.isdir(path):
+            return f"{path} is a directory"
+        if not os.access(path, os.W_OK | (os.X_OK if directory else 0)):
+            return f"no write permission on {path}"
+        return None
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"no write permission in {parent}"
+    return None
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (seconds, not MLflow's minutes of retries) if the store cannot be reached."""
+    path = sqlite_path(uri)
+    if path is not None:
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            raise TrackingError(f"tracking URI {uri}: directory {parent} does not exist")
+        return
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            urllib.request.urlopen(url, timeout=timeout).read(64)
+        except urllib.error.HTTPError:
+            return  # it answered: reachable (auth or routing problems surface from MLflow itself)
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingError(f"MLflow tracking server {uri} is not reachable ({reason}); start it "
+                                f"(mlflow server ...) or pass another --mlflow-uri") from None
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+# ---- experiments -----------------------------------------------------------------------------
+def mark_training_experiment(c, exp) -> None:
+    """Tag ``exp`` as a model-training experiment (unless it has another non-GenAI kind already) and
+    give it the runs-table view our links open."""
+    tags = exp.tags or {}
+    if tags.get(EXPERIMENT_KIND_TAG) in (None, "", *GENAI_KINDS):
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if tags.get(VIEW_TAG) != _VIEW:
+        c.set_experiment_tag(exp.experiment_id, VIEW_TAG, _VIEW)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """The id of experiment ``name``, created if missing (artifacts next to a SQLite db), tagged as
+    a model-training experiment either way."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage != "active":
+            raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or choose another --experiment")
+        mark_training_experiment(c, exp)
+        return exp.experiment_id
+    location = None
+    path = sqlite_path(uri)
+    if path is not None:  # MLflow's default (./mlruns of whichever process creates it) would scatter them
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+        location = Path(os.path.dirname(path), "mlartifacts", safe).as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location,
+                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, VIEW_TAG: _VIEW})
+    except Exception:  # created concurrently by another process
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        mark_training_experiment(c, exp)
+        return exp.experiment_id
+
+
+def ui_link(uri: str, exp_id: str | None = None, port: int = 5000) -> tuple[str | None, str]:
+    """(command that serves the UI or None when ``uri`` is a server, URL that opens the experiment's
+    runs in the training view)."""
+    path = sqlite_path(uri)
+    if path is not None:
+        command = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port {port}"
+        base = f"http://127.0.0.1:{port}"
+    elif uri.startswith(("http://", "https://")):
+        command, base = None, uri.rstrip("/")
+    else:
+        command, base = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port {port}", f"http://127.0.0.1:{port}"
+    page = (f"/#/experiments/{exp_id}/runs?viewStateShareKey={STUDY_VIEW}&{UI_QUERY}" if exp_id
+            else f"/#/experiments?{UI_QUERY}")
+    return command, base + page
+
+
+# ---- read ------------------------------------------------------------------------------------
+def search_ids(c, experiment_ids: Iterable[str], filter_string: str = "", order_by: list[str] | None = None,
+               view_type=None) -> list:
+    """Every run of these experiments matching ``filter_string``, all pages."""
+    from mlflow.entities import ViewType
+
+    runs, token = [], None
+    while True:
+        page = c.search_runs(list(experiment_ids), filter_string=filter_string, max_results=1000,
+                             order_by=order_by, page_token=token, run_view_type=view_type or ViewType.ACTIVE_ONLY)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def search(uri: str, experiment: str, filter_string: str = "") -> list:
+    """Every run of ``experiment`` (by name) matching ``filter_string`` (all pages); [] if it does not exist."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    return [] if exp is None else search_ids(c, [exp.experiment_id], filter_string)
+
+
+def parse_bool(text: Any) -> bool | None:
+    """``true/1/yes/on`` -> True, ``false/0/no/off`` -> False (any case), else None."""
+    low = str(text).strip().lower()
+    return True if low in _TRUE else False if low in _FALSE else None
+
+
+def typed_config(params: dict[str, str]) -> tuple[dict | None, list[str]]:
+    """(the run's flat sparse_core config, typed, defaults filled in; param keys that are not config
+    keys). None when no param is a config key or the values do not parse."""
+    from sparse_core.config import FIELD_TYPES, from_flat
+
+    known = {k: v for k, v in params.items() if k in FIELD_TYPES}
+    extra = sorted(set(params) - set(known))
+    if not known:
+        return None, extra
+    try:
+        return from_flat(known).to_flat(), extra
+    except ValueError:
+        return None, extra
+
+
+def final_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """MLflow's latest value of each metric with ``final/`` stripped: ``final/test_acc`` becomes
+    ``test_acc`` and wins over the per-epoch ``test_acc`` (runs without the prefix read as logged)."""
+    out = {k: float(v) for k, v in metrics.items() if not k.startswith(FINAL_PREFIX)}
+    out.update({k[len(FINAL_PREFIX):]: float(v) for k, v in metrics.items() if k.startswith(FINAL_PREFIX)})
+    return out
+
+
+def run_row(run) -> dict | None:
+    """One flat row: the typed config, the final metrics, run_id, status, tags sweep/cell/run_key/
+    collapsed_layers; None if the params are not a sparse_core config."""
+    config, _ = typed_config(run.data.params)
+    if config is None:
+        return None
+    tags = run.data.tags
+    row = {**config, **final_metrics(run.data.metrics)}
+    row.update({t: tags.get(t, "") for t in ("sweep", "cell", "run_key", "collapsed_layers")})
+    row.update(run_id=run.info.run_id, status=run.info.status)
+    return row
+
+
+def load_runs(uri: str, experiment: str, sweep: str | None = None, status: str | None = "FINISHED") -> list[dict]:
+    """Rows (see ``run_row``) of an experiment, optionally of one sweep and one status."""
+    clauses = [f"attributes.status = '{status}'"] if status else []
+    if sweep:
+        clauses.append(f"tags.sweep = '{sweep}'")
+    rows = (run_row(r) for r in search(uri, experiment, " and ".join(clauses)))
+    return [r for r in rows if r is not None]

@@ -1,0 +1,183 @@
+"""runstore (the MLflow store shared by sweeps and analysis), the end-of-sweep summary, and the small
+user-facing checks of issue 14: all on a real SQLite MLflow store, no Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import runstore
+from analysis.cli import main as analysis_main
+from analysis.load import load_runs
+from sparse_core.config import from_flat, run_key
+from sparse_core.metrics import at_chance, chance_accuracy
+from sparse_core.train import run
+from sweeps import designs, summary, tracking
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"data.name": "digits", "model.width": 16, "model.depth": 2, "train.pre_epochs": 1, "train.post_epochs": 2,
+        "train.device": "cpu", "prune.density": 0.1}
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory):
+    """One store for the module (creating MLflow's schema takes seconds); each test has its own experiment."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
+
+
+def _fake_run(c, exp_id, flat, cell, metrics, status="FINISHED", sweep="s"):
+    """A run as TrialRun leaves it (params = the flat config, tags, final/ metrics), written directly."""
+    from mlflow.entities import Metric, Param
+
+    cfg = from_flat(flat)
+    r = c.create_run(exp_id, tags={"cell": cell, "run_key": run_key(cfg), "sweep": sweep})
+    c.log_batch(r.info.run_id, params=[Param(k, str(v)) for k, v in cfg.to_flat().items()],
+                metrics=[Metric(k, v, 0, 3) for k, v in metrics.items()])
+    c.set_terminated(r.info.run_id, status)
+    return r.info.run_id
+
+
+# ---- layering -------------------------------------------------------------------------------------
+def test_analysis_and_runstore_never_import_sweeps_or_ray():
+    code = ("import sys, analysis, analysis.cli, analysis.load, analysis.report, analysis.table, analysis.plots, "
+            "runstore\nbad = sorted(m for m in sys.modules if m.split('.')[0] in ('sweeps', 'ray'))\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=600)
+    for folder in ("analysis", "runstore"):
+        for path in (ROOT / folder).glob("*.py"):
+            text = path.read_text()
+            assert "from sweeps" not in text and "import sweeps" not in text, path
+
+
+# ---- experiments: open in MLflow's training view ---------------------------------------------------
+def test_new_and_existing_experiments_are_marked_as_model_training(uri):
+    c = MlflowClient(uri)
+    new = c.get_experiment(runstore.experiment_id(uri, "fresh"))
+    assert new.tags[runstore.EXPERIMENT_KIND_TAG] == runstore.EXPERIMENT_KIND == "custom_model_development"
+    view = json.loads(new.tags[runstore.VIEW_TAG])
+    assert "metrics.`final/val_acc`" in view["selectedColumns"] and view["orderByKey"] == "metrics.`final/val_acc`"
+    # experiments made by older versions (no kind) or tagged GenAI are re-marked when we write to them
+    old = c.create_experiment("old")
+    genai = c.create_experiment("genai", tags={runstore.EXPERIMENT_KIND_TAG: "genai_development"})
+    mine = c.create_experiment("mine", tags={runstore.EXPERIMENT_KIND_TAG: "classification"})
+    for name, exp_id in (("old", old), ("genai", genai), ("mine", mine)):
+        assert runstore.experiment_id(uri, name) == exp_id
+    kinds = {n: c.get_experiment_by_name(n).tags[runstore.EXPERIMENT_KIND_TAG] for n in ("old", "genai", "mine")}
+    assert kinds == {"old": "custom_model_development", "genai": "custom_model_development", "mine": "classification"}
+
+
+def test_ui_link_opens_the_training_view(uri):
+    command, url = runstore.ui_link(uri, "7")
+    assert command == f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    assert url == ("http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=study"
+                   "&workflowType=machine_learning")
+    command, url = runstore.ui_link("http://10.0.0.5:5000/", "7")
+    assert command is None and url.startswith("http://10.0.0.5:5000/#/experiments/7/runs?")
+
+
+# ---- metric names: curves, final values, read back ------------------------------------------------
+def test_trial_run_names_metrics_by_prefix_and_analysis_reads_plain_keys(uri):
+    cfg = from_flat(TINY)
+    exp_id = runstore.experiment_id(uri, "names")
+    mlrun = tracking.TrialRun(uri, exp_id, sweep="s", cell="base", flat=cfg.to_flat(), run_key=run_key(cfg)).open()
+    result = run(cfg, lambda metrics, _: mlrun.log_step(metrics))
+    mlrun.finish(result)
+    c = MlflowClient(uri)
+    metrics = c.get_run(mlrun.run_id).data.metrics
+    assert {k.split("/")[0] for k in metrics} == {"epoch", "final", "prune"}  # nothing unprefixed
+    assert [m.step for m in c.get_metric_history(mlrun.run_id, "epoch/val_acc")] == [1, 2, 3]
+    assert metrics["final/test_acc"] == result["test_acc"] and metrics["final/val_acc"] == result["val_acc"]
+    assert metrics["prune/density"] == pytest.approx(0.1, abs=1e-3)
+    # an old-style run (final values without the prefix) reads the same
+    _fake_run(c, exp_id, {**TINY, "seed": 1}, "base", {"test_acc": 0.5, "val_acc": 0.6, "flops_dense": 10.0})
+    df = load_runs(uri, ["names"]).set_index("seed")
+    assert df.loc[0, "test_acc"] == result["test_acc"] and df.loc[0, "flops_dense"] == result["flops_dense"]
+    assert (df.loc[1, "test_acc"], df.loc[1, "val_acc"]) == (0.5, 0.6)
+    assert "final/test_acc" not in df.columns
+
+
+# ---- analysis leaves Optuna search runs out -------------------------------------------------------
+def test_search_runs_are_left_out_of_the_grid_table_unless_asked(uri):
+    c = MlflowClient(uri)
+    exp_id = runstore.experiment_id(uri, "mixed")
+    for seed in (0, 1):
+        _fake_run(c, exp_id, {**TINY, "seed": seed}, "base", {"final/test_acc": 0.8 + seed / 10})
+    for lam in (1e-5, 1e-4, 1e-3):  # a search varies its knobs: averaging over them would be wrong
+        _fake_run(c, exp_id, {**TINY, "mask.kind": "sigmoid", "prune.pruner": "mask", "mask.lambda_l1": lam},
+                  runstore.SEARCH_CELL, {"final/test_acc": 0.5})
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = analysis_main(["table", "--experiment", "mixed", "--mlflow-uri", uri])
+    assert code == 0, err.getvalue()
+    assert "left out 3 Optuna search runs (cell 'optuna'; --include-search to use them)" in err.getvalue()
+    assert "85.00" in out.getvalue() and "optuna" not in out.getvalue()
+    df = load_runs(uri, ["mixed"], include_search=True)
+    assert sorted(df["cell"]) == ["base", "base", "optuna", "optuna", "optuna"]
+
+
+# ---- the end-of-sweep summary picks by validation -----------------------------------------------
+def test_sweep_summary_picks_the_best_cell_by_validation_in_percent(uri):
+    c = MlflowClient(uri)
+    exp_id = runstore.experiment_id(uri, "grid")
+    base = {k: v for k, v in TINY.items() if k != "prune.density"}
+    trials, _ = designs.trials("leave-one-out", base, (0.1, 0.01), (0, 1), 2, ["base", "full", "rigl"])
+    # at 10 %: full has the higher val_acc, base the higher test_acc -> full is the pick
+    acc = {("base", 0.1): (0.80, 0.95), ("full", 0.1): (0.90, 0.85), ("rigl", 0.1): (0.70, 0.70),
+           ("base", 0.01): (0.30, 0.20), ("full", 0.01): (0.10, 0.40), ("rigl", 0.01): (0.50, 0.45)}
+    for t in trials:
+        if (t.cell, t.density, t.seed) == ("rigl", 0.01, 1):
+            continue  # one trial never finished
+        val, test = acc[(t.cell, t.density)]
+        collapsed = 1.0 if t.cell == "full" and t.density == 0.01 and t.seed == 0 else 0.0
+        _fake_run(c, exp_id, t.flat, t.cell, {"final/val_acc": val + t.seed / 100, "final/test_acc": test,
+                                               "final/n_collapsed_layers": collapsed}, sweep="grid-s")
+    table = summary.rows(trials, uri, "grid")
+    text = "\n".join(summary.lines(table, uri=uri, exp_id=exp_id, experiment="grid", sweep="grid-s",
+                                   report=None, report_error="no runs"))
+    assert "density 10 %: best full: val 90.50, test 85.00 (2/2 seeds)" in text
+    assert "density 1 %: best rigl: val 50.00, test 45.00 (1/2 seeds); collapsed layers in full (1/2)" in text
+    assert "1 of 12 trials have no FINISHED run" in text
+    assert f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" in text
+    assert "workflowType=machine_learning" in text and "report:     not written (no runs)" in text
+    assert (f"python -m analysis report --experiment grid --mlflow-uri {uri} --filter sweep=grid-s --out "
+            f"{summary.report_dir(uri, 'grid-s')}") in text
+    assert summary.report_dir(uri, "grid-s") == str(Path(runstore.sqlite_path(uri)).parent / "reports" / "grid-s")
+
+
+# ---- the CLI says when a run ends at chance ------------------------------------------------------
+def test_chance_accuracy_is_the_best_constant_guess():
+    y = torch.tensor([0] * 6 + [1] * 3 + [2] * 1)
+    assert chance_accuracy(y, 3) == 0.6 and chance_accuracy(torch.tensor([0, 1, 2, 3]), 10) == pytest.approx(0.25)
+    assert at_chance(0.85, y, 3) and not at_chance(0.95, y, 3) and at_chance(math.nan, y, 3)
+
+
+def test_cli_flags_a_run_that_ends_at_chance():
+    """A learning rate of 1e-9 trains nothing: the JSON says at_chance and stderr says so, even with --quiet."""
+    proc = subprocess.run([sys.executable, "-m", "sparse_core", "--quiet", "train.lr=1e-9", "train.pre_epochs=1",
+                           "train.post_epochs=1", "model.width=16", "model.depth=2", "train.device=cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["at_chance"] is True
+    assert "is at chance" in proc.stderr and "learned nothing" in proc.stderr
+
+
+# ---- unknown keys -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("key,closest", [("prune.densty", "prune.density"), ("density", "prune.density"),
+                                         ("post.label_smothing", "post.label_smoothing")])
+def test_unknown_key_suggests_the_closest_first(key, closest):
+    with pytest.raises(ValueError) as e:
+        from_flat({key: 1})
+    message = str(e.value)
+    assert message.startswith(f"unknown config key(s): {key} (did you mean {closest}")
+    assert message.index(closest) < message.index("valid keys:")
