@@ -110,11 +110,7 @@ class Trainer:
         scores = set(map(id, learned_mask.score_params(self.model)))
         groups = [{"params": [p for p in self.model.parameters() if id(p) not in scores], "weight_decay": t.weight_decay}]
         if scores and stage == "pre":
-            # no momentum on mask scores: the target-density pressure switches off the step the mean mask
-            # reaches its target, and momentum would carry the scores on past it (measured: soft density 0.001
-            # for a target of 0.01)
-            groups.append({"params": learned_mask.score_params(self.model), "weight_decay": 0.0, "lr": self.cfg.mask.lr,
-                           "momentum": 0.0})
+            groups.append({"params": learned_mask.score_params(self.model), "weight_decay": 0.0, "lr": self.cfg.mask.lr})
         if t.optimizer == "sgd":
             self.opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
         else:
