@@ -260,3 +260,29 @@ def test_figures_reach_mlflow_and_analysis(tmp_path, capsys):
     for name in ("efficiency.png", "efficiency.pdf", "efficiency.md"):
         assert str(out / name) in printed and (out / name).stat().st_size > 100
     assert (out / "efficiency.md").read_text().startswith("| model | density | runs | size ratio |")
+
+
+@pytest.mark.slow  # ~1 min: a local Ray runtime and a 2-trial sweep
+def test_sweep_export_logs_each_trials_model_as_an_artifact(tmp_path):
+    from sweeps import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([sys.executable, "sweeps/ablation_grid.py", "--preset", "smoke", "--cells", "base,rigl",
+                           "--densities", "0.01", "--export", "--mlflow-uri", uri, "--experiment", "exp",
+                           "--storage-path", str(tmp_path / "ray")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finished = [r for r in tracking.search(uri, "exp", "attributes.status = 'FINISHED'")
+                if r.data.tags.get("cell") in ("base", "rigl")]  # not the sweep's report run
+    assert len(finished) == 2
+    client = tracking.client(uri)
+    prefix = getattr(tracking, "FINAL_PREFIX", "")
+    for r in finished:
+        path = client.download_artifacts(r.info.run_id, tracking.EXPORT_ARTIFACT, str(tmp_path / r.info.run_id))
+        assert os.path.getsize(path) == r.data.metrics[prefix + "model_bytes_sparse"]
+        cfg = from_flat(export.read_header(path)["config"])
+        assert run_key(cfg) == r.data.tags["run_key"]
+        data = load_data(cfg.data)
+        acc, _ = evaluate(export.load(path), data.x_test, data.y_test, cfg.train.eval_batch_size)
+        assert acc == pytest.approx(r.data.metrics[prefix + "test_acc"], abs=1e-12)
+        assert r.data.tags["sparse_path"] == latency.SPARSE_PATH
