@@ -23,9 +23,9 @@ import sys
 
 import torch
 
-from step_overhead import (  # also puts the repo root on sys.path
-    TARGET, Case, PlainStep, SparseStep, add_common_args, apply_threads, check_finite, interleaved, make_batches,
-    median_ms, paired_ratio, plain_twin, print_header, print_table, sparse_trainer, synchronizer)
+from step_overhead import TARGET, Case, PlainStep, SparseStep, check_finite, make_batches, plain_twin, sparse_trainer
+from timing import (  # also puts the repo root on sys.path
+    add_common_args, apply_threads, interleaved, median_ms, paired_ratio, print_header, print_table, synchronizer)
 
 from sparse_core.config import ModelConfig
 

@@ -6,7 +6,7 @@ soft-schedule update, the per-step LR schedule). Baseline: the same architecture
 plain ``nn`` layers (``build(..., plain=True)``) with the same weights, optimizer (SGD, momentum,
 weight decay), per-step cosine schedule, data and batch size, in the loop one would write by hand.
 Both run on pre-made batches, so only the step is timed. A second table times whole epochs:
-the real ``Trainer._train_epoch`` (batching, steps, end-of-epoch evaluation) against a plain loop
+the real ``Trainer.train_epoch`` (batching, steps, end-of-epoch evaluation) against a plain loop
 over the same tensors doing the same work.
 
 Density 1.0 is what the trainer runs before pruning or for a dense run: masked layers with no
@@ -24,127 +24,26 @@ round, and the reported ratio is the median over rounds (with its interquartile 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import platform
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, run as a script
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timing import (  # also puts the repo root on sys.path
+    add_common_args, apply_threads, devices, interleaved, median_ms, paired_ratio, print_header, print_table,
+    synchronizer)
 
 from sparse_core.config import Config, ModelConfig, TrainConfig
 from sparse_core.models import build
 from sparse_core.post_prune import SoftSchedule
+from sparse_core.plan import PruneStep, TrainEpoch
 from sparse_core.train import Trainer, lr_factor
 
 TARGET = 1.10  # sparse step time / plain step time must stay at or below this
 NUM_CLASSES = 10
 SCHEDULE_STEPS = 10**6  # cosine schedule length: long enough that the LR never reaches 0 here
-
-
-# ---- timing (shared with the other benchmarks) ---------------------------------------------------
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
-def interleaved(variants: dict[str, Callable[[], None]], rounds: int, block: int, warmup: int,
-                sync: Callable[[], None]) -> dict[str, list[float]]:
-    """Seconds per call of each variant, one value per block of ``block`` calls, ``rounds``
-    blocks each; the order of the variants reverses every round (A B, B A, ...)."""
-    names = list(variants)
-    for name in names:
-        for _ in range(warmup):
-            variants[name]()
-    sync()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            fn = variants[name]
-            sync()
-            start = time.perf_counter()
-            for _ in range(block):
-                fn()
-            sync()
-            times[name].append((time.perf_counter() - start) / block)
-    return times
-
-
-@dataclass
-class Ratio:
-    median: float
-    q1: float
-    q3: float
-
-    def __str__(self) -> str:
-        return f"{self.median:.3f} [{self.q1:.2f}-{self.q3:.2f}]"
-
-
-def paired_ratio(times: dict[str, list[float]], candidate: str, baseline: str) -> Ratio:
-    """Median (and quartiles) over rounds of candidate time / baseline time in the same round."""
-    ratios = [c / b for c, b in zip(times[candidate], times[baseline])]
-    if len(ratios) < 2:
-        return Ratio(ratios[0], ratios[0], ratios[0])
-    q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-    return Ratio(med, q1, q3)
-
-
-def median_ms(values: list[float]) -> float:
-    return 1e3 * statistics.median(values)
-
-
-def add_common_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--tiny", action="store_true", help="a seconds-long run (the smoke test); its figures mean nothing")
-    ap.add_argument("--device", choices=("all", "cpu", "cuda"), default="all", help="all = CPU, and CUDA when present")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="CPU threads for torch (default: torch's choice). Use 1 on a shared machine: with more "
-                         "threads than free cores every parallel op can wait a scheduler slice for a descheduled thread")
-
-
-def apply_threads(args: argparse.Namespace) -> None:
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-
-
-def devices(choice: str) -> list[torch.device]:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available here")
-    if choice == "all":
-        return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    return [torch.device(choice)]
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
-def print_header(title: str, devs: list[torch.device]) -> None:
-    print(f"# {title}")
-    print(f"# torch {torch.__version__}, python {platform.python_version()}")
-    for d in devs:
-        print(f"# device {d}: {device_name(d)}")
-
-
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    print(line(headers))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print(line(r))
 
 
 # ---- the two steps ----------------------------------------------------------------------------
@@ -170,7 +69,7 @@ def sparse_trainer(case: Case, density: float, device: torch.device, amp: bool =
     cfg = trainer_config(case, density, device, case.batch, case.batch)
     trainer = Trainer(cfg.replace(**{"train.amp": amp, "train.channels_last": channels_last}))
     if density < 1.0:
-        trainer._prune(0, density)
+        trainer.prune(PruneStep(0, density, last=True))
     return trainer
 
 
@@ -268,11 +167,12 @@ def trainer_config(case: Case, density: float, device: torch.device, n_train: in
 
 
 def epoch_pair(case: Case, density: float, device: torch.device, n_train: int, n_test: int):
-    """(trainer epoch, plain epoch, n_train): ``Trainer._train_epoch`` itself against a plain loop
-    over the same tensors: shuffled index batches, the step, then one evaluation pass."""
+    """(trainer epoch, plain epoch, n_train): ``Trainer.train_epoch`` itself against a plain loop
+    over the same tensors: shuffled index batches, the step, then one evaluation pass over the
+    validation and one over the test split (as the trainer evaluates both every epoch)."""
     trainer = Trainer(trainer_config(case, density, device, n_train, n_test))
     if density < 1.0:
-        trainer._prune(0, density)  # the trainer's own magnitude/global pruning step
+        trainer.prune(PruneStep(0, density, last=True))  # the trainer's own magnitude/global pruning step
     data = trainer.data
     model = plain_twin(case, trainer.model, device)
     opt, sched = optimizer(model, trainer.cfg.train)
@@ -280,7 +180,7 @@ def epoch_pair(case: Case, density: float, device: torch.device, n_train: int, n
     bs, ebs = trainer.cfg.train.batch_size, trainer.cfg.train.eval_batch_size
 
     def trainer_epoch() -> None:
-        trainer._train_epoch("post", 0, 0, SCHEDULE_STEPS // 1000)
+        trainer.train_epoch(TrainEpoch("post", 0, 0, SCHEDULE_STEPS // 1000))
 
     def plain_epoch() -> None:
         model.train()
@@ -296,13 +196,14 @@ def epoch_pair(case: Case, density: float, device: torch.device, n_train: int, n
             sched.step()
             loss_sum += loss.detach()
         model.eval()
-        correct, test_loss = 0, 0.0
         with torch.no_grad():
-            for start in range(0, data.x_test.shape[0], ebs):
-                xb, yb = data.x_test[start:start + ebs], data.y_test[start:start + ebs]
-                logits = model(xb)
-                test_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
-                correct += int((logits.argmax(1) == yb).sum())
+            for x, y in ((data.x_val, data.y_val), (data.x_test, data.y_test)):
+                correct, total_loss = 0, 0.0
+                for start in range(0, x.shape[0], ebs):
+                    xb, yb = x[start:start + ebs], y[start:start + ebs]
+                    logits = model(xb)
+                    total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+                    correct += int((logits.argmax(1) == yb).sum())
         float(loss_sum)
 
     return trainer_epoch, plain_epoch, data.x_train.shape[0]
@@ -395,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append([case.name, f"{n}x" + "x".join(map(str, case.in_shape)), str(case.batch), f"{density:g}",
                                  device.type, f"{median_ms(times['plain']):.1f}", f"{median_ms(times['trainer']):.1f}",
                                  str(ratio), "yes" if ratio.median <= TARGET else "NO"])
-        print("\n## per epoch: Trainer._train_epoch (batching + steps + evaluation) vs a plain loop over the same tensors")
-        print(f"# mlp: the bundled digits set (360 test); vgg16: synthetic data; median over {epoch_rounds} interleaved epochs")
+        print("\n## per epoch: Trainer.train_epoch (batching + steps + evaluation) vs a plain loop over the same tensors")
+        print(f"# mlp: the bundled digits set (1,293 train, 144 validation, 360 test); vgg16: synthetic data; median over {epoch_rounds} interleaved epochs")
         print_table(["model", "train set", "batch", "density", "device", "plain ms", "trainer ms", "ratio [IQR]",
                      "<= 1.10"], rows)
     total = len(densities) * len(cases) * len(devs)

@@ -1,206 +1,146 @@
-"""How close a Ray Tune sweep comes to the ideal: wall time vs (sum of trial times) / slots.
+"""A Ray Tune sweep against the honest baseline: the same trials in one plain Python process.
 
-Runs the real sweep command, ``python sweeps/ablation_grid.py`` (a subprocess, so the wall time
-includes Python start-up, imports, the MLflow store, a fresh local Ray runtime and its shutdown),
-into a fresh SQLite MLflow store and Tune storage under a temporary folder. Then it reads the
-MLflow runs back and reports:
+For each size (by default 8 and 72 trials of the laptop preset's leave-one-out design) it runs,
+in alternating order:
 
-- **wall**: command start -> command exit.
-- **ideal**: sum of the trials' ``seconds`` metric (the trainer's own time: data, training,
-  pruning, evaluation) / slots, slots = CPUs of the machine / CPUs per trial. ``tune ideal`` is the
-  same from Tune's ``time_total_s`` (the whole trainable: trainer + MLflow logging + checkpoints).
-- **ratio** wall / ideal, and the target: wall <= 1.2 x ideal + 15 s.
-- where the rest goes: **start-up** (command start -> the first trial's MLflow run opens),
-  **shutdown** (the last run closes -> command exit), per trial the **in-trial overhead** (MLflow
-  run open -> finish, minus ``seconds``: per-epoch MLflow writes, checkpoints, Tune reports) and the
-  **gap** (slot time between runs: scheduling, actor reuse, run set-up, the idle tail), and the CPU
-  time of each process of the sweep's tree (driver, Ray's gcs/raylet/agents, trial workers), read
-  from /proc, because on 2 cores every CPU-second outside the workers is taken from them.
+- **sweep**: the real command, ``python sweeps/ablation_grid.py`` (a subprocess: Python start-up,
+  imports, a fresh SQLite MLflow store, a fresh local Ray runtime and its shutdown all count),
+  1 CPU per trial, every core a slot.
+- **plain**: one ``python`` process with 1 torch thread calling ``sparse_core.train.run`` on the
+  same trial configs in order (the sweep's own planning, ``ablation_grid.plan``), nothing else:
+  no Ray, no MLflow, no checkpoints.
 
-Two sweeps by default: a **near-zero-work** one (8 trials of a 16-unit MLP, 1 epoch: its wall time
-is almost all fixed cost) and the **laptop** preset's leave-one-out design (72 trials, 10+20
-epochs on the digits MLP). ``--tiny`` runs only the first (the smoke test; its ratio means little).
+It checks that both give the same test accuracy per run_key (the sweep's from MLflow), then
+reports wall and CPU-second ratios sweep / plain, and from a linear fit over the sizes the fixed
+cost and the cost per trial of each. Target (issue 17; 2 idle cores): sweep wall <= 0.6 x plain
+at the largest size, sweep fixed cost <= 8 s. Secondary: the old "ideal" (sum of the trials'
+``seconds`` metric / slots), where the sweep's time goes (start-up phases, shutdown, in-trial
+overhead) and its CPU seconds per process (driver, Ray's gcs/raylet/agents, workers).
 
-    python benchmarks/sweep_efficiency.py            # about 2-3 min on 2 CPU cores
-    python benchmarks/sweep_efficiency.py --tiny     # about 20-30 s
-    python benchmarks/sweep_efficiency.py --preset smoke --cells base,rigl --seeds 0,1,2
+    python benchmarks/sweep_efficiency.py                # 8 + 72 trials, ~5 min on 2 idle CPU cores
+    python benchmarks/sweep_efficiency.py --only small   # only the 8-trial size, ~1 min
+    python benchmarks/sweep_efficiency.py --repeats 3    # 3 alternating pairs per size: medians
+    python benchmarks/sweep_efficiency.py --tiny         # 8 one-epoch trials of a tiny MLP (smoke test)
 
-The subprocess gets no ``RAY_ADDRESS``, so it always starts (and stops) its own local Ray runtime.
+The sweep gets no ``RAY_ADDRESS``, so it always starts (and stops) its own local Ray runtime.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the repo root, run as a script
+from procstat import TreeSampler, machine_busy
+from timing import ROOT, linear_fit  # also puts the repo root on sys.path
 
-RATIO_TARGET, FIXED_TARGET_S = 1.2, 15.0  # wall <= 1.2 x ideal + 15 s
-# 8 trials with almost nothing to do: 16-unit 2-layer MLP, no pre-training, one post-training epoch.
-ZERO_WORK = ["--preset", "smoke", "--cells", "base,base+label_smoothing,base+soft_activation,pruner=random",
-             "--densities", "0.1,0.01", "--seeds", "0", "--set", "train.pre_epochs=0", "--set", "train.post_epochs=1"]
+WALL_RATIO_TARGET, FIXED_TARGET_S = 0.6, 8.0
+SMALL_CELLS, SMALL_DENSITIES = "full,base,pruner=synflow,rigl", "0.1,0.01"  # 4 cells x 2 densities = 8 trials
+# --tiny: 8 trials with almost nothing to do (16-unit 2-layer MLP, no pre-training, one epoch).
+TINY = ["--preset", "smoke", "--cells", "base,base+label_smoothing,base+soft_activation,pruner=random",
+        "--densities", "0.1,0.01", "--seeds", "0", "--set", "train.pre_epochs=0", "--set", "train.post_epochs=1"]
+DRIVER = "driver (ablation_grid.py, Tune loop)"
+WORKERS = "trial workers (ray::)"
 
-
-# ---- CPU time per process of the sweep's tree (Linux /proc; empty elsewhere) ----------------------
-
-def _proc_table() -> dict[int, tuple[int, float, str]]:
-    """pid -> (ppid, cpu seconds user+sys, short name) for every readable process."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        rest = stat[stat.rfind(")") + 2:].split()  # fields after "(comm)": state, ppid, ...
-        comm = stat[stat.find("(") + 1:stat.rfind(")")]
-        out[int(entry)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / tick, cmd or comm)
-    return out
-
-
-def category(cmd: str, is_root: bool) -> str:
-    if is_root:
-        return "driver (ablation_grid.py, Tune loop)"
-    if "gcs_server" in cmd:
-        return "ray gcs_server"
-    if "raylet" in cmd:
-        return "ray raylet"
-    if cmd.startswith("ray::") or "default_worker.py" in cmd:
-        return "trial workers (ray::)"
-    return "other ray processes (agents, monitors)"
-
-
-class CpuSampler(threading.Thread):
-    """Polls the process tree under ``root`` and keeps each process's last CPU time.
-
-    A process that exits between two polls loses at most one poll interval of CPU time.
-    """
-
-    def __init__(self, root: int, interval: float = 0.2):
-        super().__init__(daemon=True)
-        self.root, self.interval = root, interval
-        self.last: dict[int, tuple[float, str]] = {}
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                table = _proc_table()
-            except OSError:
-                return
-            tree, todo = {self.root}, [self.root]
-            children: dict[int, list[int]] = {}
-            for pid, (ppid, _, _) in table.items():
-                children.setdefault(ppid, []).append(pid)
-            while todo:
-                for child in children.get(todo.pop(), []):
-                    if child not in tree:
-                        tree.add(child)
-                        todo.append(child)
-            for pid in tree:
-                if pid in table:
-                    self.last[pid] = (table[pid][1], category(table[pid][2], pid == self.root))
-            self.stop.wait(self.interval)
-
-    def by_category(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for seconds, cat in self.last.values():
-            out[cat] = out.get(cat, 0.0) + seconds
-        return out
-
-
-def machine_busy() -> tuple[float, float]:
-    """(busy CPU seconds, total CPU seconds) of the whole machine since boot, from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return 0.0, 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    idle = v[3] + (v[4] if len(v) > 4 else 0)
-    return (sum(v) - idle) / tick, sum(v) / tick
-
-
-# ---- one sweep ------------------------------------------------------------------------------------
 
 @dataclass
-class SweepResult:
-    name: str
-    trials: int = 0
-    slots: int = 1
+class Run:
+    """One measured command: a sweep or a plain loop."""
     wall: float = 0.0
-    trainer_s: float = 0.0  # sum of the MLflow `seconds` metric
-    run_s: float = 0.0  # sum of MLflow run durations (open -> finish)
-    tune_s: float = 0.0  # sum of Tune's time_total_s
-    startup: float = 0.0
-    phases: dict = field(default_factory=dict)  # start-up phase -> seconds after command start
-    shutdown: float = 0.0
-    span: float = 0.0  # first run opens -> last run closes
-    cpu: dict = field(default_factory=dict)
-    machine_busy: float = 0.0  # busy CPU seconds of the whole machine during the sweep
+    cpu: float = 0.0  # CPU seconds of the whole process tree
+    peak_rss: int = 0  # bytes, the tree's summed resident memory at its peak
+    accs: dict = field(default_factory=dict)  # run_key -> test_acc
+    trainer_s: float = 0.0  # sum of the trials' own `seconds`
+    cpu_by: dict = field(default_factory=dict)  # sweep: CPU seconds per process category
+    machine_busy: float = 0.0
+    phases: dict = field(default_factory=dict)  # sweep: start-up phase -> seconds after command start
+    startup: float = 0.0  # sweep: command start -> first MLflow run opens
+    shutdown: float = 0.0  # sweep: last MLflow run closes -> exit
+    run_s: float = 0.0  # sweep: sum of MLflow run durations
+    worker_nice: set = field(default_factory=set)
     returncode: int = 0
 
-    @property
-    def ideal(self) -> float:
-        return self.trainer_s / self.slots
 
-    @property
-    def tune_ideal(self) -> float:
-        return self.tune_s / self.slots
+# ---- the plain loop (runs in its own process: --plain-loop OUT SWEEP-ARGS...) -----------------------
 
-    @property
-    def target(self) -> float:
-        return RATIO_TARGET * self.ideal + FIXED_TARGET_S
+def plain_loop(out: str, sweep_args: list[str]) -> int:
+    import torch
 
-    @property
-    def meets(self) -> bool:
-        return self.returncode == 0 and self.wall <= self.target
+    torch.set_num_threads(1)
+    from sparse_core.config import from_flat
+    from sparse_core.train import run
+    from sweeps import ablation_grid
 
+    parser, args = ablation_grid.parse_args(sweep_args)
+    _, trials, _ = ablation_grid.plan(parser, args)
+    results = {}
+    for t in trials:
+        r = run(from_flat(t.flat))
+        results[r["run_key"]] = {"test_acc": r["test_acc"], "seconds": r["seconds"]}
+    with open(out, "w") as f:
+        json.dump(results, f)
+    return 0
+
+
+def run_plain(sweep_args: list[str], workdir: str) -> Run:
+    out = os.path.join(workdir, f"plain-{time.time_ns()}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--plain-loop", out, *sweep_args]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0, started = machine_busy(), time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler = TreeSampler(proc.pid, "plain loop")
+    sampler.start()
+    output, _ = proc.communicate()
+    res = Run(wall=time.time() - started, returncode=proc.returncode, machine_busy=machine_busy() - busy0)
+    sampler.finish()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # exact for a waited-for child
+    res.cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    res.peak_rss = sampler.peak_rss
+    if proc.returncode != 0:
+        print(output[-3000:] + f"\nerror: the plain loop exited with {proc.returncode}", file=sys.stderr)
+        return res
+    with open(out) as f:
+        results = json.load(f)
+    res.accs = {k: v["test_acc"] for k, v in results.items()}
+    res.trainer_s = sum(v["seconds"] for v in results.values())
+    return res
+
+
+# ---- the sweep ---------------------------------------------------------------------------------------
 
 def tune_times(storage: str) -> list[float]:
     """time_total_s of each trial's last result (Tune's result.json files under storage)."""
-    import json
-
     out = []
     for dirpath, _, files in os.walk(storage):
         if "result.json" in files:
-            last = None
             with open(os.path.join(dirpath, "result.json")) as f:
-                for line in f:
-                    if line.strip():
-                        last = line
-            if last:
-                out.append(float(json.loads(last).get("time_total_s", 0.0)))
+                lines = [line for line in f if line.strip()]
+            if lines:
+                out.append(float(json.loads(lines[-1]).get("time_total_s", 0.0)))
     return out
 
 
-def run_sweep(name: str, args: list[str], workdir: str, slots: int, verbose: bool) -> SweepResult:
+def run_sweep(name: str, sweep_args: list[str], workdir: str, verbose: bool) -> Run:
     from sweeps import tracking
 
-    uri = f"sqlite:///{workdir}/mlflow.db"
-    storage = os.path.join(workdir, f"ray_results_{name}")
-    cmd = [sys.executable, os.path.join(ROOT, "sweeps", "ablation_grid.py"), *args, "--experiment", name,
-           "--mlflow-uri", uri, "--storage-path", storage, "--cpus-per-trial", "1", "--max-failures", "0"]
+    run_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=workdir)  # a fresh MLflow store every time: its set-up counts
+    uri = f"sqlite:///{run_dir}/mlflow.db"
+    cmd = [sys.executable, os.path.join(ROOT, "sweeps", "ablation_grid.py"), *sweep_args, "--experiment", name,
+           "--mlflow-uri", uri, "--storage-path", os.path.join(run_dir, "ray_results")]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     print(f"running sweep {name!r}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    busy0, _ = machine_busy()
-    started = time.time()
+    busy0, started = machine_busy(), time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sampler = CpuSampler(proc.pid)
+    sampler = TreeSampler(proc.pid, DRIVER)
     sampler.start()
     lines, phases = [], {}
     for line in proc.stdout:
@@ -214,128 +154,178 @@ def run_sweep(name: str, args: list[str], workdir: str, slots: int, verbose: boo
             sys.stderr.write(line)
     proc.wait()
     ended = time.time()
-    sampler.stop.set()
-    sampler.join()
-    busy1, _ = machine_busy()
-    res = SweepResult(name, slots=slots, wall=ended - started, returncode=proc.returncode,
-                      cpu=sampler.by_category(), machine_busy=busy1 - busy0, phases=phases)
+    sampler.finish()
+    res = Run(wall=ended - started, returncode=proc.returncode, machine_busy=machine_busy() - busy0,
+              cpu=sampler.total_cpu(), cpu_by=sampler.by_category(), peak_rss=sampler.peak_rss, phases=phases,
+              worker_nice=sampler.nice_of(WORKERS))
     if proc.returncode != 0:
-        sys.stderr.write("".join(lines[-40:]))
-        print(f"error: sweep {name!r} exited with {proc.returncode}", file=sys.stderr)
+        print("".join(lines[-40:]) + f"\nerror: sweep {name!r} exited with {proc.returncode}", file=sys.stderr)
         return res
-    runs = tracking.search(uri, name, "attributes.status = 'FINISHED'")
-    res.trials = len(runs)
-    starts = [r.info.start_time / 1000 for r in runs]
-    ends = [r.info.end_time / 1000 for r in runs]
-    res.trainer_s = sum(r.data.metrics.get("seconds", 0.0) for r in runs)
-    res.run_s = sum(e - s for s, e in zip(starts, ends))
-    res.tune_s = sum(tune_times(storage))
+    by_key = tracking.finished_by_run_key(uri, name)  # the trials' runs (a sweep may log others)
+    runs = list(by_key.values())
+    prefix = getattr(tracking, "FINAL_PREFIX", "")  # final metrics may be logged as "final/<key>"
+
+    def final(run, key: str):
+        return run.data.metrics.get(prefix + key, run.data.metrics.get(key))
+
+    res.accs = {k: final(r, "test_acc") for k, r in by_key.items()}
+    res.trainer_s = sum(final(r, "seconds") or 0.0 for r in runs)
+    res.run_s = sum((r.info.end_time - r.info.start_time) / 1000 for r in runs)
+    res.phases["tune time_total_s summed"] = sum(tune_times(os.path.join(run_dir, "ray_results")))
     if runs:
-        res.startup = min(starts) - started
-        phases["first trial's MLflow run opens"] = res.startup
-        res.shutdown = ended - max(ends)
-        res.span = max(ends) - min(starts)
+        res.startup = min(r.info.start_time for r in runs) / 1000 - started
+        res.shutdown = ended - max(r.info.end_time for r in runs) / 1000
     return res
 
 
-# ---- report ---------------------------------------------------------------------------------------
+# ---- report --------------------------------------------------------------------------------------------
 
-def print_report(results: list[SweepResult]) -> None:
-    print("\n## wall time vs ideal (ideal = sum of trial `seconds` / slots; target wall <= "
-          f"{RATIO_TARGET:g} x ideal + {FIXED_TARGET_S:g} s)")
-    head = (f"{'sweep':<10} {'trials':>6} {'slots':>5} {'wall s':>7} {'ideal s':>7} {'wall/ideal':>10} "
-            f"{'tune ideal s':>12} {'wall/tune':>9} {'target s':>8}  meets")
+def med(values) -> float:
+    values = list(values)
+    return statistics.median(values) if values else float("nan")
+
+
+def same_results(sweep: Run, plain: Run) -> tuple[int, int]:
+    """(run_keys with an equal test accuracy, run_keys in either)."""
+    keys = sweep.accs.keys() | plain.accs.keys()
+    return sum(sweep.accs.get(k) == plain.accs.get(k) for k in keys), len(keys)
+
+
+def report(sizes: dict[str, int], pairs: dict[str, list[tuple[Run, Run]]], slots: int) -> bool:
+    ok = True
+    print("\n## sweep vs plain loop (same configs; plain = 1 process, 1 torch thread, train.run in order); "
+          "medians over repeats")
+    head = (f"{'size':<6} {'trials':>6} {'sweep wall s':>12} {'plain wall s':>12} {'wall ratio':>10} "
+            f"{'sweep CPU s':>11} {'plain CPU s':>11} {'CPU ratio':>9} {'sweep MB':>8} {'plain MB':>8}  same results")
     print(head)
-    for r in results:
-        tr = f"{r.wall / r.tune_ideal:9.2f}" if r.tune_ideal else f"{'-':>9}"
-        ratio = f"{r.wall / r.ideal:10.2f}" if r.ideal else f"{'-':>10}"
-        print(f"{r.name:<10} {r.trials:>6} {r.slots:>5} {r.wall:7.1f} {r.ideal:7.1f} {ratio} "
-              f"{r.tune_ideal:12.1f} {tr} {r.target:8.1f}  {'yes' if r.meets else 'NO'}")
+    for name, n in sizes.items():
+        ps = pairs[name]
+        equal = [same_results(s, p) for s, p in ps]
+        ok &= all(e == t == n for e, t in equal)
+        print(f"{name:<6} {n:>6} {med(s.wall for s, _ in ps):12.1f} {med(p.wall for _, p in ps):12.1f} "
+              f"{med(s.wall / p.wall for s, p in ps):10.2f} {med(s.cpu for s, _ in ps):11.1f} "
+              f"{med(p.cpu for _, p in ps):11.1f} {med(s.cpu / p.cpu for s, p in ps):9.2f} "
+              f"{med(s.peak_rss for s, _ in ps) / 2**20:8.0f} {med(p.peak_rss for _, p in ps) / 2**20:8.0f}  "
+              + ", ".join(f"{e}/{t}" for e, t in equal))
+    print("same results: run_keys whose final test accuracy is equal in the sweep (MLflow) and the plain loop")
+    fit = {}
+    if len(sizes) >= 2:
+        xs = [n for n in sizes.values()]
+        print("\n## linear fit over the sizes: wall = fixed + per trial x trials (median wall per size)")
+        print(f"{'':<6} {'fixed s':>8} {'per trial s':>11}")
+        for i, label in enumerate(("sweep", "plain")):
+            ys = [med(pair[i].wall for pair in pairs[name]) for name in sizes]
+            fit[label] = linear_fit(xs, ys)
+            print(f"{label:<6} {fit[label][0]:8.1f} {fit[label][1]:11.2f}")
+    largest = max(sizes, key=sizes.get)
+    ratio = med(s.wall / p.wall for s, p in pairs[largest])
+    fixed = fit["sweep"][0] if fit else None
+    verdict = "meets" if ratio <= WALL_RATIO_TARGET and (fixed is None or fixed <= FIXED_TARGET_S) else "MISSES"
+    print(f"\n{largest} ({sizes[largest]} trials): wall ratio sweep/plain {ratio:.2f}, sweep fixed cost "
+          + (f"{fixed:.1f}s" if fit else "n/a (needs two sizes)")
+          + f" -> {verdict} the target wall ratio <= {WALL_RATIO_TARGET:g}, fixed <= {FIXED_TARGET_S:g} s")
 
-    print("\n## where the wall time goes (seconds; per-trial figures are means)")
-    print(f"{'sweep':<10} {'start-up':>8} {'shutdown':>8} {'span':>7} {'trainer/trial':>13} "
-          f"{'in-trial ovh/trial':>18} {'gap/trial/slot':>14} {'busy slots %':>12}")
-    for r in results:
-        if not r.trials:
-            continue
-        n = r.trials
-        slot_time = r.slots * r.span
-        print(f"{r.name:<10} {r.startup:8.1f} {r.shutdown:8.1f} {r.span:7.1f} {r.trainer_s / n:13.2f} "
-              f"{(r.run_s - r.trainer_s) / n:18.2f} {(slot_time - r.run_s) / n:14.2f} "
-              f"{100 * r.trainer_s / slot_time if slot_time else 0:12.0f}")
-    print("start-up: command start -> first trial's MLflow run opens; shutdown: last run closes -> exit;\n"
-          "in-trial overhead: MLflow run open -> finish minus the trainer's `seconds` (per-epoch MLflow writes,\n"
-          "checkpoints, Tune reports, CPU stolen by other processes); gap: slot time outside any run\n"
-          "(scheduling, actor reuse, trial set-up, the idle tail) per trial; busy slots: trainer time / (slots x span).")
-
-    print("\n## start-up phases (seconds after command start; each line the end of a phase)")
-    for r in results:
-        marks = "; ".join(f"{k} {v:.1f}" for k, v in r.phases.items())
-        print(f"{r.name:<10} {marks}")
-        print(f"{'':<10} (worker start + trainable imports: the gap between the last two)")
-
-    cats = sorted({c for r in results for c in r.cpu})
+    print(f"\n## secondary: the old 'ideal' (sum of the trials' `seconds` / {slots} slots), first repeat")
+    print(f"{'size':<6} {'wall s':>7} {'ideal s':>7} {'wall/ideal':>10} {'tune ideal s':>12} {'start-up':>8} "
+          f"{'shutdown':>8} {'in-trial ovh/trial':>18} {'trainer s/trial sweep':>21} {'plain':>6}")
+    for name, n in sizes.items():
+        s, p = pairs[name][0]
+        ideal, tune_ideal = s.trainer_s / slots, s.phases.get("tune time_total_s summed", 0.0) / slots
+        print(f"{name:<6} {s.wall:7.1f} {ideal:7.1f} {s.wall / ideal if ideal else float('nan'):10.2f} "
+              f"{tune_ideal:12.1f} {s.startup:8.1f} {s.shutdown:8.1f} {(s.run_s - s.trainer_s) / n:18.2f} "
+              f"{s.trainer_s / n:21.2f} {p.trainer_s / n:6.2f}")
+    print("start-up: command start -> first MLflow run opens; shutdown: last run closes -> exit; in-trial overhead:\n"
+          "MLflow run open -> finish minus the trainer's `seconds`; trainer s/trial: the trainer's own time per\n"
+          "trial inside the sweep and in the plain loop (higher in the sweep = slower trials there).")
+    for name in sizes:
+        s = pairs[name][0][0]
+        marks = "; ".join(f"{k} {v:.1f}" for k, v in s.phases.items() if not k.startswith("tune"))
+        print(f"start-up phases, {name} (seconds after command start): {marks}; first MLflow run {s.startup:.1f}")
+    cats = sorted({c for name in sizes for c in pairs[name][0][0].cpu_by})
     if cats:
-        print("\n## CPU seconds by process (the sweep's process tree, from /proc)")
-        width = max(len(c) for c in cats)
-        print(f"{'process':<{width}}  " + "  ".join(f"{r.name:>10}" for r in results))
-        for c in cats:
-            print(f"{c:<{width}}  " + "  ".join(f"{r.cpu.get(c, 0.0):10.1f}" for r in results))
-        print(f"{'(trainer seconds, summed)':<{width}}  " + "  ".join(f"{r.trainer_s:10.1f}" for r in results))
-        print(f"{'(machine busy CPU-s)':<{width}}  " + "  ".join(f"{r.machine_busy:10.1f}" for r in results))
-        print(f"{'(machine CPU-s available)':<{width}}  "
-              + "  ".join(f"{r.wall * (os.cpu_count() or 1):10.1f}" for r in results))
+        width = max(len(c) for c in cats + ["(machine busy CPU-s during the run)"])
+        print("\n## CPU seconds by process of the sweep (first repeat; from /proc, lower bounds)")
+        print(f"{'process':<{width}}  " + "  ".join(f"{name:>8}" for name in sizes))
+        rows = [(c, lambda r, c=c: r[0].cpu_by.get(c, 0.0)) for c in cats] + [
+            ("(plain loop, whole process)", lambda r: r[1].cpu),
+            ("(machine busy CPU-s during the sweep)", lambda r: r[0].machine_busy),
+            ("(machine CPU-s available)", lambda r: r[0].wall * slots)]
+        for label, get in rows:
+            print(f"{label:<{width}}  " + "  ".join(f"{get(pairs[name][0]):8.1f}" for name in sizes))
+        nice = sorted({v for name in sizes for s, _ in pairs[name] for v in s.worker_nice})
+        print(f"nice value of the trial workers that ran trials: {', '.join(map(str, nice)) or '-'} "
+              f"(the plain loop: {os.nice(0)}, this shell's)")
+    return ok
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--plain-loop"]:
+        return plain_loop(argv[1], argv[2:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="only the 8-trial near-zero-work sweep (smoke test)")
-    p.add_argument("--preset", default="laptop", help="preset of the main sweep (default %(default)s)")
-    p.add_argument("--cells", help="design cells of the main sweep (default: all of leave-one-out)")
-    p.add_argument("--densities", help="densities of the main sweep (default: the preset's)")
-    p.add_argument("--seeds", help="seeds of the main sweep (default: the preset's)")
-    p.add_argument("--no-zero-work", action="store_true", help="skip the near-zero-work sweep")
-    p.add_argument("--keep", metavar="DIR", help="keep the MLflow store and Tune storage in DIR (default: a "
+    p.add_argument("--tiny", action="store_true", help="only 8 one-epoch trials of a tiny MLP (the smoke test)")
+    p.add_argument("--preset", default="laptop", help="preset of both sizes (default %(default)s)")
+    p.add_argument("--cells", help="design cells of the large size (default: all of leave-one-out)")
+    p.add_argument("--densities", help="densities of the large size (default: the preset's)")
+    p.add_argument("--seeds", help="seeds of both sizes (default: the preset's)")
+    p.add_argument("--small-cells", default=SMALL_CELLS, help="cells of the small size (default %(default)s)")
+    p.add_argument("--small-densities", default=SMALL_DENSITIES, help="densities of the small size (default %(default)s)")
+    p.add_argument("--only", choices=("small", "large"), help="run one size only (no fit)")
+    p.add_argument("--repeats", type=int, default=1, help="sweep/plain pairs per size, order alternating (default 1)")
+    p.add_argument("--keep", metavar="DIR", help="keep the MLflow stores and Tune storage in DIR (default: a "
                                                  "temporary folder, removed)")
     p.add_argument("--verbose", action="store_true", help="echo the sweeps' output to stderr")
     p.add_argument("--threads", type=int, help="ignored (accepted for symmetry with the other benchmarks: "
-                                               "each trial uses 1 torch thread)")
+                                               "every trial, in the sweep and in the plain loop, uses 1 torch thread)")
     args = p.parse_args(argv)
 
     import torch
-
-    slots = os.cpu_count() or 1  # ablation_grid's local runtime gets every CPU; 1 CPU per trial
     from importlib.metadata import version
 
+    slots = os.cpu_count() or 1  # ablation_grid's local runtime gets every CPU; 1 CPU per trial
     print(f"# torch {torch.__version__} | ray {version('ray')} | mlflow {version('mlflow')} | "
           f"python {platform.python_version()} | {slots} CPU(s)")
-    print("# device cpu (trials run on CPU workers; 1 CPU and 1 torch thread per trial)")
+    print("# device cpu (1 CPU and 1 torch thread per trial, in the sweep and in the plain loop)")
 
-    sweeps = []
-    if not args.no_zero_work or args.tiny:
-        sweeps.append(("zero-work", ZERO_WORK))
-    if not args.tiny:
-        main_args = ["--preset", args.preset]
-        for flag in ("cells", "densities", "seeds"):
-            if getattr(args, flag):
-                main_args += [f"--{flag}", getattr(args, flag)]
-        sweeps.append((args.preset, main_args))
+    from sweeps import ablation_grid
 
+    common = ["--cpus-per-trial", "1", "--max-failures", "0"]
+    if "--no-report" in ablation_grid.parse_args([])[0].format_help():
+        common.append("--no-report")  # the end-of-sweep report (tables, plots) has no counterpart in the plain loop
+    seeds = ["--seeds", args.seeds] if args.seeds else []
+    small = ["--preset", args.preset, "--cells", args.small_cells, "--densities", args.small_densities, *seeds]
+    large = ["--preset", args.preset, *seeds]
+    for flag in ("cells", "densities"):
+        if getattr(args, flag):
+            large += [f"--{flag}", getattr(args, flag)]
+    wanted = {"tiny": TINY} if args.tiny else {"small": small, "large": large}
+    if args.only and not args.tiny:
+        wanted = {args.only: wanted[args.only]}
+
+    sizes = {}
+    for name, a in wanted.items():
+        parser, parsed = ablation_grid.parse_args(a + common)
+        sizes[name] = len(ablation_grid.plan(parser, parsed)[1])
     workdir = args.keep or tempfile.mkdtemp(prefix="sweep_efficiency_")
     os.makedirs(workdir, exist_ok=True)
+    pairs: dict[str, list[tuple[Run, Run]]] = {name: [] for name in wanted}
     try:
-        results = [run_sweep(name, a, workdir, slots, args.verbose) for name, a in sweeps]
+        for r in range(args.repeats):
+            for i, (name, a) in enumerate(wanted.items()):
+                sweep_first = (r + i) % 2 == 0
+                plain = None if sweep_first else run_plain(a + common, workdir)
+                sweep = run_sweep(name, a + common, workdir, args.verbose)
+                plain = plain or run_plain(a + common, workdir)
+                if sweep.returncode or plain.returncode:
+                    return 1
+                pairs[name].append((sweep, plain))
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    print_report(results)
-    main_res = results[-1]
-    verdict = "meets" if main_res.meets else "MISSES"
-    print(f"\n{main_res.name}: wall {main_res.wall:.1f}s vs ideal {main_res.ideal:.1f}s "
-          f"(ratio {main_res.wall / main_res.ideal if main_res.ideal else float('nan'):.2f}) -> {verdict} the target "
-          f"wall <= {RATIO_TARGET:g} x ideal + {FIXED_TARGET_S:g} s = {main_res.target:.1f}s; fixed start-up "
-          f"{main_res.startup:.1f}s")
-    return 0 if all(r.returncode == 0 for r in results) else 1
+    if not report(sizes, pairs, slots):
+        print("\nerror: the sweep and the plain loop disagree on some run's test accuracy (or ran different trials)")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ def connect(**local) -> bool:
     (``local``: extra ``ray.init`` arguments for it, e.g. num_cpus).
 
     Returns True when this call started Ray (the caller then shuts it down).
+
+    A local runtime's workers run at the user's priority: Ray starts workers at nice 15
+    (``RAY_worker_niceness``, read by each worker from its environment) to keep a cluster node's
+    raylet responsive, which on a laptop makes the trials yield to every other job. Ray's own job
+    manager sets the same variable to 0 for its job supervisor. A value in the environment wins.
     """
     if ray.is_initialized():
         return False
@@ -41,8 +46,9 @@ def connect(**local) -> bool:
         ray.init(logging_level=logging.WARNING)
     else:  # workers of a local runtime must import sweeps/ and sparse_core/ from this checkout
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        env_vars = {"PYTHONPATH": path, "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}}, **local)
+                 runtime_env={"env_vars": env_vars}, **local)
     return True
 
 

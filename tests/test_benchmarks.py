@@ -32,7 +32,7 @@ SCRIPTS = {
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_tiny_run_prints_its_table(script):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--tiny", "--threads", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert f"torch {__import__('torch').__version__}" in proc.stdout
     assert "# device " in proc.stdout
@@ -52,17 +52,30 @@ def _run(argv, timeout):
     return proc.stdout
 
 
-def test_sweep_efficiency_tiny_reports_ratio_and_startup():  # ~20 s: one 8-trial sweep, its own Ray runtime
-    out = _run([os.path.join(ROOT, "benchmarks", "sweep_efficiency.py"), "--tiny"], timeout=180)
+def test_sweep_efficiency_tiny_compares_the_sweep_with_the_plain_loop():  # ~40 s: an 8-trial sweep + plain loop
+    out = _run([os.path.join(ROOT, "benchmarks", "sweep_efficiency.py"), "--tiny"], timeout=900)
     assert f"torch {__import__('torch').__version__}" in out and "# device " in out
-    for header in ("wall/ideal", "start-up", "in-trial ovh/trial", "trial workers (ray::)", "target"):
+    for header in ("wall ratio", "CPU ratio", "same results", "wall/ideal", "start-up", "trial workers (ray::)",
+                   "(plain loop, whole process)"):
         assert header in out, f"{header!r} missing from:\n{out}"
-    row = next(line for line in out.splitlines() if line.startswith("zero-work "))
+    row = next(line for line in out.splitlines() if line.startswith("tiny "))
     fields = row.split()
-    assert fields[1] == "8" and fields[2].isdigit()  # 8 trials finished, slots
-    wall, ideal = float(fields[3]), float(fields[4])
-    assert wall > ideal > 0
-    assert "the target wall <= 1.2 x ideal + 15 s" in out
+    assert fields[1] == "8"
+    sweep_wall, plain_wall, wall_ratio = map(float, fields[2:5])
+    sweep_cpu, plain_cpu, cpu_ratio = map(float, fields[5:8])
+    assert sweep_wall > 0 and plain_wall > 0 and wall_ratio == pytest.approx(sweep_wall / plain_wall, rel=0.03)
+    assert sweep_cpu > 0 and plain_cpu > 0 and cpu_ratio == pytest.approx(sweep_cpu / plain_cpu, rel=0.03)
+    assert fields[-1] == "8/8"  # every run_key: the same test accuracy in the sweep's MLflow store and the plain loop
+    assert "the target wall ratio <= 0.6" in out
+
+
+@pytest.mark.slow  # ~40 s: four fresh processes each importing MLflow, one creating a store
+def test_mlflow_store_tiny_measures_creation_and_the_template_copy():
+    out = _run([os.path.join(ROOT, "benchmarks", "mlflow_store.py"), "--tiny"], timeout=900)
+    rows = {line.split("  ")[0]: line.split()[-2:] for line in out.splitlines()
+            if line.startswith(("import mlflow ", "create ", "open existing ", "copy template + open "))}
+    assert set(rows) == {"import mlflow", "create", "open existing", "copy template + open"}
+    assert all(float(v) > 0 for pair in rows.values() for v in pair)
 
 
 @pytest.mark.slow  # ~30 s: two 2-sample searches, an 8-trial study and the analysis on one Ray runtime

@@ -27,7 +27,7 @@ def test_bad_values_name_the_key_and_the_choices(flat, words):
 
 
 @pytest.mark.parametrize("key, value, choices", [
-    ("prune.pruner", "obd", ["magnitude", "snip", "synflow", "grasp", "random", "mask"]),
+    ("prune.pruner", "no-such-pruner", ["magnitude", "snip", "synflow", "grasp", "random", "mask"]),
     ("data.name", "imagenet", ["digits", "mnist", "cifar10", "synthetic"]),
     ("prune.scope", "row", ["global", "layerwise", "erk"]),
     ("model.name", "resnet", ["mlp", "vgg16"]),

@@ -161,7 +161,7 @@ def test_rigl_through_the_trainer_keeps_density_and_stops_updating():
     assert result["epochs"] == 3  # pre + post budget
 
 
-def test_shuffle_and_reinit_controls_through_the_trainer():
+def test_shuffle_control_through_the_trainer():  # prune.reinit: tests/test_pipeline_controls.py
     base = Trainer(_cfg(**{"prune.density": 0.1}))
     base.run()
     shuffled = Trainer(_cfg(**{"prune.density": 0.1, "prune.shuffle": True}))

@@ -40,17 +40,7 @@ def runs(uri: str, experiment: str, status: str | None = None) -> list:
     return tracking.search(uri, experiment, f"attributes.status = '{status}'" if status else "")
 
 
-@pytest.fixture(scope="module")
-def ray_runtime():
-    """One local Ray runtime for this module (small object store, no dashboard)."""
-    import ray
-
-    from sweeps import launch
-
-    started = launch.connect(num_cpus=2, object_store_memory=100 * 1024**2)
-    yield
-    if started:
-        ray.shutdown()
+# ray_runtime (one local Ray runtime for the session) comes from tests/conftest.py.
 
 
 @pytest.fixture(scope="module")
