@@ -7,13 +7,15 @@ Bad input (an unknown experiment, metric or key; an axis that would be averaged 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import sqlite3
 import sys
 
 from mlflow.exceptions import MlflowException
 
-from sweeps.tracking import TrackingError, check_reachable, resolve_tracking_uri
+from runstore import TrackingError, check_reachable, resolve_tracking_uri, unwritable
 
 from .load import AnalysisError, apply_filters, load_runs, split_names
 from .table import EXTENSIONS, FORMATS
@@ -99,6 +101,26 @@ class _Stderr(logging.Handler):
         print(record.getMessage(), file=sys.stderr)
 
 
+def _check_inputs(args, uri: str) -> None:
+    """A SQLite file that is not MLflow's database, and an ``--out`` that cannot be written, as one
+    ``AnalysisError`` line each."""
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+    if path is not None:
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.Error as e:
+            raise AnalysisError(f"{path} is not an SQLite database ({e}): pass the MLflow database with "
+                                f"--mlflow-uri sqlite:///PATH") from None
+        if "experiments" not in tables or "runs" not in tables:
+            raise AnalysisError(f"{path} is an SQLite database but not MLflow's (no experiments/runs tables): pass "
+                                f"the MLflow database with --mlflow-uri sqlite:///PATH")
+    if args.out:
+        why = unwritable(args.out, directory=args.command != "table")
+        if why:
+            raise AnalysisError(f"--out {args.out}: {why}; pass another --out")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logger = logging.getLogger("analysis")
@@ -113,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         check_reachable(uri)  # seconds, not MLflow's minutes of retries, for a server that is down
         if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
             raise AnalysisError(f"no MLflow database at {uri}: pass --mlflow-uri or set MLFLOW_TRACKING_URI")
+        _check_inputs(args, uri)  # before the loading, which takes a while on a big store
         {"table": _table, "plot": _plot, "report": _report}[args.command](args, uri, experiments, statuses)
     except (AnalysisError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)

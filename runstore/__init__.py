@@ -1,10 +1,11 @@
 """The MLflow store of a study: where it is, its experiments, and reading runs back.
 
 Shared by ``sweeps`` (which writes one run per trial) and ``analysis`` (which reads them); it
-imports neither, nor Ray. One naming rule lives here: per-epoch metrics are ``epoch/<key>``, values
-logged once at the end ``final/<key>`` and per pruning round ``prune/<key>`` (MLflow charts one
-section per prefix, in name order, so a run's page shows the curves first and the final values
-apart); readers take ``final/`` as the plain key, and runs logged before the prefixes read the same.
+imports neither, nor Ray. One naming rule lives here: per-epoch accuracy and loss are ``epoch/<key>``,
+values logged once at the end ``final/<key>``, per pruning round ``prune/<key>`` and the other
+per-epoch values ``trainer/<key>`` (MLflow charts one section per prefix, in name order, so a run's
+page shows the curves first and the final values next); readers take ``final/`` as the plain key,
+and runs logged before the prefixes read the same.
 
 The subtle point is the experiment kind. MLflow 3.17's UI opens an experiment on its GenAI
 overview unless told otherwise: its experiment page takes the kind from the workflow switch
@@ -34,13 +35,15 @@ STUDY_VIEW = "study"  # ?viewStateShareKey= of the runs-table view below
 VIEW_TAG = "mlflow.sharedViewState." + STUDY_VIEW
 _VIEW = json.dumps({  # column ids as the UI writes them: <type>.`<key>`
     "selectedColumns": ["tags.`cell`", "params.`prune.density`", "params.`seed`", "metrics.`final/val_acc`",
-                        "metrics.`final/test_acc`", "metrics.`final/n_collapsed_layers`", "metrics.`final/seconds`"],
+                        "metrics.`final/test_acc`", "metrics.`final/n_collapsed_layers`"],
     "orderByKey": "metrics.`final/val_acc`", "orderByAsc": False})
 # Metric names: MLflow 3.17 charts a run in one section per ``prefix/``, sections sorted by name, and
 # puts unprefixed metrics last, so the per-epoch curves get the prefix that sorts first.
-EPOCH_PREFIX = "epoch/"  # per training epoch (step = global epoch): the curves
+EPOCH_PREFIX = "epoch/"  # per training epoch (step = global epoch): the accuracy and loss curves
 FINAL_PREFIX = "final/"  # once, at the end (step = number of epochs): the results
 PRUNE_PREFIX = "prune/"  # per pruning round (step = round): right after pruning
+TRAINER_PREFIX = "trainer/"  # per epoch, the rest: learning rate, density, mask and soft-schedule state, seconds
+CURVES = ("train_loss", "val_acc", "val_loss", "test_acc", "test_loss")  # the epoch/ keys
 SEARCH_CELL = "optuna"  # the cell tag of Optuna search trials (their tuned knobs differ run to run)
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 

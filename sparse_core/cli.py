@@ -2,7 +2,8 @@
 
 Progress goes to stderr, one line per epoch; the LAST line of stdout is one JSON object with the
 result. ``--checkpoint PATH`` saves the full state after every epoch and, if PATH exists,
-continues from it.
+continues from it (loaded with ``weights_only=True``; a file that is not such a checkpoint ends the
+command with exit 2 and is left untouched).
 """
 
 from __future__ import annotations
@@ -72,22 +73,30 @@ def main(argv: list[str] | None = None) -> int:
                   f"directory); pass another path", file=sys.stderr)
             return 2
 
-    import torch  # after argument checks, so a typo fails fast
+    from .train import run  # torch is imported after the argument checks, so a typo fails fast
 
-    from .train import run
+    from .checkpoint import CheckpointError, load_state, save_state
 
     state = None
-    if args.checkpoint and os.path.exists(args.checkpoint):
-        state = torch.load(args.checkpoint, weights_only=False)
-        print(f"resuming from {args.checkpoint} (step {state['step_idx']})", file=sys.stderr)
+    if args.checkpoint:
+        parent = os.path.dirname(os.path.abspath(args.checkpoint))
+        try:  # before any training: a bad file is reported, never overwritten
+            if os.path.lexists(args.checkpoint):
+                state = load_state(args.checkpoint)
+            elif not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+                raise CheckpointError(f"--checkpoint {args.checkpoint}: cannot write in {parent} (not a writable "
+                                      f"directory); pass another path")
+        except CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if state is not None:
+            print(f"resuming from {args.checkpoint} (step {state['step_idx']})", file=sys.stderr)
 
     def log(metrics: dict, checkpoint) -> None:
         if not args.quiet:
             print(progress_line(metrics), file=sys.stderr, flush=True)
         if args.checkpoint:
-            tmp = args.checkpoint + ".tmp"
-            torch.save(checkpoint(), tmp)
-            os.replace(tmp, args.checkpoint)
+            save_state(checkpoint(), args.checkpoint)
 
     try:
         result = run(cfg, log, state, export_path=args.export)  # + sizes, CPU latencies; the file if --export

@@ -6,13 +6,16 @@
         --data-dir /data --mlflow-uri http://mlflow:5000 --storage-path /shared/ray_results
 
 Trials whose run_key already has a FINISHED run in the experiment are skipped, so re-running a
-sweep only runs what is missing. ``--resume`` restores the latest interrupted Tune run of the
-sweep; a trial that crashes is retried from its last checkpoint (``--max-failures``).
+sweep only runs what is missing; a run_key's run left RUNNING by a killed driver is continued (from
+its newest checkpoint) rather than duplicated. ``--resume`` restores the latest interrupted Tune run
+of the sweep; a trial that crashes is retried from its last checkpoint (``--max-failures``). Two
+sweeps may share a store: each run_key is claimed by one trial (see sweeps/claims.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the re
         sys.path.insert(0, _root)
 
 from sparse_core.config import parse_overrides  # noqa: E402
-from sweeps import designs, options, presets, tracking  # noqa: E402
+from sweeps import claims, designs, options, presets, tracking  # noqa: E402
 
 # A grid has no scheduler: one Tune report per second (plus stage ends) keeps the progress line
 # live without a driver round-trip per epoch (see sweeps/trainable.py).
@@ -111,14 +114,18 @@ def main(argv=None) -> int:
     print(f"sweep {sweep!r}: {len(trials)} trials | MLflow {uri} experiment {args.experiment!r} | "
           f"Tune storage {storage}", flush=True)
 
-    if args.resume:
+    if args.resume:  # Tune restores the trials; each skips itself if its run_key is FINISHED meanwhile
         todo, skipped = trials, 0
     else:
         finished = tracking.finished_by_run_key(uri, args.experiment)
-        todo = [t for t in trials if t.run_key not in finished]
+        running = claims.live_claims(tracking.client(uri), exp_id)  # e.g. another sweep on this store
+        todo = [t for t in trials if t.run_key not in finished and t.run_key not in running]
         skipped = len(trials) - len(todo)
-        if skipped:
-            print(f"skipping {skipped} of {len(trials)} trials: already FINISHED in experiment {args.experiment!r}")
+        n_finished = sum(t.run_key in finished for t in trials)
+        if n_finished:
+            print(f"skipping {n_finished} of {len(trials)} trials: already FINISHED in experiment {args.experiment!r}")
+        if skipped > n_finished:
+            print(f"skipping {skipped - n_finished} of {len(trials)} trials: running now in another sweep")
 
     from sweeps import launch  # Ray is imported from here on
 
@@ -164,7 +171,8 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch) -> tuple[int, 
             print(f"resuming {path}", flush=True)
             tuner = launch.restore(path, cpus=cpus, gpus=gpus)
         else:
-            name = f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}"
+            # the pid keeps two drivers started in the same second (on one storage) out of each other's run
+            name = f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
             space = {"trial": tune.grid_search([{"cell": t.cell, "flat": t.flat} for t in todo]), "meta": meta}
             tune_cfg = tune.TuneConfig(max_concurrent_trials=args.max_concurrent, reuse_actors=True,
                                        trial_dirname_creator=launch.trial_dirname)
@@ -176,6 +184,10 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch) -> tuple[int, 
         seconds = sum(r.metrics.get("time_total_s", 0.0) for r in results if r.metrics)
         failed = sum(1 for r in results if r.error is not None)
         cut = [r for r in results if r.error is None and not (r.metrics or {}).get("final")]
+        idle = [r.metrics["skipped"] for r in results if (r.metrics or {}).get("skipped")]
+        if idle:  # see TrialRun.open: a FINISHED run_key is never trained again, nor one claimed elsewhere
+            print(f"{len(idle)} of {len(results)} trials trained nothing: {idle.count('finished')} already FINISHED, "
+                  f"{idle.count('claimed')} running in another sweep", flush=True)
         # Interrupted (Ctrl-C, job stopped): close their runs; --resume reopens them.
         cut_ids = [r.metrics["trial_id"] for r in cut if (r.metrics or {}).get("trial_id")]
         tracking.close_unfinished(uri, exp_id, cut_ids, "KILLED", "sweep interrupted before this trial finished")

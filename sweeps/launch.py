@@ -1,4 +1,4 @@
-"""Driver side of a sweep: connect to Ray, run (or restore) the Tuner, show progress, summarise.
+"""Driver side of a sweep: connect to Ray, run (or restore) the Tuner, show progress.
 
 Shared by ``ablation_grid.py`` and ``optuna_search.py``. Imported only after the command line
 and every trial config have been checked, so bad input never starts Ray.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -81,7 +80,8 @@ def trial_dirname(trial) -> str:
 
 
 class Progress(tune.Callback):
-    """One line per finished trial plus a heartbeat: done/running/pending, best so far, ETA.
+    """One line per finished trial plus a heartbeat: done/running/pending, best so far (by validation
+    accuracy, never test), ETA.
 
     Also closes the MLflow run of a trial that errored for good or was stopped by a scheduler,
     so that no run is left RUNNING.
@@ -105,7 +105,7 @@ class Progress(tune.Callback):
         frac = done + sum(e / max(n, 1) for tid, (e, n) in self.epochs.items())
         elapsed = now - self.t0
         eta = _fmt_s(elapsed * (total - frac) / frac) if frac > 0 else "?"
-        best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
+        best = f"best val {100 * self.best[0]:.2f} % ({self.best[1]})" if self.best else "best -"
         fail = f", {failed} failed" if failed else ""
         return (f"{done}/{total} done, {running} running, {total - done - running} pending{fail} | {best} | "
                 f"{_fmt_s(elapsed)} elapsed, ETA {eta}")
@@ -128,15 +128,15 @@ class Progress(tune.Callback):
         if "epoch" in result and "epochs" in result:
             self.epochs[trial.trial_id] = (result["epoch"], result["epochs"])
         self.trial_seconds[trial.trial_id] = result.get("time_total_s", 0.0)
-        if result.get("final") and math.isfinite(result.get("test_acc", math.nan)):
-            if self.best is None or result["test_acc"] > self.best[0]:
-                self.best = (result["test_acc"], trial_label(trial))
+        if result.get("final") and math.isfinite(result.get("val_acc", math.nan)):
+            if self.best is None or result["val_acc"] > self.best[0]:
+                self.best = (result["val_acc"], trial_label(trial))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.epochs.pop(trial.trial_id, None)
         last = trial.last_result or {}
         if last.get("final"):
-            what = f"test_acc {last['test_acc']:.4f}"
+            what = f"val {100 * last.get('val_acc', math.nan):.2f} %, test {100 * last['test_acc']:.2f} %"
         else:
             what = "stopped early"
             tracking.close_unfinished(self.uri, self.experiment_id, [trial.trial_id], "KILLED",
@@ -191,39 +191,3 @@ def latest_run(storage_path: str, sweep: str) -> str | None:
         if tune.Tuner.can_restore(path):
             return path
     return None
-
-
-def summary(trials, uri: str, experiment: str) -> list[dict]:
-    """One row per (cell, density): FINISHED seeds and mean test accuracy, from MLflow."""
-    finished = tracking.finished_by_run_key(uri, experiment)
-    groups: dict[tuple[str, float], list] = {}
-    for t in trials:
-        groups.setdefault((t.cell, t.density), []).append(finished.get(t.run_key))
-    rows = []
-    for (cell, density), runs in groups.items():
-        ok = [r.data.metrics for r in runs if r is not None]
-        acc = [m["test_acc"] for m in ok if "test_acc" in m]
-
-        def mean(key, missing=math.nan):
-            return statistics.fmean(m.get(key, missing) for m in ok) if ok else math.nan
-
-        rows.append({"cell": cell, "density": density, "seeds": f"{len(ok)}/{len(runs)}",
-                     "test_acc": statistics.fmean(acc) if acc else math.nan,
-                     "std": statistics.stdev(acc) if len(acc) > 1 else math.nan,
-                     "best_test_acc": mean("best_test_acc"), "collapsed": mean("n_collapsed_layers", 0),
-                     "seconds": mean("seconds")})
-    return rows
-
-
-def print_summary(rows: list[dict]) -> None:
-    if not rows:
-        return
-    width = max(len("cell"), *(len(r["cell"]) for r in rows))
-    print(f"{'cell':<{width}}  {'density':>8}  {'seeds':>5}  {'test_acc':>8}  {'std':>6}  {'best':>6}  "
-          f"{'collapsed':>9}  {'s/trial':>7}")
-    for r in rows:
-        def f(v, fmt):
-            return format(v, fmt) if math.isfinite(v) else "-"
-        print(f"{r['cell']:<{width}}  {r['density']:>8g}  {r['seeds']:>5}  {f(r['test_acc'], '8.4f'):>8}  "
-              f"{f(r['std'], '6.4f'):>6}  {f(r['best_test_acc'], '6.4f'):>6}  {f(r['collapsed'], '9.1f'):>9}  "
-              f"{f(r['seconds'], '7.1f'):>7}")

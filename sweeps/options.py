@@ -10,10 +10,11 @@ import argparse
 import os
 import sys
 
+from runstore import unwritable
 from sparse_core import data as sparse_data
 from sparse_core.config import from_flat, parse_overrides, validate_names
 
-from . import tracking
+from . import claims, tracking
 
 DEFAULT_EXPERIMENT = "sparsity-sweep"
 DEFAULT_STORAGE = "ray_results"  # Tune's trial dirs and checkpoints; use shared storage on multi-node clusters
@@ -88,13 +89,21 @@ def tracking_target(cli_uri: str | None, experiment: str) -> tuple[str, str]:
     """(tracking URI, experiment id), failing fast if the store cannot be reached."""
     uri = tracking.resolve_tracking_uri(cli_uri)
     tracking.check_reachable(uri)
-    return uri, tracking.experiment_id(uri, experiment)
+    with claims.store_lock(uri):  # two drivers on a new SQLite file: one creates MLflow's schema, then the other
+        return uri, tracking.experiment_id(uri, experiment)
+
 
 
 def targets(parser: argparse.ArgumentParser, args) -> tuple[str, str, str]:
     """(tracking URI, experiment id, Tune storage path) for a sweep script, exiting through
     ``parser.error`` when the tracking store cannot be reached; warns when a relative SQLite store
-    would land in a ``ray job submit`` job's temporary working dir."""
+    would land in a ``ray job submit`` job's temporary working dir. An unwritable local
+    ``--storage-path`` ends the command (one line, exit 2) before the store is touched."""
+    storage = storage_path(args.storage_path)
+    why = None if "://" in storage else unwritable(storage)
+    if why:
+        print(f"error: --storage-path {args.storage_path}: {why}; pass a writable directory", file=sys.stderr)
+        raise SystemExit(2)
     try:
         uri, exp_id = tracking_target(args.mlflow_uri, args.experiment)
     except tracking.TrackingError as e:
@@ -102,7 +111,7 @@ def targets(parser: argparse.ArgumentParser, args) -> tuple[str, str, str]:
     if tracking.sqlite_path(uri) and os.environ.get("RAY_ADDRESS") and not args.mlflow_uri:
         print("warning: a SQLite store inside 'ray job submit' lives in the job's temporary working dir; "
               "pass an absolute --mlflow-uri sqlite:////path/mlflow.db or a tracking server", file=sys.stderr)
-    return uri, exp_id, storage_path(args.storage_path)
+    return uri, exp_id, storage
 
 
 def storage_path(value: str) -> str:

@@ -2,9 +2,9 @@
 
 Knows MLflow, not Ray, so ``analysis`` can import the read side. Every trial is one run:
 params = the flat config, per-epoch metrics (step = global epoch), final metrics, tags
-(run_key, sweep, cell, trial_id, provenance) and ``layer_density.json``. A trial retried by
-Ray finds its run again through the ``trial_id`` tag and continues it, so a retry never adds
-a second run and never logs an epoch twice. Per-epoch metrics are buffered and written by
+(run_key, sweep, cell, trial_id, provenance) and ``layer_density.json``. A trial finds its run
+by run_key (``TrialRun.open``, claims in ``claims.py``): a retried, resumed or re-run trial
+continues it, so there is one run per run_key and no epoch is logged twice. Per-epoch metrics are buffered and written by
 ``flush()`` (the trainable flushes before every checkpoint, so a retried trial finds every epoch up
 to its checkpoint in the run), by ``finish()`` and by ``fail()``: one SQLite transaction per epoch
 cost as much as a digits-MLP epoch itself (benchmarks/sweep_efficiency.py).
@@ -20,6 +20,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
+
+from .claims import OPEN_STATUSES, claim_alive, runs_of_key, store_lock, this_claim
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Per-epoch keys from sparse_core.train that are bookkeeping, not measurements.
@@ -142,7 +144,16 @@ def _retry(fn, *args, attempts: int = 4, **kwargs):
 
 
 class TrialRun:
-    """The MLflow run of one trial: created at first start, reused when the trial is retried."""
+    """The MLflow run of one trial, found by its run_key.
+
+    ``open`` claims the run_key: a FINISHED run means nothing to train (``skip = "finished"``); a run
+    whose claiming process is alive means another trial (another sweep on this store) trains it
+    (``skip = "claimed"``). Otherwise the trial's own earlier run (a Ray retry, ``--resume``) or an
+    orphan of the same run_key (its driver was killed; an interrupted sweep) is continued, with its
+    ``retries`` tag counting the restarts, else a new run is created. On SQLite the check and the
+    claim happen under ``store_lock``; elsewhere the claim is re-checked after it is written and the
+    oldest claim wins.
+    """
 
     def __init__(self, uri: str, experiment_id: str, *, sweep: str, cell: str, flat: dict, run_key: str,
                  trial_id: str | None = None, tags: dict | None = None):
@@ -154,27 +165,47 @@ class TrialRun:
         self.logged_epoch = 0  # epochs <= this are already in the run (from before a retry)
         self.logged_round = 0
         self.reused = False
+        self.skip: str | None = None  # "finished" or "claimed": do not train (see open)
+        self.other = None  # the run behind skip
+        self.checkpoint_dir: str | None = None  # Tune trial dir of the continued run's checkpoints
         self._pending: list = []  # metrics not yet written (see flush)
+        self._claim = this_claim()
 
     def open(self, resumed_at_epoch: int | None = None) -> "TrialRun":
+        with store_lock(self.uri) as locked:
+            runs = _retry(runs_of_key, self.client, self.experiment_id, self.run_key)
+            done = [r for r in runs if r.info.status == "FINISHED"]
+            if done:
+                self.skip, self.other = "finished", done[-1]
+                return self
+            mine = [r for r in runs if self.trial_id and r.data.tags.get("trial_id") == self.trial_id]
+            others = [r for r in runs if not (self.trial_id and r.data.tags.get("trial_id") == self.trial_id)]
+            live = [r for r in others if r.data.tags.get("claimed_by") != self._claim and claim_alive(r)]
+            if live:
+                self.skip, self.other = "claimed", live[0]
+                return self
+            # continue our own run, else the newest orphan (open, or KILLED by an interrupted sweep)
+            orphans = [r for r in others if r.info.status in OPEN_STATUSES + ("KILLED",)]
+            chosen = mine[-1] if mine else (orphans[-1] if orphans else None)
+            if chosen is not None:
+                self._reopen(chosen, resumed_at_epoch)
+            else:
+                self._create()
+            for r in orphans + mine:
+                if r.info.run_id != self.run_id and r.info.status in OPEN_STATUSES:  # never left RUNNING
+                    _retry(self.client.set_tag, r.info.run_id, "superseded_by", self.run_id)
+                    _retry(self.client.set_terminated, r.info.run_id, "KILLED")
+        if not locked:
+            self._recheck(created=chosen is None)
+        return self
+
+    def _claim_tags(self) -> dict:
+        return {"claimed_by": self._claim, "heartbeat": f"{time.time():.0f}"}
+
+    def _create(self) -> None:
         from mlflow.entities import Param
 
-        existing = self.find_trial_run(self.client, self.experiment_id, self.trial_id) if self.trial_id else None
-        if existing is not None:
-            self.run_id, self.reused = existing.info.run_id, True
-            _retry(self.client.update_run, self.run_id, status="RUNNING")
-            history = self.client.get_metric_history
-            self.logged_epoch = max((m.step for m in history(self.run_id, "test_acc")), default=0)
-            self.logged_round = max((m.step for m in history(self.run_id, "test_acc_after_prune")), default=0)
-            if "error" in existing.data.tags:  # the error that made Ray retry: keep it, but not as 'error'
-                _retry(self.client.set_tag, self.run_id, "retried_after", existing.data.tags["error"])
-                _retry(self.client.delete_tag, self.run_id, "error")
-            if resumed_at_epoch is not None:
-                old = existing.data.tags.get("resumed_at_epoch")
-                value = str(resumed_at_epoch) if not old else f"{old},{resumed_at_epoch}"
-                _retry(self.client.set_tag, self.run_id, "resumed_at_epoch", value)
-            return self
-        tags = {"run_key": self.run_key, "sweep": self.sweep, "cell": self.cell, **self.tags}
+        tags = {"run_key": self.run_key, "sweep": self.sweep, "cell": self.cell, **self.tags, **self._claim_tags()}
         if self.trial_id:
             tags["trial_id"] = self.trial_id
         name = f"{self.cell} d={self.flat['prune.density']:g} s={self.flat['seed']}"
@@ -184,7 +215,51 @@ class TrialRun:
         params = [Param(k, str(v)) for k, v in self.flat.items()]
         for i in range(0, len(params), 100):
             _retry(self.client.log_batch, self.run_id, params=params[i:i + 100])
-        return self
+
+    def _reopen(self, existing, resumed_at_epoch: int | None) -> None:
+        from mlflow.entities import RunTag
+
+        self.run_id, self.reused = existing.info.run_id, True
+        old = existing.data.tags
+        self.checkpoint_dir = old.get("checkpoint_dir")
+        tags = {**self._claim_tags(), "retries": str(int(old.get("retries", "0") or 0) + 1)}
+        if self.trial_id:
+            tags["trial_id"] = self.trial_id
+        if "error" in old:  # the error that made Ray retry: keep it, but not as 'error'
+            tags["retried_after"] = old["error"]
+        _retry(self.client.log_batch, self.run_id, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
+        if "error" in old:
+            _retry(self.client.delete_tag, self.run_id, "error")
+        _retry(self.client.update_run, self.run_id, status="RUNNING")
+        history = self.client.get_metric_history
+        self.logged_epoch = max((m.step for m in history(self.run_id, "test_acc")), default=0)
+        self.logged_round = max((m.step for m in history(self.run_id, "test_acc_after_prune")), default=0)
+        self.resumed(resumed_at_epoch)
+
+    def resumed(self, epoch: int | None) -> None:
+        """Record that the trial continues after ``epoch`` (tag ``resumed_at_epoch``, a list)."""
+        if epoch is None or self.run_id is None:
+            return
+        old = self.client.get_run(self.run_id).data.tags.get("resumed_at_epoch")
+        _retry(self.client.set_tag, self.run_id, "resumed_at_epoch", str(epoch) if not old else f"{old},{epoch}")
+
+    def _recheck(self, created: bool) -> None:
+        """Optimistic claim (no lock): of the live claims on this run_key the oldest run wins."""
+        runs = _retry(runs_of_key, self.client, self.experiment_id, self.run_key)
+        contenders = [r for r in runs if r.info.run_id == self.run_id or claim_alive(r)]
+        if contenders and contenders[0].info.run_id != self.run_id:
+            if created:
+                _retry(self.client.delete_run, self.run_id)
+            else:
+                _retry(self.client.set_terminated, self.run_id, "KILLED")
+            self.skip, self.other, self.run_id = "claimed", contenders[0], None
+
+    def set_checkpoint_dir(self, location: str) -> None:
+        """Where this trial's checkpoints are (tag ``checkpoint_dir``): a later sweep continuing this
+        run after its driver died starts from the newest of them."""
+        if location != self.checkpoint_dir:
+            _retry(self.client.set_tag, self.run_id, "checkpoint_dir", location)
+            self.checkpoint_dir = location
 
     @staticmethod
     def find_trial_run(c, experiment_id: str, trial_id: str):
@@ -199,9 +274,12 @@ class TrialRun:
 
     def flush(self) -> None:
         """Write the buffered metrics (MLflow takes at most 1,000 per batch)."""
+        from mlflow.entities import RunTag
+
+        beat = [RunTag("heartbeat", f"{time.time():.0f}")]  # keeps this run's claim live (see claim_alive)
         while self._pending:
             batch = self._pending[:1000]
-            _retry(self.client.log_batch, self.run_id, metrics=batch)
+            _retry(self.client.log_batch, self.run_id, metrics=batch, tags=beat)
             del self._pending[:len(batch)]
 
     def log_step(self, metrics: dict) -> None:

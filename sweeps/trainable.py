@@ -3,8 +3,11 @@
 ``train_trial`` is a Tune function trainable around ``sparse_core.train.run``. Its config is
 ``{"trial": {"cell": label, "flat": {dotted key: value}}, "meta": {...}}``: the flat config
 becomes a ``Config``, every epoch is logged to MLflow and reported to Tune, with checkpoints of
-the trainer's full state (``torch.save``d), and a retried trial continues from
-``tune.get_checkpoint()`` inside the same MLflow run.
+the trainer's full state (``torch.save``d, loaded by ``sparse_core.checkpoint.load_state``), and a
+retried, resumed or re-run trial continues its run_key's MLflow run from the newest checkpoint
+(``_newest_state``). A trial whose run_key is FINISHED, or claimed by a live trial of another
+sweep, reports ``skipped`` and trains nothing (``tracking.TrialRun.open``).
+
 
 The subtle point is cost. A checkpoint, with the MLflow write of the buffered epochs before it,
 is taken at the end of each stage (pre-training, pruning, RigL or post-training) and otherwise
@@ -21,7 +24,10 @@ which have no scheduler, use 1 s.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import posixpath
+import re
 import tempfile
 import time
 
@@ -29,6 +35,8 @@ import torch
 from ray import tune
 
 import sparse_core
+from runstore import final_metrics
+from sparse_core.checkpoint import CheckpointError, load_state
 from sparse_core.config import from_flat, run_key, to_flat
 from sparse_core.train import run as run_pipeline, total_epochs
 
@@ -44,11 +52,61 @@ def resources(cpus: float, gpus: float) -> dict:
     return {"cpu": cpus, "gpu": gpus}
 
 
-def _load_state(checkpoint: tune.Checkpoint | None) -> dict | None:
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, CHECKPOINT_FILE), weights_only=False, map_location="cpu")
+def _location(checkpoint: tune.Checkpoint) -> str:
+    """The trial dir holding ``checkpoint``, as a path or URI that ``pyarrow.fs`` opens again."""
+    parent = posixpath.dirname(checkpoint.path.rstrip("/"))
+    kind = checkpoint.filesystem.type_name
+    return parent if kind == "local" else f"{kind}://{parent}"
+
+
+def _newest_state(checkpoint: tune.Checkpoint | None, run_dir: str | None) -> dict | None:
+    """The newest loadable trainer state among the checkpoints next to Tune's ``checkpoint`` and in
+    ``run_dir`` (the trial dir recorded in the MLflow run this trial continues).
+
+    Tune's own pick can be stale: a driver killed between two snapshots of its experiment state
+    restores a trial from an older checkpoint (or from one already deleted) though newer ones exist.
+    A damaged checkpoint (the crash hit its copy) is passed over; if none loads, the trial fails with
+    the loader's one-line reason rather than silently starting again.
+    """
+    import pyarrow.fs as pafs
+
+    places = [_location(checkpoint)] if checkpoint is not None else []
+    places += [run_dir] if run_dir and run_dir not in places else []
+    found = []  # (mtime, name, filesystem, path)
+    for place in places:
+        try:
+            fs, base = pafs.FileSystem.from_uri(place)
+            for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+                if info.type == pafs.FileType.Directory and re.fullmatch(r"checkpoint_\d+", info.base_name):
+                    state_file = fs.get_file_info(f"{info.path}/{CHECKPOINT_FILE}")
+                    if state_file.type == pafs.FileType.File:
+                        found.append((state_file.mtime_ns or 0, info.base_name, fs, info.path))
+        except (OSError, ValueError, pafs.ArrowException) as e:  # e.g. the old trial dir is gone
+            logging.getLogger(__name__).warning("cannot list checkpoints in %s: %s", place, e)
+    if not found and checkpoint is not None:
+        found.append((0, "", checkpoint.filesystem, checkpoint.path))
+    errors = []
+    for _, _, fs, path in sorted(found, key=lambda f: f[:2], reverse=True):
+        try:
+            with tune.Checkpoint(path, filesystem=fs).as_directory() as d:
+                return load_state(os.path.join(d, CHECKPOINT_FILE))
+        except (CheckpointError, OSError) as e:
+            logging.getLogger(__name__).warning("skipping checkpoint %s: %s", path, e)
+            errors.append(e)
+    if errors:
+        raise CheckpointError(f"no usable checkpoint for this trial: {errors[0]}")
+    return None
+
+
+def _report_skipped(mlrun, cfg) -> None:
+    """A trial with nothing to train: its run_key is FINISHED, or another sweep runs it now."""
+    other = mlrun.other
+    metrics = final_metrics(other.data.metrics) if mlrun.skip == "finished" else {}
+    n = total_epochs(cfg)
+    tune.report({"final": 1, "skipped": mlrun.skip, "epoch": n, "epochs": n, "stage": "final",
+                 "val_acc": metrics.get("val_acc", math.nan), "test_acc": metrics.get("test_acc", math.nan),
+                 "best_val_acc": metrics.get("best_val_acc", math.nan), "density": metrics.get("density", math.nan),
+                 "seconds": 0.0, "run_key": mlrun.run_key, "mlflow_run_id": other.info.run_id})
 
 
 def train_trial(config: dict) -> None:
@@ -56,14 +114,22 @@ def train_trial(config: dict) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
     cfg = from_flat(trial["flat"])
     torch.set_num_threads(max(1, int(meta.get("cpus", 1))))
-    state = _load_state(tune.get_checkpoint())
-    resumed_at = len(state["history"]) if state is not None else None
     tags = {"sparse_core_version": sparse_core.__version__}
     if meta.get("git_commit"):
         tags["git_commit"] = meta["git_commit"]
     mlrun = tracking.TrialRun(meta["tracking_uri"], meta["experiment_id"], sweep=meta["sweep"], cell=trial["cell"],
                               flat=to_flat(cfg), run_key=run_key(cfg), trial_id=tune.get_context().get_trial_id(),
-                              tags=tags).open(resumed_at_epoch=resumed_at)
+                              tags=tags).open()
+    if mlrun.skip:  # FINISHED already, or claimed by a live trial of another sweep on this store
+        _report_skipped(mlrun, cfg)
+        return
+    try:
+        state = _newest_state(tune.get_checkpoint(), mlrun.checkpoint_dir)
+    except CheckpointError as e:
+        mlrun.fail(e)
+        raise
+    resumed_at = len(state["history"]) if state is not None else None
+    mlrun.resumed(resumed_at)
     epoch = resumed_at or 0
     last_round = cfg.prune.rounds - 1 if cfg.prune.density < 1.0 else 0
     stage_epochs = {"pre": cfg.train.pre_epochs, "round": cfg.prune.round_epochs, "post": cfg.train.post_epochs,
@@ -95,6 +161,9 @@ def train_trial(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             torch.save(checkpoint(), os.path.join(d, CHECKPOINT_FILE))
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+        saved = tune.get_checkpoint()  # the persisted copy: its trial dir goes into the run, once
+        if saved is not None:
+            mlrun.set_checkpoint_dir(_location(saved))
         last_sync = last_report = time.monotonic()
 
     try:

@@ -275,7 +275,7 @@ class _Links(HTMLParser):
 def test_report_cli_writes_self_contained_html_and_logs_artifacts(store, tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, "-m", "analysis", "report", "--experiment", "grid", "--mlflow-uri",
-                           store["uri"], "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           store["uri"], "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert "left out 1 FAILED, 1 RUNNING" in proc.stderr
     claimed = proc.stdout.split()

@@ -81,7 +81,7 @@ def test_mlflow_store_tiny_measures_creation_and_the_template_copy():
 @pytest.mark.slow  # ~30 s: two 2-sample searches, an 8-trial study and the analysis on one Ray runtime
 def test_digits_study_tiny_tunes_sweeps_and_analyses(tmp_path):
     out = _run([os.path.join(ROOT, "benchmarks", "digits_study.py"), "--tiny", "--tune", "--out", str(tmp_path)],
-               timeout=240)
+               timeout=900)
     # both searches ran with the same budget and printed their best settings
     assert "| full | 2 (2, 0) |" in out and "| synflow | 2 (2, 0) |" in out
     tuning = json.loads((tmp_path / "tuning.json").read_text())

@@ -94,7 +94,8 @@ def test_trial_run_names_metrics_by_prefix_and_analysis_reads_plain_keys(uri):
     mlrun.finish(result)
     c = MlflowClient(uri)
     metrics = c.get_run(mlrun.run_id).data.metrics
-    assert {k.split("/")[0] for k in metrics} == {"epoch", "final", "prune"}  # nothing unprefixed
+    assert {k.split("/")[0] for k in metrics} == {"epoch", "final", "prune", "trainer"}  # nothing unprefixed
+    assert sorted(k for k in metrics if k.startswith("epoch/")) == [f"epoch/{k}" for k in sorted(runstore.CURVES)]
     assert [m.step for m in c.get_metric_history(mlrun.run_id, "epoch/val_acc")] == [1, 2, 3]
     assert metrics["final/test_acc"] == result["test_acc"] and metrics["final/val_acc"] == result["val_acc"]
     assert metrics["prune/density"] == pytest.approx(0.1, abs=1e-3)

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
+import runstore
 from sparse_core.config import FIELD_TYPES, from_flat, run_key, to_flat
-from sweeps import ablation_grid, designs, optuna_search, options, presets, tracking
+from sweeps import ablation_grid, designs, optuna_search, options, presets, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_CELLS = len(designs.cells("leave-one-out"))
@@ -37,7 +38,9 @@ def run_cli(main, argv) -> tuple[int, str]:
 
 
 def runs(uri: str, experiment: str, status: str | None = None) -> list:
-    return tracking.search(uri, experiment, f"attributes.status = '{status}'" if status else "")
+    """The trial runs (not the report's run, cell 'analysis') of an experiment."""
+    clauses = ["tags.cell != 'analysis'"] + ([f"attributes.status = '{status}'"] if status else [])
+    return runstore.search(uri, experiment, " and ".join(clauses))
 
 
 # ray_runtime (one local Ray runtime for the session) comes from tests/conftest.py.
@@ -95,12 +98,12 @@ def test_set_on_a_design_key_is_refused():
 def test_tracking_uri_precedence(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.resolve_tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert runstore.resolve_tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.resolve_tracking_uri(None) == "http://127.0.0.1:5000"
-    assert tracking.resolve_tracking_uri("sqlite:///x.db") == f"sqlite:///{tmp_path}/x.db"
-    with pytest.raises(tracking.TrackingError, match="file store"):
-        tracking.resolve_tracking_uri("./mlruns")
+    assert runstore.resolve_tracking_uri(None) == "http://127.0.0.1:5000"
+    assert runstore.resolve_tracking_uri("sqlite:///x.db") == f"sqlite:///{tmp_path}/x.db"
+    with pytest.raises(runstore.TrackingError, match="file store"):
+        runstore.resolve_tracking_uri("./mlruns")
 
 
 # ---- bad input fails fast, before Ray and before MLflow -----------------------------------------
@@ -132,7 +135,7 @@ def test_bad_input_fails_fast_without_ray_or_runs(tmp_path, module, extra, messa
         argv += ["--mlflow-uri", f"sqlite:///{db}"]
     argv += [a.replace("{tmp}", str(tmp_path)) for a in extra]
     proc = subprocess.run([sys.executable, "-c", _WRAPPER.format(module=module), *argv], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert message in proc.stderr, proc.stderr
     result = proc.stderr.strip().splitlines()[-1]
     assert "ray_imported=False" in result and "code=2" in result, result
@@ -159,29 +162,43 @@ def test_smoke_sweep_one_finished_run_per_trial(smoke_sweep, store):
         assert tags["cell"] == t.cell and tags["sweep"] == "smoke-leave-one-out" and tags["trial_id"]
         assert tags["sparse_core_version"] and "collapsed_layers" in tags
         assert run_key(from_flat(r.data.params)) == tags["run_key"]
-        for k in ("test_acc", "best_test_acc", "density", "density_all", "flops_dense", "flops_sparse",
-                  "n_collapsed_layers", "seconds") + (("pre_test_acc", "prune_test_acc") if t.cell != "rigl" else ()):
-            assert k in r.data.metrics, (t.cell, k)  # (RigL has no pre-training: NaN is not logged)
-        assert abs(r.data.metrics["density"] - t.density) < 1e-3
-    c = tracking.client(store["uri"])
+        for k in ("test_acc", "val_acc", "best_val_acc", "test_acc_at_best_val", "density", "density_all",
+                  "flops_dense", "flops_sparse", "n_collapsed_layers", "seconds") + (
+                ("pre_val_acc", "pre_test_acc", "prune_val_acc", "prune_test_acc") if t.cell != "rigl" else ()):
+            assert "final/" + k in r.data.metrics, (t.cell, k)  # (RigL has no pre-training: NaN is not logged)
+        assert abs(r.data.metrics["final/density"] - t.density) < 1e-3
+        assert not [k for k in r.data.metrics if "/" not in k]  # every chart in a named section
+    c = runstore.client(store["uri"])
     full = by_key[next(t.run_key for t in expected if t.cell == "full")]
-    steps = [m.step for m in c.get_metric_history(full.info.run_id, "test_acc")]
+    steps = [m.step for m in c.get_metric_history(full.info.run_id, "epoch/val_acc")]
     assert steps == [1, 2, 3]  # pre 1 + post 2 epochs, step = global epoch
-    assert [m.step for m in c.get_metric_history(full.info.run_id, "mask_mean")] == [1]
+    assert [m.step for m in c.get_metric_history(full.info.run_id, "trainer/mask_mean")] == [1]
+    assert [m.step for m in c.get_metric_history(full.info.run_id, "prune/val_acc")] == [1]
     artifact = c.download_artifacts(full.info.run_id, "layer_density.json", str(store["dir"]))
     layer = json.loads(Path(artifact).read_text())
     assert layer and all(0 <= v <= 1 for v in layer.values())
-    # progress lines and the summary table: one line per cell and density
+    # progress lines, then the summary: one line per density (best by validation, in %), where to look
     assert out.count("  done ") == SMOKE_TRIALS
-    assert sum(1 for line in out.splitlines() if line.startswith("full ")) == len(presets.get("smoke").densities)
     assert "sum of trial times" in out and "wall/sum" in out
+    densities = presets.get("smoke").densities
+    picks = [line for line in out.splitlines() if line.startswith("  density ")]
+    assert [p.split(":")[0] for p in picks] == [f"  density {100 * d:g} %" for d in sorted(densities, reverse=True)]
+    assert all(": best " in p and ", test " in p for p in picks), picks
+    assert f"mlflow ui --backend-store-uri {store['uri']} --host 127.0.0.1 --port 5000" in out
+    report = summary.report_dir(store["uri"], "smoke-leave-one-out")
+    assert report == str(store["dir"] / "reports" / "smoke-leave-one-out")
+    assert f"report:     {report}/index.html" in out and Path(report, "index.html").exists()
+    assert f"--filter sweep=smoke-leave-one-out --out {report}" in out
+    (analysis,) = runstore.search(store["uri"], "smoke", "tags.cell = 'analysis'")  # the report, in MLflow too
+    assert "index.html" in [a.path for a in c.list_artifacts(analysis.info.run_id)]
 
 
 def test_rerun_launches_nothing(smoke_sweep, store):
     before = len(runs(store["uri"], "smoke"))
-    code, out = run_cli(ablation_grid.main, grid_args(store, "smoke"))
+    code, out = run_cli(ablation_grid.main, grid_args(store, "smoke", "--no-report"))
     assert code == 0
     assert f"skipping {SMOKE_TRIALS} of {SMOKE_TRIALS} trials" in out
+    assert "writing the report" not in out and "  build it: python -m analysis report" in out
     assert f"(0 launched, {SMOKE_TRIALS} skipped, 0 failed)" in out
     assert len(runs(store["uri"], "smoke")) == before
 
@@ -206,13 +223,13 @@ def test_failed_trial_resumes_from_checkpoint_as_one_run(smoke_sweep, store):
     assert run.info.status == "FINISHED"
     assert run.data.tags["resumed_at_epoch"] == "1"  # continued after epoch 1, not from scratch
     assert "InjectedFailure" in run.data.tags["retried_after"] and "error" not in run.data.tags
-    c = tracking.client(store["uri"])
-    for key in ("test_acc", "train_loss"):
+    c = runstore.client(store["uri"])
+    for key in ("epoch/test_acc", "epoch/train_loss"):
         assert [m.step for m in c.get_metric_history(run.info.run_id, key)] == [1, 2, 3]
     # the same config, never interrupted, in the smoke sweep: identical result
     key = run.data.tags["run_key"]
     (plain,) = [r for r in runs(store["uri"], "smoke", "FINISHED") if r.data.tags["run_key"] == key]
-    assert run.data.metrics["test_acc"] == plain.data.metrics["test_acc"]
+    assert run.data.metrics["final/test_acc"] == plain.data.metrics["final/test_acc"]
 
 
 def test_optuna_search_logs_runs_and_prints_overrides(smoke_sweep, store):
@@ -228,6 +245,40 @@ def test_optuna_search_logs_runs_and_prints_overrides(smoke_sweep, store):
     assert {r.info.status for r in all_runs} <= {"FINISHED", "KILLED"}  # ASHA stops are KILLED, never RUNNING
     lrs = {r.data.params["train.lr"] for r in all_runs}
     assert len(lrs) == 4  # TPE proposed four different learning rates
+    # the printed best is the FINISHED run with the highest validation accuracy
+    done = [r for r in all_runs if r.info.status == "FINISHED"]
+    best = max(done, key=lambda r: r.data.metrics["final/val_acc"])
+    picked = next(line for line in out.splitlines() if line.startswith("best by val_acc: "))
+    assert f"val {100 * best.data.metrics['final/val_acc']:.2f} %" in picked and best.info.run_id in picked
+    assert "workflowType=machine_learning" in out
+
+
+def test_optuna_search_has_its_own_experiment_by_default():
+    _, args = optuna_search.parse_args([])
+    assert args.experiment == f"{options.DEFAULT_EXPERIMENT}-optuna" != ablation_grid.parse_args([])[1].experiment
+
+
+def test_optuna_and_asha_rank_trials_by_validation_accuracy(ray_runtime, tmp_path):
+    """The search's own TuneConfig (seeded TPE + ASHA) on trials whose val and test accuracy disagree."""
+    from ray import tune
+
+    def disagreeing_trial(config):  # nested: Ray ships it by value (workers cannot import this test module)
+        for epoch in range(1, 5):  # x high: val_acc high, test_acc low
+            tune.report({"epoch": epoch, "val_acc": config["x"] * epoch / 4,
+                         "test_acc": (1 - config["x"]) * epoch / 4})
+
+    cfg = from_flat({"train.pre_epochs": 1, "train.post_epochs": 3})  # 4 epochs; ASHA rungs from epoch 2
+    tune_cfg = optuna_search.search_config(cfg, num_samples=8, sampler_seed=0, concurrent=2, asha=True)
+    assert (tune_cfg.metric, tune_cfg.mode) == ("val_acc", "max")
+    results = tune.Tuner(disagreeing_trial, param_space={"x": tune.uniform(0.0, 1.0)}, tune_config=tune_cfg,
+                         run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0)).fit()
+    trials = [(r.config["x"], r.metrics["epoch"]) for r in results]
+    complete = [r for r in results if r.metrics["epoch"] == 4]
+    stopped = [x for x, epoch in trials if epoch < 4]
+    best = optuna_search.best_result(complete)
+    assert best.config["x"] == max(x for x, _ in trials)  # the highest val_acc, i.e. the lowest test_acc
+    assert results.get_best_result().config["x"] == best.config["x"]
+    assert stopped and max(stopped) < best.config["x"]  # ASHA stopped trials of lower val_acc
 
 
 # ---- slow: the user's path through a real cluster -------------------------------------------------
@@ -238,8 +289,21 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+def _readme_job_command(pwd: Path, address: str) -> list[str]:
+    """The README's `ray job submit` example (Sweeps section), with $PWD standing for ``pwd``."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text().split("## Sweeps", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"\n    (RAY_AUTH_MODE=token ray job submit .*?)\n    ray stop", text, re.S)
+    argv = shlex.split(block.replace("\\\n", " ").replace("$PWD", str(pwd)))
+    assert argv[0] == "RAY_AUTH_MODE=token" and argv[argv.index("--address") + 1] == "http://127.0.0.1:8265"
+    argv[argv.index("--address") + 1] = address
+    return argv[1:]
+
+
 def test_ray_job_submit_end_to_end(tmp_path):
-    """ray start --head (token auth on) -> ray job submit --working-dir . -> runs in MLflow -> stop."""
+    """ray start --head (token auth on) -> the README's ray job submit -> runs in MLflow -> stop."""
     temp = Path(f"/tmp/rt{os.getpid()}")  # short: Ray's socket paths must stay under 107 bytes
     dash = _free_port()
     head = subprocess.Popen(["ray", "start", "--head", "--block", "--port", str(_free_port()), "--num-cpus", "2",
@@ -253,20 +317,20 @@ def test_ray_job_submit_end_to_end(tmp_path):
         env = {**os.environ, "RAY_AUTH_MODE": "token"}
         env.pop("RAY_ADDRESS", None)
         for attempt in range(3):
-            proc = subprocess.run(
-                ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".", "--",
-                 "python", "sweeps/ablation_grid.py", "--preset", "smoke", "--cells", "full,base",
-                 "--mlflow-uri", f"sqlite:///{db}", "--experiment", "job"],
-                cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+            proc = subprocess.run(_readme_job_command(tmp_path, f"http://127.0.0.1:{dash}"),
+                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
             # on a loaded machine the head's job agent can register after the dashboard answers;
             # Ray then refuses the submission with this message and asks to try again later
             if "No available agent to submit job" not in proc.stdout + proc.stderr:
                 break
             time.sleep(5)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        assert "succeeded" in proc.stdout + proc.stderr
-        finished = runs(f"sqlite:///{db}", "job", "FINISHED")
+        out = proc.stdout + proc.stderr
+        assert "succeeded" in out and "launching 4 trials" in out and out.count("  done ") == 4, out[-4000:]
+        finished = runs(f"sqlite:///{db}", "job-smoke", "FINISHED")
         assert len(finished) == 4 and {r.data.tags["cell"] for r in finished} == {"full", "base"}
+        assert (tmp_path / "reports" / "smoke-leave-one-out" / "index.html").exists()  # beside the store
+        assert list((tmp_path / "ray_results").glob("smoke-leave-one-out-*"))  # the absolute --storage-path
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops everything it started
         try:
@@ -308,18 +372,18 @@ def test_sweep_against_a_real_mlflow_server(tmp_path):
         deadline = time.time() + 120
         while True:
             try:
-                tracking.check_reachable(uri, timeout=2)
+                runstore.check_reachable(uri, timeout=2)
                 break
-            except tracking.TrackingError:
+            except runstore.TrackingError:
                 assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
                 time.sleep(1)
         proc = subprocess.run([sys.executable, "sweeps/ablation_grid.py", "--preset", "smoke", "--cells", "base,rigl",
                                "--densities", "0.1", "--mlflow-uri", uri, "--storage-path", str(tmp_path / "ray")],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+                              cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         finished = runs(uri, options.DEFAULT_EXPERIMENT, "FINISHED")
         assert len(finished) == 2
-        c = tracking.client(uri)
+        c = runstore.client(uri)
         for r in finished:
             assert [a.path for a in c.list_artifacts(r.info.run_id)] == ["layer_density.json"]
             assert set(r.data.params) == set(FIELD_TYPES)
@@ -341,11 +405,11 @@ def test_interrupted_sweep_resumes(tmp_path):
         if line.startswith("  done "):
             proc.send_signal(signal.SIGINT)
             break
-    rest, _ = proc.communicate(timeout=180)
+    rest, _ = proc.communicate(timeout=900)
     assert proc.returncode == 1, "".join(lines) + rest
     assert "unfinished: continue with --resume" in rest
     assert not runs(uri, "sparsity-sweep", "RUNNING")
-    done = subprocess.run(argv + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(argv + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     all_runs = runs(uri, "sparsity-sweep")
     assert len(all_runs) == 9 and {r.info.status for r in all_runs} == {"FINISHED"}

@@ -1,0 +1,394 @@
+"""Faults and bad input (issue 13), through the real parts: the real CLIs in subprocesses, a real
+SQLite MLflow store, a real Ray runtime for the sweeps.
+
+Default suite: checkpoints that are malicious, corrupt or truncated; claims on a run_key; an
+unwritable ``--storage-path`` or ``--out``; a corrupt database. ``-m slow``: a driver killed with
+SIGKILL and then re-run plainly or with ``--resume``, and two drivers started together on a new store.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from runstore import EPOCH_PREFIX, unwritable
+from sparse_core.checkpoint import CheckpointError, load_state
+from sweeps import claims, tracking
+
+ROOT = Path(__file__).resolve().parent.parent
+LIMIT_S = 900  # subprocess time limit: the machine is shared and busy
+TINY = ["model.width=8", "model.depth=1", "train.pre_epochs=1", "train.post_epochs=1", "prune.density=0.5"]
+
+
+def cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd or ROOT, capture_output=True, text=True,
+                          timeout=LIMIT_S)
+
+
+def one_error_line(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def main_error_line(main, argv, capsys) -> str:
+    """The same contract for a CLI's main() called in this process (no interpreter start-up)."""
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def sparse_core_main(argv):
+    from sparse_core.cli import main
+
+    return main(argv)
+
+
+def analysis_main(argv):
+    from analysis.cli import main
+
+    return main(argv)
+
+
+class Evil:
+    """A pickle whose loading would create a file (any command could stand in its place)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint written by the CLI (digits, about a second)."""
+    path = tmp_path_factory.mktemp("ckpt") / "state.pt"
+    assert sparse_core_main([*TINY, "--checkpoint", str(path), "--quiet"]) == 0
+    return path
+
+
+# ---- 1, 2: checkpoints ----------------------------------------------------------------------------
+@pytest.mark.parametrize("wrapped", [True, False], ids=["torch-save", "raw-pickle"])
+def test_malicious_checkpoint_does_not_execute(tmp_path, wrapped, capsys):
+    marker, evil = tmp_path / "PWNED", tmp_path / "evil.pt"
+    if wrapped:
+        torch.save({"format": 2, "step_idx": 0, "model": Evil(marker)}, evil)
+    else:
+        evil.write_bytes(__import__("pickle").dumps(Evil(marker)))
+    before = evil.read_bytes()
+    argv = [*TINY, "--checkpoint", str(evil)]
+    line = (one_error_line(cli("sparse_core", *argv)) if wrapped  # the real command, once
+            else main_error_line(sparse_core_main, argv, capsys))
+    assert not marker.exists()  # nothing ran
+    assert str(evil) in line and "not a checkpoint of sparse_core" in line and "delete it or pass another path" in line
+    assert evil.read_bytes() == before  # never overwritten
+    if wrapped:
+        assert "system" in line  # names what it asked to import
+
+
+@pytest.mark.parametrize("kind", ["random", "text", "truncated"])
+def test_corrupt_checkpoint_one_line_exit_2_and_untouched(tmp_path, real_checkpoint, kind, capsys):
+    bad = tmp_path / "c.pt"
+    if kind == "random":
+        bad.write_bytes(os.urandom(5000))
+    elif kind == "text":
+        bad.write_text("epoch 3: loss 0.1\n" * 50)
+    else:
+        data = real_checkpoint.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    before = bad.read_bytes()
+    line = main_error_line(sparse_core_main, [*TINY, "--checkpoint", str(bad)], capsys)
+    assert str(bad) in line and "not a checkpoint of sparse_core" in line and "delete it or pass another path" in line
+    assert bad.read_bytes() == before
+
+
+def test_real_checkpoint_loads_with_weights_only_and_resumes(tmp_path, real_checkpoint, capsys):
+    state = load_state(real_checkpoint)  # weights_only=True: the allow-list covers the trainer's state
+    assert state["step_idx"] > 0 and state["history"] and state["generators"]
+    copy = tmp_path / "state.pt"
+    copy.write_bytes(real_checkpoint.read_bytes())
+    assert sparse_core_main([*TINY, "--checkpoint", str(copy)]) == 0
+    assert f"resuming from {copy}" in capsys.readouterr().err
+
+
+def test_checkpoint_in_a_missing_directory_fails_before_training(tmp_path, capsys):
+    line = main_error_line(sparse_core_main, [*TINY, "--checkpoint", str(tmp_path / "no" / "state.pt")], capsys)
+    assert str(tmp_path / "no") in line
+
+
+def test_trainable_resumes_from_the_newest_loadable_checkpoint(tmp_path, real_checkpoint):
+    """Tune's pick (checkpoint_000001) is stale; the newest (000003) is damaged: 000002 is used."""
+    from ray import tune
+
+    from sweeps.trainable import CHECKPOINT_FILE, _newest_state
+
+    state = load_state(real_checkpoint)
+    trial = tmp_path / "trial"
+    for i, step in ((1, 1), (2, 7), (3, None)):
+        d = trial / f"checkpoint_{i:06d}"
+        d.mkdir(parents=True)
+        if step is None:
+            (d / CHECKPOINT_FILE).write_bytes(os.urandom(300))  # the crash hit its copy
+        else:
+            torch.save({**state, "step_idx": step}, d / CHECKPOINT_FILE)
+        os.utime(d / CHECKPOINT_FILE, (1e9 + i, 1e9 + i))
+    stale = tune.Checkpoint.from_directory(str(trial / "checkpoint_000001"))
+    assert _newest_state(stale, None)["step_idx"] == 7
+    assert _newest_state(None, str(trial))["step_idx"] == 7  # from the MLflow run's checkpoint_dir alone
+    (trial / "checkpoint_000002" / CHECKPOINT_FILE).write_text("not a checkpoint")
+    (trial / "checkpoint_000001" / CHECKPOINT_FILE).write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        _newest_state(stale, None)  # never a silent start from scratch
+    assert _newest_state(None, None) is None
+
+
+# ---- 3, 4, 5, 8: one run per run_key (claims, without Ray) ------------------------------------------
+FLAT = {"prune.density": 0.1, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('claims')}/mlflow.db"
+    with claims.store_lock(uri):
+        exp = tracking.experiment_id(uri, "claims")
+    return uri, exp
+
+
+def trial_run(store, key, trial_id="t_00000"):
+    uri, exp = store
+    return tracking.TrialRun(uri, exp, sweep="s", cell="c", flat=FLAT, run_key=key, trial_id=trial_id)
+
+
+def make_run(store, key, status, claimed_by=None, heartbeat=None, trial_id="old_00000"):
+    uri, exp = store
+    c = tracking.client(uri)
+    tags = {"run_key": key, "trial_id": trial_id}
+    tags.update({"claimed_by": claimed_by} if claimed_by else {})
+    tags.update({"heartbeat": str(heartbeat)} if heartbeat is not None else {})
+    run = c.create_run(exp, tags=tags)
+    if status != "RUNNING":
+        c.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+@pytest.fixture
+def live_process():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield f"{socket.gethostname()}/{proc.pid}/{claims._proc_start(proc.pid)}"
+    proc.kill()
+    proc.wait()
+
+
+def dead_claim() -> str:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    start = claims._proc_start(proc.pid)
+    proc.wait()
+    return f"{socket.gethostname()}/{proc.pid}/{start}"
+
+
+def test_finished_run_key_is_never_trained_again(store):
+    done = make_run(store, "k_done", "FINISHED")
+    t = trial_run(store, "k_done").open()
+    assert t.skip == "finished" and t.other.info.run_id == done and t.run_id is None
+    assert len(tracking.client(store[0]).search_runs([store[1]], "tags.run_key = 'k_done'")) == 1
+
+
+def test_live_claim_of_another_trial_wins(store, live_process):
+    other = make_run(store, "k_live", "RUNNING", claimed_by=live_process)
+    t = trial_run(store, "k_live").open()
+    assert t.skip == "claimed" and t.other.info.run_id == other
+    # another host: live while its heartbeat is fresh, an orphan once it is older than the lease
+    fresh = make_run(store, "k_far", "RUNNING", claimed_by="elsewhere/1/1", heartbeat=time.time())
+    assert trial_run(store, "k_far").open().skip == "claimed"
+    tracking.client(store[0]).set_tag(fresh, "heartbeat", str(time.time() - claims.LEASE_S - 1))
+    assert trial_run(store, "k_far").open().run_id == fresh
+
+
+def test_orphans_are_continued_not_duplicated_and_retries_counted(store):
+    c = tracking.client(store[0])
+    older = make_run(store, "k_orphan", "RUNNING", claimed_by=dead_claim())
+    newer = make_run(store, "k_orphan", "RUNNING")  # no claim at all (older versions): an orphan too
+    c.set_tag(newer, "error", "WorkerCrashed: boom")
+    t = trial_run(store, "k_orphan", trial_id="new_00000").open()
+    assert t.skip is None and t.run_id == newer and t.reused
+    run, old = c.get_run(newer), c.get_run(older)
+    assert run.info.status == "RUNNING" and run.data.tags["retries"] == "1"
+    assert run.data.tags["trial_id"] == "new_00000" and run.data.tags["claimed_by"] == claims.this_claim()
+    assert run.data.tags["retried_after"] == "WorkerCrashed: boom" and "error" not in run.data.tags
+    assert old.info.status == "KILLED" and old.data.tags["superseded_by"] == newer  # never left RUNNING
+    t.resumed(2)
+    c.set_terminated(newer, "KILLED")  # interrupted again; the next sweep continues the same run
+    t2 = trial_run(store, "k_orphan", trial_id="third_00000").open()
+    t2.resumed(3)
+    tags = c.get_run(newer).data.tags
+    assert t2.run_id == newer and tags["retries"] == "2" and tags["resumed_at_epoch"] == "2,3"
+    assert len(c.search_runs([store[1]], "tags.run_key = 'k_orphan'")) == 2
+
+
+def test_optimistic_claim_the_older_run_wins(store, live_process):
+    """Without a lock (a tracking server), a claim written at the same time as another loses to the older."""
+    first = make_run(store, "k_race", "RUNNING", claimed_by=live_process)
+    time.sleep(0.01)
+    t = trial_run(store, "k_race", trial_id="late_00000")
+    t._create()
+    mine = t.run_id
+    t._recheck(created=True)
+    assert t.skip == "claimed" and t.other.info.run_id == first and t.run_id is None
+    c = tracking.client(store[0])
+    assert c.get_run(mine).info.lifecycle_stage == "deleted"
+    assert [r.info.run_id for r in c.search_runs([store[1]], "tags.run_key = 'k_race'")] == [first]
+
+
+# ---- 6, 7: unwritable paths, corrupt database ----------------------------------------------------------
+def test_unwritable_storage_path_fails_before_ray_and_store(tmp_path, capsys):
+    from sweeps import optuna_search
+
+    (tmp_path / "afile").write_text("x")
+    db = tmp_path / "mlflow.db"
+    argv = ["--preset", "smoke", "--mlflow-uri", f"sqlite:///{db}", "--storage-path", str(tmp_path / "afile" / "ray")]
+    code = (f"import runpy, sys\nsys.argv[1:] = {argv!r}\ntry:\n"
+            f"    runpy.run_path('sweeps/ablation_grid.py', run_name='__main__')\n"
+            f"finally:\n    print('ray imported:', 'ray' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S)
+    line = one_error_line(proc)
+    assert "ray imported: False" in proc.stdout
+    assert "--storage-path" in line and f"{tmp_path / 'afile'} is a file" in line, line
+    line = main_error_line(optuna_search.main, argv, capsys)  # the other sweep script: the same pre-flight
+    assert f"{tmp_path / 'afile'} is a file" in line
+    assert not db.exists()  # no MLflow store was created
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_storage_path_without_write_permission(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    assert "no write permission" in unwritable(str(ro / "ray"))
+
+
+def test_writable_paths_pass(tmp_path):
+    assert unwritable(str(tmp_path / "a" / "b")) is None
+    assert unwritable(str(tmp_path / "f.md"), directory=False) is None
+    assert "is a directory" in unwritable(str(tmp_path), directory=False)
+
+
+def test_analysis_corrupt_database_one_line_exit_2(tmp_path, capsys):
+    bad = tmp_path / "corrupt.db"
+    bad.write_bytes(os.urandom(5000))
+    line = main_error_line(analysis_main, ["table", "--experiment", "x", "--mlflow-uri", f"sqlite:///{bad}"], capsys)
+    assert str(bad) in line and "not an SQLite database" in line
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE t (x)")
+    line = main_error_line(analysis_main, ["plot", "--experiment", "x", "--mlflow-uri", f"sqlite:///{other}"], capsys)
+    assert "not MLflow's" in line
+
+
+@pytest.mark.parametrize("command,out", [("table", "afile/t.md"), ("plot", "afile/plots"), ("report", "afile")])
+def test_analysis_unwritable_out_before_loading(tmp_path, store, command, out, capsys):
+    """The experiment does not exist: an error about --out proves the check comes before the loading."""
+    (tmp_path / "afile").write_text("x")
+    line = main_error_line(analysis_main, [command, "--experiment", "no-such-experiment", "--mlflow-uri", store[0],
+                                           "--out", str(tmp_path / out)], capsys)
+    assert "--out" in line and "is a file" in line, line
+
+
+# ---- slow: a killed driver, two drivers at once ---------------------------------------------------------
+def sweep_argv(tmp_path, cells="full,base,rigl", densities="0.1,0.05", *extra):
+    return [sys.executable, "sweeps/ablation_grid.py", "--preset", "smoke", "--cells", cells, "--densities", densities,
+            "--set", "train.post_epochs=4", "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db",
+            "--storage-path", str(tmp_path / "ray"), *extra]
+
+
+def running_with_checkpoint(db: Path) -> list[tuple[str, str]]:
+    """(run_id, checkpoint_dir) of RUNNING runs that have a checkpoint (plain SQL: cheap to poll)."""
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
+            return con.execute("SELECT r.run_uuid, t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                               "WHERE r.status = 'RUNNING' AND t.key = 'checkpoint_dir'").fetchall()
+    except sqlite3.OperationalError:  # tables not created yet
+        return []
+
+
+def newest_epoch(trial_dir: str) -> int:
+    epochs = []
+    for d in Path(trial_dir).glob("checkpoint_*"):
+        try:
+            epochs.append(len(load_state(d / "state.pt")["history"]))
+        except CheckpointError:
+            pass  # the kill hit this one mid-copy
+    return max(epochs)
+
+
+def assert_one_finished_run_per_key(uri: str, n_keys: int) -> list:
+    all_runs = [r for r in tracking.search(uri, "sparsity-sweep") if "run_key" in r.data.tags]  # not the report's
+    keys = [r.data.tags["run_key"] for r in all_runs]
+    assert len(set(keys)) == n_keys and len(keys) == n_keys, sorted(keys)  # one run per run_key
+    assert {r.info.status for r in all_runs} == {"FINISHED"}  # none RUNNING
+    c = tracking.client(uri)
+    for r in all_runs:  # no epoch logged twice, none missing
+        key = EPOCH_PREFIX + "train_loss" if EPOCH_PREFIX + "train_loss" in r.data.metrics else "train_loss"
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, key)]
+        assert steps == sorted(set(steps)) and steps == list(range(1, len(steps) + 1)), steps
+    return all_runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rerun", ["plain", "resume"])
+def test_driver_killed_then_rerun(tmp_path, rerun):
+    """SIGKILL on the driver's process group mid-trial, then a plain re-run or --resume: one FINISHED
+    run per run_key, none RUNNING; a FINISHED trial is not re-run; orphans continue from their newest
+    checkpoint with retries=1."""
+    argv, db = sweep_argv(tmp_path), tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + LIMIT_S
+    while not running_with_checkpoint(db) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    time.sleep(2)  # Ray's processes share the driver's fate
+    orphans = {run_id: newest_epoch(where) for run_id, where in running_with_checkpoint(db)}
+    assert orphans, "the kill should have left a RUNNING run (the bug this test guards against)"
+    finished_before = {r.info.run_id: r.info.end_time for r in tracking.search(uri, "sparsity-sweep",
+                                                                               "attributes.status = 'FINISHED'")}
+    done = subprocess.run(argv + (["--resume"] if rerun == "resume" else []), cwd=ROOT, capture_output=True,
+                          text=True, timeout=LIMIT_S)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    all_runs = {r.info.run_id: r for r in assert_one_finished_run_per_key(uri, 6)}
+    for run_id, end_time in finished_before.items():  # never re-run
+        assert all_runs[run_id].info.end_time == end_time and "retries" not in all_runs[run_id].data.tags
+    for run_id, epoch in orphans.items():  # continued in the same run, from the newest checkpoint
+        tags = all_runs[run_id].data.tags
+        assert tags["retries"] == "1" and tags["resumed_at_epoch"].split(",")[0] == str(epoch), (tags, epoch)
+
+
+@pytest.mark.slow
+def test_two_drivers_on_a_new_store(tmp_path):
+    """Started together on a file that does not exist yet: the schema is created once and each
+    run_key is run by one of them."""
+    argv = sweep_argv(tmp_path, "base,rigl", "0.1,0.05")
+    procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=LIMIT_S)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+        assert "Traceback" not in out, out[-4000:]
+    assert_one_finished_run_per_key(f"sqlite:///{tmp_path}/mlflow.db", 4)
