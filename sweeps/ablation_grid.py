@@ -49,6 +49,9 @@ def parse_args(argv):
     parser.add_argument("--resume", nargs="?", const="latest", metavar="RUN",
                         help="restore an interrupted sweep: the latest Tune run of this sweep under --storage-path, "
                              "or the named one")
+    parser.add_argument("--no-report", action="store_true",
+                        help="do not write the report (tables, plots, index.html) into reports/<sweep>/ beside the "
+                             "MLflow store at the end")
     parser.add_argument("--export", action="store_true",
                         help="log each finished trial's compact sparse model (sparse_core.export) as the MLflow "
                              "artifact model.safetensors")
@@ -134,13 +137,27 @@ def main(argv=None) -> int:
         launched, trial_seconds, failed, unfinished = _run(args, preset, sweep, todo, uri, exp_id, storage, launch)
     else:
         print("nothing to run: every trial is FINISHED")
-    launch.print_summary(launch.summary(trials, uri, args.experiment))
     wall = time.time() - started
     ratio = f"{wall / trial_seconds:.2f}" if trial_seconds else "-"
     left = f", {unfinished} unfinished: continue with --resume" if unfinished else ""
     print(f"sweep {sweep!r}: {len(trials)} trials ({launched} launched, {skipped} skipped, {failed} failed{left}) | "
-          f"wall {wall:.1f}s | sum of trial times {trial_seconds:.1f}s | wall/sum {ratio}")
+          f"wall {wall:.1f}s | sum of trial times {trial_seconds:.1f}s | wall/sum {ratio}", flush=True)
+    _summarise(args, sweep, trials, uri, exp_id)
     return 1 if failed or unfinished else 0
+
+
+def _summarise(args, sweep, trials, uri, exp_id) -> None:
+    """The end-of-sweep summary (sweeps/summary.py) and, unless --no-report, the report beside the store."""
+    from sweeps import summary
+
+    table = summary.rows(trials, uri, args.experiment)
+    folder = error = None
+    if not args.no_report and any(r["finished"] for r in table):
+        print(f"writing the report to {summary.report_dir(uri, sweep)} ...", flush=True)
+        files, _, error = summary.write_report(uri, args.experiment, sweep, summary.report_dir(uri, sweep))
+        folder = summary.report_dir(uri, sweep) if files else None
+    print("\n".join(summary.lines(table, uri=uri, exp_id=exp_id, experiment=args.experiment, sweep=sweep,
+                                  report=folder, report_error=error)), flush=True)
 
 
 def _run(args, preset, sweep, todo, uri, exp_id, storage, launch) -> tuple[int, float, int, int]:
