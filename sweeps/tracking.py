@@ -1,7 +1,8 @@
-"""MLflow: where runs go, one run per trial, and reading finished runs back.
+"""MLflow: one run per trial (the store itself, experiments and reading runs back: ``runstore``).
 
-Knows MLflow, not Ray, so ``analysis`` can import the read side. Every trial is one run:
-params = the flat config, per-epoch metrics (step = global epoch), final metrics, tags
+Every trial is one run:
+params = the flat config, metrics ``epoch/<key>`` and ``trainer/<key>`` (step = global epoch),
+``prune/<key>`` (step = pruning round) and ``final/<key>`` (once, at the end; ``runstore`` says why), tags
 (run_key, sweep, cell, trial_id, provenance) and ``layer_density.json``. A trial finds its run
 by run_key (``TrialRun.open``, claims in ``claims.py``): a retried, resumed or re-run trial
 continues it, so there is one run per run_key and no epoch is logged twice. Per-epoch metrics are buffered and written by
@@ -16,19 +17,21 @@ import math
 import os
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
 
+from runstore import (CURVES, DEFAULT_TRACKING_URI, EPOCH_PREFIX, FINAL_PREFIX, PRUNE_PREFIX, TRAINER_PREFIX,
+                      TrackingError, check_reachable, client,  # noqa: F401
+                      experiment_id, load_runs, resolve_tracking_uri, search, sqlite_path, unwritable)
+
 from .claims import OPEN_STATUSES, claim_alive, runs_of_key, store_lock, this_claim
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Per-epoch keys from sparse_core.train that are bookkeeping, not measurements.
-_NOT_METRICS = {"epoch", "epochs", "round", "stage_epoch", "stage"}
-# Result keys logged once at the end (step = number of training epochs).
-FINAL_METRICS = ("test_acc", "test_loss", "best_test_acc", "pre_test_acc", "prune_test_acc", "density",
-                 "density_target", "density_all", "kept_weights", "prunable_weights", "flops_dense",
+_NOT_METRICS = {"epoch", "epochs", "round", "stage_epoch", "stage", "stage_end", "last_prune"}
+# Result keys logged once at the end as ``final/<key>`` (step = number of training epochs).
+FINAL_METRICS = ("test_acc", "test_loss", "val_acc", "val_loss", "best_val_acc", "best_val_epoch",
+                 "test_acc_at_best_val", "pre_val_acc", "pre_test_acc", "prune_val_acc", "prune_test_acc",
+                 "density", "density_target", "density_all", "kept_weights", "prunable_weights", "flops_dense",
                  "flops_sparse", "rigl_regrown", "seconds", "epochs",
                  # sparse_core.export.figures: file sizes and CPU inference latency (NaN = not measured)
                  "model_bytes_dense", "model_bytes_sparse", "latency_threads", "latency_dense_ms_b1",
@@ -37,81 +40,7 @@ FINAL_METRICS = ("test_acc", "test_loss", "best_test_acc", "pre_test_acc", "prun
 EXPORT_ARTIFACT = "model.safetensors"  # a trial's compact model (sparse_core.export), with --export
 
 
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used (unreachable server, bad URI)."""
-
-
-# ---- where ---------------------------------------------------------------------------------
-def resolve_tracking_uri(cli_value: str | None = None) -> str:
-    """``--mlflow-uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
-
-    A relative SQLite path is made absolute here (against the current directory), because Ray
-    workers run elsewhere. The plain file store (``./mlruns``) is refused by MLflow >= 3.13.
-    """
-    uri = (cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI).strip()
-    if uri.startswith("sqlite://"):
-        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
-        if not path or path == ":memory:":
-            raise TrackingError(f"tracking URI {uri!r}: give a database file, e.g. {DEFAULT_TRACKING_URI}")
-        return "sqlite:///" + os.path.abspath(path)
-    if "://" not in uri or uri.startswith("file:"):
-        raise TrackingError(f"tracking URI {uri!r} is a file store, which MLflow >= 3.13 refuses; use "
-                            f"{DEFAULT_TRACKING_URI} or an http(s) tracking server")
-    return uri
-
-
-def sqlite_path(uri: str) -> str | None:
-    return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast (seconds, not MLflow's minutes of retries) if the store cannot be reached."""
-    path = sqlite_path(uri)
-    if path is not None:
-        parent = os.path.dirname(path) or "."
-        if not os.path.isdir(parent):
-            raise TrackingError(f"tracking URI {uri}: directory {parent} does not exist")
-        return
-    if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            urllib.request.urlopen(url, timeout=timeout).read(64)
-        except urllib.error.HTTPError:
-            return  # it answered: reachable (auth or routing problems surface from MLflow itself)
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise TrackingError(f"MLflow tracking server {uri} is not reachable ({reason}); start it "
-                                f"(mlflow server ...) or pass another --mlflow-uri") from None
-
-
-def client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def experiment_id(uri: str, name: str) -> str:
-    """The id of experiment ``name``, created if missing (artifacts next to a SQLite db)."""
-    c = client(uri)
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage != "active":
-            raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or choose another --experiment")
-        return exp.experiment_id
-    location = None
-    path = sqlite_path(uri)
-    if path is not None:  # MLflow's default (./mlruns of whichever process creates it) would scatter them
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-        location = Path(os.path.dirname(path), "mlartifacts", safe).as_uri()
-    try:
-        return c.create_experiment(name, artifact_location=location)
-    except Exception:  # created concurrently by another process
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
-
-
+# ---- provenance ----------------------------------------------------------------------------
 def git_commit(repo_root: str | Path) -> str | None:
     """HEAD of the checkout at repo_root (suffix ``-dirty`` when tracked files differ), else
     ``$GIT_COMMIT`` (``ray job submit`` uploads no .git: pass it with --runtime-env-json), else None."""
@@ -232,8 +161,8 @@ class TrialRun:
             _retry(self.client.delete_tag, self.run_id, "error")
         _retry(self.client.update_run, self.run_id, status="RUNNING")
         history = self.client.get_metric_history
-        self.logged_epoch = max((m.step for m in history(self.run_id, "test_acc")), default=0)
-        self.logged_round = max((m.step for m in history(self.run_id, "test_acc_after_prune")), default=0)
+        self.logged_epoch = max((m.step for m in history(self.run_id, EPOCH_PREFIX + "test_acc")), default=0)
+        self.logged_round = max((m.step for m in history(self.run_id, PRUNE_PREFIX + "test_acc")), default=0)
         self.resumed(resumed_at_epoch)
 
     def resumed(self, epoch: int | None) -> None:
@@ -288,20 +217,22 @@ class TrialRun:
         if stage == "prune":
             rnd = metrics["round"] + 1
             if rnd > self.logged_round:
-                self._log({"test_acc_after_prune": metrics["test_acc_after_prune"],
-                           "prune_density": metrics["density"],
-                           "prune_collapsed_layers": metrics["collapsed_layers"]}, rnd)
+                self._log({PRUNE_PREFIX + "val_acc": metrics["val_acc_after_prune"],
+                           PRUNE_PREFIX + "test_acc": metrics["test_acc_after_prune"],
+                           PRUNE_PREFIX + "density": metrics["density"],
+                           PRUNE_PREFIX + "n_collapsed_layers": metrics["n_collapsed_layers"]}, rnd)
                 self.logged_round = rnd
         elif "epoch" in metrics and metrics["epoch"] > self.logged_epoch:
-            self._log({k: v for k, v in metrics.items() if k not in _NOT_METRICS}, metrics["epoch"])
+            self._log({(EPOCH_PREFIX if k in CURVES else TRAINER_PREFIX) + k: v for k, v in metrics.items()
+                       if k not in _NOT_METRICS}, metrics["epoch"])
             self.logged_epoch = metrics["epoch"]
 
     def finish(self, result: dict) -> None:
-        """Final metrics, tags and layer densities; the run ends FINISHED."""
-        last = result["history"][-1] if result.get("history") else {}
-        final = {k: result[k] for k in FINAL_METRICS if k in result and not (k in last and last[k] == result[k])}
+        """Final metrics (``final/<key>``: charted apart from the per-epoch curves), tags and layer
+        densities; the run ends FINISHED."""
+        final = {k: result[k] for k in FINAL_METRICS if k in result}
         final["n_collapsed_layers"] = len(result["collapsed_layers"])
-        self._log(final, result["epochs"])
+        self._log({FINAL_PREFIX + k: v for k, v in final.items()}, result["epochs"])
         self.flush()
         _retry(self.client.set_tag, self.run_id, "collapsed_layers", ",".join(result["collapsed_layers"]))
         _retry(self.client.set_tag, self.run_id, "device", result.get("device", ""))
@@ -347,22 +278,7 @@ def close_unfinished(uri: str, experiment_id: str, trial_ids: Iterable[str], sta
     return n
 
 
-# ---- read ------------------------------------------------------------------------------------
-def search(uri: str, experiment: str, filter_string: str = "") -> list:
-    """Every run of ``experiment`` (by name) matching ``filter_string`` (all pages)."""
-    c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    runs, token = [], None
-    while True:
-        page = c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
-
-
+# ---- read (the rest is in runstore) -------------------------------------------------------
 def finished_by_run_key(uri: str, experiment: str) -> dict[str, Any]:
     """run_key -> the latest FINISHED run with that key (the idempotency check of a sweep)."""
     out: dict[str, Any] = {}
@@ -371,27 +287,3 @@ def finished_by_run_key(uri: str, experiment: str) -> dict[str, Any]:
         if key and (key not in out or run.info.end_time > out[key].info.end_time):
             out[key] = run
     return out
-
-
-def run_row(run) -> dict:
-    """One flat row: run_id, status, tags sweep/cell/run_key, the typed config, the latest metrics."""
-    from sparse_core.config import FIELD_TYPES, from_flat, to_flat
-
-    params = {k: v for k, v in run.data.params.items() if k in FIELD_TYPES}
-    tags = run.data.tags
-    row = {"run_id": run.info.run_id, "status": run.info.status, "sweep": tags.get("sweep"),
-           "cell": tags.get("cell"), "run_key": tags.get("run_key"),
-           "collapsed_layers": tags.get("collapsed_layers", "")}
-    row.update(to_flat(from_flat(params)))
-    row.update(run.data.metrics)
-    return row
-
-
-def load_runs(uri: str, experiment: str, sweep: str | None = None, status: str | None = "FINISHED") -> list[dict]:
-    """Rows (see ``run_row``) of an experiment, optionally one sweep and one status."""
-    clauses = []
-    if status:
-        clauses.append(f"attributes.status = '{status}'")
-    if sweep:
-        clauses.append(f"tags.sweep = '{sweep}'")
-    return [run_row(r) for r in search(uri, experiment, " and ".join(clauses))]
