@@ -33,6 +33,8 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--rows", default="cell", help="column that makes the table rows / plot lines (default: the cell tag)")
     p.add_argument("--status", action="append", metavar="STATUS",
                    help="run statuses to include (repeatable or comma list; default: FINISHED)")
+    p.add_argument("--include-search", action="store_true",
+                   help="also use the runs of Optuna searches (cell 'optuna'), left out by default")
     return p
 
 
@@ -62,7 +64,7 @@ def _table(args, uri: str, experiments: list[str], statuses: list[str]) -> None:
     fmt = args.format
     if fmt is None and args.out:
         fmt = {ext: name for name, ext in EXTENSIONS.items()}.get(os.path.splitext(args.out)[1].lstrip("."))
-    df = apply_filters(load_runs(uri, experiments, statuses), args.filter)
+    df = apply_filters(load_runs(uri, experiments, statuses, args.include_search), args.filter)
     text = FORMATS[fmt or "markdown"](ablation_table(df, args.metric, args.rows, args.cols))
     if args.out:
         with open(args.out, "w") as f:
@@ -75,7 +77,7 @@ def _table(args, uri: str, experiments: list[str], statuses: list[str]) -> None:
 def _plot(args, uri: str, experiments: list[str], statuses: list[str]) -> None:
     from . import efficiency, plots
 
-    df = apply_filters(load_runs(uri, experiments, statuses), args.filter)
+    df = apply_filters(load_runs(uri, experiments, statuses, args.include_search), args.filter)
     files = plots.accuracy_vs_density(df, os.path.join(args.out, "accuracy_vs_density"), args.metric, args.rows)
     files += plots.layer_density_plot(df, os.path.join(args.out, "layer_density"), args.layer_density, args.rows, uri)
     files += efficiency.write(df, args.out)  # size and latency vs density ([] for runs without the figures)
@@ -87,7 +89,8 @@ def _report(args, uri: str, experiments: list[str], statuses: list[str]) -> None
     from . import report
 
     result = report.build(uri, experiments, args.out, args.metric, args.rows, args.cols, args.filter, statuses,
-                          args.layer_density, log_to_mlflow=not args.no_mlflow_log)
+                          args.layer_density, log_to_mlflow=not args.no_mlflow_log,
+                          include_search=args.include_search)
     for path in result["files"]:
         print(path)
     if result["run_id"]:

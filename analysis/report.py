@@ -17,6 +17,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 import sparse_core
+from runstore import mark_training_experiment
 
 from . import efficiency, plots
 from .load import ANALYSIS_CELL, AnalysisError, apply_filters, experiment_ids, load_runs
@@ -55,9 +56,9 @@ _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;
 
 def build(uri: str, experiments: list[str], out: str, metric: str = "test_acc", rows: str = "cell",
           cols: str = "prune.density", filters: list[str] | None = None, statuses=("FINISHED",),
-          layer_density: float | None = None, log_to_mlflow: bool = True) -> dict:
+          layer_density: float | None = None, log_to_mlflow: bool = True, include_search: bool = False) -> dict:
     """Write the report into ``out``; returns {"files": [...], "run_id": analysis run id or None}."""
-    df = apply_filters(load_runs(uri, experiments, statuses), filters)
+    df = apply_filters(load_runs(uri, experiments, statuses, include_search), filters)
     table = ablation_table(df, metric, rows, cols)  # bad input raises before any file is written
     density = plots.pick_density(df, layer_density)
     os.makedirs(out, exist_ok=True)
@@ -89,6 +90,7 @@ def build(uri: str, experiments: list[str], out: str, metric: str = "test_acc", 
     client = MlflowClient(tracking_uri=uri)
     if log_to_mlflow:
         exp_id = experiment_ids(client, experiments[:1])[experiments[0]]
+        mark_training_experiment(client, client.get_experiment(exp_id))  # opens in the UI's training view
         tags = {"cell": ANALYSIS_CELL, "analysis.metric": metric, "analysis.rows": rows, "analysis.cols": cols,
                 "analysis.filters": " ".join(filters or []), "analysis.experiments": ",".join(experiments),
                 "analysis.runs": str(len(df)), "sparse_core_version": sparse_core.__version__}
