@@ -322,12 +322,16 @@ def from_flat(flat: Mapping[str, Any]) -> Config:
 
 
 def validate_names(cfg: Config) -> None:
-    """Check every registry-backed name (dataset, model, init, pruner, scope, mask kind)."""
+    """Check every registry-backed name (dataset, model, init, pruner, scope, mask kind) and the rules that
+    need a registry (post-prune tricks that each replace the loss)."""
     from . import registry  # imports torch-backed modules; kept out of plain config parsing
 
     flat = cfg.to_flat()
     for key, reg_name in _NAMED.items():
         registry.REGISTRIES[reg_name].check(key, flat[key])
+    from .post_prune import loss_of
+
+    loss_of(flat)  # at most one switched-on post-prune trick may replace the loss
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

@@ -32,6 +32,11 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> None:
+        """Remove an entry (tests that register a toy method clean up with this)."""
+        self._items.pop(name, None)
+        self._meta.pop(name, None)
+
     def meta(self, name: str, key: str | None = None) -> dict:
         self.check(key or self.kind, name)
         return self._meta[name]
@@ -69,6 +74,7 @@ INITS: Registry = Registry("init", ("sparse_core.init",))
 PRUNERS: Registry = Registry("pruner", ("sparse_core.pruners",))
 SCOPES: Registry = Registry("scope", ("sparse_core.pruning",))
 MASK_KINDS: Registry = Registry("mask kind", ("sparse_core.learned_mask",))
+TRICKS: Registry = Registry("post-prune trick", ("sparse_core.post_prune",))
 
 REGISTRIES: dict[str, Registry] = {
     "datasets": DATASETS,
@@ -77,4 +83,5 @@ REGISTRIES: dict[str, Registry] = {
     "pruners": PRUNERS,
     "scopes": SCOPES,
     "mask_kinds": MASK_KINDS,
+    "tricks": TRICKS,
 }

@@ -32,7 +32,7 @@ from .metrics import density_summary, evaluate, flops
 from .models import build
 from .plan import PruneStep, RiglInit, TrainEpoch, cubic, derive_seed, gradual_steps, lr_factor, total_epochs
 from .plan import build as build_plan
-from .post_prune import SoftSchedule, make_plain, smoothed_cross_entropy
+from .post_prune import SoftSchedule, loss_of, make_plain
 from .pruning import collapsed, masks_from_scores, shuffle
 from .rigl import RigL, initial_masks
 
@@ -75,6 +75,7 @@ class Trainer:
         if cfg.mask.kind != "none":
             learned_mask.attach(self.model, cfg.mask)
         self.plan = build_plan(cfg)
+        self.post_loss = loss_of(cfg.to_flat())  # None: plain cross-entropy after pruning too
         self.step_idx = 0
         self.masks: dict[str, torch.Tensor] | None = None  # None = dense
         self.opt: torch.optim.Optimizer | None = None
@@ -134,9 +135,8 @@ class Trainer:
         return epochs * math.ceil(self.data.x_train.shape[0] / self.cfg.train.batch_size)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
-        post = self.cfg.post
-        if stage in ("post", "rigl") and post.label_smoothing:
-            return smoothed_cross_entropy(logits.float(), y, post.smoothing)
+        if stage in ("post", "rigl") and self.post_loss is not None:  # a post-prune trick's loss
+            return self.post_loss(logits.float(), y, self.cfg.post)
         return F.cross_entropy(logits.float(), y)
 
     def _segment_extras(self, stage: str, total_steps: int) -> None:
@@ -225,8 +225,8 @@ class Trainer:
             if self.mask_target is not None:
                 metrics["mask_target"] = self.mask_target
             metrics.update(learned_mask.stats(self.model, self.zero_at_init))
-        if soft is not None and (cfg.post.soft_activation or cfg.post.soft_skip):
-            metrics.update(dict(zip(("soft_t", "skip_alpha"), soft.current)))
+        if soft is not None:
+            metrics.update(soft.current)  # each schedule trick's value (soft_t, skip_alpha, ...)
         if self.rigl is not None and stage == "rigl":
             metrics["rigl_regrown"] = self.rigl.regrown
         if stage == "pre" and step.stage_end:

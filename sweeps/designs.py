@@ -28,22 +28,33 @@ import itertools
 from dataclasses import dataclass
 
 from sparse_core.config import Config, from_flat, run_key, to_flat
+from sparse_core.registry import TRICKS
 
-# The plain baseline: what every cell starts from.
+# The plain baseline: what every cell starts from (every post-prune trick off).
 BASE = {
     "train.method": "prune",  # init -> pre-train -> prune -> post-train
     "init.name": "kaiming",
     "mask.kind": "none",
     "prune.pruner": "magnitude",
-    "post.label_smoothing": False,
-    "post.soft_activation": False,
-    "post.soft_skip": False,
+    **{TRICKS.get(name).switch: False for name in TRICKS},
 }
-COMPONENT_NAMES = ("zero_init", "mask", "label_smoothing", "soft_activation", "soft_skip")
+PIPELINE_NAMES = ("zero_init", "mask")  # the pipeline's components before pruning
 BASELINE_PRUNERS = ("random", "snip", "grasp", "synflow")  # magnitude is the base cell itself
-# Keys a design varies per trial: a --set on them would be silently overwritten, so it is refused.
-DESIGN_KEYS = tuple(BASE) + ("prune.density", "seed")
 DESIGNS = ("leave-one-out", "factorial")
+
+
+def component_names() -> tuple[str, ...]:
+    """zero_init, mask, then every registered post-prune trick (sparse_core.post_prune)."""
+    return PIPELINE_NAMES + tuple(TRICKS.names())
+
+
+def design_keys() -> tuple[str, ...]:
+    """Keys a design varies per trial: a --set on them would be silently overwritten, so it is refused."""
+    return tuple(BASE) + ("prune.density", "seed")
+
+
+COMPONENT_NAMES = component_names()
+DESIGN_KEYS = design_keys()
 
 
 @dataclass(frozen=True)
@@ -69,14 +80,12 @@ def components(mask_kind: str) -> dict[str, dict]:
     return {
         "zero_init": {"init.name": "zero"},
         "mask": {"mask.kind": mask_kind, "prune.pruner": "mask"},
-        "label_smoothing": {"post.label_smoothing": True},
-        "soft_activation": {"post.soft_activation": True},
-        "soft_skip": {"post.soft_skip": True},
+        **{name: {TRICKS.get(name).switch: True} for name in TRICKS},
     }
 
 
 def _with(parts: dict[str, dict], names) -> dict:
-    out = dict(BASE)
+    out = {**BASE, **{TRICKS.get(name).switch: False for name in TRICKS}}  # a trick registered late is off too
     for n in names:
         out.update(parts[n])
     return out
@@ -85,25 +94,26 @@ def _with(parts: dict[str, dict], names) -> dict:
 def cells(design: str, mask_kind: str = "sigmoid", synflow_rounds: int = 100) -> list[tuple[str, dict]]:
     """(label, overrides) for every cell of ``design``, in a stable order."""
     parts = components(mask_kind)
+    names = component_names()  # read now: a trick registered after import is a component too
     if design == "leave-one-out":
-        out = [("full", _with(parts, COMPONENT_NAMES))]
-        for c in COMPONENT_NAMES:
-            out.append((f"full-no_{c}", _with(parts, [n for n in COMPONENT_NAMES if n != c])))
-        out.append(("full-no_mask_pruner", {**_with(parts, COMPONENT_NAMES), "prune.pruner": "magnitude"}))
-        out.append(("base", dict(BASE)))
-        out += [(f"base+{c}", _with(parts, [c])) for c in COMPONENT_NAMES]
+        out = [("full", _with(parts, names))]
+        for c in names:
+            out.append((f"full-no_{c}", _with(parts, [n for n in names if n != c])))
+        out.append(("full-no_mask_pruner", {**_with(parts, names), "prune.pruner": "magnitude"}))
+        out.append(("base", _with(parts, [])))
+        out += [(f"base+{c}", _with(parts, [c])) for c in names]
         for p in BASELINE_PRUNERS:
             extra = {"prune.rounds": synflow_rounds} if p == "synflow" else {}
-            out.append((f"pruner={p}", {**BASE, "prune.pruner": p, **extra}))
-        out.append(("gmp", dict(BASE)))  # epochs re-split in trials(): gmp_budget
-        out.append(("rigl", {**BASE, "train.method": "rigl"}))
+            out.append((f"pruner={p}", {**_with(parts, []), "prune.pruner": p, **extra}))
+        out.append(("gmp", _with(parts, [])))  # epochs re-split in trials(): gmp_budget
+        out.append(("rigl", {**_with(parts, []), "train.method": "rigl"}))
         return out
     if design == "factorial":
         out = []
-        for on in itertools.product((False, True), repeat=len(COMPONENT_NAMES)):
-            names = [n for n, flag in zip(COMPONENT_NAMES, on) if flag]
-            label = "full" if len(names) == len(COMPONENT_NAMES) else "+".join(names) or "base"
-            out.append((label, _with(parts, names)))
+        for on in itertools.product((False, True), repeat=len(names)):
+            chosen = [n for n, flag in zip(names, on) if flag]
+            label = "full" if len(chosen) == len(names) else "+".join(chosen) or "base"
+            out.append((label, _with(parts, chosen)))
         return out
     raise ValueError(f"--design {design!r} is not known; choose one of {', '.join(DESIGNS)}")
 
@@ -138,12 +148,12 @@ def trials(design: str, base: dict, densities, seeds, synflow_rounds: int,
     listed in ``duplicates`` with the label it duplicates. Raises ValueError naming the cell
     and the bad key.
     """
-    clash = sorted(set(base) & (set(DESIGN_KEYS) - {"mask.kind"}))
+    clash = sorted(set(base) & (set(design_keys()) - {"mask.kind"}))
     if clash:
         raise ValueError(f"--set {', '.join(clash)}: the design sets these per trial "
                          f"(use --densities / --seeds for prune.density / seed)")
     for pattern, extra in (cell_overrides or {}).items():
-        bad = sorted(set(extra) & set(DESIGN_KEYS))
+        bad = sorted(set(extra) & set(design_keys()))
         if bad:
             raise ValueError(f"cell override {pattern!r} sets {', '.join(bad)}: the design sets these per trial")
     mask_kind = base.get("mask.kind", "sigmoid")

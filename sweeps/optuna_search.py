@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the re
         sys.path.insert(0, _root)
 
 from sparse_core.config import from_flat  # noqa: E402
+from sparse_core.registry import TRICKS  # noqa: E402
 from runstore import SEARCH_CELL, ui_link  # noqa: E402
 from sweeps import designs, options, presets, tracking  # noqa: E402
 
@@ -35,9 +36,10 @@ SPACE = {
     "train.lr": ("loguniform", 1e-3, 0.3, lambda c: True),  # peak learning rate of every stage
     "mask.lambda_l1": ("loguniform", 1e-7, 1e-3, lambda c: c.mask.kind != "none"),  # sparsity pressure per mask entry
     "mask.lr": ("loguniform", 1e-3, 0.3, lambda c: c.mask.kind != "none"),  # learning rate of the mask scores
-    "post.smoothing": ("uniform", 0.0, 0.3, lambda c: c.post.label_smoothing),  # label smoothing mass
-    "post.soft_fraction": ("uniform", 0.1, 1.0,  # share of post-training the soft schedules run
-                           lambda c: c.post.soft_activation or c.post.soft_skip),
+    # each post-prune trick's knobs (sparse_core.post_prune), searched when the trick is on
+    **{key: (*spec, lambda c, keys=tuple(n for n in TRICKS if key in TRICKS.get(n).knobs):
+                  any(TRICKS.get(n).enabled(c.to_flat()) for n in keys))
+       for name in TRICKS for key, spec in TRICKS.get(name).knobs.items()},
 }
 CELL = SEARCH_CELL
 METRIC = "val_acc"  # what the search maximises, ASHA compares and the best pick uses
