@@ -33,6 +33,9 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--rows", default="cell", help="column that makes the table rows / plot lines (default: the cell tag)")
     p.add_argument("--status", action="append", metavar="STATUS",
                    help="run statuses to include (repeatable or comma list; default: FINISHED)")
+    p.add_argument("--reference", metavar="ROW",
+                   help="row every cell is tested against (paired t-test by seed); default: per column, the "
+                        "baseline (base, pruner=*, gmp, rigl) with the best mean validation accuracy")
     p.add_argument("--include-search", action="store_true",
                    help="also use the runs of Optuna searches (cell 'optuna'), left out by default")
     return p
@@ -41,7 +44,7 @@ def _common() -> argparse.ArgumentParser:
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="python -m analysis", description="Ablation tables, plots and an HTML report from MLflow runs.")
     sub = main.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("table", parents=[_common()], help="ablation table: mean ± std over seeds")
+    t = sub.add_parser("table", parents=[_common()], help="ablation table: mean and 95 % CI over seeds, paired tests against a reference row")
     t.add_argument("--cols", default="prune.density", help="column that makes the table columns (default: prune.density)")
     t.add_argument("--format", choices=list(FORMATS), help="markdown (default), csv or latex (booktabs)")
     t.add_argument("--out", metavar="FILE", help="write here instead of stdout (format inferred from .md/.csv/.tex)")
@@ -65,7 +68,7 @@ def _table(args, uri: str, experiments: list[str], statuses: list[str]) -> None:
     if fmt is None and args.out:
         fmt = {ext: name for name, ext in EXTENSIONS.items()}.get(os.path.splitext(args.out)[1].lstrip("."))
     df = apply_filters(load_runs(uri, experiments, statuses, args.include_search), args.filter)
-    text = FORMATS[fmt or "markdown"](ablation_table(df, args.metric, args.rows, args.cols))
+    text = FORMATS[fmt or "markdown"](ablation_table(df, args.metric, args.rows, args.cols, args.reference))
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
@@ -90,7 +93,7 @@ def _report(args, uri: str, experiments: list[str], statuses: list[str]) -> None
 
     result = report.build(uri, experiments, args.out, args.metric, args.rows, args.cols, args.filter, statuses,
                           args.layer_density, log_to_mlflow=not args.no_mlflow_log,
-                          include_search=args.include_search)
+                          include_search=args.include_search, reference=args.reference)
     for path in result["files"]:
         print(path)
     if result["run_id"]:

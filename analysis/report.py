@@ -21,7 +21,7 @@ from runstore import mark_training_experiment
 
 from . import efficiency, plots
 from .load import ANALYSIS_CELL, AnalysisError, apply_filters, experiment_ids, load_runs
-from .table import EXTENSIONS, FORMATS, Table, ablation_table, cell_parts, col_label, grid, notes, uniform_n
+from .table import EXTENSIONS, FORMATS, REF, Table, ablation_table, cell_parts, col_label, grid, notes, uniform_n
 
 log = logging.getLogger("analysis")
 
@@ -34,7 +34,7 @@ def _html_table(table: Table) -> str:
         tds = []
         for cell in cells:
             text, suffix = (html.escape(s) for s in cell_parts(table, cell, per_cell_n))
-            tds.append(f"<td>{f'<b>{text}</b>' if cell['best'] else text}{suffix}</td>")
+            tds.append(f"<td>{f'<b>{text}</b>' if cell['mark'] == REF else text}{suffix}</td>")
         body.append(f"<tr><th>{html.escape(str(r))}</th>{''.join(tds)}</tr>")
     return (f"<table><thead><tr><th>{html.escape(table.rows)}</th>{head}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table>")
@@ -56,10 +56,11 @@ _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;
 
 def build(uri: str, experiments: list[str], out: str, metric: str = "test_acc", rows: str = "cell",
           cols: str = "prune.density", filters: list[str] | None = None, statuses=("FINISHED",),
-          layer_density: float | None = None, log_to_mlflow: bool = True, include_search: bool = False) -> dict:
+          layer_density: float | None = None, log_to_mlflow: bool = True, include_search: bool = False,
+          reference=None) -> dict:
     """Write the report into ``out``; returns {"files": [...], "run_id": analysis run id or None}."""
     df = apply_filters(load_runs(uri, experiments, statuses, include_search), filters)
-    table = ablation_table(df, metric, rows, cols)  # bad input raises before any file is written
+    table = ablation_table(df, metric, rows, cols, reference)  # bad input raises before any file is written
     density = plots.pick_density(df, layer_density)
     os.makedirs(out, exist_ok=True)
     files = []
@@ -70,7 +71,7 @@ def build(uri: str, experiments: list[str], out: str, metric: str = "test_acc", 
         files.append(path)
     figures = []
     if cols == plots.DENSITY:
-        paths = plots.accuracy_vs_density(df, os.path.join(out, "accuracy_vs_density"), metric, rows)
+        paths = plots.accuracy_vs_density(df, os.path.join(out, "accuracy_vs_density"), metric, rows, reference=reference)
         figures.append(_figure(out, paths, f"{metric} vs density, one line per {rows}"))
         files += paths
     else:
