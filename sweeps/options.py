@@ -93,7 +93,6 @@ def tracking_target(cli_uri: str | None, experiment: str) -> tuple[str, str]:
         return uri, tracking.experiment_id(uri, experiment)
 
 
-
 def targets(parser: argparse.ArgumentParser, args) -> tuple[str, str, str]:
     """(tracking URI, experiment id, Tune storage path) for a sweep script, exiting through
     ``parser.error`` when the tracking store cannot be reached; warns when a relative SQLite store
@@ -116,7 +115,3 @@ def targets(parser: argparse.ArgumentParser, args) -> tuple[str, str, str]:
 
 def storage_path(value: str) -> str:
     return value if "://" in value else os.path.abspath(os.path.expanduser(value))
-
-
-def fmt_overrides(flat: dict) -> str:
-    return " ".join(f"--set {k}={v}" for k, v in flat.items())
