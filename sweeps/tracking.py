@@ -106,6 +106,10 @@ class TrialRun:
             done = [r for r in runs if r.info.status == "FINISHED"]
             if done:
                 self.skip, self.other = "finished", done[-1]
+                for r in runs:  # orphans beside it (duplicates left by older versions): not RUNNING forever
+                    if r.info.status in OPEN_STATUSES and not claim_alive(r):
+                        _retry(self.client.set_tag, r.info.run_id, "superseded_by", done[-1].info.run_id)
+                        _retry(self.client.set_terminated, r.info.run_id, "KILLED")
                 return self
             mine = [r for r in runs if self.trial_id and r.data.tags.get("trial_id") == self.trial_id]
             others = [r for r in runs if not (self.trial_id and r.data.tags.get("trial_id") == self.trial_id)]

@@ -203,9 +203,12 @@ def dead_claim() -> str:
 
 def test_finished_run_key_is_never_trained_again(store):
     done = make_run(store, "k_done", "FINISHED")
+    orphan = make_run(store, "k_done", "RUNNING", trial_id="t_00000")  # a duplicate from an older version
     t = trial_run(store, "k_done").open()
     assert t.skip == "finished" and t.other.info.run_id == done and t.run_id is None
-    assert len(tracking.client(store[0]).search_runs([store[1]], "tags.run_key = 'k_done'")) == 1
+    c = tracking.client(store[0])
+    assert len(c.search_runs([store[1]], "tags.run_key = 'k_done'")) == 2  # nothing new
+    assert c.get_run(orphan).info.status == "KILLED" and c.get_run(orphan).data.tags["superseded_by"] == done
 
 
 def test_live_claim_of_another_trial_wins(store, live_process):
