@@ -96,10 +96,14 @@ class TreeSampler(threading.Thread):
     def total_cpu(self) -> float:
         return sum(seconds for seconds, _, _ in self.last.values())
 
-    def nice_of(self, cat: str, min_cpu: float = 0.5) -> set[int]:
-        """Nice values of the processes of ``cat`` that used at least ``min_cpu`` CPU seconds
-        (Ray also keeps idle pre-started workers, which never run a trial)."""
-        return {nice for cpu, c, nice in self.last.values() if c == cat and cpu >= min_cpu}
+    def cpu_by_nice(self, cat: str) -> dict[int, float]:
+        """CPU seconds of the processes of ``cat`` by their nice value (Ray also pre-starts idle
+        workers outside the job's runtime environment, which never run a trial)."""
+        out: dict[int, float] = {}
+        for cpu, c, nice in self.last.values():
+            if c == cat:
+                out[nice] = out.get(nice, 0.0) + cpu
+        return out
 
 
 def machine_busy() -> float:

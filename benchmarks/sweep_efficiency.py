@@ -66,7 +66,7 @@ class Run:
     startup: float = 0.0  # sweep: command start -> first MLflow run opens
     shutdown: float = 0.0  # sweep: last MLflow run closes -> exit
     run_s: float = 0.0  # sweep: sum of MLflow run durations
-    worker_nice: set = field(default_factory=set)
+    worker_nice: dict = field(default_factory=dict)  # sweep: nice value -> CPU seconds of trial workers
     returncode: int = 0
 
 
@@ -157,7 +157,7 @@ def run_sweep(name: str, sweep_args: list[str], workdir: str, verbose: bool) -> 
     sampler.finish()
     res = Run(wall=ended - started, returncode=proc.returncode, machine_busy=machine_busy() - busy0,
               cpu=sampler.total_cpu(), cpu_by=sampler.by_category(), peak_rss=sampler.peak_rss, phases=phases,
-              worker_nice=sampler.nice_of(WORKERS))
+              worker_nice=sampler.cpu_by_nice(WORKERS))
     if proc.returncode != 0:
         print("".join(lines[-40:]) + f"\nerror: sweep {name!r} exited with {proc.returncode}", file=sys.stderr)
         return res
@@ -252,9 +252,11 @@ def report(sizes: dict[str, int], pairs: dict[str, list[tuple[Run, Run]]], slots
             ("(machine CPU-s available)", lambda r: r[0].wall * slots)]
         for label, get in rows:
             print(f"{label:<{width}}  " + "  ".join(f"{get(pairs[name][0]):8.1f}" for name in sizes))
-        nice = sorted({v for name in sizes for s, _ in pairs[name] for v in s.worker_nice})
-        print(f"nice value of the trial workers that ran trials: {', '.join(map(str, nice)) or '-'} "
-              f"(the plain loop: {os.nice(0)}, this shell's)")
+        for name in sizes:
+            nice = pairs[name][0][0].worker_nice
+            print(f"trial workers' CPU seconds by nice value, {name}: "
+                  + (", ".join(f"nice {k}: {v:.1f}" for k, v in sorted(nice.items())) or "-")
+                  + f" (the plain loop runs at nice {os.nice(0)}, this shell's)")
     return ok
 
 

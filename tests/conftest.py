@@ -6,7 +6,6 @@
   Subprocesses inherit the cleaned environment.
 - ``ray_runtime``: one local Ray runtime for the whole session (through ``launch.connect``, so the
   tests get what a local sweep gets), started by the first test that asks for it.
-- ``sqlite_uri``: a fresh SQLite MLflow store in the test's tmp_path.
 - ``torch_one_thread``: torch on one thread for the test (tiny models: extra threads only spin,
   and on a loaded machine they cost 10x).
 
@@ -40,11 +39,6 @@ def ray_runtime():
     yield
     if started:
         ray.shutdown()
-
-
-@pytest.fixture
-def sqlite_uri(tmp_path) -> str:
-    return f"sqlite:///{tmp_path}/mlflow.db"
 
 
 @pytest.fixture
