@@ -127,7 +127,7 @@ def _draw(ax, table, rows: str, members: list, scale: float, ref) -> None:
     else:
         ax.invert_xaxis()
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7.5, loc="lower left", frameon=True, framealpha=0.85)
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)  # below: no curve hidden
 
 
 def accuracy_vs_density(df: pd.DataFrame, stem: str, metric: str = "test_acc", rows: str = "cell",
@@ -137,7 +137,7 @@ def accuracy_vs_density(df: pd.DataFrame, stem: str, metric: str = "test_acc", r
     table = ablation_table(df, metric, rows, DENSITY, reference)  # same checks as the table: no hidden averaging
     scale = 100.0 if is_percent(metric) else 1.0
     groups = panels(table.row_order)
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 5.6), sharey=True, squeeze=False)
     ref = dense_reference(df, metric)
     for ax, (panel_title, members) in zip(axes[0], groups):
         _draw(ax, table, rows, members, scale, ref)
