@@ -129,7 +129,7 @@ def study(args, uri: str, storage: str) -> int:
     from sweeps import ablation_grid
 
     argv = ["--preset", PRESET, "--design", "leave-one-out", "--experiment", args.experiment, "--mlflow-uri", uri,
-            "--storage-path", storage, "--cpus-per-trial", "1", "--name", PRESET]
+            "--storage-path", storage, "--cpus-per-trial", "1", "--name", PRESET, "--no-report"]  # its own below
     if args.densities:
         argv += ["--densities", args.densities]
     if args.seeds:

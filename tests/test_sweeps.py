@@ -247,9 +247,10 @@ def test_optuna_search_logs_runs_and_prints_overrides(smoke_sweep, store):
     assert len(lrs) == 4  # TPE proposed four different learning rates
     # the printed best is the FINISHED run with the highest validation accuracy
     done = [r for r in all_runs if r.info.status == "FINISHED"]
-    best = max(done, key=lambda r: r.data.metrics["final/val_acc"])
+    top = max(r.data.metrics["final/val_acc"] for r in done)
     picked = next(line for line in out.splitlines() if line.startswith("best by val_acc: "))
-    assert f"val {100 * best.data.metrics['final/val_acc']:.2f} %" in picked and best.info.run_id in picked
+    assert f"val {100 * top:.2f} %" in picked  # (ties at the top are possible: any of them)
+    assert any(r.info.run_id in picked for r in done if r.data.metrics["final/val_acc"] == top), picked
     assert "workflowType=machine_learning" in out
 
 
@@ -288,7 +289,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def _readme_job_command(pwd: Path, address: str) -> list[str]:
     """The README's `ray job submit` example (Sweeps section), with $PWD standing for ``pwd``."""
     import re
@@ -302,6 +302,7 @@ def _readme_job_command(pwd: Path, address: str) -> list[str]:
     return argv[1:]
 
 
+@pytest.mark.slow
 def test_ray_job_submit_end_to_end(tmp_path):
     """ray start --head (token auth on) -> the README's ray job submit -> runs in MLflow -> stop."""
     temp = Path(f"/tmp/rt{os.getpid()}")  # short: Ray's socket paths must stay under 107 bytes
@@ -316,14 +317,15 @@ def test_ray_job_submit_end_to_end(tmp_path):
         db = tmp_path / "mlflow.db"
         env = {**os.environ, "RAY_AUTH_MODE": "token"}
         env.pop("RAY_ADDRESS", None)
-        for attempt in range(3):
+        deadline = time.time() + 300
+        while True:
             proc = subprocess.run(_readme_job_command(tmp_path, f"http://127.0.0.1:{dash}"),
                                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-            # on a loaded machine the head's job agent can register after the dashboard answers;
+            # on a loaded machine the head's job agent can register well after the dashboard answers;
             # Ray then refuses the submission with this message and asks to try again later
-            if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            if "No available agent to submit job" not in proc.stdout + proc.stderr or time.time() > deadline:
                 break
-            time.sleep(5)
+            time.sleep(10)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         out = proc.stdout + proc.stderr
         assert "succeeded" in out and "launching 4 trials" in out and out.count("  done ") == 4, out[-4000:]
