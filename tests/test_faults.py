@@ -393,5 +393,8 @@ def test_two_drivers_on_a_new_store(tmp_path):
     outs = [p.communicate(timeout=LIMIT_S)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
-        assert "Traceback" not in out, out[-4000:]
+        driver_lines = [line for line in out.splitlines() if "pid=" not in line]  # not Ray's worker logs
+        assert not any(line.startswith("Traceback") for line in driver_lines), out[-4000:]  # e.g. alembic's
+    # between them each run_key was trained once: the rest were skipped (claimed or FINISHED)
+    assert any("trained nothing" in out or "skipping" in out for out in outs), outs[0][-2000:] + outs[1][-2000:]
     assert_one_finished_run_per_key(f"sqlite:///{tmp_path}/mlflow.db", 4)
