@@ -29,9 +29,8 @@ LIMIT_S = 900  # subprocess time limit: the machine is shared and busy
 TINY = ["model.width=8", "model.depth=1", "train.pre_epochs=1", "train.post_epochs=1", "prune.density=0.5"]
 
 
-def cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd or ROOT, capture_output=True, text=True,
-                          timeout=LIMIT_S)
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S)
 
 
 def one_error_line(proc) -> str:
@@ -190,8 +189,7 @@ def make_run(store, key, status, claimed_by=None, heartbeat=None, trial_id="old_
 def live_process():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     yield f"{socket.gethostname()}/{proc.pid}/{claims._proc_start(proc.pid)}"
-    proc.kill()
-    proc.wait()
+    proc.kill(), proc.wait()
 
 
 def dead_claim() -> str:
