@@ -28,16 +28,18 @@ def _help_epilog() -> str:
 
 def progress_line(m: dict) -> str:
     if m["stage"] == "prune":
-        return (f"prune round {m['round'] + 1}: density {m['density']:.4f}, test acc right after pruning "
-                f"{m['test_acc_after_prune']:.4f}, collapsed layers {m['collapsed_layers']}")
+        return (f"prune round {m['round'] + 1}: density {m['density']:.4f}, val acc right after pruning "
+                f"{m['val_acc_after_prune']:.4f} (test {m['test_acc_after_prune']:.4f}), collapsed layers "
+                f"{m['n_collapsed_layers']}")
     if m["stage"] == "rigl_init":
         return f"rigl: random sparse start at density {m['density']:.4f}"
     extra = ""
     if "mask_mean" in m:
-        extra = f" mask mean {m['mask_mean']:.3f} below-0.5 {m['mask_below_half']:.3f}"
+        extra = (f" mask soft/hard density {m['mask_soft_density']:.3f}/{m['mask_hard_density']:.3f}"
+                 f" gap {m['mask_binary_gap']:.3f}")
     eta = m["seconds"] / m["epoch"] * (m["epochs"] - m["epoch"])
     return (f"[{m['epoch']:>3}/{m['epochs']}] {m['stage']:<5} epoch {m['stage_epoch']:>3}  loss {m['train_loss']:.4f}  "
-            f"test acc {m['test_acc']:.4f}  density {m['density']:.4f}{extra}  ({m['seconds']:.1f}s, eta {eta:.0f}s)")
+            f"val acc {m['val_acc']:.4f}  test acc {m['test_acc']:.4f}  density {m['density']:.4f}{extra}  ({m['seconds']:.1f}s, eta {eta:.0f}s)")
 
 
 def _json_safe(value):
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. prune.density=0.01")
     parser.add_argument("--checkpoint", metavar="PATH", help="save state here after every epoch; resume if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="torch intra-op threads (default 1: small models gain nothing from more, and several "
+                             "runs side by side slow each other down many times over)")
     parser.add_argument("--export", metavar="PATH", help="write the final model here in compact sparse form "
                         "(safetensors; sparse_core.export.load rebuilds it)")
     args = parser.parse_args(argv)
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"directory); pass another path", file=sys.stderr)
             return 2
 
-    from .train import run  # torch is imported after the argument checks, so a typo fails fast
+    from .train import Trainer  # torch is imported after the argument checks, so a typo fails fast
 
     from .checkpoint import CheckpointError, load_state, save_state
 
@@ -98,14 +103,38 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint:
             save_state(checkpoint(), args.checkpoint)
 
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: must be >= 1")
+    import torch
+
+    torch.set_num_threads(args.threads)
     try:
-        result = run(cfg, log, state, export_path=args.export)  # + sizes, CPU latencies; the file if --export
+        trainer = Trainer(cfg, log)
+        sizes = trainer.data.sizes
+        if not args.quiet:
+            print(f"data {cfg.data.name}: {sizes['train']} train / {sizes['val']} validation / {sizes['test']} test "
+                  f"images ({sum(sizes.values())} in all); selection reads validation only", file=sys.stderr)
+        if state is not None:
+            trainer.load_state_dict(state)
+        result = trainer.run()
+        from .export import figures
+
+        result.update(figures(trainer, args.export))  # sizes, CPU latencies; the file if --export
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result.pop("history")
+    from .metrics import at_chance, chance_accuracy
+
+    result["at_chance"] = at_chance(result["test_acc"], trainer.data.y_test, trainer.data.num_classes)
+    if result["at_chance"]:  # shown even with --quiet: the run trained nothing worth reading
+        chance = chance_accuracy(trainer.data.y_test, trainer.data.num_classes)
+        print(f"warning: test accuracy {100 * result['test_acc']:.2f} % is at chance (one constant guess scores "
+              f"{100 * chance:.2f} %): the network learned nothing; look for a diverging loss above and check the "
+              f"settings (result: \"at_chance\": true)", file=sys.stderr)
     if not args.quiet:
-        print(f"done: test acc {result['test_acc']:.4f} (best {result['best_test_acc']:.4f}) at density "
+        print(f"done: test acc {result['test_acc']:.4f}, val acc {result['val_acc']:.4f} (best val "
+              f"{result['best_val_acc']:.4f} at epoch {result['best_val_epoch']}) at density "
               f"{result['density']:.4f} in {result['seconds']:.1f}s; run_key {result['run_key']}", file=sys.stderr)
     if args.export and not args.quiet:
         print(f"exported {args.export}: {result['model_bytes_sparse']:,} bytes (dense state dict "

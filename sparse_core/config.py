@@ -48,7 +48,7 @@ class DataConfig:
     synthetic_test: int = 256  # synthetic: number of test samples
     synthetic_shape: str = "1x8x8"  # synthetic: CxHxW of one input
     synthetic_classes: int = 10  # synthetic: number of classes
-    val_size: int = -1  # validation images carved from the training set by a fixed permutation (never moves with seed or method); -1 = the data set's standard: digits 144 of 1,437, mnist 5,000 (55k/5k), cifar10 5,000 (45k/5k), synthetic 10 %
+    val_size: int = -1  # validation images carved from the training set by a fixed permutation (never moves with seed or method); -1 = the data set's standard: digits 144 of 1,437, mnist 5,000 (55k/5k), cifar10 5,000 (45k/5k), synthetic (or a set too small for its standard) 10 %
 
     def __post_init__(self):
         _check("data.val_size", self.val_size, self.val_size == -1 or self.val_size >= 1,

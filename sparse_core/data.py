@@ -62,9 +62,12 @@ def split_validation(data: TensorData, size: int) -> TensorData:
 
 
 def val_size(cfg: DataConfig, n_train: int) -> int:
+    """``data.val_size``, else the data set's standard split; 10 % where there is none or where the
+    training set is too small for it (a subset of MNIST or CIFAR-10 in the real file format)."""
     if cfg.val_size != -1:
         return cfg.val_size
-    return STANDARD_VAL_SIZE.get(cfg.name, max(1, round(0.1 * n_train)))
+    standard = STANDARD_VAL_SIZE.get(cfg.name)
+    return standard if standard is not None and 2 * standard <= n_train else max(1, round(0.1 * n_train))
 
 
 def load(cfg: DataConfig) -> TensorData:

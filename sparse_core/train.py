@@ -41,7 +41,7 @@ __all__ = ["Trainer", "run", "plain_model", "total_epochs", "lr_factor", "derive
 STATE_FORMAT = state.FORMAT
 
 Log = Callable[[dict, Callable[[], dict]], None]
-GENERATORS = ("init", "data", "prune", "score", "rigl", "reinit")
+GENERATORS = ("init", "data", "prune", "rigl", "reinit")  # the scoring batch draws from a fresh "score" seed each round (the same batch every round)
 
 
 class TrainingDiverged(ValueError):
@@ -260,8 +260,11 @@ class Trainer:
         p, trained = self.cfg.prune, bool(self.history)
         learned_mask.fold(self.model)
         if step.density < 1.0:
-            fix = p.rescale if p.rescale != "auto" else pruners.rescale_after_training(p.pruner)
-            fix = fix if trained and not (step.last and p.reinit) and self.rewind_state is None else "none"
+            if trained:  # prune.rescale: what the pruner registered (auto) or the user chose
+                fix = p.rescale if p.rescale != "auto" else pruners.rescale_after_training(p.pruner)
+            else:  # pruning at init: init.sparse_scale, measured against the dense init network
+                fix = "data" if self.cfg.init.sparse_scale and self.cfg.init.name == "kaiming" else "none"
+            fix = fix if not (step.last and p.reinit) and self.rewind_state is None else "none"
             x_cal = self._scoring_batch()[0] if fix == "data" else None
             reference = rescale.linear_std(self.model, x_cal) if x_cal is not None else None
             before = self.masks
@@ -273,7 +276,7 @@ class Trainer:
                 self._rewind()
             if step.last and p.reinit:
                 self._reinit()
-            if step.last and (p.reinit or not trained):
+            if step.last and p.reinit:
                 self._scale_sparse_init()
             if fix == "sqrt":
                 rescale.sqrt_density(self.model, before, self.masks)

@@ -8,7 +8,6 @@ retried, resumed or re-run trial continues its run_key's MLflow run from the new
 (``_newest_state``). A trial whose run_key is FINISHED, or claimed by a live trial of another
 sweep, reports ``skipped`` and trains nothing (``tracking.TrialRun.open``).
 
-
 The subtle point is cost. A checkpoint, with the MLflow write of the buffered epochs before it,
 is taken at the end of each stage (pre-training, pruning, RigL or post-training) and otherwise
 once ``CHECKPOINT_EVERY_S`` have passed since the last one: each costs a ``torch.save``, a copy
@@ -44,7 +43,7 @@ from . import tracking
 
 CHECKPOINT_FILE = "state.pt"
 # Scalars passed to Tune (schedulers, searchers, progress); MLflow gets every metric.
-_REPORTED = ("test_acc", "test_loss", "train_loss", "density", "seconds")
+_REPORTED = ("val_acc", "val_loss", "test_acc", "test_loss", "train_loss", "density", "seconds")
 CHECKPOINT_EVERY_S = 10.0  # wall seconds between checkpoints inside a stage (stage ends always checkpoint)
 
 
@@ -131,9 +130,6 @@ def train_trial(config: dict) -> None:
     resumed_at = len(state["history"]) if state is not None else None
     mlrun.resumed(resumed_at)
     epoch = resumed_at or 0
-    last_round = cfg.prune.rounds - 1 if cfg.prune.density < 1.0 else 0
-    stage_epochs = {"pre": cfg.train.pre_epochs, "round": cfg.prune.round_epochs, "post": cfg.train.post_epochs,
-                    "rigl": total_epochs(cfg)}
     last_sync = last_report = time.monotonic()
     report_every_s = float(meta.get("report_every_s", 0.0))
 
@@ -141,18 +137,17 @@ def train_trial(config: dict) -> None:
         nonlocal epoch, last_sync, last_report
         mlrun.log_step(metrics)
         stage = metrics["stage"]
-        if stage == "rigl_init" or (stage == "prune" and metrics["round"] != last_round):
+        if stage == "rigl_init" or (stage == "prune" and not metrics["last_prune"]):
             return  # cheap steps: not worth a report each (SynFlow has 100 rounds)
         if stage == "prune":
-            report = {"test_acc": metrics["test_acc_after_prune"], "density": metrics["density"],
-                      "seconds": metrics["seconds"]}
+            report = {"val_acc": metrics["val_acc_after_prune"], "test_acc": metrics["test_acc_after_prune"],
+                      "density": metrics["density"], "seconds": metrics["seconds"]}
         else:
             epoch = metrics["epoch"]
             report = {k: metrics[k] for k in _REPORTED if k in metrics}
         report.update(epoch=epoch, epochs=total_epochs(cfg), stage=stage)
-        stage_end = stage == "prune" or metrics["stage_epoch"] == stage_epochs[stage]
         now = time.monotonic()
-        if not stage_end and now - last_sync < CHECKPOINT_EVERY_S:
+        if not metrics["stage_end"] and now - last_sync < CHECKPOINT_EVERY_S:
             if now - last_report >= report_every_s:
                 tune.report(report)
                 last_report = now
@@ -177,7 +172,7 @@ def train_trial(config: dict) -> None:
         mlrun.fail(e)
         raise
     tune.report({"final": 1, "epoch": result["epochs"], "epochs": result["epochs"], "stage": "final",
-                 "test_acc": result["test_acc"], "best_test_acc": result["best_test_acc"],
+                 "val_acc": result["val_acc"], "test_acc": result["test_acc"], "best_val_acc": result["best_val_acc"],
                  "density": result["density"], "seconds": result["seconds"],
                  "n_collapsed_layers": len(result["collapsed_layers"]), "run_key": result["run_key"],
                  "mlflow_run_id": mlrun.run_id})

@@ -115,7 +115,10 @@ def preactivation_std(trainer: Trainer) -> list[float]:
 @pytest.mark.parametrize("method", ["prune", "rigl"], ids=["pruning-at-init", "rigl"])
 def test_sparse_scale_keeps_the_dense_preactivation_std_and_off_it_vanishes(method):
     """Random sparsity at density 0.1 in a 5-layer MLP: with the scaling every layer's
-    pre-activation std stays near the dense network's; without it, it shrinks ~sqrt(0.1) per layer."""
+    pre-activation std stays near the dense network's; without it, it shrinks ~sqrt(0.1) per layer.
+    RigL scales its random start by 1/sqrt(layer density); pruning at init measures the factor that
+    restores the dense init's std per layer (prune.rescale's data path), which for SynFlow, whose
+    kept weights are the large ones, is far below 1/sqrt(density)."""
     at_init = {"train.pre_epochs": 0, "train.post_epochs": 0, "prune.pruner": "random", "train.method": method}
     dense = Trainer(Config().replace(**at_init, **{"prune.density": 1.0}))
     dense.run()
@@ -126,9 +129,16 @@ def test_sparse_scale_keeps_the_dense_preactivation_std_and_off_it_vanishes(meth
         sparse = Trainer(Config().replace(**at_init, **{"prune.density": 0.1, "init.sparse_scale": scale}))
         sparse.run()
         ratios[scale] = [s / r for s, r in zip(preactivation_std(sparse), reference)]
-        for n, mask in sparse.masks.items():  # the same init (same seed), kept weights x 1/sqrt(layer density)
-            factor = 1 / math.sqrt(float(mask.float().mean())) if scale else 1.0
-            torch.testing.assert_close(sparse.model.get_parameter(n).detach()[mask], init_weights[n][mask] * factor)
+        for n, mask in sparse.masks.items():  # the same init (same seed), kept weights x one factor per layer
+            kept, init = sparse.model.get_parameter(n).detach()[mask], init_weights[n][mask]
+            if not scale:
+                factor = 1.0
+            elif method == "rigl":  # RigL's random start: 1/sqrt(layer density)
+                factor = 1 / math.sqrt(float(mask.float().mean()))
+            else:  # pruning at init: the factor that restores the dense init's std on the scoring batch
+                factor = float(kept[0] / init[0])
+                assert factor > 1.5, (n, factor)  # ~1/sqrt(0.1) for random pruning
+            torch.testing.assert_close(kept, init * factor)
     assert len(ratios[True]) == 6
     assert all(0.7 < r < 1.5 for r in ratios[True]), ratios[True]
     assert ratios[False][0] < 0.5 and ratios[False][-1] < 0.05, ratios[False]

@@ -162,7 +162,9 @@ def _write_cifar(root, per_batch=10):
 def test_mnist_loads_through_torchvision_from_idx_files(tmp_path):
     images, labels = _write_mnist(str(tmp_path))
     data = load(DataConfig(name="mnist", dir=str(tmp_path)))
-    assert data.x_train.shape == (50, 1, 28, 28) and data.x_test.shape == (20, 1, 28, 28)
+    # the standard 5,000-image validation split does not fit 50 training images: 10 % of them then
+    assert data.x_train.shape == (45, 1, 28, 28) and data.x_val.shape == (5, 1, 28, 28)
+    assert data.x_test.shape == (20, 1, 28, 28)
     assert data.y_test.tolist() == labels.tolist()
     assert torch.allclose(data.x_test[3, 0] * 0.3081 + 0.1307, torch.tensor(images[3] / 255.0, dtype=torch.float32),
                           atol=1e-5)
@@ -174,7 +176,8 @@ def test_mnist_loads_through_torchvision_from_idx_files(tmp_path):
 def test_cifar10_loads_through_torchvision_from_pickled_batches(tmp_path):
     last = _write_cifar(str(tmp_path))
     data = load(DataConfig(name="cifar10", dir=str(tmp_path)))
-    assert data.x_train.shape == (50, 3, 32, 32) and data.x_test.shape == (10, 3, 32, 32) and data.augment
+    assert data.x_train.shape == (45, 3, 32, 32) and data.x_val.shape == (5, 3, 32, 32)
+    assert data.x_test.shape == (10, 3, 32, 32) and data.augment
     raw = torch.tensor(last["data"][0].reshape(3, 32, 32) / 255.0, dtype=torch.float32)
     mean, std = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.2470, 0.2435, 0.2616])
     assert torch.allclose(data.x_test[0] * std[:, None, None] + mean[:, None, None], raw, atol=1e-5)
