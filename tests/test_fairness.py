@@ -115,7 +115,7 @@ def test_sigmoid_mask_starts_near_one_and_the_penalty_acts_only_above_the_target
     values = torch.cat([v.flatten() for v in learned_mask.values(model).values()])
     assert torch.allclose(values, torch.full_like(values, 1 / (1 + math.exp(-3.0))))  # m = 0.9526
     total = sum(p.numel() for p in learned_mask.score_params(model))
-    on = learned_mask.penalty(model, cfg, target=0.5)
+    on = learned_mask.penalty(model, cfg, target=0.5).detach()
     assert float(on) == pytest.approx(cfg.lambda_l1 * float(values.sum()), rel=1e-5)
     assert float(learned_mask.penalty(model, cfg, target=0.96)) == 0.0  # mean 0.9526 is already below
     assert float(learned_mask.penalty(model, cfg, target=None)) == pytest.approx(float(on), rel=1e-6)
