@@ -3,17 +3,18 @@
 Study: the ``digits-study`` preset (sweeps/presets.py) x the ``leave-one-out`` design
 (sweeps/designs.py): the full pipeline and its leave-one-out ablation, the plain baseline with
 each component added, every baseline pruner (magnitude = ``base``, random, SNIP, GraSP, SynFlow
-with 100 rounds) and RigL, at densities 10 %, 3 %, 1 %, 0.5 %, 0.3 % and 0.1 %, seeds 0, 1 and 2:
-324 trials through ``sweeps.ablation_grid`` (Ray Tune, one MLflow run each). Then
-``analysis`` prints the ablation table (mean ± std, Markdown) and saves the accuracy-vs-density
-plots (PNG + PDF), and a last table puts the full pipeline next to the best baseline per density.
+with 100 rounds), gradual magnitude pruning (``gmp``) and RigL, at densities 10 %, 3 %, 1 %,
+0.5 %, 0.3 % and 0.1 %, seeds 0-4, through ``sweeps.ablation_grid`` (Ray Tune, one MLflow run
+each). Then ``analysis`` prints the ablation table (mean ± 95 % CI, paired tests against the best
+baseline by validation) and saves the accuracy-vs-density plots (PNG + PDF), and a last table puts
+the full pipeline next to the best baseline per density (both picked by validation accuracy).
 
-Tuning (``--tune``): two ``sweeps.optuna_search`` runs with the same budget (same number of
-samples, same epochs, TPE seeded, at density 1 %, on a seed the study does not use): the full
-pipeline (train.lr, mask.lambda_l1, mask.lr, post.smoothing, post.soft_fraction) and the
-strongest baseline at 1 %, SynFlow (train.lr). Their best settings are *printed*, not applied:
-they go into the preset's ``cell_overrides`` by hand, with a comment saying where each came
-from, so the study itself is reproducible from the preset alone.
+Tuning (``--tune``): one ``sweeps.optuna_search`` per compared method (``SEARCHES``: the full
+pipeline and every baseline), each with the same budget (same number of samples, same epochs,
+TPE seeded, at density 1 %, on a seed the study does not use), each picked by validation accuracy.
+Their best settings are *printed*, not applied: they go into the preset's ``cell_overrides`` by
+hand, with a comment saying where each came from, so the study itself is reproducible from the
+preset alone.
 
 Everything lands in ``--out`` (default results/digits_study/): mlflow.db (SQLite store),
 ray_results/, ablation_table.md/.csv, accuracy_vs_density*.png/.pdf, layer_density.png/.pdf,
@@ -21,7 +22,7 @@ tuning.json. Re-running skips trials already FINISHED in the store (the sweep's 
 
     python benchmarks/digits_study.py --tune        # tuning (~2 min) then the study (~2.5 min) on 2 CPU cores
     python benchmarks/digits_study.py               # the study with the preset's settings
-    python benchmarks/digits_study.py --tune-only   # only the two searches
+    python benchmarks/digits_study.py --tune-only   # only the searches
     python benchmarks/digits_study.py --tiny        # smoke: 2 densities, 1 seed, 4 cells, tiny MLP (~30 s)
 
 One local Ray runtime serves every sweep of the run (started here, shut down at the end);
@@ -44,15 +45,21 @@ sys.path.insert(0, ROOT)  # the repo root, run as a script
 PRESET = "digits-study"
 EXPERIMENT = "digits-study"
 FULL = "full"
-# The two searches. SynFlow is the strongest baseline at 1 % on this model: a 3-seed check with the
-# laptop preset gave synflow 82.3 ± 6.7, grasp 79.6 ± 7.9, snip 30.5 ± 9.6, rigl 15.8 ± 12.5,
-# magnitude 13.9 ± 4.6 (% test accuracy).
+# One search per compared method, every one with the same budget (--samples), selected on validation
+# accuracy: the full pipeline and every baseline of the study (gmp as its cell splits the epochs).
 SEARCHES = {
     "full": ["init.name=zero", "mask.kind=sigmoid", "prune.pruner=mask", "post.label_smoothing=true",
              "post.soft_activation=true", "post.soft_skip=true"],
+    "base": [],  # one-shot magnitude
+    "gmp": ["train.pre_epochs=5", "prune.gradual_epochs=20", "train.post_epochs=5"],
     "synflow": ["prune.pruner=synflow", "prune.rounds=100"],
+    "snip": ["prune.pruner=snip"],
+    "grasp": ["prune.pruner=grasp"],
+    "random": ["prune.pruner=random"],
+    "rigl": ["train.method=rigl"],
 }
-BASELINES = ("base", "pruner=random", "pruner=snip", "pruner=grasp", "pruner=synflow", "rigl")  # base = magnitude
+TINY_SEARCHES = ("full", "synflow")  # the smoke run exercises the path, not the fairness
+BASELINES = ("base", "gmp", "pruner=random", "pruner=snip", "pruner=grasp", "pruner=synflow", "rigl")  # base = magnitude
 # The tiny run: a 16-unit, 2-layer MLP, 1 + 2 epochs, 4 cells, 2 densities, 1 seed.
 TINY_SET = ["model.width=16", "model.depth=2", "train.pre_epochs=1", "train.post_epochs=2"]
 TINY_CELLS = "full,base,pruner=synflow,rigl"
@@ -65,11 +72,14 @@ def _quiet_sweep(fn, argv: list[str]) -> int:
 
 
 def tune(args, uri: str, storage: str) -> dict:
-    """The two Optuna searches; returns {name: {best_test_acc, settings, trials, wall_s, ...}}."""
+    """One Optuna search per method, the same budget each, best by validation accuracy; returns
+    {name: {best_val_acc, test_acc_of_best, settings, trials, wall_s, ...}}."""
     from sweeps import optuna_search, tracking
 
     out = {}
     for name, method in SEARCHES.items():
+        if args.tiny and name not in TINY_SEARCHES:
+            continue
         sweep = f"tune-{name}"
         argv = ["--preset", PRESET, "--density", str(args.tune_density), "--seed", str(args.tune_seed),
                 "--num-samples", str(args.samples), "--sampler-seed", "0", "--name", sweep,
@@ -97,31 +107,34 @@ def tune(args, uri: str, storage: str) -> dict:
         raw = tracking.search(uri, experiment, f"tags.sweep = '{sweep}'")
         span = (max(r.info.end_time or r.info.start_time for r in raw) - min(r.info.start_time for r in raw)) / 1000
         every = mine(None)
-        runs = [r for r in every if r["status"] == "FINISHED" and math.isfinite(r.get("test_acc", math.nan))]
+        runs = [r for r in every if r["status"] == "FINISHED" and math.isfinite(r.get("val_acc", math.nan))]
         if not runs:
             raise SystemExit(f"error: Optuna search {name!r} finished no trial")
-        runs.sort(key=lambda r: r["test_acc"], reverse=True)
+        runs.sort(key=lambda r: r["val_acc"], reverse=True)  # selection on validation, never test
         knobs = [k for k in optuna_search.SPACE if len({r[k] for r in runs}) > 1]
         best = runs[0]
         out[name] = {"method": method, "samples": args.samples, "finished": len(runs),
                      "failed": sum(r["status"] == "FAILED" for r in every), "span_s": round(span, 1),
-                     "density": args.tune_density, "seed": args.tune_seed, "best_test_acc": best["test_acc"],
+                     "density": args.tune_density, "seed": args.tune_seed, "best_val_acc": best["val_acc"],
+                     "test_acc_of_best": best["test_acc"],
                      "best_settings": {k: best[k] for k in knobs}, "best_run_id": best["run_id"],
-                     "top5_test_acc": [r["test_acc"] for r in runs[:5]],
-                     "median_test_acc": runs[len(runs) // 2]["test_acc"]}
+                     "top5_val_acc": [r["val_acc"] for r in runs[:5]],
+                     "median_val_acc": runs[len(runs) // 2]["val_acc"]}
     return out
 
 
 def print_tuning(results: dict) -> None:
-    print("## Optuna searches (TPE, sampler seed 0, same samples and epochs for both; span: first trial start "
-          "-> last trial end)\n")
-    print("| search | samples (finished, failed) | span s | best test acc | median | top 5 | best settings |")
-    print("|---|---:|---:|---:|---:|---|---|")
+    print("## Optuna searches (TPE, sampler seed 0, the same samples and epochs for every method; picked by "
+          "validation accuracy; span: first trial start -> last trial end)\n")
+    print("| search | samples (finished, failed) | span s | best val acc | its test acc | median val | top 5 val | "
+          "best settings |")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
     for name, r in results.items():
-        top = ", ".join(f"{100 * a:.1f}" for a in r["top5_test_acc"])
+        top = ", ".join(f"{100 * a:.1f}" for a in r["top5_val_acc"])
         settings = ", ".join(f"{k}={v:.4g}" for k, v in r["best_settings"].items())
-        print(f"| {name} | {r['samples']} ({r['finished']}, {r['failed']}) | {r['span_s']:.0f} | {100 * r['best_test_acc']:.2f} | "
-              f"{100 * r['median_test_acc']:.2f} | {top} | {settings} |")
+        print(f"| {name} | {r['samples']} ({r['finished']}, {r['failed']}) | {r['span_s']:.0f} | "
+              f"{100 * r['best_val_acc']:.2f} | {100 * r['test_acc_of_best']:.2f} | {100 * r['median_val_acc']:.2f} | "
+              f"{top} | {settings} |")
     print()
 
 
@@ -165,40 +178,42 @@ def analyse(args, uri: str) -> dict:
     contenders = df[df["cell"].isin((FULL,) + BASELINES)]
     files += plots.accuracy_vs_density(contenders, os.path.join(args.out, "accuracy_vs_density_contenders"),
                                        "test_acc", "cell",
-                                       title="digits MLP: full pipeline vs baselines; mean ± std over seeds")
+                                       title="digits MLP: full pipeline vs baselines; mean and 95 % CI over seeds")
     files += plots.layer_density_plot(contenders, os.path.join(args.out, "layer_density"), 0.01
                                       if (contenders["prune.density"] == 0.01).any() else None, "cell", uri)
-    comparison(table)
+    comparison(table, ablation_table(df, "val_acc", "cell", "prune.density"))
     return {"files": files, "table": table}
 
 
-def comparison(table) -> None:
-    """Per density: the full pipeline, the best leave-one-out variant, the best baseline."""
+def comparison(table, val_table) -> None:
+    """Per density: the full pipeline, the best leave-one-out variant and the best baseline, both picked
+    by mean validation accuracy (never test), shown with their test accuracy."""
     cells = table.cells.set_index(["cell", "prune.density"])
+    val = val_table.cells.set_index(["cell", "prune.density"])
 
     def get(cell, d):
         if (cell, d) not in cells.index:
             return math.nan, math.nan
         row = cells.loc[(cell, d)]
-        return row["mean"], row["std"]
+        return row["mean"], row["ci_high"] - row["mean"]
 
     def fmt(m, s):
         if not math.isfinite(m):
             return "–"
         return f"{100 * m:.2f}" + (f" ± {100 * s:.2f}" if math.isfinite(s) else "")
 
-    def mean_or_low(cell, d):
-        m = get(cell, d)[0]
+    def val_mean(cell, d):
+        m = val.loc[(cell, d), "mean"] if (cell, d) in val.index else math.nan
         return m if math.isfinite(m) else -1.0
 
     variants = [c for c in table.row_order if str(c).startswith("full")]
-    print("## Full pipeline vs the best baseline (final test accuracy %, mean ± std over seeds)\n")
+    print("## Full pipeline vs the best baseline (final test accuracy %, mean ± 95 % CI; picks by validation)\n")
     print("| density | full | best full-* variant | best baseline | full − best baseline |")
     print("|---|---:|---:|---:|---:|")
     for d in table.col_order:
         fm, fs = get(FULL, d)
-        vbest = max(variants, key=lambda c, d=d: mean_or_low(c, d))
-        bbest = max((b for b in BASELINES if b in table.row_order), key=lambda c, d=d: mean_or_low(c, d), default=None)
+        vbest = max(variants, key=lambda c, d=d: val_mean(c, d))
+        bbest = max((b for b in BASELINES if b in table.row_order), key=lambda c, d=d: val_mean(c, d), default=None)
         bm, bs = get(bbest, d) if bbest else (math.nan, math.nan)
         diff = f"{100 * (fm - bm):+.2f}" if math.isfinite(fm) and math.isfinite(bm) else "–"
         print(f"| {100 * d:g} % | {fmt(fm, fs)} | {vbest}: {fmt(*get(vbest, d))} | {bbest}: {fmt(bm, bs)} | {diff} |")
