@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .load import AnalysisError  # noqa: E402
+from .plots import save_figure  # noqa: E402
 
 log = logging.getLogger("analysis")
 
@@ -135,12 +136,7 @@ def efficiency_plot(table: pd.DataFrame, stem: str) -> list[str]:
     for ax in (left, right):
         _density_axis(ax, densities)
         ax.legend(fontsize=8)
-    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-    paths = [f"{stem}.png", f"{stem}.pdf"]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
-    plt.close(fig)
-    return paths
+    return save_figure(fig, stem)
 
 
 def write(df: pd.DataFrame, out: str) -> list[str]:

@@ -25,7 +25,8 @@ DENSITY = "prune.density"
 X_LABEL = "density (fraction of weights kept)"
 
 
-def _save(fig, stem: str) -> list[str]:
+def save_figure(fig, stem: str) -> list[str]:
+    """``stem``.png (150 dpi) and ``stem``.pdf; closes the figure; returns both paths."""
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     paths = [f"{stem}.png", f"{stem}.pdf"]
     fig.savefig(paths[0], dpi=150, bbox_inches="tight")
@@ -148,7 +149,7 @@ def accuracy_vs_density(df: pd.DataFrame, stem: str, metric: str = "test_acc", r
     seeds = f"{n[0]} seed(s)" if len(n) == 1 else f"{n[0]}–{n[-1]} seeds"
     fig.suptitle(title or f"{_label(metric)} vs density: mean and 95 % confidence band over {seeds}", fontsize=11)
     fig.tight_layout()
-    return _save(fig, stem)
+    return save_figure(fig, stem)
 
 
 def pick_density(df: pd.DataFrame, density: float | None) -> float:
@@ -208,5 +209,5 @@ def layer_density_plot(df: pd.DataFrame, stem: str, density: float | None = None
     ax.set_title(f"per-layer density at density {density:g}; bars: mean over seeds, whiskers: min–max", fontsize=10)
     ax.grid(True, axis="y", which="major", alpha=0.3)
     _legend(ax, rows)
-    return _save(fig, stem)
+    return save_figure(fig, stem)
 

@@ -25,11 +25,10 @@ def _bias(layer: nn.Module, out: torch.Tensor) -> torch.Tensor | float:
     return layer.bias.view(1, -1, *([1] * (out.dim() - 2)))
 
 
-@torch.no_grad()
-def linear_std(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Std of every prunable layer's linear part (output minus bias) on the batch ``x``, eval mode."""
-    out: dict[str, float] = {}
-    hooks = [layer.register_forward_hook(lambda m, i, o, name=name: out.__setitem__(name, float((o - _bias(m, o)).std())))
+def _eval_forward(model: nn.Module, x: torch.Tensor, hook) -> None:
+    """One eval-mode forward pass of ``x`` with ``hook(layer, output, name)`` on every prunable layer
+    (its return value, if not None, replaces the layer's output); the model's mode is restored."""
+    hooks = [layer.register_forward_hook(lambda m, i, o, name=name: hook(m, o, name))
              for name, layer in prunable_layers(model).items()]
     was_training = model.training
     model.eval()
@@ -39,6 +38,13 @@ def linear_std(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
         for h in hooks:
             h.remove()
         model.train(was_training)
+
+
+@torch.no_grad()
+def linear_std(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Std of every prunable layer's linear part (output minus bias) on the batch ``x``, eval mode."""
+    out: dict[str, float] = {}
+    _eval_forward(model, x, lambda m, o, name: out.__setitem__(name, float((o - _bias(m, o)).std())))
     return out
 
 
@@ -48,23 +54,15 @@ def recalibrate(model: nn.Module, x: torch.Tensor, reference: dict[str, float]) 
     the factors. Layers with nothing left (std 0) keep factor 1."""
     scales: dict[str, float] = {}
 
-    def hook(m, i, o, name):
+    def hook(m, o, name):
         bias = _bias(m, o)
         std = float((o - bias).std())
         s = reference[name] / std if std > 0 and math.isfinite(std) and reference.get(name, 0) > 0 else 1.0
         scales[name] = s
         return (o - bias) * s + bias  # what the next layer sees: the corrected signal
 
+    _eval_forward(model, x, hook)
     layers = prunable_layers(model)
-    hooks = [layer.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name)) for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
     for name, s in scales.items():
         layers[name].weight.mul_(s)
     return scales
