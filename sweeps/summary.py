@@ -92,8 +92,9 @@ def write_report(uri: str, experiment: str, sweep: str, out: str) -> tuple[list[
 def lines(table: list[dict], *, uri: str, exp_id: str, experiment: str, sweep: str, report: str | None,
           report_error: str | None = None) -> list[str]:
     """The summary printed at the end of a sweep (``report``: the report folder, None if not written)."""
-    out = [f"summary of sweep {sweep!r} (accuracy in %, mean over FINISHED seeds; best = highest validation "
-           f"accuracy, shown with its test accuracy):"]
+    out = [f"summary of sweep {sweep!r} (accuracy in %, mean over FINISHED seeds; best = highest mean validation "
+           f"accuracy, shown with its test accuracy; not a significance claim: the report's table has the 95 % "
+           f"intervals and the paired tests):"]
     best = best_by_density(table)
     for density in sorted(best, reverse=True):
         row = best[density]
