@@ -147,7 +147,8 @@ def accuracy_vs_density(df: pd.DataFrame, stem: str, metric: str = "test_acc", r
     axes[0][0].set_ylabel(_label(metric))
     n = sorted(set(table.cells.loc[table.cells["n"] > 0, "n"]))
     seeds = f"{n[0]} seed(s)" if len(n) == 1 else f"{n[0]}–{n[-1]} seeds"
-    fig.suptitle(title or f"{_label(metric)} vs density: mean and 95 % confidence band over {seeds}", fontsize=11)
+    band = "mean and 95 % confidence band over" if max(n) > 1 else "no confidence band with"
+    fig.suptitle(title or f"{_label(metric)} vs density: {band} {seeds}", fontsize=11)
     fig.tight_layout()
     return save_figure(fig, stem)
 
