@@ -1,6 +1,6 @@
 """Load and save the trainer's full state (``Trainer.state_dict()``) safely.
 
-``torch.load`` with ``weights_only=False`` unpickles arbitrary objects, so a crafted ``state.pt``
+``torch.load`` with weights_only switched off unpickles arbitrary objects, so a crafted ``state.pt``
 runs code. The state holds only tensors (weights, masks, optimizer moments, ``torch.Generator``
 states as uint8 tensors), dicts, lists, tuples, strings and numbers, all of which
 ``weights_only=True`` accepts without an allow-list; ``SAFE_GLOBALS`` is where a type would be
