@@ -52,7 +52,8 @@ def _run(argv, timeout):
     return proc.stdout
 
 
-def test_sweep_efficiency_tiny_compares_the_sweep_with_the_plain_loop():  # ~40 s: an 8-trial sweep + plain loop
+@pytest.mark.slow  # ~55 s on 2 idle cores (an 8-trial sweep + the plain loop): the longest default test; CI runs it
+def test_sweep_efficiency_tiny_compares_the_sweep_with_the_plain_loop():
     out = _run([os.path.join(ROOT, "benchmarks", "sweep_efficiency.py"), "--tiny"], timeout=900)
     assert f"torch {__import__('torch').__version__}" in out and "# device " in out
     for header in ("wall ratio", "CPU ratio", "same results", "wall/ideal", "start-up", "trial workers (ray::)",
