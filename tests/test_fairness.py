@@ -117,8 +117,8 @@ def test_sigmoid_mask_starts_near_one_and_the_penalty_acts_only_above_the_target
     total = sum(p.numel() for p in learned_mask.score_params(model))
     on = learned_mask.penalty(model, cfg, target=0.5).detach()
     assert float(on) == pytest.approx(cfg.lambda_l1 * float(values.sum()), rel=1e-5)
-    assert float(learned_mask.penalty(model, cfg, target=0.96)) == 0.0  # mean 0.9526 is already below
-    assert float(learned_mask.penalty(model, cfg, target=None)) == pytest.approx(float(on), rel=1e-6)
+    assert float(learned_mask.penalty(model, cfg, target=0.96).detach()) == 0.0  # mean 0.9526 is already below
+    assert float(learned_mask.penalty(model, cfg, target=None).detach()) == pytest.approx(float(on), rel=1e-6)
     assert total == values.numel()
 
 
