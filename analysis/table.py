@@ -142,7 +142,7 @@ def ablation_table(df: pd.DataFrame, metric: str = "test_acc", rows: str = "cell
     cells["n"] = cells["n"].fillna(0).astype(int)
     cells["collapsed"] = cells["collapsed"].fillna(False).astype(bool)
     cells["metric"] = metric
-    refs, p, p_holm, marks, ref_col = {}, [math.nan] * len(cells), [math.nan] * len(cells), [""] * len(cells), []
+    refs, p, p_holm, marks = {}, [math.nan] * len(cells), [math.nan] * len(cells), [""] * len(cells)
     for c in col_order:
         ref = _pick_reference(data, rows, cols, c, reference, select_metric)
         refs[c] = ref

@@ -56,11 +56,12 @@ class SigmoidMask(MaskKind):
     def forward_mask(self, score, beta):
         return torch.sigmoid(beta * score)
 
-    def penalty(self, score, beta, cfg):
-        return cfg.lambda_l1 * torch.sigmoid(beta * score).sum()
-
     def soft_sum(self, score, beta) -> torch.Tensor:
+        """sum(m): the L1 penalty's sum and, divided by the count, the soft density."""
         return torch.sigmoid(beta * score).sum()
+
+    def penalty(self, score, beta, cfg):
+        return cfg.lambda_l1 * self.soft_sum(score, beta)
 
 
 @MASK_KINDS.register("gates")
@@ -126,11 +127,14 @@ def penalty(model: nn.Module, cfg: MaskConfig, target: float | None = None) -> t
     total, soft, n = None, None, 0
     for layer in prunable_layers(model).values():
         if getattr(layer, "mask_score", None) is not None:
-            p = layer.mask_kind.penalty(layer.mask_score, layer.mask_beta, cfg)
+            kind, score, beta = layer.mask_kind, layer.mask_score, layer.mask_beta
+            if target is not None and hasattr(kind, "soft_sum"):  # one sigmoid pass serves both
+                m = kind.soft_sum(score, beta)
+                p = cfg.lambda_l1 * m
+                soft, n = (m.detach() if soft is None else soft + m.detach()), n + score.numel()
+            else:
+                p = kind.penalty(score, beta, cfg)
             total = p if total is None else total + p
-            if target is not None and hasattr(layer.mask_kind, "soft_sum"):
-                m = layer.mask_kind.soft_sum(layer.mask_score.detach(), layer.mask_beta)
-                soft, n = (m if soft is None else soft + m), n + layer.mask_score.numel()
     if soft is not None:
         total = total * (soft / n > target).to(total.dtype)
     return total

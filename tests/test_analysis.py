@@ -159,7 +159,7 @@ def test_table_means_ci_paired_tests_reference_and_collapse(store):
         texts = [t.strip() for t in line.strip("|").split("|")]
         assert texts[0] == cell
         for text, density in zip(texts[1:], table.col_order):
-            e, (lo, hi) = exp.loc[(cell, density)], ci[(cell, density)]
+            e, (_, hi) = exp.loc[(cell, density)], ci[(cell, density)]
             assert f"{100 * e['mean']:.2f} ± {100 * (hi - e['mean']):.2f}" in text
             assert text.startswith("**") == (cell == "base")  # bold: the reference
             assert text.endswith("†") == bool(e["collapsed"])

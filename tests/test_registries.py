@@ -14,7 +14,7 @@ import torch
 from sparse_core import post_prune
 from sparse_core.config import Config
 from sparse_core.models import build
-from sparse_core.registry import INITS, MASK_KINDS, PRUNERS, TRICKS
+from sparse_core.registry import INITS, MASK_KINDS, TRICKS
 from sparse_core.train import Trainer, plain_model, run
 
 SYN = {"data.name": "synthetic", "data.synthetic_train": 256, "data.synthetic_test": 128, "model.width": 16,
