@@ -15,6 +15,7 @@ sweeps may share a store: each run_key is claimed by one trial (see sweeps/claim
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -28,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the re
         sys.path.insert(0, _root)
 
 from sparse_core.config import parse_overrides  # noqa: E402
-from sweeps import claims, designs, options, presets, tracking  # noqa: E402
+from sweeps import claims, designs, options, packing, presets, tracking  # noqa: E402
 
 # A grid has no scheduler: one Tune report per second (plus stage ends) keeps the progress line
 # live without a driver round-trip per epoch (see sweeps/trainable.py).
@@ -52,6 +53,12 @@ def parse_args(argv):
     parser.add_argument("--no-report", action="store_true",
                         help="do not write the report (tables, plots, index.html) into reports/<sweep>/ beside the "
                              "MLflow store at the end")
+    parser.add_argument("--pack", type=int, metavar="K",
+                        help="train up to K compatible trials (same cell, differing only in seed, density, learning "
+                             "rates or weight decay) together as one Tune trial on the resources of one trial, each "
+                             "still its own MLflow run with the same result as alone; 1 = no packing (default: "
+                             f"{packing.DEFAULT_PACK} for MLPs, 1 for other models; packs are split further while "
+                             "there are fewer packs than trial slots)")
     parser.add_argument("--export", action="store_true",
                         help="log each finished trial's compact sparse model (sparse_core.export) as the MLflow "
                              "artifact model.safetensors")
@@ -88,14 +95,20 @@ def plan(parser, args):
         parser.error(str(e))
     if args.max_concurrent is not None and args.max_concurrent < 1:
         parser.error("--max-concurrent must be >= 1")
+    if args.pack is not None and args.pack < 1:
+        parser.error(f"--pack {args.pack}: give at least 1 (1 = one trial per Tune trial, no packing)")
     return preset, trials, dups
 
 
-def print_table(trials, dups) -> None:
+def print_table(trials, dups, packed=None) -> None:
+    """The trial table; with packs of more than one trial, a column numbering the pack of each."""
+    pack_of = {id(t): i for i, p in enumerate(packed or [], 1) for t in p} if packed and max(map(len, packed)) > 1 \
+        else {}
     width = max([4] + [len(t.cell) for t in trials])
-    print(f"{'#':>4}  {'cell':<{width}}  {'density':>8}  {'seed':>4}  run_key")
+    print(f"{'#':>4}  {'cell':<{width}}  {'density':>8}  {'seed':>4}  run_key" + ("       pack" if pack_of else ""))
     for i, t in enumerate(trials, 1):
-        print(f"{i:>4}  {t.cell:<{width}}  {t.density:>8g}  {t.seed:>4}  {t.run_key}")
+        pack = f"  {pack_of[id(t)]:>9}" if pack_of else ""
+        print(f"{i:>4}  {t.cell:<{width}}  {t.density:>8g}  {t.seed:>4}  {t.run_key}{pack}")
     for t, same in dups:
         print(f"      (dropped {t.cell} d={t.density:g} s={t.seed}: same config as {same})")
 
@@ -110,8 +123,10 @@ def main(argv=None) -> int:
                          if k not in parse_overrides(args.set))
         print(f"preset {preset.name!r}, cells {pattern}: {shown or '(all replaced by --set)'}")
     if args.dry_run:
-        print_table(trials, dups)
-        print(f"{len(trials)} trials in sweep {sweep!r} (dry run: nothing started)")
+        packed = packing.packs(trials, args.pack)
+        print_table(trials, dups, packed)
+        print(f"{packing.describe(packed, len(trials))} in sweep {sweep!r} (dry run: nothing started; packs are split "
+              f"further while there are fewer than trial slots)")
         return 0
     uri, exp_id, storage = options.targets(parser, args)
     print(f"sweep {sweep!r}: {len(trials)} trials | MLflow {uri} experiment {args.experiment!r} | "
@@ -132,15 +147,17 @@ def main(argv=None) -> int:
 
     from sweeps import launch  # Ray is imported from here on
 
-    launched, trial_seconds, failed, unfinished = 0, 0.0, 0, 0
+    tally = {"launched": 0, "tune_trials": 0, "seconds": 0.0, "failed": 0, "unfinished": 0}
     if todo:
-        launched, trial_seconds, failed, unfinished = _run(args, preset, sweep, todo, uri, exp_id, storage, launch)
+        tally = _run(args, preset, sweep, todo, uri, exp_id, storage, launch)
     else:
         print("nothing to run: every trial is FINISHED")
     wall = time.time() - started
+    launched, trial_seconds, failed, unfinished = (tally[k] for k in ("launched", "seconds", "failed", "unfinished"))
     ratio = f"{wall / trial_seconds:.2f}" if trial_seconds else "-"
     left = f", {unfinished} unfinished: continue with --resume" if unfinished else ""
-    print(f"sweep {sweep!r}: {len(trials)} trials ({launched} launched, {skipped} skipped, {failed} failed{left}) | "
+    packs = f" | {launched} runs in {tally['tune_trials']} packed trials" if tally["tune_trials"] < launched else ""
+    print(f"sweep {sweep!r}: {len(trials)} trials ({launched} launched, {skipped} skipped, {failed} failed{left}){packs} | "
           f"wall {wall:.1f}s | sum of trial times {trial_seconds:.1f}s | wall/sum {ratio}", flush=True)
     _summarise(args, sweep, trials, uri, exp_id)
     return 1 if failed or unfinished else 0
@@ -160,8 +177,31 @@ def _summarise(args, sweep, trials, uri, exp_id) -> None:
                                   report=folder, report_error=error)), flush=True)
 
 
-def _run(args, preset, sweep, todo, uri, exp_id, storage, launch) -> tuple[int, float, int, int]:
-    """Run the trials through Tune: (trials in the Tune run, sum of trial seconds, failed, unfinished)."""
+def _tally(results) -> dict:
+    """Counts of a finished Tune run, in runs (a packed trial stands for its copies): launched, failed,
+    unfinished (and their Tune trial ids), skipped inside the trials, and Tune trials and their seconds."""
+    out = {"launched": 0, "tune_trials": len(results), "failed": 0, "unfinished": 0, "cut_ids": [], "idle": [],
+           "seconds": sum(r.metrics.get("time_total_s", 0.0) for r in results if r.metrics)}
+    for r in results:
+        metrics, copies = r.metrics or {}, max(1, len(packing.specs(r.config or {})))
+        out["launched"] += copies
+        if r.error is not None:
+            out["failed"] += copies
+        elif not metrics.get("final"):
+            out["unfinished"] += copies
+            if metrics.get("trial_id"):
+                out["cut_ids"].append(metrics["trial_id"])
+        elif "runs" in metrics:  # a packed trial: per copy finished, skipped or failed alone
+            rows = json.loads(metrics["runs"])
+            out["failed"] += sum(row["status"] == "failed" for row in rows)
+            out["idle"] += [row["skipped"] for row in rows if row["status"] == "skipped"]
+        elif metrics.get("skipped"):
+            out["idle"].append(metrics["skipped"])
+    return out
+
+
+def _run(args, preset, sweep, todo, uri, exp_id, storage, launch) -> dict:
+    """Run the trials through Tune; returns ``_tally``'s counts."""
     from ray import tune
 
     path = None
@@ -190,25 +230,27 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch) -> tuple[int, 
         else:
             # the pid keeps two drivers started in the same second (on one storage) out of each other's run
             name = f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-            space = {"trial": tune.grid_search([{"cell": t.cell, "flat": t.flat} for t in todo]), "meta": meta}
+            slots = int(launch.cluster_cpus() // cpus) if cpus else 1  # trials Ray can run at once
+            if gpus > 0:
+                slots = min(slots, int(have_gpus // gpus))
+            packed = packing.packs(todo, args.pack, min_packs=min(slots, args.max_concurrent or slots))
+            space = packing.param_space(packed, meta)
             tune_cfg = tune.TuneConfig(max_concurrent_trials=args.max_concurrent, reuse_actors=True,
                                        trial_dirname_creator=launch.trial_dirname)
             tuner = launch.tuner(space, cpus=cpus, gpus=gpus, tune_config=tune_cfg,
                                  run_cfg=launch.run_config(name, storage, args.max_failures, [progress]))
         if not args.resume:
-            print(f"launching {len(todo)} trials ({cpus:g} CPU, {gpus:g} GPU each)", flush=True)
-        results = tuner.fit()
-        seconds = sum(r.metrics.get("time_total_s", 0.0) for r in results if r.metrics)
-        failed = sum(1 for r in results if r.error is not None)
-        cut = [r for r in results if r.error is None and not (r.metrics or {}).get("final")]
-        idle = [r.metrics["skipped"] for r in results if (r.metrics or {}).get("skipped")]
+            print(f"launching {packing.describe(packed, len(todo))} ({cpus:g} CPU, {gpus:g} GPU each)", flush=True)
+        elif args.pack is not None:
+            print("note: --pack is ignored with --resume (the restored run keeps its packs)", flush=True)
+        tally = _tally(tuner.fit())
+        idle = tally["idle"]
         if idle:  # see TrialRun.open: a FINISHED run_key is never trained again, nor one claimed elsewhere
-            print(f"{len(idle)} of {len(results)} trials trained nothing: {idle.count('finished')} already FINISHED, "
-                  f"{idle.count('claimed')} running in another sweep", flush=True)
+            print(f"{len(idle)} of {tally['launched']} trials trained nothing: {idle.count('finished')} already "
+                  f"FINISHED, {idle.count('claimed')} running in another sweep", flush=True)
         # Interrupted (Ctrl-C, job stopped): close their runs; --resume reopens them.
-        cut_ids = [r.metrics["trial_id"] for r in cut if (r.metrics or {}).get("trial_id")]
-        tracking.close_unfinished(uri, exp_id, cut_ids, "KILLED", "sweep interrupted before this trial finished")
-        return len(results), seconds, failed, len(cut)
+        tracking.close_unfinished(uri, exp_id, tally["cut_ids"], "KILLED", "sweep interrupted before this trial finished")
+        return tally
     finally:
         if started_ray:
             import ray

@@ -6,6 +6,7 @@ and every trial config have been checked, so bad input never starts Ray.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from . import tracking
+from . import packing, tracking
 from .trainable import resources, train_trial
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,24 +67,34 @@ def _fmt_s(seconds: float) -> str:
 
 
 def trial_label(trial) -> str:
+    if packing.is_packed(trial.config):
+        return packing.label(trial.config)
     spec = trial.config.get("trial", {})
-    flat = spec.get("flat", {})
-    label = f"{spec.get('cell', '?')} d={flat.get('prune.density', float('nan')):g} s={flat.get('seed', '?')}"
+    label = packing.copy_label(spec)
     return f"{label} #{trial.trial_id.rsplit('_', 1)[-1]}" if spec.get("cell") == "optuna" else label
+
+
+def _copies(trial) -> int:
+    """Runs a Tune trial stands for: one, or the copies of a packed trial."""
+    return max(1, len(packing.specs(trial.config)))
+
+
+def _row_label(row: dict) -> str:
+    return f"{row['cell']} d={row['density']:g} s={row['seed']}"
 
 
 def trial_dirname(trial) -> str:
     """Short, unique and filesystem-safe (long config strings break: 'File name too long')."""
-    cell = trial.config.get("trial", {}).get("cell", "trial")
+    cell = (packing.specs(trial.config) or [{}])[0].get("cell", "trial")
     safe = "".join(ch if ch.isalnum() or ch in "-_=+." else "_" for ch in cell)[:40]
     return f"{safe}_{trial.trial_id}"
 
 
 class Progress(tune.Callback):
-    """One line per finished trial plus a heartbeat: done/running/pending, best so far (by validation
-    accuracy, never test), ETA.
+    """One line per finished trial (per copy of a packed trial) plus a heartbeat: done/running/pending
+    runs, best so far (by validation accuracy, never test), ETA. ``total``: runs, not Tune trials.
 
-    Also closes the MLflow run of a trial that errored for good or was stopped by a scheduler,
+    Also closes the MLflow runs of a trial that errored for good or was stopped by a scheduler,
     so that no run is left RUNNING.
     """
 
@@ -91,18 +102,19 @@ class Progress(tune.Callback):
         self.total, self.uri, self.experiment_id, self.heartbeat_s = total, tracking_uri, experiment_id, heartbeat_s
         self.t0 = self.last_line = None
         self.best: tuple[float, str] | None = None
-        self.epochs: dict[str, tuple[int, int]] = {}  # trial_id -> (epoch, epochs) of running trials
+        self.epochs: dict[str, tuple[int, int, int]] = {}  # trial_id -> (epoch, epochs, copies) of running trials
         self.trial_seconds: dict[str, float] = {}
+        self.failed_copies = 0  # copies of completed packed trials that failed alone
 
     def _status(self, trials, ended=None, ended_as: str = "TERMINATED") -> str:
         now = time.time()
         # The trial being reported on may not carry its final status yet.
-        states = [ended_as if t is ended else t.status for t in trials]
-        done = sum(s in ("TERMINATED", "ERROR") for s in states)
-        running = states.count("RUNNING")
-        failed = states.count("ERROR")
-        total = max(self.total, len(trials))
-        frac = done + sum(e / max(n, 1) for tid, (e, n) in self.epochs.items())
+        states = [(ended_as if t is ended else t.status, _copies(t)) for t in trials]
+        done = sum(w for s, w in states if s in ("TERMINATED", "ERROR"))
+        running = sum(w for s, w in states if s == "RUNNING")
+        failed = sum(w for s, w in states if s == "ERROR") + self.failed_copies
+        total = max(self.total, sum(w for _, w in states))
+        frac = done + sum(w * e / max(n, 1) for e, n, w in self.epochs.values())
         elapsed = now - self.t0
         eta = _fmt_s(elapsed * (total - frac) / frac) if frac > 0 else "?"
         best = f"best val {100 * self.best[0]:.2f} % ({self.best[1]})" if self.best else "best -"
@@ -121,20 +133,44 @@ class Progress(tune.Callback):
     def on_step_end(self, iteration, trials, **info):
         if self.t0 is not None and time.time() - self.last_line >= self.heartbeat_s:
             running = [f"{trial_label(t)} {e}/{n}" for t in trials if t.status == "RUNNING"
-                       for e, n in [self.epochs.get(t.trial_id, (0, 0))]]
+                       for e, n, _ in [self.epochs.get(t.trial_id, (0, 0, 1))]]
             self._print(f"[{self._status(trials)}] running: {'; '.join(running[:4])}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "epoch" in result and "epochs" in result:
-            self.epochs[trial.trial_id] = (result["epoch"], result["epochs"])
+            self.epochs[trial.trial_id] = (result["epoch"], result["epochs"], _copies(trial))
         self.trial_seconds[trial.trial_id] = result.get("time_total_s", 0.0)
-        if result.get("final") and math.isfinite(result.get("val_acc", math.nan)):
-            if self.best is None or result["val_acc"] > self.best[0]:
-                self.best = (result["val_acc"], trial_label(trial))
+        if not result.get("final"):
+            return
+        scored = ([(r.get("val_acc", math.nan), _row_label(r)) for r in json.loads(result["runs"])] if "runs" in result
+                  else [(result.get("val_acc", math.nan), trial_label(trial))])
+        for val, label in scored:
+            if math.isfinite(val) and (self.best is None or val > self.best[0]):
+                self.best = (val, label)
+
+    def _pack_complete(self, trials, trial, last: dict) -> None:
+        """One line per copy of a packed trial that ran to its end."""
+        rows = json.loads(last["runs"])
+        self.failed_copies += sum(r["status"] == "failed" for r in rows)
+        took = f"pack of {len(rows)}, {last.get('time_total_s', 0):.1f}s"
+        for i, r in enumerate(rows):
+            status = f" [{self._status(trials, trial)}]" if i == len(rows) - 1 else ""
+            if r["status"] == "failed":
+                self._print(f"  FAILED {_row_label(r)}: {r.get('error', '')} ({took}){status}")
+                continue
+            what = f"val {100 * r.get('val_acc', math.nan):.2f} %, test {100 * r.get('test_acc', math.nan):.2f} %"
+            if r.get("skipped") == "finished":
+                what += " (FINISHED already)"
+            elif r.get("skipped"):
+                what = "skipped: running in another sweep"
+            self._print(f"  done {_row_label(r)}: {what} ({took}){status}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.epochs.pop(trial.trial_id, None)
         last = trial.last_result or {}
+        if last.get("final") and "runs" in last:
+            self._pack_complete(trials, trial, last)
+            return
         if last.get("final"):
             what = f"val {100 * last.get('val_acc', math.nan):.2f} %, test {100 * last['test_acc']:.2f} %"
         else:

@@ -1,9 +1,9 @@
 """MLflow: one run per trial (the store itself, experiments and reading runs back: ``runstore``).
 
-Every trial is one run:
+Every trial (every copy of a packed trial, ``sweeps/pack_trial.py``) is one run:
 params = the flat config, metrics ``epoch/<key>`` and ``trainer/<key>`` (step = global epoch),
 ``prune/<key>`` (step = pruning round) and ``final/<key>`` (once, at the end; ``runstore`` says why), tags
-(run_key, sweep, cell, trial_id, provenance) and ``layer_density.json``. A trial finds its run
+(run_key, sweep, cell, trial_id, provenance; ``pack_size`` for a copy of a packed trial) and ``layer_density.json``. A trial finds its run
 by run_key (``TrialRun.open``, claims in ``claims.py``): a retried, resumed or re-run trial
 continues it, so there is one run per run_key and no epoch is logged twice. Per-epoch metrics are buffered and written by
 ``flush()`` (the trainable flushes before every checkpoint, so a retried trial finds every epoch up
@@ -195,9 +195,10 @@ class TrialRun:
             self.checkpoint_dir = location
 
     @staticmethod
-    def find_trial_run(c, experiment_id: str, trial_id: str):
-        runs = c.search_runs([experiment_id], filter_string=f"tags.trial_id = '{trial_id}'", max_results=1)
-        return runs[0] if runs else None
+    def trial_runs(c, experiment_id: str, trial_id: str, status: str = "RUNNING") -> list:
+        """The runs of one Tune trial in ``status`` (a packed trial has one per copy)."""
+        return c.search_runs([experiment_id], max_results=1000, filter_string=f"tags.trial_id = '{trial_id}' "
+                                                                              f"and attributes.status = '{status}'")
 
     def _log(self, values: dict, step: int) -> None:
         from mlflow.entities import Metric
@@ -270,12 +271,12 @@ class TrialRun:
 
 
 def close_unfinished(uri: str, experiment_id: str, trial_ids: Iterable[str], status: str, reason: str) -> int:
-    """Set runs of these trials that are still RUNNING to ``status`` (from the driver)."""
+    """Set runs of these trials (every copy of a packed one) that are still RUNNING to ``status`` (from
+    the driver)."""
     c = client(uri)
     n = 0
     for tid in trial_ids:
-        run = TrialRun.find_trial_run(c, experiment_id, tid)
-        if run is not None and run.info.status == "RUNNING":
+        for run in TrialRun.trial_runs(c, experiment_id, tid):
             c.set_tag(run.info.run_id, "error", reason)
             c.set_terminated(run.info.run_id, status)
             n += 1

@@ -1,7 +1,8 @@
 """The Ray Tune adapter: the one place where sparse_core meets Ray.
 
 ``train_trial`` is a Tune function trainable around ``sparse_core.train.run``. Its config is
-``{"trial": {"cell": label, "flat": {dotted key: value}}, "meta": {...}}``: the flat config
+``{"trial": {"cell": label, "flat": {dotted key: value}}, "meta": {...}}`` (a packed trial,
+``{"trials": [...], "meta": {...}}``, is trained by ``sweeps/pack_trial.py``): the flat config
 becomes a ``Config``, every epoch is logged to MLflow and reported to Tune, with checkpoints of
 the trainer's full state (``torch.save``d, loaded by ``sparse_core.checkpoint.load_state``), and a
 retried, resumed or re-run trial continues its run_key's MLflow run from the newest checkpoint
@@ -58,9 +59,17 @@ def _location(checkpoint: tune.Checkpoint) -> str:
     return parent if kind == "local" else f"{kind}://{parent}"
 
 
-def _newest_state(checkpoint: tune.Checkpoint | None, run_dir: str | None) -> dict | None:
+def copy_file(key: str) -> str:
+    """The checkpoint file of one copy of a packed trial (``state_<run_key>.pt``)."""
+    return f"state_{key}.pt"
+
+
+def _newest_state(checkpoint: tune.Checkpoint | None, run_dir: str | None,
+                  names: tuple[str, ...] = (CHECKPOINT_FILE,)) -> dict | None:
     """The newest loadable trainer state among the checkpoints next to Tune's ``checkpoint`` and in
-    ``run_dir`` (the trial dir recorded in the MLflow run this trial continues).
+    ``run_dir`` (the trial dir recorded in the MLflow run this trial continues). ``names``: the state's
+    file names in a checkpoint dir, first found wins (a run_key's state is ``state.pt`` in a single
+    trial's dir, ``state_<run_key>.pt`` in a packed one's: a run may continue in either shape).
 
     Tune's own pick can be stale: a driver killed between two snapshots of its experiment state
     restores a trial from an older checkpoint (or from one already deleted) though newer ones exist.
@@ -71,24 +80,29 @@ def _newest_state(checkpoint: tune.Checkpoint | None, run_dir: str | None) -> di
 
     places = [_location(checkpoint)] if checkpoint is not None else []
     places += [run_dir] if run_dir and run_dir not in places else []
-    found = []  # (mtime, name, filesystem, path)
+    found = []  # (mtime, dir name, filesystem, dir path, file name)
     for place in places:
         try:
             fs, base = pafs.FileSystem.from_uri(place)
             for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
                 if info.type == pafs.FileType.Directory and re.fullmatch(r"checkpoint_\d+", info.base_name):
-                    state_file = fs.get_file_info(f"{info.path}/{CHECKPOINT_FILE}")
-                    if state_file.type == pafs.FileType.File:
-                        found.append((state_file.mtime_ns or 0, info.base_name, fs, info.path))
+                    for name in names:
+                        state_file = fs.get_file_info(f"{info.path}/{name}")
+                        if state_file.type == pafs.FileType.File:
+                            found.append((state_file.mtime_ns or 0, info.base_name, fs, info.path, name))
+                            break
         except (OSError, ValueError, pafs.ArrowException) as e:  # e.g. the old trial dir is gone
             logging.getLogger(__name__).warning("cannot list checkpoints in %s: %s", place, e)
-    if not found and checkpoint is not None:
-        found.append((0, "", checkpoint.filesystem, checkpoint.path))
+    if not found and checkpoint is not None:  # Tune's checkpoint outside a trial dir's checkpoint_N layout
+        fs = checkpoint.filesystem
+        there = [n for n in names if fs.get_file_info(f"{checkpoint.path}/{n}").type == pafs.FileType.File]
+        if there or names[0] == CHECKPOINT_FILE:  # a single trial's checkpoint without its file: an error
+            found.append((0, "", fs, checkpoint.path, (there or names)[0]))
     errors = []
-    for _, _, fs, path in sorted(found, key=lambda f: f[:2], reverse=True):
+    for _, _, fs, path, name in sorted(found, key=lambda f: f[:2], reverse=True):
         try:
             with tune.Checkpoint(path, filesystem=fs).as_directory() as d:
-                return load_state(os.path.join(d, CHECKPOINT_FILE))
+                return load_state(os.path.join(d, name))
         except (CheckpointError, OSError) as e:
             logging.getLogger(__name__).warning("skipping checkpoint %s: %s", path, e)
             errors.append(e)
@@ -108,14 +122,24 @@ def _report_skipped(mlrun, cfg) -> None:
                  "seconds": 0.0, "run_key": mlrun.run_key, "mlflow_run_id": other.info.run_id})
 
 
-def train_trial(config: dict) -> None:
-    trial, meta = config["trial"], config["meta"]
+def setup(meta: dict) -> dict:
+    """Per-process settings of a trial (threads, log level); returns the provenance tags of its runs."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
-    cfg = from_flat(trial["flat"])
     torch.set_num_threads(max(1, int(meta.get("cpus", 1))))
     tags = {"sparse_core_version": sparse_core.__version__}
     if meta.get("git_commit"):
         tags["git_commit"] = meta["git_commit"]
+    return tags
+
+
+def train_trial(config: dict) -> None:
+    if "trials" in config:  # a packed trial: several configs trained together (sweeps/pack_trial.py)
+        from .pack_trial import train_pack
+
+        return train_pack(config)
+    trial, meta = config["trial"], config["meta"]
+    tags = setup(meta)
+    cfg = from_flat(trial["flat"])
     mlrun = tracking.TrialRun(meta["tracking_uri"], meta["experiment_id"], sweep=meta["sweep"], cell=trial["cell"],
                               flat=to_flat(cfg), run_key=run_key(cfg), trial_id=tune.get_context().get_trial_id(),
                               tags=tags).open()
@@ -123,7 +147,7 @@ def train_trial(config: dict) -> None:
         _report_skipped(mlrun, cfg)
         return
     try:
-        state = _newest_state(tune.get_checkpoint(), mlrun.checkpoint_dir)
+        state = _newest_state(tune.get_checkpoint(), mlrun.checkpoint_dir, (CHECKPOINT_FILE, copy_file(mlrun.run_key)))
     except CheckpointError as e:
         mlrun.fail(e)
         raise

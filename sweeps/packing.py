@@ -1,0 +1,122 @@
+"""Packed trials: compatible trials trained together as one Tune trial (``sparse_core.packed``).
+
+Trials whose configs have the same ``sparse_core.packed.pack_key`` (the same graph and plan shape:
+they differ only in ``PACKABLE`` keys such as seed, density and learning rate) and the same design
+cell are grouped, and each group is cut into packs of at most ``k`` copies, as even as possible
+(30 trials with k = 8: 8, 8, 7, 7). A pack is one Tune trial with the config
+``{"trials": [{"cell", "flat"}, ...], "meta": {...}}``; every copy is still its own MLflow run.
+With ``k = 1`` nothing is packed and every trial keeps the single shape ``{"trial": {...}, "meta"}``.
+
+The subtle point is the number of packs: fewer packs than trial slots would leave cores idle
+(a pack trains on the resources of one trial), so ``packs(..., min_packs=slots)`` splits the
+largest packs until there are as many packs as slots or every pack is one trial. Results do
+not depend on the packing: every copy equals its single run.
+
+Knows no Ray; ``pack_key`` is imported on first use (it brings torch).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+DEFAULT_PACK = 8  # copies per Tune trial for MLPs when --pack is not given (the CPU gain levels off near 16)
+PACKED_MODELS = ("mlp",)  # models packed by default; others (VGG-16: one copy fills a GPU share) run one per trial
+
+
+def default_pack(model_name: str) -> int:
+    """``--pack`` when not given: ``DEFAULT_PACK`` for small MLPs, 1 (no packing) for other models."""
+    return DEFAULT_PACK if model_name in PACKED_MODELS else 1
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    """``items`` in order, cut into ``n`` runs whose lengths differ by at most one (longer first)."""
+    base, extra = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        size = base + (i < extra)
+        out.append(items[start:start + size])
+        start += size
+    return out
+
+
+def packs(trials: Iterable, k: int | None, min_packs: int = 1, key=None) -> list[list]:
+    """``trials`` (``designs.Trial``) grouped by (cell, pack_key) and cut into packs of at most ``k``
+    copies (``k`` None: ``default_pack`` of each group's model), at least ``min_packs`` packs where
+    there are that many trials. ``key(trial)``: the grouping key (default: cell and ``pack_key``)."""
+    if k is not None and k < 1:
+        raise ValueError(f"--pack {k}: give at least 1 (1 = one trial per Tune trial, no packing)")
+    if k == 1:  # no packing: the trials as they are, in their order
+        return [[t] for t in trials]
+    if key is None:
+        from sparse_core.config import from_flat
+        from sparse_core.packed import pack_key
+
+        def key(t):
+            return t.cell, pack_key(from_flat(t.flat))
+    groups: dict = {}
+    for t in trials:
+        groups.setdefault(key(t), []).append(t)
+    out = []
+    for members in groups.values():
+        size = k if k is not None else default_pack(members[0].flat.get("model.name", "mlp"))
+        out += _chunks(members, math.ceil(len(members) / size))
+    while len(out) < min_packs:
+        largest = max(range(len(out)), key=lambda i: len(out[i]), default=None)
+        if largest is None or len(out[largest]) < 2:
+            break
+        out[largest:largest + 1] = _chunks(out[largest], 2)
+    return out
+
+
+def spec(trial) -> dict:
+    return {"cell": trial.cell, "flat": trial.flat}
+
+
+def param_space(packed: list[list], meta: dict) -> dict:
+    """Tune's param_space: the single shape when no pack has more than one trial, else the packed one
+    for every trial (a pack of one trains exactly as a single trial does)."""
+    from ray import tune
+
+    if all(len(p) == 1 for p in packed):
+        return {"trial": tune.grid_search([spec(p[0]) for p in packed]), "meta": meta}
+    return {"trials": tune.grid_search([[spec(t) for t in p] for p in packed]), "meta": meta}
+
+
+def specs(config: dict) -> list[dict]:
+    """The ``{"cell", "flat"}`` of every copy of a Tune trial's config, either shape."""
+    if "trials" in config:
+        return list(config["trials"])
+    return [config["trial"]] if "trial" in config else []
+
+
+def is_packed(config: dict) -> bool:
+    return "trials" in config
+
+
+def _values(values) -> str:
+    seen = list(dict.fromkeys(values))
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in seen)
+
+
+def copy_label(s: dict) -> str:
+    flat = s.get("flat", {})
+    return f"{s.get('cell', '?')} d={flat.get('prune.density', float('nan')):g} s={flat.get('seed', '?')}"
+
+
+def label(config: dict) -> str:
+    """One trial's label: ``full d=0.1 s=0``; a pack: ``full d=0.1,0.01 s=0,1 (pack of 4)``."""
+    copies = specs(config)
+    if not is_packed(config):
+        return copy_label(copies[0]) if copies else "?"
+    cells = _values(s.get("cell", "?") for s in copies)
+    densities = _values(s.get("flat", {}).get("prune.density", float("nan")) for s in copies)
+    seeds = _values(s.get("flat", {}).get("seed", "?") for s in copies)
+    return f"{cells} d={densities} s={seeds} (pack of {len(copies)})"
+
+
+def describe(packed: list[list], trials: int) -> str:
+    """``72 trials in 18 packed trials of up to 4`` (or ``72 trials``: one per Tune trial)."""
+    if all(len(p) == 1 for p in packed):
+        return f"{trials} trials"
+    return f"{trials} trials in {len(packed)} packed trials of up to {max(len(p) for p in packed)}"
