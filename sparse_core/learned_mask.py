@@ -37,6 +37,7 @@ class MaskKind:
         return self.forward_mask(score, beta)
 
     def penalty(self, score: torch.Tensor, beta: float, cfg: MaskConfig) -> torch.Tensor:
+        """Per-copy penalty (K,) of a stacked score (K, ...)."""
         raise NotImplementedError
 
     def after_step(self, score: torch.Tensor) -> None:
@@ -57,8 +58,8 @@ class SigmoidMask(MaskKind):
         return torch.sigmoid(beta * score)
 
     def soft_sum(self, score, beta) -> torch.Tensor:
-        """sum(m): the L1 penalty's sum and, divided by the count, the soft density."""
-        return torch.sigmoid(beta * score).sum()
+        """sum(m) per copy: the L1 penalty's sum and, divided by the count, the soft density."""
+        return torch.sigmoid(beta * score).flatten(1).sum(1)
 
     def penalty(self, score, beta, cfg):
         return cfg.lambda_l1 * self.soft_sum(score, beta)
@@ -77,7 +78,7 @@ class Gates(MaskKind):
         return (score > 0.5).to(score.dtype)
 
     def penalty(self, score, beta, cfg):
-        return cfg.lambda_l1 * score.sum() + cfg.lambda_bin * (score * (1 - score)).sum()
+        return (cfg.lambda_l1 * score + cfg.lambda_bin * (score * (1 - score))).flatten(1).sum(1)
 
     @torch.no_grad()
     def after_step(self, score):
@@ -121,23 +122,31 @@ def score_params(model: nn.Module) -> list[nn.Parameter]:
     return [l.mask_score for l in prunable_layers(model).values() if getattr(l, "mask_score", None) is not None]
 
 
-def penalty(model: nn.Module, cfg: MaskConfig, target: float | None = None) -> torch.Tensor:
-    """The mask penalty summed over layers; with ``target`` (sigmoid masks and ``mask.target``) it is
-    switched off, without a host sync, while the mean soft mask is at or below ``target``."""
+def penalties(scores: list[tuple[MaskKind, torch.Tensor, float]], cfg: MaskConfig,
+              targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-copy mask penalty (K,) summed over layers, from (kind, stacked score (K, ...), beta) per layer;
+    with ``targets`` (K,) (sigmoid masks and ``mask.target``) a copy's penalty is switched off, without a
+    host sync, while its mean soft mask is at or below its target."""
     total, soft, n = None, None, 0
-    for layer in prunable_layers(model).values():
-        if getattr(layer, "mask_score", None) is not None:
-            kind, score, beta = layer.mask_kind, layer.mask_score, layer.mask_beta
-            if target is not None and hasattr(kind, "soft_sum"):  # one sigmoid pass serves both
-                m = kind.soft_sum(score, beta)
-                p = cfg.lambda_l1 * m
-                soft, n = (m.detach() if soft is None else soft + m.detach()), n + score.numel()
-            else:
-                p = kind.penalty(score, beta, cfg)
-            total = p if total is None else total + p
+    for kind, score, beta in scores:
+        if targets is not None and hasattr(kind, "soft_sum"):  # one sigmoid pass serves both
+            m = kind.soft_sum(score, beta)
+            p = cfg.lambda_l1 * m
+            soft, n = (m.detach() if soft is None else soft + m.detach()), n + score[0].numel()
+        else:
+            p = kind.penalty(score, beta, cfg)
+        total = p if total is None else total + p
     if soft is not None:
-        total = total * (soft / n > target).to(total.dtype)
+        total = total * (soft / n > targets).to(total.dtype)
     return total
+
+
+def penalty(model: nn.Module, cfg: MaskConfig, target: float | None = None) -> torch.Tensor:
+    """``penalties`` of one model (a pack of one)."""
+    scores = [(l.mask_kind, l.mask_score.unsqueeze(0), l.mask_beta) for l in prunable_layers(model).values()
+              if getattr(l, "mask_score", None) is not None]
+    targets = None if target is None else torch.tensor([target], dtype=scores[0][1].dtype)
+    return penalties(scores, cfg, targets)[0]
 
 
 def after_step(model: nn.Module) -> None:

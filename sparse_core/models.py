@@ -3,6 +3,11 @@
 Every hidden layer is a ``Block``: layer -> norm -> (+ alpha * P(x) soft skip) -> activation.
 The soft skip and the SiLU blend of ``Activation`` are switched off (alpha = 0, t = 1) outside
 post-pruning training, and then the forward pass is exactly the plain architecture's.
+
+``packed_forward`` runs K copies of a model at once (``sparse_core.packed``): every parameter is
+stacked with a leading copy dimension, each copy sees its own batch, and a Linear layer is one
+``baddbmm`` over the copies, a Conv layer one grouped convolution (channels of copy k are group k).
+The module itself only lends its structure and its soft-schedule values (shared by the copies).
 """
 
 from __future__ import annotations
@@ -78,6 +83,20 @@ class Block(nn.Module):
         return self.act(z)
 
 
+def packed_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """K linear layers at once: h (K, B, in), weight (K, out, in), bias (K, out) or None."""
+    if bias is None:
+        return torch.bmm(h, weight.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+
+
+def match_last(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``match_width`` on the last dimension (packed MLP features are (K, B, F))."""
+    if x.shape[-1] >= width:
+        return x[..., :width]
+    return F.pad(x, [0, width - x.shape[-1]])
+
+
 class MLP(nn.Module):
     def __init__(self, in_features: int, num_classes: int, width: int, depth: int, linear, unit_grad: bool):
         super().__init__()
@@ -91,6 +110,17 @@ class MLP(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(x)
+
+    def packed_forward(self, x: torch.Tensor, weight, param) -> torch.Tensor:
+        """x (K, B, ...) -> logits (K, B, classes); ``weight(prefix)`` is the stacked effective weight
+        of a prunable layer, ``param(name)`` any other stacked parameter (None if absent)."""
+        h = x.flatten(2)
+        for i, block in enumerate(self.blocks):
+            z = packed_linear(h, weight(f"blocks.{i}.layer"), param(f"blocks.{i}.layer.bias"))
+            if block.skip_alpha:
+                z = z + block.skip_alpha * match_last(h, z.shape[-1])
+            h = block.act(z)
+        return packed_linear(h, weight("head"), param("head.bias"))
 
 
 VGG16_PLAN = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
@@ -115,6 +145,39 @@ class VGG(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    def packed_forward(self, x: torch.Tensor, weight, param) -> torch.Tensor:
+        """x (K, B, C, H, W) -> logits (K, B, classes): copy k's channels are group k of every
+        convolution (layout (B, K * C, H, W)) and of BatchNorm (stacked running statistics)."""
+        k, b = x.shape[:2]
+        h = x.transpose(0, 1).reshape(b, -1, *x.shape[3:])
+        for i, m in enumerate(self.features):
+            if not isinstance(m, Block):
+                h = m(h)  # max-pool: per channel
+                continue
+            w = weight(f"features.{i}.layer")  # (K, out, in, kh, kw)
+            conv = m.layer
+            z = F.conv2d(h, w.reshape(-1, *w.shape[2:]), None, conv.stride, conv.padding, conv.dilation, groups=k)
+            z = _packed_batch_norm(z, m.norm, f"features.{i}.norm", param)
+            if m.skip_alpha and h.shape[2:] == z.shape[2:]:
+                src = h.view(b, k, -1, *h.shape[2:]).movedim(2, -1)
+                z = z + m.skip_alpha * match_last(src, w.shape[1]).movedim(-1, 2).reshape(z.shape)
+            h = m.act(z)
+        pooled = F.adaptive_avg_pool2d(h, 1).view(b, k, -1).transpose(0, 1)  # (K, B, C)
+        return packed_linear(pooled, weight("head"), param("head.bias"))
+
+
+def _packed_batch_norm(z: torch.Tensor, bn: nn.BatchNorm2d, prefix: str, param) -> torch.Tensor:
+    """BatchNorm2d of K copies in the grouped layout; running statistics update in place in the stacks."""
+    mean, var = param(f"{prefix}.running_mean"), param(f"{prefix}.running_var")
+    if bn.training and bn.track_running_stats:
+        if bn.momentum is None:
+            raise ValueError("packed BatchNorm needs a momentum (the cumulative average is per copy)")
+        param(f"{prefix}.num_batches_tracked").add_(1)
+    use_batch = bn.training or mean is None
+    return F.batch_norm(z, None if mean is None else mean.view(-1), None if var is None else var.view(-1),
+                        param(f"{prefix}.weight").view(-1), param(f"{prefix}.bias").view(-1),
+                        use_batch, bn.momentum or 0.0, bn.eps)
 
 
 def _layers(plain: bool):

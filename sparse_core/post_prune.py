@@ -30,7 +30,7 @@ from .registry import TRICKS
 class Trick:
     switch: str  # flat bool config key that turns the trick on
     knobs: dict = field(default_factory=dict)  # flat key -> (distribution, low, high) for searches
-    loss: Callable[[torch.Tensor, torch.Tensor, PostConfig], torch.Tensor] | None = None  # replaces cross-entropy
+    loss: Callable[[torch.Tensor, torch.Tensor, PostConfig], torch.Tensor] | None = None  # replaces cross-entropy: per-sample losses
     value: Callable[[float, PostConfig], float] | None = None  # schedule value at post-training progress p
     apply: Callable[[nn.Module, float], None] | None = None  # puts a schedule value into the model
     plain: float | None = None  # the value at which the model is the plain architecture
@@ -48,9 +48,11 @@ def smoothed_targets(y: torch.Tensor, num_classes: int, smoothing: float) -> tor
     return q
 
 
-def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
+def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: float,
+                           reduction: str = "mean") -> torch.Tensor:
     q = smoothed_targets(y, logits.shape[1], smoothing).to(logits.dtype)
-    return -(q * F.log_softmax(logits, dim=1)).sum(1).mean()
+    per = -(q * F.log_softmax(logits, dim=1)).sum(1)
+    return per if reduction == "none" else per.mean()
 
 
 def _ramp(progress: float, cfg: PostConfig) -> float:
@@ -72,7 +74,7 @@ SOFT_FRACTION = ("uniform", 0.1, 1.0)  # share of post-training the soft schedul
 
 TRICKS.register("label_smoothing")(Trick(
     switch="post.label_smoothing", knobs={"post.smoothing": ("uniform", 0.0, 0.3)},
-    loss=lambda logits, y, cfg: smoothed_cross_entropy(logits, y, cfg.smoothing)))
+    loss=lambda logits, y, cfg: smoothed_cross_entropy(logits, y, cfg.smoothing, reduction="none")))
 TRICKS.register("soft_activation")(Trick(  # (1 - t) SiLU + t ReLU, t rising 0 -> 1
     switch="post.soft_activation", knobs={"post.soft_fraction": SOFT_FRACTION},
     value=_ramp, apply=_set_t, plain=1.0, metric="soft_t"))
@@ -87,7 +89,7 @@ def active(flat: dict) -> dict[str, Trick]:
 
 
 def loss_of(flat: dict) -> Callable | None:
-    """The post-training loss of the switched-on tricks (None: cross-entropy); at most one may set it."""
+    """The post-training per-sample loss of the switched-on tricks (None: cross-entropy); at most one may set it."""
     losses = [(n, t.loss) for n, t in active(flat).items() if t.loss is not None]
     if len(losses) > 1:
         raise ValueError(f"post-prune tricks {', '.join(n for n, _ in losses)} each replace the loss: switch on one")

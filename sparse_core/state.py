@@ -14,7 +14,7 @@ from .config import from_flat, run_key
 from .masks import set_masks
 from .plan import TrainEpoch
 
-FORMAT = 2  # 2: validation metrics, typed plan (the position is an index into plan.build(cfg))
+FORMAT = 3  # 2: validation metrics, typed plan (the position is an index into plan.build(cfg)); 3: packed optimizer state
 
 
 def capture(trainer) -> dict:
@@ -25,8 +25,7 @@ def capture(trainer) -> dict:
         "model": trainer._cpu_state_dict(),
         "has_mask_scores": bool(learned_mask.score_params(trainer.model)),
         "masks": None if trainer.masks is None else {n: m.cpu().clone() for n, m in trainer.masks.items()},
-        "optimizer": copy.deepcopy(trainer.opt.state_dict()) if trainer.opt else None,
-        "scheduler": trainer.sched.state_dict() if trainer.sched else None,
+        "optimizer": trainer.opt.state_dict() if trainer.opt else None,  # the LR schedule is a function of seg_step
         "segment": trainer.segment,
         "seg_step": trainer.seg_step,
         "generators": {n: g.get_state() for n, g in trainer.gen.items()},
@@ -55,14 +54,11 @@ def restore(trainer, state: dict) -> None:
         set_masks(trainer.model, trainer.masks)
     trainer.step_idx = state["step_idx"]
     trainer.segment, trainer.seg_step = state["segment"], state["seg_step"]
-    if state["optimizer"] is not None:
+    if state["optimizer"] is not None:  # loaded into the packed optimizer when the run's pack is built
         step = trainer.plan[trainer.step_idx] if trainer.step_idx < len(trainer.plan) else None
-        stage = trainer.segment[0]
         total = trainer._segment_steps(step.epochs) if isinstance(step, TrainEpoch) else 0
-        trainer._make_optimizer(stage, total)
-        trainer.opt.load_state_dict(state["optimizer"])
-        trainer.sched.load_state_dict(state["scheduler"])
-        trainer._segment_extras(stage, total)
+        trainer.segment_extras(trainer.segment[0], total)
+        trainer.opt_saved = state["optimizer"]
         if trainer.rigl is not None:
             trainer.rigl.regrown = state["rigl_regrown"]
     trainer.rigl_regrown = state["rigl_regrown"]

@@ -3,8 +3,11 @@
 A run is a fixed plan of typed steps (``plan.py``: pre-training epochs, an optional gradual-pruning
 stage, pruning rounds with optional training between them, post-training epochs; or RigL's epochs).
 After every step the trainer can hand out its full state (weights, masks, optimizer, LR schedule,
-RNG, position in the plan), and a state handed back continues the run to the same result. The
-logging callback ``log(metrics, checkpoint)`` receives each step's metrics (with ``stage_end`` and, for
+RNG, position in the plan), and a state handed back continues the run to the same result.
+
+Training runs through ``packed.Pack`` (``sparse_core/packed.py``): a single run is the pack of one, so
+one hot loop serves single and packed runs; this module holds everything a run does per copy (its
+plan, epochs' bookkeeping, pruning, RigL's start, evaluation, result). The logging callback ``log(metrics, checkpoint)`` receives each step's metrics (with ``stage_end`` and, for
 pruning, ``last_prune``, so no reader re-derives the plan) and a zero-argument function that returns
 that state, so a caller who does not checkpoint pays nothing for it.
 
@@ -14,9 +17,7 @@ anything that selects (the best epoch, a tuner, a scheduler) reads validation on
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 from typing import Any, Callable
 
 import torch
@@ -25,12 +26,13 @@ import torch.nn.functional as F
 
 from . import learned_mask, pruners, rescale, state
 from .config import Config, run_key, validate_names
-from .data import class_balanced_subset, load, train_batches
+from .data import TensorData, class_balanced_subset, load
 from .init import initialise
-from .masks import count, enforce_masks, get_masks, masks_bypassed, prunable_layers, prunable_weights, set_masks
+from .masks import count, get_masks, prunable_weights, set_masks
 from .metrics import density_summary, evaluate, flops
 from .models import build
-from .plan import PruneStep, RiglInit, TrainEpoch, cubic, derive_seed, gradual_steps, lr_factor, total_epochs
+from .packed import Pack
+from .plan import PruneStep, TrainEpoch, derive_seed, gradual_steps, lr_factor, total_epochs
 from .plan import build as build_plan
 from .post_prune import SoftSchedule, loss_of, make_plain
 from .pruning import collapsed, masks_from_scores, shuffle
@@ -61,15 +63,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, log: Log | None = None):
+    Diverged = TrainingDiverged
+
+    def __init__(self, cfg: Config, log: Log | None = None, data: TensorData | None = None):
         validate_names(cfg)
         self.cfg, self.log = cfg, log or (lambda metrics, checkpoint: None)
         self.device = resolve_device(cfg.train.device)
-        self.data = load(cfg.data).to(self.device)
+        self.data = data if data is not None else load(cfg.data).to(self.device)  # a pack shares one copy
         self.gen = {n: torch.Generator().manual_seed(derive_seed(cfg.seed, n)) for n in GENERATORS}
         self.model = self._fresh_model(self.gen["init"])
         self.zero_at_init = {n: (w == 0).cpu() for n, w in prunable_weights(self.model).items()}
-        self.layers = list(prunable_layers(self.model).values())  # walked once, not every step
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.channels_last = cfg.train.channels_last and self.device.type == "cuda" and self.data.x_train.dim() == 4
         if cfg.mask.kind != "none":
@@ -78,8 +81,10 @@ class Trainer:
         self.post_loss = loss_of(cfg.to_flat())  # None: plain cross-entropy after pruning too
         self.step_idx = 0
         self.masks: dict[str, torch.Tensor] | None = None  # None = dense
-        self.opt: torch.optim.Optimizer | None = None
-        self.sched: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.opt = None  # this copy's view of its pack's optimizer (packed.CopyOptimizer)
+        self.sched = None  # (the LR factor is a function of seg_step)
+        self.opt_saved: dict | None = None  # a restored optimizer state, loaded when the pack is built
+        self.own_pack: Pack | None = None  # the pack of one behind train_epoch/train_step/begin_segment
         self.segment: tuple | None = None  # (stage, round) the optimizer belongs to
         self.seg_step = 0  # optimizer steps taken in this segment
         self.seg_total = 0  # optimizer steps the segment will take
@@ -106,19 +111,6 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         return model
 
-    def _make_optimizer(self, stage: str, total_steps: int) -> None:
-        t = self.cfg.train
-        scores = set(map(id, learned_mask.score_params(self.model)))
-        groups = [{"params": [p for p in self.model.parameters() if id(p) not in scores], "weight_decay": t.weight_decay}]
-        if scores and stage == "pre":
-            groups.append({"params": learned_mask.score_params(self.model), "weight_decay": 0.0, "lr": self.cfg.mask.lr})
-        if t.optimizer == "sgd":
-            self.opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
-        else:
-            self.opt = torch.optim.Adam(groups, lr=t.lr)
-        kind = t.schedule
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(kind, s, total_steps))
-
     def _cpu_state_dict(self) -> dict:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
@@ -134,59 +126,23 @@ class Trainer:
     def _segment_steps(self, epochs: int) -> int:
         return epochs * math.ceil(self.data.x_train.shape[0] / self.cfg.train.batch_size)
 
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
-        if stage in ("post", "rigl") and self.post_loss is not None:  # a post-prune trick's loss
-            return self.post_loss(logits.float(), y, self.cfg.post)
-        return F.cross_entropy(logits.float(), y)
-
-    def _segment_extras(self, stage: str, total_steps: int) -> None:
+    def segment_extras(self, stage: str, total_steps: int) -> None:
         self.seg_total = total_steps
         self.rigl = RigL(self.cfg.rigl, total_steps) if stage == "rigl" else None
         self.gradual_at = set(gradual_steps(total_steps, self.cfg.prune.gradual_every)) if stage == "gradual" else set()
 
+    def pack(self) -> Pack:
+        """This run as a pack of one (what ``run`` trains through)."""
+        if self.own_pack is None:
+            self.own_pack = Pack([self])
+        return self.own_pack
+
     def begin_segment(self, stage: str, rnd: int, total_steps: int) -> None:
-        """Optimizer and LR schedule (and RigL, or the gradual pruning steps) for a training segment,
-        unless it is already running (a run restored mid-segment keeps its loaded optimizer state)."""
-        if self.segment != (stage, rnd) or self.opt is None:
-            if stage == "gradual":
-                learned_mask.fold(self.model)  # a learned mask ends with pre-training
-            self._make_optimizer(stage, total_steps)
-            self.segment, self.seg_step = (stage, rnd), 0
-            self._segment_extras(stage, total_steps)
+        self.pack().begin_segment(stage, rnd, total_steps)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, stage: str, soft: SoftSchedule | None = None) -> torch.Tensor:
-        """One optimizer step on a batch: soft schedules, masked forward, loss (+ mask penalty),
-        backward, step, learned-mask clipping, masks re-applied, RigL drop/grow on its update steps,
-        gradual re-pruning on its steps. Returns the detached loss (no host sync)."""
-        learned = stage == "pre" and self.cfg.mask.kind != "none"
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if soft is not None:
-            soft.set(self.seg_step)
-        update = self.rigl is not None and stage == "rigl" and self.rigl.is_update_step(self.seg_step + 1)
-        with masks_bypassed(self.model) if update else contextlib.nullcontext():
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-                logits = self.model(x)
-            loss = self._loss(logits, y, stage)
-            if learned:
-                loss = loss + learned_mask.penalty(self.model, self.cfg.mask, self.mask_target)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.sched.step()
-        self.seg_step += 1
-        if learned:
-            learned_mask.after_step(self.model)
-        if self.masks is not None:
-            enforce_masks(self.model, self.opt, self.layers)
-        if update:
-            self.masks = self.rigl.update(self.model, self.masks, self.opt, self.seg_step)
-            set_masks(self.model, self.masks)
-            enforce_masks(self.model, self.opt, self.layers)
-        if self.seg_step in self.gradual_at:
-            self._mask_to(cubic(self.cfg.prune.density, self.seg_step, self.seg_total))
-            enforce_masks(self.model, self.opt, self.layers)  # newly pruned weights' momentum too
-        return loss.detach()
+        """One optimizer step on a batch (``Pack.step`` with K = 1); returns the detached loss."""
+        return self.pack().step(x.unsqueeze(0), y.unsqueeze(0), stage, soft)[0]
 
     def _evaluate(self) -> dict[str, float]:
         d, bs = self.data, self.cfg.train.eval_batch_size
@@ -195,30 +151,39 @@ class Trainer:
         return {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc, "test_loss": test_loss}
 
     def train_epoch(self, step: TrainEpoch) -> dict:
-        """One training epoch of the plan, evaluated on validation and test."""
+        """One training epoch of the plan, evaluated on validation and test (as a pack of one)."""
+        pack = self.pack()
+        out = pack.train_epoch(step)
+        if 0 in pack.failed:
+            raise pack.failed[0]
+        return out[0]
+
+    def epoch_begin(self, step: TrainEpoch, total: int) -> SoftSchedule | None:
+        """Per-copy set-up of a training epoch: the soft schedules, the mask temperature and target."""
         cfg, stage, epoch = self.cfg, step.stage, step.epoch
-        total = self._segment_steps(step.epochs)
-        self.begin_segment(stage, step.round, total)
         soft = SoftSchedule(self.model, cfg.post, total) if stage in ("post", "rigl") else None
-        learned = stage == "pre" and cfg.mask.kind != "none"
-        if learned:
+        if stage == "pre" and cfg.mask.kind != "none":
             learned_mask.set_beta(self.model, learned_mask.beta_at(epoch, cfg.train.pre_epochs, cfg.mask))
             self.mask_target = (learned_mask.target_at(epoch, cfg.train.pre_epochs, cfg.prune.density)
                                 if cfg.mask.target and cfg.mask.kind == "sigmoid" else None)
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        batches = 0
-        for x, y in train_batches(self.data, cfg.train.batch_size, self.gen["data"]):
-            loss_sum += self.train_step(x, y, stage, soft)
-            batches += 1
-        if not math.isfinite(float(loss_sum)):  # one host sync per epoch
+        return soft
+
+    def epoch_end(self, step: TrainEpoch, loss_sum: float, batches: int, soft: SoftSchedule | None, total: int) -> dict:
+        """Per-copy end of a training epoch: divergence check, plain network at the end of the soft
+        schedules, evaluation, the epoch's metrics, the best epoch by validation, rewind point."""
+        cfg, stage, epoch = self.cfg, step.stage, step.epoch
+        learned = stage == "pre" and cfg.mask.kind != "none"
+        if not math.isfinite(loss_sum):
             raise TrainingDiverged(f"training diverged: the {stage} loss became non-finite in epoch {epoch + 1} "
                                    f"(train.lr={cfg.train.lr}); lower train.lr")
+        if soft is not None and batches:
+            soft.set(self.seg_step - 1)  # the value of the epoch's last step (the pack sets its lead's each step)
         if soft is not None and self.seg_step >= total:
             make_plain(self.model)  # the end of post-training is the plain network
         scores = self._evaluate()
         metrics = {"stage": stage, "round": step.round, "stage_epoch": epoch + 1, "stage_end": step.stage_end,
-                   "train_loss": float(loss_sum) / max(batches, 1), **scores,
+                   "train_loss": loss_sum / max(batches, 1), **scores,
                    "lr": self.opt.param_groups[0]["lr"], "density": self._density()}
         if learned:
             metrics["mask_beta"] = learned_mask.beta_at(epoch, cfg.train.pre_epochs, cfg.mask)
@@ -286,6 +251,8 @@ class Trainer:
         if step.last:
             self.marks.update(prune_val_acc=scores["val_acc"], prune_test_acc=scores["test_acc"])
         self.opt = self.sched = self.segment = None
+        if self.own_pack is not None:
+            self.own_pack.sync_masks()
         masks = self.masks if self.masks is not None else get_masks(self.model)
         return {"stage": "prune", "round": step.round, "last_prune": step.last, "stage_end": True,
                 "val_acc_after_prune": scores["val_acc"], "test_acc_after_prune": scores["test_acc"],
@@ -320,32 +287,31 @@ class Trainer:
         return kept / total
 
     # ---- run --------------------------------------------------------------------------------
+    def check_injected_failure(self) -> None:
+        fail_at = self.cfg.train.fail_at_epoch
+        if fail_at >= 0 and not self.restored and len(self.history) + 1 == fail_at:
+            raise InjectedFailure(f"train.fail_at_epoch={fail_at}: injected failure at the start of epoch {fail_at}")
+
+    def rigl_init(self) -> dict:
+        self.masks = initial_masks(self.model, self.cfg.prune.density, self.cfg.rigl, self.gen["rigl"])
+        set_masks(self.model, self.masks)
+        self._scale_sparse_init()
+        return {"stage": "rigl_init", "stage_end": True, "density": self._density()}
+
+    def finish_step(self, step, metrics: dict, seconds: float) -> None:
+        """Book a finished plan step (``seconds``: this copy's share of it) and hand it to the log."""
+        self.elapsed += seconds
+        if isinstance(step, TrainEpoch):
+            self.history.append(metrics)
+            metrics = {**metrics, "epoch": len(self.history), "epochs": total_epochs(self.cfg)}
+        metrics["seconds"] = self.elapsed
+        self.log(metrics, self.state_dict)
+
     def run(self) -> dict:
-        cfg = self.cfg
-        fail_at = cfg.train.fail_at_epoch
-        while self.step_idx < len(self.plan):
-            started = time.perf_counter()
-            step = self.plan[self.step_idx]
-            if isinstance(step, TrainEpoch):
-                if fail_at >= 0 and not self.restored and len(self.history) + 1 == fail_at:
-                    raise InjectedFailure(f"train.fail_at_epoch={fail_at}: injected failure at the start of epoch {fail_at}")
-                metrics = self.train_epoch(step)
-            elif isinstance(step, PruneStep):
-                metrics = self.prune(step)
-            else:
-                assert isinstance(step, RiglInit)
-                self.masks = initial_masks(self.model, cfg.prune.density, cfg.rigl, self.gen["rigl"])
-                set_masks(self.model, self.masks)
-                self._scale_sparse_init()
-                metrics = {"stage": "rigl_init", "stage_end": True, "density": self._density()}
-            self.step_idx += 1
-            self.elapsed += time.perf_counter() - started
-            if isinstance(step, TrainEpoch):
-                self.history.append(metrics)
-                metrics = {**metrics, "epoch": len(self.history), "epochs": total_epochs(cfg)}
-            metrics["seconds"] = self.elapsed
-            self.log(metrics, self.state_dict)
-        return self.result()
+        out = self.pack().run()[0]
+        if isinstance(out, BaseException):
+            raise out
+        return out
 
     def result(self) -> dict:
         masks = self.masks if self.masks is not None else get_masks(self.model)

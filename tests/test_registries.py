@@ -61,7 +61,7 @@ def test_every_post_prune_trick_changes_training_and_ends_as_the_plain_network(n
 
 
 def test_two_tricks_that_each_replace_the_loss_are_refused_before_training():
-    TRICKS.register("toy_loss")(post_prune.Trick(switch="post.soft_skip", loss=lambda logits, y, cfg: logits.sum()))
+    TRICKS.register("toy_loss")(post_prune.Trick(switch="post.soft_skip", loss=lambda logits, y, cfg: logits.sum(1)))
     try:
         with pytest.raises(ValueError, match="label_smoothing, toy_loss each replace the loss"):
             Trainer(_cfg(**{"post.label_smoothing": True, "post.soft_skip": True}))

@@ -1,0 +1,405 @@
+"""Packed trials: K runs that share a computation graph train together as one stacked model.
+
+Every run is a ``Trainer`` (its own config, seeded generators, plan position, masks, history and
+result), and every run, a single one included, trains through a ``Pack``: the single run is the
+pack of one. The pack stacks each parameter and buffer of its K copies into one tensor with a
+leading copy dimension and re-points each copy's parameters at its slice, so a copy's own module
+(what evaluation, the pruners, rescaling, RigL, export and checkpoints use) always sees the current
+weights, and the hot loop runs once for all K copies: per step, each copy's batch from its own data
+generator, one packed forward (``model.packed_forward``: ``baddbmm`` per linear layer, grouped
+convolutions), per-copy losses (a trick's loss, the learned-mask penalty), one backward and an
+optimizer step with each copy's learning rate and weight decay, masks re-applied to all copies at
+once. Every method step that is not per-batch (pruning, RigL's drop/grow, gradual re-pruning,
+evaluation) runs per copy on the copy's own module, with the same functions as a single run.
+
+Copies may differ only in ``PACKABLE`` values; ``pack_key`` is equal for configs that can share a
+pack. A copy whose loss becomes non-finite fails alone (its result is the ``TrainingDiverged``
+error); the others carry on. Copies restored from checkpoints at different plan positions train in
+separate packs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import learned_mask
+from .config import Config
+from .data import load, train_batches
+from .masks import prunable_layers, set_masks
+from .plan import PruneStep, TrainEpoch, cubic, lr_factor
+from .post_prune import SoftSchedule
+
+# Values that change numbers but not the computation graph or the plan's shape.
+PACKABLE = ("seed", "prune.density", "train.lr", "train.weight_decay", "mask.lr")
+_ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8
+
+
+def pack_key(cfg: Config) -> str:
+    """Configs with equal keys can train in one pack (12 hex chars)."""
+    flat = {k: v for k, v in cfg.to_flat().items() if k not in PACKABLE}
+    flat["dense"] = cfg.prune.density >= 1.0  # a dense run has no pruning steps in its plan
+    blob = json.dumps(flat, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _per_copy(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
+
+
+def _bcast(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (p.dim() - 1)))
+
+
+class PackedOptimizer:
+    """SGD with momentum (PyTorch's update: d = g + wd p; buf = momentum buf + d; p -= lr buf) or Adam
+    over stacked parameters, with a learning rate and a weight decay per copy. Buffers start at 0 (a
+    momentum buffer's first update is then d itself, as in PyTorch)."""
+
+    def __init__(self, kind: str, momentum: float, groups: list[tuple[list[str], list[float], list[float]]],
+                 stacks: dict[str, torch.Tensor]):
+        self.kind, self.momentum, self.steps = kind, momentum, 0
+        keys = ("exp_avg", "exp_avg_sq") if kind == "adam" else (("momentum_buffer",) if momentum else ())
+        self.groups = []  # (names, base lr (K,), weight decay (K,) or None)
+        for names, lrs, wds in groups:
+            like = stacks[names[0]]
+            self.groups.append((names, _per_copy(lrs, like), _per_copy(wds, like) if any(wds) else None))
+        self.buffers = {n: {k: torch.zeros_like(stacks[n]) for k in keys} for g in groups for n in g[0]}
+
+    @torch.no_grad()
+    def step(self, stacks: dict[str, torch.Tensor], factor: float) -> None:
+        self.steps += 1
+        for names, base_lr, wd in self.groups:
+            lr = base_lr * factor
+            for name in names:
+                p = stacks[name]
+                g = p.grad
+                if g is None:
+                    continue
+                if wd is not None:
+                    g = g.addcmul(p, _bcast(wd, p))
+                bufs = self.buffers[name]
+                if self.kind == "adam":
+                    self._adam(p, g, bufs, _bcast(lr, p))
+                    continue
+                if self.momentum:
+                    g = bufs["momentum_buffer"].mul_(self.momentum).add_(g)
+                p.addcmul_(g, _bcast(lr, p), value=-1.0)
+
+    def _adam(self, p, g, bufs, lr) -> None:
+        b1, b2 = _ADAM_BETAS
+        m, v = bufs["exp_avg"], bufs["exp_avg_sq"]
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (v.sqrt() / math.sqrt(1 - b2 ** self.steps)).add_(_ADAM_EPS)
+        p.sub_(m / denom * (lr / (1 - b1 ** self.steps)))
+
+    def load_copy(self, k: int, saved: dict) -> None:
+        self.steps = saved["steps"]
+        for name, bufs in saved["buffers"].items():
+            for key, t in bufs.items():
+                self.buffers[name][key][k].copy_(t)
+
+
+class CopyOptimizer:
+    """One copy's view of the packed optimizer, for the per-copy methods (``enforce_masks``, RigL's
+    ``zero_where``: ``state[param][key]`` is the copy's slice), the ``lr`` metric and checkpoints."""
+
+    def __init__(self, packed: PackedOptimizer, k: int, trainer):
+        self.packed, self.k, self.trainer = packed, k, trainer
+        own = dict(trainer.model.named_parameters())
+        self.state = {own[n]: {key: b[k] for key, b in bufs.items()} for n, bufs in packed.buffers.items() if n in own}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        t = self.trainer
+        return [{"lr": t.cfg.train.lr * lr_factor(t.cfg.train.schedule, t.seg_step, t.seg_total)}]
+
+    def state_dict(self) -> dict:
+        return {"kind": self.packed.kind, "steps": self.packed.steps,
+                "buffers": {n: {key: b[self.k].detach().cpu().clone() for key, b in bufs.items()}
+                            for n, bufs in self.packed.buffers.items()}}
+
+
+class Pack:
+    def __init__(self, copies: list):
+        keys = {pack_key(t.cfg) for t in copies}
+        if len(keys) > 1:
+            raise ValueError("these configs cannot share a pack: they differ in more than "
+                             f"{', '.join(PACKABLE)} (pack_key {sorted(keys)})")
+        if len({t.step_idx for t in copies}) > 1:
+            raise ValueError("copies of a pack must be at the same plan step")
+        self.copies, self.k, self.lead = copies, len(copies), copies[0]
+        self.model = self.lead.model
+        if not hasattr(self.model, "packed_forward"):
+            raise ValueError(f"model.name={self.lead.cfg.model.name!r} has no packed_forward")
+        self.layers = prunable_layers(self.model)  # lead's layers: mask scores, beta, structure
+        self.stacks: dict[str, torch.Tensor] = {}
+        self._stack([dict(t.model.named_modules()) for t in copies])
+        self.masks: dict[str, torch.Tensor] | None = None
+        self.sync_masks()
+        self.failed: dict[int, BaseException] = {}
+        self.opt: PackedOptimizer | None = None
+        self.bypass = False  # RigL update steps: forward with the raw weights (dense gradient)
+        self.targets: torch.Tensor | None = None  # per-copy learned-mask target density
+        if self.lead.segment is not None and self.lead.opt_saved is not None:  # restored mid-segment
+            self._make_optimizer(self.lead.segment[0])
+            for k, t in enumerate(copies):
+                self.opt.load_copy(k, t.opt_saved)
+
+    # ---- stacking -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _stack(self, modules: list[dict[str, nn.Module]]) -> None:
+        lead = self.lead.model
+        for name, _ in list(lead.named_parameters()) + list(lead.named_buffers()):
+            prefix, _, attr = name.rpartition(".")
+            if attr == "weight_mask":
+                continue
+            owners = [m[prefix] for m in modules]
+            stacked = torch.stack([getattr(o, attr).detach() for o in owners])
+            is_param = attr in owners[0]._parameters
+            if is_param:
+                stacked.requires_grad_(True)
+            for k, o in enumerate(owners):  # the copy's own tensor becomes its slice of the stack
+                if is_param:
+                    o._parameters[attr] = nn.Parameter(stacked.detach()[k])
+                else:
+                    o._buffers[attr] = stacked[k]
+            self.stacks[name] = stacked
+
+    def sync_masks(self) -> None:
+        """Stack the copies' masks (after per-copy pruning, RigL or a restore) and re-point each copy's
+        mask at its slice."""
+        per_copy = [prunable_layers(t.model) for t in self.copies]
+        has = {getattr(layers[n], "weight_mask", None) is not None for layers in per_copy for n in layers}
+        if has == {False}:
+            self.masks = None
+            return
+        if len(has) > 1:
+            raise RuntimeError("some copies of a pack have masks and some do not")
+        self.masks = {}
+        for name in per_copy[0]:
+            stacked = torch.stack([layers[name].weight_mask for layers in per_copy])
+            for k, layers in enumerate(per_copy):
+                layers[name].weight_mask = stacked[k]
+            self.masks[name] = stacked
+
+    @torch.no_grad()
+    def enforce(self) -> None:
+        """Pruned weights and their optimizer state back to exactly 0, for all copies at once."""
+        if self.masks is None:
+            return
+        tensors, masks = [], []
+        for name, mask in self.masks.items():
+            tensors.append(self.stacks[name])
+            masks.append(mask)
+            for buf in (self.opt.buffers.get(name, {}).values() if self.opt else ()):
+                tensors.append(buf)
+                masks.append(mask)
+        torch._foreach_mul_(tensors, masks)
+
+    # ---- the packed forward ---------------------------------------------------------------------
+    def _weight(self, prefix: str) -> torch.Tensor:
+        """The stacked effective weight of a prunable layer: w * m(score) * mask (the ``masked_weight``
+        of every copy at once)."""
+        w = self.stacks[f"{prefix}.weight"]
+        layer = self.layers[f"{prefix}.weight"]
+        if layer.mask_score is not None:
+            w = w * layer.mask_kind.forward_mask(self.stacks[f"{prefix}.mask_score"], layer.mask_beta)
+        if self.masks is not None and not self.bypass:
+            w = w * self.masks[f"{prefix}.weight"]
+        return w
+
+    def _scores(self) -> list[tuple[Any, torch.Tensor, float]]:
+        return [(layer.mask_kind, self.stacks[f"{name[:-len('weight')]}mask_score"], layer.mask_beta)
+                for name, layer in self.layers.items() if layer.mask_score is not None]
+
+    # ---- segments and steps -----------------------------------------------------------------
+    def _make_optimizer(self, stage: str) -> None:
+        t = self.lead.cfg.train
+        scores = [n for n in self.stacks if n.endswith("mask_score")]
+        live = {n for n, _ in self.model.named_parameters()}
+        weights = [n for n in self.stacks if n in live and n not in scores]
+        groups = [(weights, [c.cfg.train.lr for c in self.copies], [c.cfg.train.weight_decay for c in self.copies])]
+        scores = [n for n in scores if n in live]
+        if scores and stage == "pre":
+            groups.append((scores, [c.cfg.mask.lr for c in self.copies], [0.0] * self.k))
+        self.opt = PackedOptimizer(t.optimizer, t.momentum if t.optimizer == "sgd" else 0.0, groups, self.stacks)
+        self.params = [self.stacks[n] for g in groups for n in g[0]]
+        for k, c in enumerate(self.copies):
+            c.opt, c.sched = CopyOptimizer(self.opt, k, c), None
+
+    def begin_segment(self, stage: str, rnd: int, total_steps: int) -> None:
+        """A new optimizer and LR schedule (and RigL, or the gradual steps) for a training segment, unless
+        it is already running (a restored run keeps its loaded optimizer state)."""
+        lead = self.lead
+        if lead.segment != (stage, rnd) or lead.opt is None or self.opt is None:
+            for c in self.copies:
+                if stage == "gradual":
+                    learned_mask.fold(c.model)  # a learned mask ends with pre-training
+                c.segment, c.seg_step = (stage, rnd), 0
+                c.segment_extras(stage, total_steps)
+            self._make_optimizer(stage)
+        else:
+            for c in self.copies:
+                c.seg_total = total_steps
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
+        """Per-copy mean loss (K,) of logits (K, B, C); each sample's gradient is 1/B, as in one run."""
+        k, b = y.shape
+        logits, y = logits.float().reshape(k * b, -1), y.reshape(-1)
+        trick = self.lead.post_loss if stage in ("post", "rigl") else None
+        per = trick(logits, y, self.lead.cfg.post) if trick is not None else F.cross_entropy(logits, y, reduction="none")
+        return per.view(k, b).sum(1) / b
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, stage: str, soft: SoftSchedule | None = None) -> torch.Tensor:
+        """One optimizer step of every copy on its batch (x (K, B, ...), y (K, B)): soft schedules,
+        packed forward, per-copy loss (+ mask penalty), backward, step, mask-score clipping, masks
+        re-applied, RigL drop/grow and gradual re-pruning per copy on their steps. Returns the detached
+        per-copy losses (no host sync)."""
+        lead = self.lead
+        learned = stage == "pre" and lead.cfg.mask.kind != "none"
+        if lead.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+        if soft is not None:
+            soft.set(lead.seg_step)
+        update = lead.rigl is not None and stage == "rigl" and lead.rigl.is_update_step(lead.seg_step + 1)
+        self.bypass = update
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=lead.amp):
+                logits = self.model.packed_forward(x, self._weight, self.stacks.get)
+            losses = self._loss(logits, y, stage)
+            if learned:
+                losses = losses + learned_mask.penalties(self._scores(), lead.cfg.mask, self.targets)
+        finally:
+            self.bypass = False
+        for p in self.params:
+            p.grad = None
+        losses.sum().backward()
+        self.opt.step(self.stacks, lr_factor(lead.cfg.train.schedule, lead.seg_step, lead.seg_total))
+        for c in self.copies:
+            c.seg_step += 1
+        if learned:
+            for kind, score, _ in self._scores():
+                kind.after_step(score)
+        self.enforce()
+        if update:
+            self._per_copy_masks(self._rigl_update)
+        if lead.seg_step in lead.gradual_at:
+            self._per_copy_masks(lambda c: c._mask_to(cubic(c.cfg.prune.density, c.seg_step, c.seg_total)))
+        return losses.detach()
+
+    def _rigl_update(self, c) -> None:
+        k = self.copies.index(c)
+        own = dict(c.model.named_parameters())
+        for name in c.masks:
+            own[name].grad = self.stacks[name].grad[k]
+        c.masks = c.rigl.update(c.model, c.masks, c.opt, c.seg_step)
+        set_masks(c.model, c.masks)
+        for name in c.masks:
+            own[name].grad = None
+
+    def _per_copy_masks(self, change: Callable) -> None:
+        for k, c in enumerate(self.copies):
+            if k not in self.failed:
+                change(c)
+        self.sync_masks()
+        self.enforce()  # newly pruned weights' momentum too
+
+    def batches(self):
+        """Each copy's batches from its own data generator, stacked (the same draws as a single run)."""
+        lead = self.lead
+        d, bs = lead.data, lead.cfg.train.batch_size
+        if d.augment or self.k == 1:
+            for pairs in zip(*(train_batches(d, bs, c.gen["data"]) for c in self.copies)):
+                yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+            return
+        n = d.x_train.shape[0]
+        orders = torch.stack([torch.randperm(n, generator=c.gen["data"]) for c in self.copies]).to(d.x_train.device)
+        for start in range(0, n, bs):
+            idx = orders[:, start:start + bs]
+            yield d.x_train[idx], d.y_train[idx]
+
+    def train_epoch(self, step: TrainEpoch) -> dict[int, dict]:
+        lead = self.lead
+        total = lead._segment_steps(step.epochs)
+        self.begin_segment(step.stage, step.round, total)
+        softs = [c.epoch_begin(step, total) for c in self.copies]
+        targets = [c.mask_target for c in self.copies]
+        self.targets = None if targets[0] is None else _per_copy(targets, next(iter(self.stacks.values())))
+        loss_sum = torch.zeros(self.k, device=lead.device)
+        batches = 0
+        for x, y in self.batches():
+            loss_sum += self.step(x, y, step.stage, softs[0])
+            batches += 1
+        losses = loss_sum.tolist()  # one host sync per epoch
+        out = {}
+        for k, c in enumerate(self.copies):
+            if k in self.failed:
+                continue
+            try:
+                out[k] = c.epoch_end(step, losses[k], batches, softs[k], total)
+            except ValueError as e:  # TrainingDiverged: this copy alone
+                if not isinstance(e, c.Diverged):
+                    raise
+                self.failed[k] = e
+        return out
+
+    # ---- run ------------------------------------------------------------------------------------
+    def run(self) -> list[dict | BaseException]:
+        lead = self.lead
+        while lead.step_idx < len(lead.plan) and len(self.failed) < self.k:
+            started = time.perf_counter()
+            step = lead.plan[lead.step_idx]
+            live = [k for k in range(self.k) if k not in self.failed]
+            if isinstance(step, TrainEpoch):
+                for k in live:
+                    self.copies[k].check_injected_failure()
+                metrics = self.train_epoch(step)
+            else:
+                own = {k: self.copies[k].plan[self.copies[k].step_idx] for k in live}  # a copy's own densities
+                metrics = {k: (self.copies[k].prune(own[k]) if isinstance(step, PruneStep) else self.copies[k].rigl_init())
+                           for k in live}
+                self.sync_masks()
+                if isinstance(step, PruneStep):
+                    self.opt = None
+            share = (time.perf_counter() - started) / max(len(live), 1)
+            for k, c in enumerate(self.copies):
+                c.step_idx += 1
+                if k in metrics:
+                    c.finish_step(step, metrics[k], share)
+        return [self.failed[k] if k in self.failed else c.result() for k, c in enumerate(self.copies)]
+
+
+def run_packed(cfgs: list[Config], logs: list | None = None, states: list[dict | None] | None = None,
+               export_paths: list[str | None] | None = None) -> list[dict[str, Any] | BaseException]:
+    """Run ``cfgs`` (equal ``pack_key``) as packed copies; per copy, ``train.run``'s result (the same
+    masks and accuracy as its single run) or the exception that ended that copy alone."""
+    from .export import figures
+    from .train import Trainer, resolve_device
+
+    n = len(cfgs)
+    logs, states, export_paths = logs or [None] * n, states or [None] * n, export_paths or [None] * n
+    if len({pack_key(c) for c in cfgs}) > 1:
+        raise ValueError(f"run_packed: the configs differ in more than {', '.join(PACKABLE)}")
+    data = load(cfgs[0].data).to(resolve_device(cfgs[0].train.device))
+    trainers = [Trainer(c, log, data=data) for c, log in zip(cfgs, logs)]
+    for t, s in zip(trainers, states):
+        if s is not None:
+            t.load_state_dict(s)
+    results: list = [None] * n
+    for position in sorted({t.step_idx for t in trainers}):
+        members = [i for i, t in enumerate(trainers) if t.step_idx == position]
+        for i, out in zip(members, Pack([trainers[i] for i in members]).run()):
+            results[i] = out
+    for i, out in enumerate(results):
+        if isinstance(out, dict):
+            out.update(figures(trainers[i], export_paths[i]), pack_size=n)
+    return results
