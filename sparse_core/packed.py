@@ -142,10 +142,10 @@ class Pack:
             raise ValueError(f"model.name={self.lead.cfg.model.name!r} has no packed_forward")
         self.layers = prunable_layers(self.model)  # lead's layers: mask scores, beta, structure
         self.stacks: dict[str, torch.Tensor] = {}
+        self.failed: dict[int, BaseException] = {}
         self._stack([dict(t.model.named_modules()) for t in copies])
         self.masks: dict[str, torch.Tensor] | None = None
         self.sync_masks()
-        self.failed: dict[int, BaseException] = {}
         self.opt: PackedOptimizer | None = None
         self.bypass = False  # RigL update steps: forward with the raw weights (dense gradient)
         self.targets: torch.Tensor | None = None  # per-copy learned-mask target density
@@ -178,12 +178,17 @@ class Pack:
         """Stack the copies' masks (after per-copy pruning, RigL or a restore) and re-point each copy's
         mask at its slice."""
         per_copy = [prunable_layers(t.model) for t in self.copies]
-        has = {getattr(layers[n], "weight_mask", None) is not None for layers in per_copy for n in layers}
+        live = [layers for k, layers in enumerate(per_copy) if k not in self.failed]
+        has = {getattr(layers[n], "weight_mask", None) is not None for layers in live for n in layers}
         if has == {False}:
             self.masks = None
             return
         if len(has) > 1:
             raise RuntimeError("some copies of a pack have masks and some do not")
+        for k in self.failed:  # a failed copy is no longer pruned; it trains on (harmlessly) in its slice
+            for layer in per_copy[k].values():
+                if layer.weight_mask is None:
+                    layer.weight_mask = torch.ones_like(layer.weight)
         self.masks = {}
         for name in per_copy[0]:
             stacked = torch.stack([layers[name].weight_mask for layers in per_copy])
