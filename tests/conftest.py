@@ -8,6 +8,9 @@
   tests get what a local sweep gets), started by the first test that asks for it.
 - ``torch_one_thread``: torch on one thread for the test (tiny models: extra threads only spin,
   and on a loaded machine they cost 10x).
+- ``sweep_store`` (a SQLite MLflow store and Tune storage in a temporary dir) and ``smoke_sweep``
+  (``ablation_grid.py --preset smoke`` into its experiment ``smoke``, run once): shared by
+  ``test_sweeps.py`` and ``test_packing.py`` for the whole session, so the suite pays for one.
 
 Helpers that are not fixtures live in plain modules beside the tests (``docker_spec.py``,
 ``cluster_harness.py``) and are imported by name.
@@ -49,3 +52,19 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def sweep_store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweeps")
+    return {"uri": f"sqlite:///{d}/mlflow.db", "storage": str(d / "ray_results"), "dir": d}
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(ray_runtime, sweep_store):
+    """The whole leave-one-out design on the smoke preset (36 trials; packed by default)."""
+    from sweep_cli import grid_args, run_cli
+    from sweeps import ablation_grid
+
+    code, out = run_cli(ablation_grid.main, grid_args(sweep_store, "smoke"))
+    return {"code": code, "out": out}

@@ -1,14 +1,12 @@
 """Sweeps through the real parts: a real Ray runtime, a real SQLite MLflow store, the real CLIs.
 
-One smoke sweep (the whole leave-one-out design, 36 trials) is shared by the module; the
-tests that need their own sweep keep it to a trial or two. ``-m slow`` adds the end-to-end
+One smoke sweep (the whole leave-one-out design, 36 trials, packed by default into 18 Tune trials
+of two) is shared with test_packing.py; the tests that need their own sweep keep it to a trial or two. ``-m slow`` adds the end-to-end
 ``ray start`` + ``ray job submit`` run and an interrupted-then-resumed sweep.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -23,6 +21,7 @@ import pytest
 
 import runstore
 from sparse_core.config import FIELD_TYPES, from_flat, run_key, to_flat
+from sweep_cli import grid_args, run_cli, runs
 from sweeps import ablation_grid, designs, optuna_search, options, presets, summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,38 +29,13 @@ SMOKE_CELLS = len(designs.cells("leave-one-out"))
 SMOKE_TRIALS = SMOKE_CELLS * len(presets.get("smoke").densities)
 
 
-def run_cli(main, argv) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(argv)
-    return code, out.getvalue()
-
-
-def runs(uri: str, experiment: str, status: str | None = None) -> list:
-    """The trial runs (not the report's run, cell 'analysis') of an experiment."""
-    clauses = ["tags.cell != 'analysis'"] + ([f"attributes.status = '{status}'"] if status else [])
-    return runstore.search(uri, experiment, " and ".join(clauses))
-
-
-# ray_runtime (one local Ray runtime for the session) comes from tests/conftest.py.
+# ray_runtime (one local Ray runtime), sweep_store and smoke_sweep (the smoke sweep, shared with
+# test_packing.py) come from tests/conftest.py.
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sweeps")
-    return {"uri": f"sqlite:///{d}/mlflow.db", "storage": str(d / "ray_results"), "dir": d}
-
-
-def grid_args(store, experiment, *extra):
-    return ["--preset", "smoke", "--mlflow-uri", store["uri"], "--storage-path", store["storage"],
-            "--experiment", experiment, *extra]
-
-
-@pytest.fixture(scope="module")
-def smoke_sweep(ray_runtime, store):
-    started = time.time()
-    code, out = run_cli(ablation_grid.main, grid_args(store, "smoke"))
-    return {"code": code, "out": out, "seconds": time.time() - started}
+def store(sweep_store):
+    return sweep_store
 
 
 # ---- designs (no Ray) -------------------------------------------------------------------------

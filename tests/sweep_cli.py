@@ -1,0 +1,29 @@
+"""Helpers (not fixtures) for the sweep tests: run a sweep CLI in-process, read its runs back.
+
+The shared smoke sweep that uses them is the session fixture ``smoke_sweep`` in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import runstore
+
+
+def run_cli(main, argv) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    return code, out.getvalue()
+
+
+def runs(uri: str, experiment: str, status: str | None = None) -> list:
+    """The trial runs (not the report's run, cell 'analysis') of an experiment."""
+    clauses = ["tags.cell != 'analysis'"] + ([f"attributes.status = '{status}'"] if status else [])
+    return runstore.search(uri, experiment, " and ".join(clauses))
+
+
+def grid_args(store, experiment, *extra):
+    return ["--preset", "smoke", "--mlflow-uri", store["uri"], "--storage-path", store["storage"],
+            "--experiment", experiment, *extra]

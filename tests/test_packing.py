@@ -1,0 +1,208 @@
+"""Packed trials (``--pack``: sweeps/packing.py, sweeps/pack_trial.py) through the real parts: a real
+Ray runtime, a real SQLite MLflow store, the smoke preset.
+
+The packed sweep is the session's smoke sweep (``conftest.smoke_sweep``: 36 trials packed by default
+into 18 Tune trials of two); an unpacked sweep and a retried pack are compared with it run_key by
+run_key. A FINISHED copy inside a pack is tested in-process; ``-m slow`` adds a superset of seeds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import runstore
+from sparse_core.config import FIELD_TYPES, from_flat, run_key, to_flat
+from sweep_cli import grid_args, run_cli, runs
+from sweeps import ablation_grid, designs, options, packing, presets
+
+SMOKE = presets.get("smoke")
+SMOKE_TRIALS = len(designs.cells("leave-one-out")) * len(SMOKE.densities)
+# Values that differ between two runs of one config: wall time and measured latency.
+UNSTABLE = ("seconds", "latency_")
+
+
+def by_key(uri: str, experiment: str) -> dict:
+    return {r.data.tags["run_key"]: r for r in runs(uri, experiment, "FINISHED")}
+
+
+def smoke_trials(cells, densities=SMOKE.densities, seeds=(0,)):
+    base = options.base_overrides(SMOKE.base, [], None)
+    return designs.trials("leave-one-out", base, densities, seeds, SMOKE.synflow_rounds, list(cells))[0]
+
+
+def stable_finals(run) -> dict:
+    return {k: v for k, v in run.data.metrics.items() if k.startswith("final/") and not any(u in k for u in UNSTABLE)}
+
+
+def sweep(store, experiment, *extra) -> tuple[int, str]:
+    return run_cli(ablation_grid.main, grid_args(store, experiment, "--no-report", *extra))
+
+
+# ---- forming packs (no Ray) ------------------------------------------------------------------------
+def test_packs_are_even_and_hold_one_cell_and_pack_key():
+    from sparse_core.packed import pack_key
+
+    trials = smoke_trials(["full", "rigl", "gmp"], densities=(0.1, 0.05, 0.01), seeds=range(10))  # 30 per cell
+    packs = packing.packs(trials, 8)
+    assert [len(p) for p in packs] == [8, 8, 7, 7] * 3
+    for p in packs:
+        assert len({t.cell for t in p}) == 1 and len({pack_key(from_flat(t.flat)) for t in p}) == 1
+    assert sorted(t.run_key for p in packs for t in p) == sorted(t.run_key for t in trials)
+    assert packing.packs(trials, 1) == [[t] for t in trials]  # --pack 1: every trial alone, in order
+    assert [len(p) for p in packing.packs(trials, None)] == [8, 8, 7, 7] * 3  # default for the MLP: 8
+
+
+def test_fewer_packs_than_slots_are_split():
+    trials = smoke_trials(["full", "rigl"])  # 2 cells x 2 densities
+    assert [len(p) for p in packing.packs(trials, 8)] == [2, 2]
+    assert sorted(len(p) for p in packing.packs(trials, 8, min_packs=3)) == [1, 1, 2]
+    assert [len(p) for p in packing.packs(trials, 8, min_packs=10)] == [1, 1, 1, 1]
+    assert packing.default_pack("mlp") == packing.DEFAULT_PACK and packing.default_pack("vgg16") == 1
+
+
+def test_pack_labels_and_both_config_shapes():
+    trials = smoke_trials(["full"])
+    meta = {"sweep": "s"}
+    single = {"trial": packing.spec(trials[0]), "meta": meta}
+    pack = {"trials": [packing.spec(t) for t in trials], "meta": meta}
+    assert packing.specs(single) == [single["trial"]] and not packing.is_packed(single)
+    assert packing.label(single) == "full d=0.1 s=0"
+    assert packing.label(pack) == "full d=0.1,0.01 s=0 (pack of 2)"
+    assert packing.describe([[t] for t in trials], 2) == "2 trials"
+    assert packing.describe([trials], 2) == "2 trials in 1 packed trials of up to 2"
+
+
+@pytest.mark.parametrize("value,message", [("0", "--pack 0: give at least 1"), ("-3", "--pack -3: give at least 1"),
+                                           ("two", "invalid int value")])
+def test_bad_pack_fails_before_anything_starts(value, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parser, args = ablation_grid.parse_args(["--preset", "smoke", "--pack", value])
+        ablation_grid.plan(parser, args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---- packed sweeps ----------------------------------------------------------------------------------
+def test_packed_sweep_equals_unpacked_run_by_run(smoke_sweep, sweep_store):
+    out, uri = smoke_sweep["out"], sweep_store["uri"]
+    assert smoke_sweep["code"] == 0, out
+    half = SMOKE_TRIALS // 2
+    assert f"launching {SMOKE_TRIALS} trials in {half} packed trials of up to 2" in out
+    assert f"| {SMOKE_TRIALS} runs in {half} packed trials |" in out
+    assert out.count("  done ") == SMOKE_TRIALS and "(pack of 2, " in out  # one line per run
+    code, plain_out = sweep(sweep_store, "unpacked", "--cells", "full,rigl", "--densities", "0.1", "--pack", "1")
+    assert code == 0 and "launching 2 trials (1 CPU" in plain_out and "packed trials" not in plain_out, plain_out
+    packed, plain = by_key(uri, "smoke"), by_key(uri, "unpacked")
+    assert set(plain) == {t.run_key for t in smoke_trials(["full", "rigl"], densities=(0.1,))} and set(plain) < set(packed)
+    c = runstore.client(uri)
+    for key, run in plain.items():
+        twin = packed[key]
+        assert to_flat(from_flat(twin.data.params)) == to_flat(from_flat(run.data.params))
+        assert stable_finals(twin) == stable_finals(run)  # the same run, packed or not
+        for metric in ("epoch/val_acc", "epoch/train_loss", "trainer/lr", "prune/val_acc"):
+            if metric == "prune/val_acc" and run.data.tags["cell"] == "rigl":
+                continue
+            hist = [(m.step, m.value) for m in c.get_metric_history(run.info.run_id, metric)]
+            assert hist and hist == [(m.step, m.value) for m in c.get_metric_history(twin.info.run_id, metric)]
+        assert "pack_size" not in run.data.tags
+    trial_ids = []
+    for key, run in packed.items():
+        tags = run.data.tags
+        if tags.get("pack_size") is None:  # runs other tests of the session added to the experiment
+            continue
+        assert set(run.data.params) == set(FIELD_TYPES) and run_key(from_flat(run.data.params)) == key
+        assert tags["pack_size"] == "2" and [a.path for a in c.list_artifacts(run.info.run_id)] == ["layer_density.json"]
+        # its checkpoints: its own file in the pack's trial dir, recorded in its run
+        assert list(Path(tags["checkpoint_dir"]).glob(f"checkpoint_*/state_{key}.pt"))
+        trial_ids.append(tags["trial_id"])
+    assert len(trial_ids) == SMOKE_TRIALS and all(trial_ids.count(t) == 2 for t in trial_ids)  # two runs per trial
+
+
+def test_failed_pack_retries_each_copy_from_its_checkpoint(smoke_sweep, sweep_store):
+    uri = sweep_store["uri"]
+    code, out = sweep(sweep_store, "retry-pack", "--cells", "base", "--pack", "2", "--max-concurrent", "1",
+                      "--set", "train.fail_at_epoch=2")
+    assert code == 0, out
+    assert "retry base d=0.1,0.01 s=0 (pack of 2): failed, continuing from its last checkpoint" in out
+    assert "2 trials (2 launched, 0 skipped, 0 failed) | 2 runs in 1 packed trials" in out
+    retried, plain = by_key(uri, "retry-pack"), by_key(uri, "smoke")
+    assert len(retried) == 2 == len(runs(uri, "retry-pack"))  # one run per copy, continued
+    c = runstore.client(uri)
+    for key, run in retried.items():
+        tags = run.data.tags
+        assert tags["resumed_at_epoch"] == "1" and tags["retries"] == "1"  # after epoch 1, not from scratch
+        assert "InjectedFailure" in tags["retried_after"] and "error" not in tags
+        for metric in ("epoch/test_acc", "epoch/train_loss"):
+            assert [m.step for m in c.get_metric_history(run.info.run_id, metric)] == [1, 2, 3]
+        assert stable_finals(run) == stable_finals(plain[key])  # the same result as never interrupted
+
+
+@pytest.mark.slow
+def test_superset_of_seeds_packs_only_the_new_trials(ray_runtime, sweep_store):
+    uri = sweep_store["uri"]
+    args = ("--cells", "rigl", "--pack", "2", "--max-concurrent", "1")
+    code, out = sweep(sweep_store, "superset", *args)
+    assert code == 0 and "launching 2 trials in 1 packed trials of up to 2" in out, out
+    before = {r.info.run_id for r in runs(uri, "superset")}
+    code, out = sweep(sweep_store, "superset", *args, "--seeds", "0,1")
+    assert code == 0, out
+    assert "skipping 2 of 4 trials: already FINISHED" in out and "launching 2 trials in 1 packed trials" in out
+    assert "4 trials (2 launched, 2 skipped, 0 failed) | 2 runs in 1 packed trials" in out
+    assert "(2/2 seeds)" in out  # the summary counts runs per (cell, density), packed or not
+    after = runs(uri, "superset")
+    assert len(after) == 4 and {r.info.status for r in after} == {"FINISHED"}
+    new = [r for r in after if r.info.run_id not in before]
+    assert {r.data.params["seed"] for r in new} == {"1"} and {r.info.run_id for r in after} >= before
+
+
+# ---- a FINISHED copy inside a pack (in-process: Tune's session calls stand in) -------------------------
+class _FakeTune:
+    """What pack_trial calls of ``ray.tune``: reports are kept, checkpoints list their files."""
+
+    def __init__(self):
+        self.reports: list[tuple[dict, list[str] | None]] = []
+
+    def report(self, metrics, checkpoint=None):
+        self.reports.append((metrics, checkpoint))
+
+    def get_checkpoint(self):
+        return None
+
+    def get_context(self):
+        return type("Context", (), {"get_trial_id": staticmethod(lambda: "fake_00000")})()
+
+    class Checkpoint:
+        @staticmethod
+        def from_directory(d):
+            return sorted(p.name for p in Path(d).iterdir())
+
+
+def test_a_finished_copy_is_skipped_inside_its_pack(monkeypatch, sweep_store, torch_one_thread):
+    """The driver's skip can be overtaken (another sweep finishes a run_key first, --resume): the copy
+    whose run_key is FINISHED skips itself and the others train."""
+    from sweeps import claims, pack_trial, tracking
+
+    store = sweep_store
+    done, new = smoke_trials(["base"], densities=(0.1, 0.05))
+    with claims.store_lock(store["uri"]):
+        exp_id = tracking.experiment_id(store["uri"], "inner-skip")
+    finished = tracking.TrialRun(store["uri"], exp_id, sweep="earlier", cell="base", flat=done.flat,
+                                 run_key=done.run_key).open()
+    runstore.client(store["uri"]).set_terminated(finished.run_id, "FINISHED")
+    fake = _FakeTune()
+    monkeypatch.setattr(pack_trial, "tune", fake)
+    meta = {"sweep": "inner-skip", "tracking_uri": store["uri"], "experiment_id": exp_id, "cpus": 1}
+    pack_trial.train_pack({"trials": [packing.spec(done), packing.spec(new)], "meta": meta})
+    final = fake.reports[-1][0]
+    rows = {row["run_key"]: row for row in json.loads(final["runs"])}
+    assert rows[done.run_key]["status"] == "skipped" and rows[done.run_key]["skipped"] == "finished"
+    assert rows[done.run_key]["mlflow_run_id"] == finished.run_id
+    assert rows[new.run_key]["status"] == "finished" and final["finished_copies"] == 1 == final["skipped_copies"]
+    all_runs = runs(store["uri"], "inner-skip")
+    assert len(all_runs) == 2 and {r.info.status for r in all_runs} == {"FINISHED"}
+    assert {r.data.tags["sweep"] for r in all_runs} == {"earlier", "inner-skip"}  # the FINISHED run untouched
+    # every checkpoint holds the trained copy's own file only (the skipped copy has no state)
+    saved = [files for _, files in fake.reports if files is not None]
+    assert saved and all(files == [f"state_{new.run_key}.pt"] for files in saved)
