@@ -26,12 +26,16 @@ SCRIPTS = {
     "step_overhead.py": ["plain ms", "sparse ms", "ratio [IQR]", "trainer ms"],
     "data_path.py": ["train_batches", "DataLoader", "speedup [IQR]"],
     "gpu_throughput.py": ["images/s", "epoch s", "ratio [IQR]", "sparse 0.01"],
+    "gpu_throughput.py --packed": ["trials/hour", "vs K=1", "ms/step"],
+    "packed_trials.py": ["packed CPU s/trial", "CPU ratio [IQR]", "wall ratio [IQR]", "results identical: yes"],
+    "packed_trials.py startup --repeats 1": ["trial CPU s", "import CPU s"],
 }
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_tiny_run_prints_its_table(script):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--tiny", "--threads", "1"],
+    name, *extra = script.split()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *extra, "--tiny", "--threads", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert f"torch {__import__('torch').__version__}" in proc.stdout

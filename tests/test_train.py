@@ -130,6 +130,17 @@ def test_flops_match_torch_flop_counter_and_hand_count():
         c = item
     expected += 2 * 64 * 10
     assert dense == expected and sparse == dense
+    from torch.utils.flop_counter import FlopCounterMode  # what the hooks' count stands in for
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        t.model.eval()(torch.zeros(1, 3, 32, 32))
+    assert counter.get_total_flops() == dense
+    mlp = Trainer(Config().replace(**{"data.name": "synthetic"}))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        mlp.model.eval()(torch.zeros(1, 1, 8, 8))
+    assert flops(mlp.model, (1, 8, 8), {n: torch.ones_like(w, dtype=torch.bool) for n, w in
+                                        mlp.model.named_parameters() if n.endswith("weight")})[0] == counter.get_total_flops()
 
 
 def _write_mnist(root, n_train=50, n_test=20):
