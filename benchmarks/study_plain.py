@@ -8,6 +8,10 @@ tests against the best baseline by validation accuracy) and ``analysis.plots`` b
 ``<out>/table.md``/``table.csv`` and ``<out>/accuracy_vs_density.png``/``.pdf`` from the same numbers a
 sweep would log. Used for the README's results when the sweep machinery itself is not what is studied.
 
+With ``--pack K`` (default 1) the trials of a cell that differ only in seed and density train as packs
+of up to K copies (``sparse_core.packed.run_packed``, grouped as ``ablation_grid.py --pack`` groups them);
+every copy's result equals its single run, so the table does not depend on K, only the time does.
+
     python benchmarks/study_plain.py --preset digits-study --densities 0.1,0.03,0.01,0.003 --workers 2
 """
 
@@ -24,18 +28,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def _one(item):
+def _pack(items):
+    """A list of (cell, flat) trained as one pack; the CPU seconds are shared out equally."""
     import torch
 
     torch.set_num_threads(1)
     from sparse_core.config import from_flat
-    from sparse_core.train import run
+    from sparse_core.packed import run_packed
 
-    cell, flat = item
     started = time.process_time()
-    result = run(from_flat(flat))
-    result.pop("history")
-    return {"cell": cell, "cpu_s": time.process_time() - started, **result}
+    results = run_packed([from_flat(flat) for _, flat in items])
+    cpu = (time.process_time() - started) / len(items)
+    out = []
+    for (cell, _), result in zip(items, results):
+        if isinstance(result, BaseException):
+            raise result
+        result.pop("history")
+        out.append({"cell": cell, "cpu_s": cpu, **result})
+    return out
 
 
 def frame(rows: list[dict]):
@@ -60,6 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", help="comma separated (default: the preset's)")
     ap.add_argument("--cells", help="comma separated cells (default: all of the design)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--pack", type=int, default=1, help="copies per pack (1 = every trial alone)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_study"))
     args = ap.parse_args(argv)
     preset = presets.get(args.preset)
@@ -76,19 +87,28 @@ def main(argv=None) -> int:
             for line in f:
                 r = json.loads(line)
                 done[r["run_key"]] = r
-    todo = [(t.cell, t.flat) for t in trials if t.run_key not in done]
-    print(f"{len(trials)} trials, {len(done)} already in {path}, {len(todo)} to run on {args.workers} workers",
-          flush=True)
-    started = time.time()
+    from sweeps.packing import packs
+
+    todo = packs([t for t in trials if t.run_key not in done], args.pack, min_packs=args.workers)
+    n_todo = sum(len(p) for p in todo)
+    print(f"{len(trials)} trials, {len(done)} already in {path}, {n_todo} to run in {len(todo)} packs on "
+          f"{args.workers} workers", flush=True)
+    started, i, cpu_total = time.time(), 0, 0.0
     with mp.get_context("spawn").Pool(args.workers) as pool, open(path, "a") as f:
-        for i, r in enumerate(pool.imap_unordered(_one, todo), 1):
-            f.write(json.dumps(r, default=str) + "\n")
-            f.flush()
-            done[r["run_key"]] = r
-            eta = (time.time() - started) / i * (len(todo) - i)
-            print(f"[{i}/{len(todo)}] {r['cell']} d={r['density_target']:g} s={r['config']['seed']}: "
-                  f"val {100 * r['val_acc']:.2f} test {100 * r['test_acc']:.2f} ({r['cpu_s']:.1f} CPU s, "
-                  f"eta {eta:.0f}s)", flush=True)
+        for rows in pool.imap_unordered(_pack, [[(t.cell, t.flat) for t in p] for p in todo]):
+            for r in rows:
+                i += 1
+                cpu_total += r["cpu_s"]
+                f.write(json.dumps(r, default=str) + "\n")
+                f.flush()
+                done[r["run_key"]] = r
+                eta = (time.time() - started) / i * (n_todo - i)
+                print(f"[{i}/{n_todo}] {r['cell']} d={r['density_target']:g} s={r['config']['seed']}: "
+                      f"val {100 * r['val_acc']:.2f} test {100 * r['test_acc']:.2f} ({r['cpu_s']:.1f} CPU s, "
+                      f"eta {eta:.0f}s)", flush=True)
+    if n_todo:
+        print(f"trained {n_todo} trials in {time.time() - started:.1f} s wall, {cpu_total:.1f} CPU s in the "
+              f"trainers (--pack {args.pack}, --workers {args.workers})", flush=True)
     from analysis import plots
     from analysis.table import ablation_table, to_csv, to_markdown
 
