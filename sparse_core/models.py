@@ -111,7 +111,7 @@ class MLP(nn.Module):
             x = block(x)
         return self.head(x)
 
-    def packed_forward(self, x: torch.Tensor, weight, param) -> torch.Tensor:
+    def packed_forward(self, x: torch.Tensor, weight, param, channels_last: bool = False) -> torch.Tensor:
         """x (K, B, ...) -> logits (K, B, classes); ``weight(prefix)`` is the stacked effective weight
         of a prunable layer, ``param(name)`` any other stacked parameter (None if absent)."""
         h = x.flatten(2)
@@ -146,11 +146,14 @@ class VGG(nn.Module):
         x = self.features(x)
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
-    def packed_forward(self, x: torch.Tensor, weight, param) -> torch.Tensor:
+    def packed_forward(self, x: torch.Tensor, weight, param, channels_last: bool = False) -> torch.Tensor:
         """x (K, B, C, H, W) -> logits (K, B, classes): copy k's channels are group k of every
-        convolution (layout (B, K * C, H, W)) and of BatchNorm (stacked running statistics)."""
+        convolution (layout (B, K * C, H, W)) and of BatchNorm (stacked running statistics);
+        ``channels_last``: the activations in channels-last memory format (``train.channels_last``)."""
         k, b = x.shape[:2]
         h = x.transpose(0, 1).reshape(b, -1, *x.shape[3:])
+        if channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
         for i, m in enumerate(self.features):
             if not isinstance(m, Block):
                 h = m(h)  # max-pool: per channel

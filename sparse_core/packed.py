@@ -271,15 +271,13 @@ class Pack:
         per-copy losses (no host sync)."""
         lead = self.lead
         learned = stage == "pre" and lead.cfg.mask.kind != "none"
-        if lead.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
         if soft is not None:
             soft.set(lead.seg_step)
         update = lead.rigl is not None and stage == "rigl" and lead.rigl.is_update_step(lead.seg_step + 1)
         self.bypass = update
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=lead.amp):
-                logits = self.model.packed_forward(x, self._weight, self.stacks.get)
+                logits = self.model.packed_forward(x, self._weight, self.stacks.get, lead.channels_last)
             losses = self._loss(logits, y, stage)
             if learned:
                 losses = losses + learned_mask.penalties(self._scores(), lead.cfg.mask, self.targets)
