@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import learned_mask, pruners, rescale, state
 from .config import Config, run_key, validate_names
