@@ -177,9 +177,11 @@ def _summarise(args, sweep, trials, uri, exp_id) -> None:
                                   report=folder, report_error=error)), flush=True)
 
 
-def _tally(results) -> dict:
+def _tally(results, runs: int = 0) -> dict:
     """Counts of a finished Tune run, in runs (a packed trial stands for its copies): launched, failed,
-    unfinished (and their Tune trial ids), skipped inside the trials, and Tune trials and their seconds."""
+    unfinished (and their Tune trial ids), skipped inside the trials, and Tune trials and their seconds.
+    ``runs``: the runs of every trial as Progress saw them (a trial that never started has no config in
+    its result); those not accounted for are unfinished."""
     out = {"launched": 0, "tune_trials": len(results), "failed": 0, "unfinished": 0, "cut_ids": [], "idle": [],
            "seconds": sum(r.metrics.get("time_total_s", 0.0) for r in results if r.metrics)}
     for r in results:
@@ -197,6 +199,9 @@ def _tally(results) -> dict:
             out["idle"] += [row["skipped"] for row in rows if row["status"] == "skipped"]
         elif metrics.get("skipped"):
             out["idle"].append(metrics["skipped"])
+    if runs > out["launched"]:
+        out["unfinished"] += runs - out["launched"]
+        out["launched"] = runs
     return out
 
 
@@ -243,7 +248,7 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch) -> dict:
             print(f"launching {packing.describe(packed, len(todo))} ({cpus:g} CPU, {gpus:g} GPU each)", flush=True)
         elif args.pack is not None:
             print("note: --pack is ignored with --resume (the restored run keeps its packs)", flush=True)
-        tally = _tally(tuner.fit())
+        tally = _tally(tuner.fit(), progress.runs)
         idle = tally["idle"]
         if idle:  # see TrialRun.open: a FINISHED run_key is never trained again, nor one claimed elsewhere
             print(f"{len(idle)} of {tally['launched']} trials trained nothing: {idle.count('finished')} already "

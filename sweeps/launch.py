@@ -105,6 +105,7 @@ class Progress(tune.Callback):
         self.epochs: dict[str, tuple[int, int, int]] = {}  # trial_id -> (epoch, epochs, copies) of running trials
         self.trial_seconds: dict[str, float] = {}
         self.failed_copies = 0  # copies of completed packed trials that failed alone
+        self.runs = 0  # runs the Tune run stands for (its trials' copies, started or not)
 
     def _status(self, trials, ended=None, ended_as: str = "TERMINATED") -> str:
         now = time.time()
@@ -131,6 +132,7 @@ class Progress(tune.Callback):
             self.t0 = self.last_line = time.time()
 
     def on_step_end(self, iteration, trials, **info):
+        self.runs = sum(_copies(t) for t in trials)
         if self.t0 is not None and time.time() - self.last_line >= self.heartbeat_s:
             running = [f"{trial_label(t)} {e}/{n}" for t in trials if t.status == "RUNNING"
                        for e, n, _ in [self.epochs.get(t.trial_id, (0, 0, 1))]]

@@ -383,7 +383,7 @@ def test_interrupted_sweep_resumes(tmp_path):
             break
     rest, _ = proc.communicate(timeout=900)
     assert proc.returncode == 1, "".join(lines) + rest
-    assert "unfinished: continue with --resume" in rest
+    assert "unfinished: continue with --resume" in rest, "".join(lines) + rest
     assert not runs(uri, "sparsity-sweep", "RUNNING")
     done = subprocess.run(argv + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
