@@ -54,7 +54,7 @@ def loop(args) -> int:
     for k in args.ks:
         cfgs = [Config().replace(**base, seed=s) for s in range(k)]
         n_base = min(k, args.baseline_max)
-        run_packed(cfgs[:1])  # warm-up (first-call costs)
+        run_packed(cfgs[:1]), run(cfgs[0])  # warm-up of both paths (first-call costs)
         cpu_ratio, wall_ratio, per = [], [], {"packed": [], "one": [], "packed_w": [], "one_w": []}
         for r in range(args.repeats):
             order = ("packed", "one") if r % 2 == 0 else ("one", "packed")
