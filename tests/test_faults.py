@@ -315,23 +315,25 @@ def sweep_argv(tmp_path, cells="full,base,rigl", densities="0.1,0.05", *extra):
             "--storage-path", str(tmp_path / "ray"), *extra]
 
 
-def running_with_checkpoint(db: Path) -> list[tuple[str, str]]:
-    """(run_id, checkpoint_dir) of RUNNING runs that have a checkpoint (plain SQL: cheap to poll)."""
+def running_with_checkpoint(db: Path) -> list[tuple[str, str, str]]:
+    """(run_id, checkpoint_dir, run_key) of RUNNING runs that have a checkpoint (plain SQL: cheap to poll)."""
     if not db.exists():
         return []
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
-            return con.execute("SELECT r.run_uuid, t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-                               "WHERE r.status = 'RUNNING' AND t.key = 'checkpoint_dir'").fetchall()
+            return con.execute("SELECT r.run_uuid, t.value, k.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                               "JOIN tags k ON k.run_uuid = r.run_uuid WHERE r.status = 'RUNNING' "
+                               "AND t.key = 'checkpoint_dir' AND k.key = 'run_key'").fetchall()
     except sqlite3.OperationalError:  # tables not created yet
         return []
 
 
-def newest_epoch(trial_dir: str) -> int:
+def newest_epoch(trial_dir: str, key: str) -> int:  # of run_key's state.pt, or state_<run_key>.pt (packed trial)
     epochs = []
-    for d in Path(trial_dir).glob("checkpoint_*"):
+    for path in [p for d in Path(trial_dir).glob("checkpoint_*") for p in (d / f"state_{key}.pt", d / "state.pt")
+                 if p.exists()]:
         try:
-            epochs.append(len(load_state(d / "state.pt")["history"]))
+            epochs.append(len(load_state(path)["history"]))
         except CheckpointError:
             pass  # the kill hit this one mid-copy
     return max(epochs)
@@ -366,7 +368,7 @@ def test_driver_killed_then_rerun(tmp_path, rerun):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     time.sleep(2)  # Ray's processes share the driver's fate
-    orphans = {run_id: newest_epoch(where) for run_id, where in running_with_checkpoint(db)}
+    orphans = {run_id: newest_epoch(where, key) for run_id, where, key in running_with_checkpoint(db)}
     assert orphans, "the kill should have left a RUNNING run (the bug this test guards against)"
     finished_before = {r.info.run_id: r.info.end_time for r in tracking.search(uri, "sparsity-sweep",
                                                                                "attributes.status = 'FINISHED'")}
