@@ -74,6 +74,7 @@ class Pack:
             self._make_optimizer(self.lead.segment[0])
             for k, t in enumerate(copies):
                 self.opt.load_copy(k, t.opt_saved)
+                t.opt_saved = None
 
     # ---- stacking -------------------------------------------------------------------------
     @torch.no_grad()
