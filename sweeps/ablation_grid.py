@@ -9,7 +9,9 @@ Trials whose run_key already has a FINISHED run in the experiment are skipped, s
 sweep only runs what is missing; a run_key's run left RUNNING by a killed driver is continued (from
 its newest checkpoint) rather than duplicated. ``--resume`` restores the latest interrupted Tune run
 of the sweep; a trial that crashes is retried from its last checkpoint (``--max-failures``). Two
-sweeps may share a store: each run_key is claimed by one trial (see sweeps/claims.py).
+sweeps may share a store: each run_key is claimed by one trial (see sweeps/claims.py). ``--pack K``
+trains up to K trials of a cell that differ only in seed, density or learning rates as one Tune trial
+(sweeps/packing.py; every trial still its own MLflow run).
 """
 
 from __future__ import annotations

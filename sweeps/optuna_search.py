@@ -8,7 +8,8 @@ label smoothing, post.soft_fraction with a soft schedule); ``--params`` picks th
 Every trial is an MLflow run with cell ``optuna``, in its own experiment (default
 ``sparsity-sweep-optuna``, so the grid's tables never mix with it). Trials are ranked, stopped (ASHA)
 and picked by validation accuracy (``val_acc``), never test accuracy; the best config is printed as
-``--set`` overrides to paste into ``ablation_grid.py``.
+``--set`` overrides to paste into ``ablation_grid.py``. Trials are not packed (``ablation_grid.py --pack``):
+TPE proposes one trial at a time from the results so far, and ASHA stops trials one at a time.
 """
 
 from __future__ import annotations
