@@ -49,17 +49,25 @@ class NoMask(MaskKind):
     pass
 
 
+def _sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """sigmoid computed in float64 and rounded back: a packed score tensor puts copy k's entries at other
+    positions of the vectorised kernel than a single run does, and float32 sigmoid differs by an ulp
+    between the vector body and the scalar tail; in float64 that ulp almost never survives the rounding,
+    so a copy's mask is its single run's."""
+    return torch.sigmoid(x.double()).to(x.dtype) if x.dtype == torch.float32 else torch.sigmoid(x)
+
+
 @MASK_KINDS.register("sigmoid")
 class SigmoidMask(MaskKind):
     def init_score(self, weight, cfg):
         return torch.full_like(weight, cfg.init)
 
     def forward_mask(self, score, beta):
-        return torch.sigmoid(beta * score)
+        return _sigmoid(beta * score)
 
     def soft_sum(self, score, beta) -> torch.Tensor:
         """sum(m) per copy: the L1 penalty's sum and, divided by the count, the soft density."""
-        return torch.sigmoid(beta * score).flatten(1).sum(1)
+        return _sigmoid(beta * score).flatten(1).sum(1)
 
     def penalty(self, score, beta, cfg):
         return cfg.lambda_l1 * self.soft_sum(score, beta)
@@ -110,6 +118,11 @@ def attach(model: nn.Module, cfg: MaskConfig) -> list[nn.Parameter]:
 def set_beta(model: nn.Module, beta: float) -> None:
     for layer in prunable_layers(model).values():
         layer.mask_beta = beta
+
+
+def beta(model: nn.Module) -> float | None:
+    """The current temperature of the model's learned mask (None without one)."""
+    return next((l.mask_beta for l in prunable_layers(model).values() if getattr(l, "mask_score", None) is not None), None)
 
 
 def target_at(epoch: int, pre_epochs: int, density: float) -> float:

@@ -51,7 +51,11 @@ class Activation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.t >= 1.0:
             return self.relu(x)
-        return (1.0 - self.t) * F.silu(x) + self.t * self.relu(x)
+        # SiLU in float64, rounded back: in a pack, copy k's activations sit at other positions of the
+        # vectorised kernel than in a single run, and float32 SiLU differs by an ulp between its vector
+        # body and its scalar tail (see learned_mask._sigmoid)
+        silu = F.silu(x.double()).to(x.dtype) if x.dtype == torch.float32 else F.silu(x)
+        return (1.0 - self.t) * silu + self.t * self.relu(x)
 
 
 def match_width(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:

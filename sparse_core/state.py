@@ -24,6 +24,7 @@ def capture(trainer) -> dict:
         "step_idx": trainer.step_idx,
         "model": trainer._cpu_state_dict(),
         "has_mask_scores": bool(learned_mask.score_params(trainer.model)),
+        "mask_beta": learned_mask.beta(trainer.model),  # the fold at pruning uses the last epoch's temperature
         "masks": None if trainer.masks is None else {n: m.cpu().clone() for n, m in trainer.masks.items()},
         "optimizer": trainer.opt.state_dict() if trainer.opt else None,  # the LR schedule is a function of seg_step
         "segment": trainer.segment,
@@ -48,6 +49,8 @@ def restore(trainer, state: dict) -> None:
                          f"{run_key(trainer.cfg)})")
     if not state["has_mask_scores"]:
         learned_mask.fold(trainer.model)  # the scores were folded into the weights before this point
+    elif state.get("mask_beta") is not None:
+        learned_mask.set_beta(trainer.model, state["mask_beta"])
     trainer.model.load_state_dict(state["model"])
     trainer.masks = None if state["masks"] is None else {n: m.to(trainer.device) for n, m in state["masks"].items()}
     if trainer.masks is not None:
