@@ -277,6 +277,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep", metavar="DIR", help="keep the MLflow stores and Tune storage in DIR (default: a "
                                                  "temporary folder, removed)")
     p.add_argument("--verbose", action="store_true", help="echo the sweeps' output to stderr")
+    p.add_argument("--pack", type=int, help="the sweep's --pack (default: ablation_grid's default, packing MLP "
+                                            "trials); the plain loop always runs one trial after another")
     p.add_argument("--threads", type=int, help="ignored (accepted for symmetry with the other benchmarks: "
                                                "every trial, in the sweep and in the plain loop, uses 1 torch thread)")
     args = p.parse_args(argv)
@@ -291,7 +293,7 @@ def main(argv=None) -> int:
 
     from sweeps import ablation_grid
 
-    common = ["--cpus-per-trial", "1", "--max-failures", "0"]
+    common = ["--cpus-per-trial", "1", "--max-failures", "0"] + (["--pack", str(args.pack)] if args.pack else [])
     if "--no-report" in ablation_grid.parse_args([])[0].format_help():
         common.append("--no-report")  # the end-of-sweep report (tables, plots) has no counterpart in the plain loop
     seeds = ["--seeds", args.seeds] if args.seeds else []
