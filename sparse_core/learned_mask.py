@@ -65,9 +65,10 @@ class SigmoidMask(MaskKind):
     def forward_mask(self, score, beta):
         return _sigmoid(beta * score)
 
-    def soft_sum(self, score, beta) -> torch.Tensor:
-        """sum(m) per copy: the L1 penalty's sum and, divided by the count, the soft density."""
-        return _sigmoid(beta * score).flatten(1).sum(1)
+    def soft_sum(self, score, beta, m: torch.Tensor | None = None) -> torch.Tensor:
+        """sum(m) per copy: the L1 penalty's sum and, divided by the count, the soft density (``m``: the
+        forward pass's mask values, when it has them: the same values, one sigmoid pass fewer)."""
+        return (_sigmoid(beta * score) if m is None else m).flatten(1).sum(1)
 
     def penalty(self, score, beta, cfg):
         return cfg.lambda_l1 * self.soft_sum(score, beta)
@@ -135,17 +136,19 @@ def score_params(model: nn.Module) -> list[nn.Parameter]:
     return [l.mask_score for l in prunable_layers(model).values() if getattr(l, "mask_score", None) is not None]
 
 
-def penalties(scores: list[tuple[MaskKind, torch.Tensor, float]], cfg: MaskConfig,
+def penalties(scores: list[tuple[MaskKind, torch.Tensor, float, torch.Tensor | None]], cfg: MaskConfig,
               targets: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-copy mask penalty (K,) summed over layers, from (kind, stacked score (K, ...), beta) per layer;
+    """Per-copy mask penalty (K,) summed over layers, from (kind, stacked score (K, ...), beta, the forward
+    pass's mask values or None) per layer;
     with ``targets`` (K,) (sigmoid masks and ``mask.target``) a copy's penalty is switched off, without a
     host sync, while its mean soft mask is at or below its target."""
     total, soft, n = None, None, 0
-    for kind, score, beta in scores:
-        if targets is not None and hasattr(kind, "soft_sum"):  # one sigmoid pass serves both
-            m = kind.soft_sum(score, beta)
+    for kind, score, beta, values in scores:
+        if hasattr(kind, "soft_sum"):  # the forward pass's sigmoid serves the penalty and the gate
+            m = kind.soft_sum(score, beta, values)
             p = cfg.lambda_l1 * m
-            soft, n = (m.detach() if soft is None else soft + m.detach()), n + score[0].numel()
+            if targets is not None:
+                soft, n = (m.detach() if soft is None else soft + m.detach()), n + score[0].numel()
         else:
             p = kind.penalty(score, beta, cfg)
         total = p if total is None else total + p
@@ -156,7 +159,7 @@ def penalties(scores: list[tuple[MaskKind, torch.Tensor, float]], cfg: MaskConfi
 
 def penalty(model: nn.Module, cfg: MaskConfig, target: float | None = None) -> torch.Tensor:
     """``penalties`` of one model (a pack of one)."""
-    scores = [(l.mask_kind, l.mask_score.unsqueeze(0), l.mask_beta) for l in prunable_layers(model).values()
+    scores = [(l.mask_kind, l.mask_score.unsqueeze(0), l.mask_beta, None) for l in prunable_layers(model).values()
               if getattr(l, "mask_score", None) is not None]
     targets = None if target is None else torch.tensor([target], dtype=scores[0][1].dtype)
     return penalties(scores, cfg, targets)[0]

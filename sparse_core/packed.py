@@ -69,6 +69,7 @@ class Pack:
         self.sync_masks()
         self.opt: PackedOptimizer | None = None
         self.bypass = False  # RigL update steps: forward with the raw weights (dense gradient)
+        self.mask_values: dict[str, torch.Tensor] = {}  # this step's learned-mask values, by layer
         self.targets: torch.Tensor | None = None  # per-copy learned-mask target density
         if self.lead.segment is not None and self.lead.opt_saved is not None:  # restored mid-segment
             self._make_optimizer(self.lead.segment[0])
@@ -139,14 +140,17 @@ class Pack:
         w = self.stacks[f"{prefix}.weight"]
         layer = self.layers[f"{prefix}.weight"]
         if layer.mask_score is not None:
-            w = w * layer.mask_kind.forward_mask(self.stacks[f"{prefix}.mask_score"], layer.mask_beta)
+            m = layer.mask_kind.forward_mask(self.stacks[f"{prefix}.mask_score"], layer.mask_beta)
+            self.mask_values[prefix] = m  # the penalty reuses them (one sigmoid pass per step)
+            w = w * m
         if self.masks is not None and not self.bypass:
             w = w * self.masks[f"{prefix}.weight"]
         return w
 
-    def _scores(self) -> list[tuple[Any, torch.Tensor, float]]:
-        return [(layer.mask_kind, self.stacks[f"{name[:-len('weight')]}mask_score"], layer.mask_beta)
-                for name, layer in self.layers.items() if layer.mask_score is not None]
+    def _scores(self) -> list[tuple[Any, torch.Tensor, float, torch.Tensor | None]]:
+        return [(layer.mask_kind, self.stacks[f"{name[:-len('weight')]}mask_score"], layer.mask_beta,
+                 self.mask_values.get(name[:-len(".weight")])) for name, layer in self.layers.items()
+                if layer.mask_score is not None]
 
     # ---- segments and steps -----------------------------------------------------------------
     def _make_optimizer(self, stage: str) -> None:
@@ -197,6 +201,7 @@ class Pack:
             soft.set(lead.seg_step)
         update = lead.rigl is not None and stage == "rigl" and lead.rigl.is_update_step(lead.seg_step + 1)
         self.bypass = update
+        self.mask_values: dict[str, torch.Tensor] = {}
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=lead.amp):
                 logits = self.model.packed_forward(x, self._weight, self.stacks.get, lead.channels_last)
@@ -208,11 +213,12 @@ class Pack:
         for p in self.params:
             p.grad = None
         losses.sum().backward()
+        self.mask_values = {}
         self.opt.step(self.stacks, lr_factor(lead.cfg.train.schedule, lead.seg_step, lead.seg_total))
         for c in self.copies:
             c.seg_step += 1
         if learned:
-            for kind, score, _ in self._scores():
+            for kind, score, _, _ in self._scores():
                 kind.after_step(score)
         self.enforce()
         if update:
