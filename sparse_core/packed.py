@@ -165,7 +165,7 @@ class Pack:
         self.opt = PackedOptimizer(t.optimizer, t.momentum if t.optimizer == "sgd" else 0.0, groups, self.stacks)
         self.params = [self.stacks[n] for g in groups for n in g[0]]
         for k, c in enumerate(self.copies):
-            c.opt, c.sched = CopyOptimizer(self.opt, k, c), None
+            c.opt = CopyOptimizer(self.opt, k, c)
 
     def begin_segment(self, stage: str, rnd: int, total_steps: int) -> None:
         """A new optimizer and LR schedule (and RigL, or the gradual steps) for a training segment, unless

@@ -81,7 +81,6 @@ class Trainer:
         self.step_idx = 0
         self.masks: dict[str, torch.Tensor] | None = None  # None = dense
         self.opt = None  # this copy's view of its pack's optimizer (packed.CopyOptimizer)
-        self.sched = None  # (the LR factor is a function of seg_step)
         self.opt_saved: dict | None = None  # a restored optimizer state, loaded when the pack is built
         self.own_pack: Pack | None = None  # the pack of one behind train_epoch/train_step/begin_segment
         self.segment: tuple | None = None  # (stage, round) the optimizer belongs to
@@ -249,7 +248,7 @@ class Trainer:
         scores = self._evaluate()
         if step.last:
             self.marks.update(prune_val_acc=scores["val_acc"], prune_test_acc=scores["test_acc"])
-        self.opt = self.sched = self.segment = None
+        self.opt = self.segment = None
         if self.own_pack is not None:
             self.own_pack.sync_masks()
         masks = self.masks if self.masks is not None else get_masks(self.model)

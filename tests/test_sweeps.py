@@ -284,6 +284,11 @@ def test_ray_job_submit_end_to_end(tmp_path):
     head = subprocess.Popen(["ray", "start", "--head", "--block", "--port", str(_free_port()), "--num-cpus", "2",
                              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
                              "--ray-client-server-port", str(_free_port()), "--temp-dir", str(temp),
+                             # the job agent's ports too: on a default port left bound by an earlier Ray (another
+                             # test's), the agent never registers and every submission says "No available agent"
+                             "--dashboard-agent-listen-port", str(_free_port()),
+                             "--dashboard-agent-grpc-port", str(_free_port()),
+                             "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
                              "--object-store-memory", str(100 * 1024**2)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
