@@ -40,20 +40,22 @@ class PackedOptimizer:
         self.steps += 1
         for names, base_lr, wd in self.groups:
             lr = base_lr * factor
-            for name in names:
-                p = stacks[name]
-                g = p.grad
-                if g is None:
-                    continue
-                if wd is not None:
-                    g = g.addcmul(p, _bcast(wd, p))
-                bufs = self.buffers[name]
-                if self.kind == "adam":
-                    self._adam(p, g, bufs, _bcast(lr, p))
-                    continue
-                if self.momentum:
-                    g = bufs["momentum_buffer"].mul_(self.momentum).add_(g)
-                p.addcmul_(g, _bcast(lr, p), value=-1.0)
+            live = [n for n in names if stacks[n].grad is not None]
+            params = [stacks[n] for n in live]
+            grads = [p.grad for p in params]
+            if wd is not None:  # d = g + wd p
+                grads = torch._foreach_addcmul(grads, params, [_bcast(wd, p) for p in params])
+            lrs = [_bcast(lr, p) for p in params]
+            if self.kind == "adam":
+                for name, p, g, step_lr in zip(live, params, grads, lrs):
+                    self._adam(p, g, self.buffers[name], step_lr)
+                continue
+            if self.momentum:  # buf = momentum buf + d (one C++ loop over the tensors, not one Python op each)
+                bufs = [self.buffers[n]["momentum_buffer"] for n in live]
+                torch._foreach_mul_(bufs, self.momentum)
+                torch._foreach_add_(bufs, grads)
+                grads = bufs
+            torch._foreach_addcmul_(params, grads, lrs, value=-1.0)  # p -= lr d
 
     def _adam(self, p, g, bufs, lr) -> None:
         b1, b2 = _ADAM_BETAS
