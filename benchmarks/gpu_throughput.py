@@ -2,7 +2,7 @@
 
 Rows: per precision/layout setting (fp32; bf16 autocast; bf16 autocast + channels-last, i.e. the
 trainer's ``train.amp`` and ``train.channels_last``), the plain model in a hand-written loop and
-the trainer's step path (``step_overhead.SparseStep``, i.e. ``Trainer.train_step``: masked layers, ``enforce_masks`` after each
+the trainer's step path (``step_overhead.SparseStep``, i.e. ``Trainer.train_step``: masked layers, ``Pack.enforce`` after each
 step) at density 1.0 and 0.01, all three interleaved block by block. Images/s = batch / median
 step time; an epoch is 50,000 images at that rate (steps only: the data path is in data_path.py).
 "ratio" is the sparse step time over the plain step time of the same setting and round; "vs fp32"

@@ -1,7 +1,7 @@
 """What the sparse trainer's training step costs over a plain PyTorch loop.
 
 Candidate: the trainer's own per-batch step, ``Trainer.train_step``, in the post-pruning stage
-(masked layers computing ``weight * mask`` in forward, ``enforce_masks`` after every step, the
+(masked layers computing ``weight * mask`` in forward, ``Pack.enforce`` after every step, the
 soft-schedule update, the per-step LR schedule). Baseline: the same architecture built from
 plain ``nn`` layers (``build(..., plain=True)``) with the same weights, optimizer (SGD, momentum,
 weight decay), per-step cosine schedule, data and batch size, in the loop one would write by hand.
@@ -10,7 +10,7 @@ the real ``Trainer.train_epoch`` (batching, steps, end-of-epoch evaluation) agai
 over the same tensors doing the same work.
 
 Density 1.0 is what the trainer runs before pruning or for a dense run: masked layers with no
-mask installed and no ``enforce_masks``. Density 0.01 uses magnitude scores -> global mask.
+mask installed and no ``Pack.enforce``. Density 0.01 uses magnitude scores -> global mask.
 
 Timing: each variant runs in blocks of steps; blocks alternate (A B B A ...) so drift on a
 shared machine hits both alike; a round's ratio is candidate block / baseline block of that
@@ -90,7 +90,7 @@ def optimizer(model: nn.Module, t: TrainConfig) -> tuple[torch.optim.Optimizer, 
 
 class SparseStep:
     """The trainer's own per-batch step, ``Trainer.train_step``, in the post-pruning stage (fixed
-    mask, default post settings): masked forward, loss, backward, step, schedule, ``enforce_masks``."""
+    mask, default post settings): masked forward, loss, backward, step, schedule, ``Pack.enforce``."""
 
     def __init__(self, trainer: Trainer, batches):
         self.trainer, self.batches, self.i = trainer, batches, 0

@@ -8,8 +8,6 @@ into the plain architecture. Masks travel as bool tensors keyed by parameter nam
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -94,30 +92,6 @@ _STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 @torch.no_grad()
-def enforce_masks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                  layers: list[nn.Module] | None = None) -> None:
-    """Re-apply every mask after an optimizer step: pruned weights and their optimizer state -> 0.
-
-    ``layers`` (``list(prunable_layers(model).values())``, built once) saves walking the model on
-    every step; all multiplies go out as one ``_foreach_mul_``.
-    """
-    tensors, masks = [], []
-    for layer in layers if layers is not None else prunable_layers(model).values():
-        mask = getattr(layer, "weight_mask", None)
-        if mask is None:
-            continue
-        tensors.append(layer.weight)
-        masks.append(mask)
-        state = optimizer.state.get(layer.weight) if optimizer is not None else None
-        for key in _STATE_KEYS if state else ():
-            if torch.is_tensor(state.get(key)):
-                tensors.append(state[key])
-                masks.append(mask)
-    if tensors:
-        torch._foreach_mul_(tensors, masks)
-
-
-@torch.no_grad()
 def zero_where(weight: torch.Tensor, where: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
     """Set ``weight`` and its optimizer state (momentum, Adam moments) to 0 at ``where``."""
     weight.masked_fill_(where, 0.0)
@@ -125,22 +99,6 @@ def zero_where(weight: torch.Tensor, where: torch.Tensor, optimizer: torch.optim
     for key in _STATE_KEYS:
         if torch.is_tensor(state.get(key)):
             state[key].masked_fill_(where, 0.0)
-
-
-@contextlib.contextmanager
-def masks_bypassed(model: nn.Module) -> Iterator[None]:
-    """Forward with the raw weights (pruned ones are exactly 0, so outputs are unchanged) so that
-    backward gives the dense gradient of every weight — what RigL grows by."""
-    saved = {name: layer.weight_mask for name, layer in prunable_layers(model).items()
-             if getattr(layer, "weight_mask", None) is not None}
-    layers = prunable_layers(model)
-    for name in saved:
-        layers[name].weight_mask = None
-    try:
-        yield
-    finally:
-        for name, mask in saved.items():
-            layers[name].weight_mask = mask
 
 
 def count(masks: dict[str, torch.Tensor]) -> tuple[int, int]:

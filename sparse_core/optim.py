@@ -73,7 +73,7 @@ class PackedOptimizer:
 
 
 class CopyOptimizer:
-    """One copy's view of the packed optimizer, for the per-copy methods (``enforce_masks``, RigL's
+    """One copy's view of the packed optimizer, for the per-copy methods (RigL's
     ``zero_where``: ``state[param][key]`` is the copy's slice), the ``lr`` metric and checkpoints."""
 
     def __init__(self, packed: PackedOptimizer, k: int, trainer):

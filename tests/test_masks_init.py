@@ -5,7 +5,7 @@ import torch
 
 from sparse_core.config import ModelConfig
 from sparse_core.init import hadamard, initialise, zero_matrix
-from sparse_core.masks import MaskedConv2d, MaskedLinear, enforce_masks, prunable_weights, set_masks
+from sparse_core.masks import MaskedConv2d, MaskedLinear, prunable_weights, set_masks
 from sparse_core.models import build
 
 
@@ -16,31 +16,35 @@ def _model():
     return model
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-3),
-    lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
-    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-2),
-], ids=["sgd-momentum-wd", "adam", "adamw"])
-def test_masked_weight_stays_exactly_zero_through_training(make_opt):
-    model = _model()
-    g = torch.Generator().manual_seed(1)
-    masks = {n: torch.rand(w.shape, generator=g) < 0.1 for n, w in prunable_weights(model).items()}
-    set_masks(model, masks)
-    opt = make_opt(model.parameters())
-    x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
-    for _ in range(200):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        enforce_masks(model, opt)
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_masked_weight_stays_exactly_zero_through_training(optimizer):
+    """The trainer's own step (a pack of three copies, each its own mask): after 60 post-pruning steps
+    with momentum/Adam state and weight decay, every pruned weight and its optimizer state is exactly 0."""
+    from sparse_core.config import Config
+    from sparse_core.packed import Pack
+    from sparse_core.plan import PruneStep
+    from sparse_core.train import Trainer
+
+    flat = {"data.name": "digits", "model.width": 32, "model.depth": 2, "train.optimizer": optimizer,
+            "train.lr": 0.1 if optimizer == "sgd" else 1e-2, "train.weight_decay": 5e-3, "prune.pruner": "random"}
+    trainers = [Trainer(Config().replace(**flat, seed=s)) for s in range(3)]
+    for t in trainers:
+        t.prune(PruneStep(0, 0.1, True))
+    pack = Pack(trainers)
+    pack.begin_segment("post", 0, 60)
+    batches = pack.batches()
+    for _ in range(60):
+        x, y = next(batches, None) or next(batches := pack.batches())
+        pack.step(x, y, "post")
     moved = 0
-    for name, w in prunable_weights(model).items():
-        assert torch.count_nonzero(w[~masks[name]]) == 0, name
-        state = opt.state[w]
-        for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
-            if key in state:
-                assert torch.count_nonzero(state[key][~masks[name]]) == 0, (name, key)
-        moved += int((w[masks[name]] != 0).sum())
+    for name, mask in pack.masks.items():
+        pruned = mask == 0
+        assert torch.count_nonzero(pack.stacks[name][pruned]) == 0, name
+        for key, buf in pack.opt.buffers[name].items():
+            assert torch.count_nonzero(buf[pruned]) == 0, (name, key)
+        moved += int((pack.stacks[name][~pruned] != 0).sum())
+        for k, t in enumerate(trainers):  # each copy's module sees its slice
+            assert torch.equal(dict(t.model.named_parameters())[name], pack.stacks[name][k])
     assert moved > 0  # the kept weights did train
 
 
@@ -101,15 +105,25 @@ def test_kaiming_is_seeded_by_its_generator():
     assert abs(std - math.sqrt(2 / 100)) < 0.01
 
 
-def test_enforce_masks_zeroes_weights_and_optimizer_state_directly():
-    model = _model()
-    masks = {n: torch.zeros_like(w, dtype=torch.bool) for n, w in prunable_weights(model).items()}
-    set_masks(model, masks)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+def test_enforce_zeroes_weights_and_optimizer_state_directly():
+    """``Pack.enforce`` after a step taken with a dense gradient (RigL's update step): every pruned weight
+    and momentum entry back to 0, every kept one untouched."""
+    from sparse_core.config import Config
+    from sparse_core.packed import Pack
+    from sparse_core.plan import PruneStep
+    from sparse_core.train import Trainer
+
+    trainers = [Trainer(Config().replace(**{"data.name": "digits", "model.width": 16, "model.depth": 2}, seed=s))
+                for s in range(2)]
+    for t in trainers:
+        t.prune(PruneStep(0, 0.1, True))
+    pack = Pack(trainers)
+    pack.begin_segment("post", 0, 10)
     with torch.no_grad():
-        for w in prunable_weights(model).values():
-            w.fill_(1.0)  # e.g. a step taken with a dense gradient (RigL's update step)
-            opt.state[w]["momentum_buffer"] = torch.ones_like(w)
-    enforce_masks(model, opt)
-    for w in prunable_weights(model).values():
-        assert torch.count_nonzero(w) == 0 and torch.count_nonzero(opt.state[w]["momentum_buffer"]) == 0
+        for name in pack.masks:
+            pack.stacks[name].fill_(1.0)
+            pack.opt.buffers[name]["momentum_buffer"].fill_(1.0)
+    pack.enforce()
+    for name, mask in pack.masks.items():
+        for t in (pack.stacks[name], pack.opt.buffers[name]["momentum_buffer"]):
+            assert torch.equal(t, mask), name  # 1 where kept, 0 where pruned

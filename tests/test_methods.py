@@ -2,11 +2,9 @@
 import pytest
 import torch
 
-from sparse_core.config import Config, ModelConfig, PostConfig, RiglConfig
-from sparse_core.masks import prunable_weights, set_masks
+from sparse_core.config import Config, ModelConfig, PostConfig
 from sparse_core.models import build, match_width
 from sparse_core.post_prune import SoftSchedule, smoothed_cross_entropy, smoothed_targets, soft_state
-from sparse_core.rigl import RigL, initial_masks
 from sparse_core.train import Trainer, plain_model
 
 FAST = {"train.pre_epochs": 1, "train.post_epochs": 2}
@@ -114,39 +112,37 @@ def test_all_post_prune_tricks_end_as_the_plain_network():
 
 
 def test_rigl_keeps_per_layer_density_regrows_and_starts_grown_weights_at_zero():
-    torch.manual_seed(0)
-    model = build(ModelConfig(width=32, depth=2), (1, 8, 8), 10)
-    cfg = RiglConfig(delta_t=1, alpha=0.3)
-    masks = initial_masks(model, 0.1, cfg, torch.Generator().manual_seed(0))
-    set_masks(model, masks)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    rigl = RigL(cfg, total_steps=40)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
-    from sparse_core.masks import enforce_masks, masks_bypassed
+    """RigL through the trainer's step (a pack of two copies): update steps see the dense gradient,
+    per-layer counts never change, and grown weights start at exactly 0 with zero momentum."""
+    from sparse_core.packed import Pack
+    from sparse_core.train import Trainer
+
+    flat = {"data.name": "digits", "model.width": 32, "model.depth": 2, "train.method": "rigl",
+            "rigl.delta_t": 1, "rigl.alpha": 0.3, "prune.density": 0.1}
+    trainers = [Trainer(_cfg(**flat).replace(seed=s)) for s in range(2)]
+    for t in trainers:
+        t.rigl_init()
+    pack = Pack(trainers)
+    pack.begin_segment("rigl", 0, 40)
+    batches = pack.batches()
     grown_any = False
     for step in range(1, 6):
-        with masks_bypassed(model):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        dense_grads = {n: w.grad.clone() for n, w in prunable_weights(model).items()}
-        assert any((dense_grads[n][~masks[n]] != 0).any() for n in masks)  # gradient of pruned weights exists
-        opt.step()
-        enforce_masks(model, opt)
-        new = rigl.update(model, masks, opt, step)
-        for n in masks:
-            assert int(new[n].sum()) == int(masks[n].sum()), n  # per-layer counts unchanged
-            grown = new[n] & ~masks[n]
+        before = {n: m.clone() for n, m in pack.masks.items()}
+        x, y = next(batches)
+        pack.step(x, y, "rigl")
+        for name, stacked in pack.stacks.items():
+            if name in before:  # the update step's gradient was the dense one: pruned weights have some
+                assert bool((stacked.grad[before[name] == 0] != 0).any()), name
+        for name, mask in pack.masks.items():
+            assert torch.equal(mask.sum(dim=tuple(range(1, mask.dim()))),
+                               before[name].sum(dim=tuple(range(1, mask.dim())))), name  # counts per copy
+            grown = (mask != 0) & (before[name] == 0)
             if grown.any():
                 grown_any = True
-                w = prunable_weights(model)[n]
-                assert torch.count_nonzero(w[grown]) == 0  # regrown weights start at 0
-                assert torch.count_nonzero(opt.state[w]["momentum_buffer"][grown]) == 0
-        masks = new
-        set_masks(model, masks)
-        enforce_masks(model, opt)
-    assert grown_any and rigl.regrown > 0
+                assert torch.count_nonzero(pack.stacks[name][grown]) == 0  # regrown weights start at 0
+                assert torch.count_nonzero(pack.opt.buffers[name]["momentum_buffer"][grown]) == 0
+    rigl = trainers[0].rigl
+    assert grown_any and rigl.regrown > 0 and trainers[1].rigl.regrown > 0
     assert rigl.drop_fraction(0) == pytest.approx(0.3) and rigl.drop_fraction(rigl.t_end) == pytest.approx(0.0)
     assert not rigl.is_update_step(rigl.t_end)
 
