@@ -82,7 +82,7 @@ def plain_twin(case: Case, like: nn.Module, device: torch.device, channels_last:
 
 
 def optimizer(model: nn.Module, t: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """As ``Trainer._make_optimizer`` builds it (one group, SGD momentum, weight decay, per-step cosine)."""
+    """The plain loop's torch.optim.SGD, the trainer's settings (momentum, weight decay, per-step cosine)."""
     opt = torch.optim.SGD([{"params": list(model.parameters()), "weight_decay": t.weight_decay}], lr=t.lr,
                           momentum=t.momentum)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(t.schedule, s, SCHEDULE_STEPS))
