@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     print(f"sweep {sweep!r}: {len(trials)} trials | MLflow {uri} experiment {args.experiment!r} | "
           f"Tune storage {storage}", flush=True)
 
-    if args.resume:  # Tune restores the trials; each skips itself if its run_key is FINISHED meanwhile
+    path = _resume_path(args, sweep, storage) if args.resume else None
+    if path:  # Tune restores the trials; each skips itself if its run_key is FINISHED meanwhile
         todo, skipped = trials, 0
     else:
         finished = tracking.finished_by_run_key(uri, args.experiment)
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
 
     tally = {"launched": 0, "tune_trials": 0, "seconds": 0.0, "failed": 0, "unfinished": 0}
     if todo:
-        tally = _run(args, preset, sweep, todo, uri, exp_id, storage, launch)
+        tally = _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path)
     else:
         print("nothing to run: every trial is FINISHED")
     wall = time.time() - started
@@ -207,17 +208,31 @@ def _tally(results, runs: int = 0) -> dict:
     return out
 
 
-def _run(args, preset, sweep, todo, uri, exp_id, storage, launch) -> dict:
-    """Run the trials through Tune; returns ``_tally``'s counts."""
+def _resume_path(args, sweep: str, storage: str) -> str | None:
+    """The Tune run --resume restores; None, with a note, when Tune's state of it is incomplete (the
+    sweep then runs as a plain re-run does, which is just as safe: FINISHED runs are skipped and
+    interrupted ones continue from their newest checkpoint)."""
+    from sweeps import launch
+
+    path = (launch.latest_run(storage, sweep) if args.resume == "latest"
+            else storage.rstrip("/") + "/" + args.resume)
+    if path is None or not launch.run_exists(path):
+        raise SystemExit(f"error: no Tune run {'of sweep ' + repr(sweep) if path is None else repr(args.resume)} "
+                         f"to resume under {storage} (run without --resume to start one)")
+    problem = launch.restore_problem(path)
+    if problem:
+        print(f"note: not restoring {path}: {problem} (the driver was killed while Tune saved it); re-running "
+              f"the sweep instead: FINISHED runs are skipped, interrupted ones continue from their newest "
+              f"checkpoint", flush=True)
+        return None
+    return path
+
+
+def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | None) -> dict:
+    """Run the trials through Tune (restoring the Tune run at ``path`` if given); returns ``_tally``'s
+    counts."""
     from ray import tune
 
-    path = None
-    if args.resume:
-        path = (launch.latest_run(storage, sweep) if args.resume == "latest"
-                else storage.rstrip("/") + "/" + args.resume)
-        if path is None or not tune.Tuner.can_restore(path):
-            raise SystemExit(f"error: no Tune run of sweep {sweep!r} to resume under {storage} "
-                             f"(run without --resume to start one)")
     started_ray = launch.connect()
     try:
         gpus = args.gpus_per_trial
@@ -246,7 +261,7 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch) -> dict:
                                        trial_dirname_creator=launch.trial_dirname)
             tuner = launch.tuner(space, cpus=cpus, gpus=gpus, tune_config=tune_cfg,
                                  run_cfg=launch.run_config(name, storage, args.max_failures, [progress]))
-        if not args.resume:
+        if not path:
             print(f"launching {packing.describe(packed, len(todo))} ({cpus:g} CPU, {gpus:g} GPU each)", flush=True)
         elif args.pack is not None:
             print("note: --pack is ignored with --resume (the restored run keeps its packs)", flush=True)

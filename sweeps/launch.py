@@ -212,20 +212,60 @@ def restore(path: str, *, cpus: float, gpus: float) -> tune.Tuner:
                               resume_unfinished=True, resume_errored=True)
 
 
-def latest_run(storage_path: str, sweep: str) -> str | None:
-    """Newest ``<sweep>-<timestamp>`` Tune run under storage_path that can be restored."""
+def restore_problem(path: str) -> str | None:
+    """Why Tune cannot restore the run at ``path`` faithfully, or None. Tune writes its experiment state
+    and then its search algorithm's state, not atomically: a driver killed in between (or while writing)
+    leaves a state that ``Tuner.restore`` accepts but resumes wrongly, since without the searcher's
+    state it generates trials from the param space, which ``tuner.pkl`` does not keep (one trial with
+    an empty config)."""
+    import pyarrow.fs as pafs
+    from ray.tune.search import BasicVariantGenerator
+
+    fs, base = _fs(path)
+    try:
+        names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))]
+    except OSError as e:
+        return f"cannot list it: {e}"
+    states = sorted(n for n in names if n.startswith("experiment_state-") and n.endswith(".json"))
+    searcher = BasicVariantGenerator.CKPT_FILE_TMPL.split("{}")[0]
+    if not states:
+        return "Tune had not saved its state yet"
+    if not any(n.startswith(searcher) for n in names):
+        return "its search state was never written"
+    try:
+        with fs.open_input_stream(f"{base.rstrip('/')}/{states[-1]}") as f:
+            json.loads(f.readall())
+    except (OSError, ValueError) as e:
+        return f"its newest experiment state does not parse: {e}"
+    return None
+
+
+def _fs(path: str):
     import pyarrow.fs as pafs
 
-    fs, base = pafs.FileSystem.from_uri(storage_path) if "://" in storage_path else (pafs.LocalFileSystem(),
-                                                                                       storage_path)
+    return pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+
+
+def run_exists(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, base = _fs(path)
+    try:
+        return fs.get_file_info(base).type == pafs.FileType.Directory
+    except OSError:
+        return False
+
+
+def latest_run(storage_path: str, sweep: str) -> str | None:
+    """Newest ``<sweep>-<timestamp>-<pid>`` Tune run under storage_path, whether Tune can restore it or
+    not (see restore_problem): an older run must not stand in for the one just interrupted."""
+    import pyarrow.fs as pafs
+
+    fs, base = _fs(storage_path)
     try:
         infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     except OSError:
         return None
     names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
                    and i.base_name.startswith(sweep + "-") and i.base_name[len(sweep) + 1:].replace("-", "").isdigit())
-    for name in reversed(names):
-        path = storage_path.rstrip("/") + "/" + name
-        if tune.Tuner.can_restore(path):
-            return path
-    return None
+    return storage_path.rstrip("/") + "/" + names[-1] if names else None

@@ -69,6 +69,31 @@ def test_set_on_a_design_key_is_refused():
         designs.trials("leave-one-out", {"init.name": "zero"}, (0.1,), (0,), 2)
 
 
+def test_resume_finds_the_newest_run_and_says_what_tune_could_not_save(tmp_path):
+    """--resume looks at the newest run of the sweep even if Tune cannot restore it (an older run must
+    not stand in for it), and says why not: Tune writes its experiment state, then its search state,
+    neither atomically; restoring without the search state resumes a trial with an empty config."""
+    from sweeps import launch
+
+    assert launch.latest_run(str(tmp_path), "s") is None
+    old, new = tmp_path / "s-20261101-101010-7", tmp_path / "s-20261102-090000-12"
+    (tmp_path / "s-x-20261103-000000-1").mkdir()  # another sweep's name, not a run of "s"
+    for run in (old, new):
+        run.mkdir()
+    (old / "experiment_state-2026-11-01_10-10-10.json").write_text("{}")
+    (old / "basic-variant-state-2026-11-01_10-10-10.json").write_bytes(b"\x80")
+    assert launch.latest_run(str(tmp_path), "s") == str(new)
+    assert launch.restore_problem(str(old)) is None
+    assert launch.restore_problem(str(new)) == "Tune had not saved its state yet"
+    (new / "experiment_state-2026-11-02_09-00-00.json").write_text('{"trial_data": [')
+    assert launch.restore_problem(str(new)) == "its search state was never written"
+    (new / "basic-variant-state-2026-11-02_09-00-00.json").write_bytes(b"\x80")
+    assert launch.restore_problem(str(new)).startswith("its newest experiment state does not parse")
+    (new / "experiment_state-2026-11-02_09-00-00.json").write_text('{"trial_data": []}')
+    assert launch.restore_problem(str(new)) is None
+    assert launch.run_exists(str(new)) and not launch.run_exists(str(tmp_path / "s-nope"))
+
+
 def test_tracking_uri_precedence(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
