@@ -284,9 +284,12 @@ class Pack:
         return out
 
     # ---- run ------------------------------------------------------------------------------------
-    def run(self) -> list[dict | BaseException]:
+    def run(self, until: int | None = None) -> list[dict | BaseException]:
+        """Train every copy to the end of its plan; per copy, its result or the error that ended it.
+        ``until``: stop before plan step ``until`` instead, and return nothing (sparse_core/prefix.py)."""
         lead = self.lead
-        while lead.step_idx < len(lead.plan) and len(self.failed) < self.k:
+        end = len(lead.plan) if until is None else min(until, len(lead.plan))
+        while lead.step_idx < end and len(self.failed) < self.k:
             started = time.perf_counter()
             step = lead.plan[lead.step_idx]
             live = [k for k in range(self.k) if k not in self.failed]
@@ -306,31 +309,46 @@ class Pack:
                 c.step_idx += 1
                 if k in metrics:
                     c.finish_step(step, metrics[k], share)
+        if until is not None:
+            return []
         return [self.failed[k] if k in self.failed else c.result() for k, c in enumerate(self.copies)]
 
 
 def run_packed(cfgs: list[Config], logs: list | None = None, states: list[dict | None] | None = None,
-               export_paths: list[str | None] | None = None) -> list[dict[str, Any] | BaseException]:
-    """Run ``cfgs`` (equal ``pack_key``) as packed copies; per copy, ``train.run``'s result (the same
-    masks and accuracy as its single run) or the exception that ended that copy alone."""
+               export_paths: list[str | None] | None = None, share_prefix: bool = True
+               ) -> list[dict[str, Any] | BaseException]:
+    """Run ``cfgs`` as packed copies, one pack per ``pack_key`` and plan position; per copy,
+    ``train.run``'s result (the same masks and accuracy as its single run) or the exception that ended
+    that copy alone. ``share_prefix``: runs that differ only in what acts from pruning on train their
+    pre-training once (sparse_core/prefix.py); their results are unchanged."""
+    from . import prefix
     from .export import figures
+    from .plan import total_epochs
     from .train import Trainer, resolve_device
 
     n = len(cfgs)
-    logs, states, export_paths = logs or [None] * n, states or [None] * n, export_paths or [None] * n
-    if len({pack_key(c) for c in cfgs}) > 1:
-        raise ValueError(f"run_packed: the configs differ in more than {', '.join(PACKABLE)}")
-    data = load(cfgs[0].data).to(resolve_device(cfgs[0].train.device))
-    trainers = [Trainer(c, log, data=data) for c, log in zip(cfgs, logs)]
-    for t, s in zip(trainers, states):
+    logs, states, export_paths = logs or [None] * n, list(states or [None] * n), export_paths or [None] * n
+    datas: dict[str, Any] = {}
+
+    def data_of(cfg: Config):
+        key = repr((cfg.data, cfg.train.device))
+        if key not in datas:
+            datas[key] = load(cfg.data).to(resolve_device(cfg.train.device))
+        return datas[key]
+
+    shared = prefix.share(cfgs, states, data_of) if share_prefix else {}
+    trainers = [Trainer(c, log, data=data_of(c)) for c, log in zip(cfgs, logs)]
+    for i, (t, s) in enumerate(zip(trainers, states)):
         if s is not None:
             t.load_state_dict(s)
+        for metrics in shared.get(i, ((), 0))[0]:  # the shared pre-training epochs, as this run's own
+            t.log({**metrics, "epochs": total_epochs(t.cfg)}, t.state_dict)
     results: list = [None] * n
-    for position in sorted({t.step_idx for t in trainers}):
-        members = [i for i, t in enumerate(trainers) if t.step_idx == position]
+    for group in sorted({(t.step_idx, pack_key(t.cfg)) for t in trainers}):
+        members = [i for i, t in enumerate(trainers) if (t.step_idx, pack_key(t.cfg)) == group]
         for i, out in zip(members, Pack([trainers[i] for i in members]).run()):
             results[i] = out
-    for i, out in enumerate(results):
-        if isinstance(out, dict):
-            out.update(figures(trainers[i], export_paths[i]), pack_size=n)
+            if isinstance(out, dict):
+                out.update(figures(trainers[i], export_paths[i]), pack_size=len(members),
+                           prefix_shared_by=shared.get(i, ((), 1))[1])
     return results

@@ -154,8 +154,8 @@ def test_pack_key_separates_graphs_and_names_what_may_differ():
     assert pack_key(base) != pack_key(base.replace(**{"model.width": 17}))
     assert pack_key(base) != pack_key(base.replace(**{"prune.pruner": "snip"}))
     assert pack_key(base) != pack_key(base.replace(**{"prune.density": 1.0}))  # no pruning steps in its plan
-    with pytest.raises(ValueError, match="differ in more than seed, prune.density"):
-        run_packed([base, base.replace(**{"model.width": 17})])
+    mixed = run_packed([base, base.replace(**{"model.width": 17}), base.replace(seed=1)])  # two packs
+    assert [r["pack_size"] for r in mixed] == [2, 1, 2]
     with pytest.raises(ValueError, match="differ in more than"):
         Pack([Trainer(base), Trainer(base.replace(**{"post.soft_skip": True}))])
 

@@ -1,0 +1,88 @@
+"""Shared pre-training: runs that differ only in what acts from pruning on train their pre-training once.
+
+A pruning run's plan starts with ``train.pre_epochs`` epochs of dense (or learned-mask) training.
+Nothing in them reads the ``POST_FORK`` settings (how, where and how far to prune, the post-pruning
+tricks, the epochs after pruning) nor the density, unless ``mask.target`` steers a sigmoid mask towards
+it. So runs of one seed whose configs differ only there reach the same state at the end of
+pre-training, bitwise (``tests/test_prefix.py`` checks every such setting), and ``run_packed`` trains
+that part once, for one of them, then starts each of the others from a copy of its state with the
+pre-training epochs handed to its own log. Every run's log, history, checkpoints and result are
+those of its own run from scratch; its ``seconds`` count the shared epochs in full. In a leave-one-out
+ablation most cells share one pre-training (the pruner cells, the post-pruning tricks), and in a
+density sweep every density of a cell does.
+
+Not shared: RigL (sparse from the first step), runs with an injected failure (``train.fail_at_epoch``)
+and runs restored from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections import defaultdict
+from typing import Callable
+
+from .config import Config
+from .plan import TrainEpoch, build
+
+# Read only from the first pruning step on (tests/test_prefix.py checks each one).
+POST_FORK = ("prune.pruner", "prune.scope", "prune.rounds", "prune.gradual_epochs", "prune.gradual_every",
+             "prune.rescale", "prune.round_epochs", "prune.samples_per_class", "prune.grasp_temperature",
+             "prune.shuffle", "prune.reinit", "post.label_smoothing", "post.smoothing", "post.soft_activation",
+             "post.soft_skip", "post.soft_fraction", "post.skip_alpha0", "train.post_epochs", "train.latency_rounds",
+             "rigl.delta_t", "rigl.alpha", "rigl.end_fraction", "rigl.distribution")
+
+
+def fork_point(cfg: Config) -> int:
+    """Plan steps before the first one that can read a POST_FORK setting (0: nothing to share)."""
+    if cfg.train.method != "prune" or cfg.train.fail_at_epoch >= 0:
+        return 0
+    steps = 0
+    for step in build(cfg):
+        if not (isinstance(step, TrainEpoch) and step.stage == "pre"):
+            break
+        steps += 1
+    return steps
+
+
+def prefix_key(cfg: Config) -> str | None:
+    """Equal for runs with the same pre-training (12 hex chars); None for a run that shares none."""
+    if not fork_point(cfg):
+        return None
+    steered = cfg.mask.kind == "sigmoid" and cfg.mask.target  # the mask's target falls towards the density
+    dropped = set(POST_FORK) | (set() if steered else {"prune.density"})
+    flat = {k: v for k, v in cfg.to_flat().items() if k not in dropped}
+    blob = json.dumps(flat, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def share(cfgs: list[Config], states: list[dict | None], data_of: Callable) -> dict[int, tuple[list[dict], int]]:
+    """Train each pre-training that two or more fresh runs (``states[i] is None``) have in common,
+    once, and set those runs' ``states`` to its end. Returns, per such run, the pre-training epochs'
+    log entries (to hand to its log) and the number of runs that shared them. A pre-training that
+    diverges is left to each run to find alone."""
+    from .packed import Pack
+    from .train import Trainer
+
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, cfg in enumerate(cfgs):
+        key = prefix_key(cfg) if states[i] is None else None
+        if key is not None:
+            groups[key].append(i)
+    out: dict[int, tuple[list[dict], int]] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        entries: list[dict] = []
+        lead = Trainer(cfgs[members[0]], lambda metrics, _state: entries.append(copy.deepcopy(metrics)),
+                       data=data_of(cfgs[members[0]]))
+        fork = fork_point(lead.cfg)
+        Pack([lead]).run(until=fork)
+        if lead.step_idx < fork:
+            continue
+        state = lead.state_dict()
+        for i in members:
+            states[i] = {**copy.deepcopy(state), "config": cfgs[i].to_flat()}
+            out[i] = (entries, len(members))
+    return out
