@@ -341,8 +341,8 @@ def run_packed(cfgs: list[Config], logs: list | None = None, states: list[dict |
     for i, (t, s) in enumerate(zip(trainers, states)):
         if s is not None:
             t.load_state_dict(s)
-        for metrics in shared.get(i, ((), 0))[0]:  # the shared pre-training epochs, as this run's own
-            t.log({**metrics, "epochs": total_epochs(t.cfg)}, t.state_dict)
+        for metrics in shared.get(i, ((), 0))[0]:  # the shared pre-training epochs, as this run's own (no state)
+            t.log({**metrics, "epochs": total_epochs(t.cfg)}, None)
     results: list = [None] * n
     for group in sorted({(t.step_idx, pack_key(t.cfg)) for t in trainers}):
         members = [i for i, t in enumerate(trainers) if (t.step_idx, pack_key(t.cfg)) == group]

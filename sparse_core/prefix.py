@@ -46,12 +46,16 @@ def fork_point(cfg: Config) -> int:
     return steps
 
 
+def density_free(cfg: Config) -> bool:
+    """Whether the pre-training is the same at every density (it is unless a sigmoid mask is steered to it)."""
+    return not (cfg.mask.kind == "sigmoid" and cfg.mask.target)
+
+
 def prefix_key(cfg: Config) -> str | None:
     """Equal for runs with the same pre-training (12 hex chars); None for a run that shares none."""
     if not fork_point(cfg):
         return None
-    steered = cfg.mask.kind == "sigmoid" and cfg.mask.target  # the mask's target falls towards the density
-    dropped = set(POST_FORK) | (set() if steered else {"prune.density"})
+    dropped = set(POST_FORK) | ({"prune.density"} if density_free(cfg) else set())
     flat = {k: v for k, v in cfg.to_flat().items() if k not in dropped}
     blob = json.dumps(flat, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -41,7 +41,9 @@ __all__ = ["Trainer", "run", "plain_model", "total_epochs", "lr_factor", "derive
            "InjectedFailure", "resolve_device", "STATE_FORMAT"]
 STATE_FORMAT = state.FORMAT
 
-Log = Callable[[dict, Callable[[], dict]], None]
+# log(metrics, checkpoint) after each plan step; checkpoint() gives the state after it. checkpoint is None for
+# the epochs of a pre-training shared with other runs (sparse_core/prefix.py), handed to the log afterwards.
+Log = Callable[[dict, Callable[[], dict] | None], None]
 GENERATORS = ("init", "data", "prune", "rigl", "reinit")  # the scoring batch draws from a fresh "score" seed each round (the same batch every round)
 
 

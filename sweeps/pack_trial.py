@@ -10,6 +10,8 @@ tags and artifacts. A copy that fails alone (``run_packed`` returns its exceptio
 loss) ends FAILED at once while the others carry on: such a failure repeats on a retry. Anything that
 ends the whole pack (a crash, ``train.fail_at_epoch``) fails every unfinished copy's run, and Tune's
 retry continues each copy from its own checkpoint (``retries``, ``resumed_at_epoch`` per run).
+Copies that share a pre-training (``sparse_core/prefix.py``: e.g. several cells of one seed) get
+its epochs logged when it ends, without a state: their first snapshot is one of their own steps.
 
 The subtle point is the checkpoint. One Tune checkpoint holds every copy's state, and no state may
 be newer than the epochs already written to its run (a retry never logs a step before its state
@@ -103,8 +105,8 @@ class _Pack:
         now = time.monotonic()
         if metrics["stage_end"] or now - self.last_sync >= CHECKPOINT_EVERY_S:
             self.due = True
-        if self.due or c.done:  # the final state too: a retry of the pack must not train this copy again
-            c.snap(checkpoint())
+        if (self.due or c.done) and checkpoint is not None:  # the final state too: a retry must not train it again
+            c.snap(checkpoint())  # (None: an epoch of a shared pre-training, handed over without its state)
         waiting = [x for x in self.copies if x.started and not x.done and x.error is None]
         if self.due and (again or all(x.snapped for x in waiting)):
             self.checkpoint()

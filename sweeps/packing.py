@@ -2,8 +2,11 @@
 
 Trials whose configs have the same ``sparse_core.packed.pack_key`` (the same graph and plan shape:
 they differ only in ``PACKABLE`` keys such as seed, density and learning rate) and the same design
-cell are grouped, and each group is cut into packs of at most ``k`` copies, as even as possible
-(30 trials with k = 8: 8, 8, 7, 7). A pack is one Tune trial with the config
+cell are grouped, and so are trials of any cells with one pre-training at every density
+(``sparse_core/prefix.py``: e.g. the pruner cells and the post-pruning tricks of a leave-one-out
+design, per seed), which a Tune trial then trains once; each group is cut into packs of at most
+``k`` copies, as even as possible (30 trials with k = 8: 8, 8, 7, 7), a cell's copies together.
+Inside a Tune trial, copies of one ``pack_key`` train as one pack. A pack is one Tune trial with the config
 ``{"trials": [{"cell", "flat"}, ...], "meta": {...}}``; every copy is still its own MLflow run.
 With ``k = 1`` nothing is packed and every trial keeps the single shape ``{"trial": {...}, "meta"}``.
 
@@ -48,17 +51,16 @@ def packs(trials: Iterable, k: int | None, min_packs: int = 1, key=None) -> list
         raise ValueError(f"--pack {k}: give at least 1 (1 = one trial per Tune trial, no packing)")
     if k == 1:  # no packing: the trials as they are, in their order
         return [[t] for t in trials]
+    trials = list(trials)
     if key is None:
-        from sparse_core.config import from_flat
-        from sparse_core.packed import pack_key
-
-        def key(t):
-            return t.cell, pack_key(from_flat(t.flat))
+        key = group_key(trials)
     groups: dict = {}
     for t in trials:
         groups.setdefault(key(t), []).append(t)
     out = []
     for members in groups.values():
+        order = {c: i for i, c in enumerate(dict.fromkeys(t.cell for t in members))}
+        members = sorted(members, key=lambda t: order[t.cell])  # a cell's copies stay together: one pack
         size = k if k is not None else default_pack(members[0].flat.get("model.name", "mlp"))
         out += _chunks(members, math.ceil(len(members) / size))
     while len(out) < min_packs:
@@ -67,6 +69,28 @@ def packs(trials: Iterable, k: int | None, min_packs: int = 1, key=None) -> list
             break
         out[largest:largest + 1] = _chunks(out[largest], 2)
     return out
+
+
+def group_key(trials: list):
+    """The grouping of ``packs``: trials of several cells with one pre-training at every density (e.g.
+    the pruner cells and the post-pruning tricks of a leave-one-out design, per seed) go together, and
+    a Tune trial then trains that pre-training once (sparse_core/prefix.py); the rest by cell and
+    ``pack_key`` (a cell's seeds and densities pack together; those of one seed still share theirs)."""
+    from sparse_core import prefix
+    from sparse_core.config import from_flat
+    from sparse_core.packed import pack_key
+
+    cfgs = {t.run_key: from_flat(t.flat) for t in trials}
+    shared = {k: prefix.prefix_key(c) if prefix.density_free(c) else None for k, c in cfgs.items()}
+    cells: dict = {}
+    for t in trials:
+        cells.setdefault(shared[t.run_key], set()).add(t.cell)
+
+    def key(t) -> tuple:
+        pre = shared[t.run_key]
+        return ("pre-training", pre) if pre is not None and len(cells[pre]) > 1 else \
+            ("cell", t.cell, pack_key(cfgs[t.run_key]))
+    return key
 
 
 def spec(trial) -> dict:

@@ -55,6 +55,22 @@ def test_packs_are_even_and_hold_one_cell_and_pack_key():
     assert [len(p) for p in packing.packs(trials, None)] == [8, 8, 7, 7] * 3  # default for the MLP: 8
 
 
+def test_cells_with_one_pre_training_share_a_trial_per_seed():
+    """base, pruner=snip and base+soft_skip pre-train alike at every density: one group per seed, a cell's
+    copies together; full (its sigmoid mask is steered to the density) and rigl (no pre-training)
+    group by cell, across seeds."""
+    cells = ["base", "pruner=snip", "base+soft_skip", "full", "rigl"]
+    trials = smoke_trials(cells, densities=(0.1, 0.05), seeds=(0, 1))  # 4 per cell
+    packs = packing.packs(trials, 8)
+    shapes = sorted((tuple(sorted({t.cell for t in p})), tuple(sorted({t.seed for t in p}))) for p in packs)
+    trio = ("base", "base+soft_skip", "pruner=snip")
+    assert shapes == [(trio, (0,)), (trio, (1,)), (("full",), (0, 1)), (("rigl",), (0, 1))], shapes
+    for p in packs:  # a cell's copies next to each other (one pack inside the trial)
+        order = [t.cell for t in p]
+        assert all(order.index(c) + order.count(c) - 1 == len(order) - 1 - order[::-1].index(c) for c in order)
+    assert sorted(t.run_key for p in packs for t in p) == sorted(t.run_key for t in trials)
+
+
 def test_fewer_packs_than_slots_are_split():
     trials = smoke_trials(["full", "rigl"])  # 2 cells x 2 densities
     assert [len(p) for p in packing.packs(trials, 8)] == [2, 2]
@@ -88,14 +104,18 @@ def test_bad_pack_fails_before_anything_starts(value, message, capsys):
 def test_packed_sweep_equals_unpacked_run_by_run(smoke_sweep, sweep_store):
     out, uri = smoke_sweep["out"], sweep_store["uri"]
     assert smoke_sweep["code"] == 0, out
-    half = SMOKE_TRIALS // 2
-    assert f"launching {SMOKE_TRIALS} trials in {half} packed trials of up to 2" in out
-    assert f"| {SMOKE_TRIALS} runs in {half} packed trials |" in out
-    assert out.count("  done ") == SMOKE_TRIALS and "(pack of 2, " in out  # one line per run
-    code, plain_out = sweep(sweep_store, "unpacked", "--cells", "full,rigl", "--densities", "0.1", "--pack", "1")
-    assert code == 0 and "launching 2 trials (1 CPU" in plain_out and "packed trials" not in plain_out, plain_out
+    # 9 cells (base, its three tricks, the four other pruners, gmp: its pre-training is base's in this
+    # preset) share one pre-training: 18 trials in 3 packs of 6; base+zero_init and full-no_mask another:
+    # 1 pack of 4; the other 7 cells: a pack each
+    assert f"launching {SMOKE_TRIALS} trials in 11 packed trials of up to 6" in out
+    assert f"| {SMOKE_TRIALS} runs in 11 packed trials |" in out
+    assert out.count("  done ") == SMOKE_TRIALS and "(pack of 2, " in out and "(pack of 6, " in out  # a line per run
+    # base and pruner=snip trained in a trial that shared their pre-training; full and rigl did not
+    cells = ["full", "rigl", "base", "pruner=snip"]
+    code, plain_out = sweep(sweep_store, "unpacked", "--cells", ",".join(cells), "--densities", "0.1", "--pack", "1")
+    assert code == 0 and "launching 4 trials (1 CPU" in plain_out and "packed trials" not in plain_out, plain_out
     packed, plain = by_key(uri, "smoke"), by_key(uri, "unpacked")
-    assert set(plain) == {t.run_key for t in smoke_trials(["full", "rigl"], densities=(0.1,))} and set(plain) < set(packed)
+    assert set(plain) == {t.run_key for t in smoke_trials(cells, densities=(0.1,))} and set(plain) < set(packed)
     c = runstore.client(uri)
     for key, run in plain.items():
         twin = packed[key]
@@ -113,11 +133,12 @@ def test_packed_sweep_equals_unpacked_run_by_run(smoke_sweep, sweep_store):
         if tags.get("pack_size") is None:  # runs other tests of the session added to the experiment
             continue
         assert set(run.data.params) == set(FIELD_TYPES) and run_key(from_flat(run.data.params)) == key
-        assert tags["pack_size"] == "2" and [a.path for a in c.list_artifacts(run.info.run_id)] == ["layer_density.json"]
+        assert tags["pack_size"] in ("2", "4", "6")
+        assert [a.path for a in c.list_artifacts(run.info.run_id)] == ["layer_density.json"]
         # its checkpoints: its own file in the pack's trial dir, recorded in its run
         assert list(Path(tags["checkpoint_dir"]).glob(f"checkpoint_*/state_{key}.pt"))
-        trial_ids.append(tags["trial_id"])
-    assert len(trial_ids) == SMOKE_TRIALS and all(trial_ids.count(t) == 2 for t in trial_ids)  # two runs per trial
+        trial_ids.append((tags["trial_id"], tags["pack_size"]))
+    assert len(trial_ids) == SMOKE_TRIALS and all(trial_ids.count((t, k)) == int(k) for t, k in trial_ids)
 
 
 def test_failed_pack_retries_each_copy_from_its_checkpoint(smoke_sweep, sweep_store):
