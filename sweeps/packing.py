@@ -140,7 +140,7 @@ def label(config: dict) -> str:
 
 
 def describe(packed: list[list], trials: int) -> str:
-    """``72 trials in 18 packed trials of up to 4`` (or ``72 trials``: one per Tune trial)."""
+    """``72 trials in 13 packed trials of up to 8`` (or ``72 trials``: one per Tune trial)."""
     if all(len(p) == 1 for p in packed):
         return f"{trials} trials"
     return f"{trials} trials in {len(packed)} packed trials of up to {max(len(p) for p in packed)}"
