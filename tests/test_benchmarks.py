@@ -140,3 +140,14 @@ def test_sparse_latency_tiny_reports_finite_ratios_per_density_and_batch():
         dense_ms, sparse_ms, ratio, size = float(r[3]), float(r[4]), float(r[5]), float(r[7])
         assert all(math.isfinite(v) and v > 0 for v in (dense_ms, sparse_ms, ratio, size)), r
         assert size < 1.0  # the compact export is smaller than the dense state dict at every density here
+
+
+@pytest.mark.slow  # ~70 s: two smoke sweeps (2 cells), packed and not
+def test_laptop_e2e_tiny_compares_two_sweeps_and_their_results():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "laptop_e2e.py"), "--tiny"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    assert "before / now: CPU" in out and "trial workers (ray::)" in out, out
+    assert "4 run_keys in both stores (4 now, 4 before), 4 identical in final test and val accuracy" in out, out
