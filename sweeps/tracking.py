@@ -207,15 +207,18 @@ class TrialRun:
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, step) for k, v in values.items() if _finite(v)]
 
-    def flush(self) -> None:
-        """Write the buffered metrics (MLflow takes at most 1,000 per batch)."""
+    def flush(self, tags: dict | None = None) -> None:
+        """Write the buffered metrics, and ``tags`` with the first batch (one write even with no metrics):
+        batches of 1,000 entities, metrics and tags together (MLflow's client splits larger calls)."""
         from mlflow.entities import RunTag
 
-        beat = [RunTag("heartbeat", f"{time.time():.0f}")]  # keeps this run's claim live (see claim_alive)
-        while self._pending:
-            batch = self._pending[:1000]
-            _retry(self.client.log_batch, self.run_id, metrics=batch, tags=beat)
+        beat = {"heartbeat": f"{time.time():.0f}"}  # keeps this run's claim live (see claim_alive)
+        batch_tags = [RunTag(k, str(v)) for k, v in {**beat, **(tags or {})}.items()]
+        while self._pending or tags:
+            batch = self._pending[:1000 - len(batch_tags)]
+            _retry(self.client.log_batch, self.run_id, metrics=batch, tags=batch_tags)
             del self._pending[:len(batch)]
+            tags, batch_tags = None, [RunTag(k, v) for k, v in beat.items()]
 
     def log_step(self, metrics: dict) -> None:
         """One step of ``sparse_core.train.run``'s log: a training epoch or a pruning round."""
@@ -239,11 +242,10 @@ class TrialRun:
         final = {k: result[k] for k in FINAL_METRICS if k in result}
         final["n_collapsed_layers"] = len(result["collapsed_layers"])
         self._log({FINAL_PREFIX + k: v for k, v in final.items()}, result["epochs"])
-        self.flush()
-        _retry(self.client.set_tag, self.run_id, "collapsed_layers", ",".join(result["collapsed_layers"]))
-        _retry(self.client.set_tag, self.run_id, "device", result.get("device", ""))
+        tags = {"collapsed_layers": ",".join(result["collapsed_layers"]), "device": result.get("device", "")}
         if "sparse_path" in result:
-            _retry(self.client.set_tag, self.run_id, "sparse_path", result["sparse_path"])
+            tags["sparse_path"] = result["sparse_path"]
+        self.flush(tags)  # with the final metrics: one store call, not four
         _retry(self.client.log_dict, self.run_id, result["layer_density"], "layer_density.json")
         _retry(self.client.set_terminated, self.run_id, "FINISHED")
 

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import math
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,83 @@ def test_trial_run_names_metrics_by_prefix_and_analysis_reads_plain_keys(uri):
     assert df.loc[0, "test_acc"] == result["test_acc"] and df.loc[0, "flops_dense"] == result["flops_dense"]
     assert (df.loc[1, "test_acc"], df.loc[1, "val_acc"]) == (0.5, 0.6)
     assert "final/test_acc" not in df.columns
+
+
+# ---- the SQLite store: WAL, read by plain sqlite3 ----------------------------------------------------
+def test_a_new_store_is_in_wal_mode_and_plain_readers_see_unchecked_writes(tmp_path):
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    c = runstore.client(uri)
+    run_id = c.create_run(runstore.experiment_id(uri, "wal")).info.run_id
+    c.set_tag(run_id, "checkpoint_dir", "/somewhere")
+    with contextlib.closing(sqlite3.connect(db)) as con:  # set by MLflow's own connections (ours opens after)
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert (tmp_path / "mlflow.db-wal").stat().st_size > 0  # the writes are still in the log, not the file
+    # a read-only plain reader (tests/test_faults.py polls so; analysis.cli checks the tables so) sees them
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as ro:
+        assert ro.execute("SELECT value FROM tags WHERE run_uuid = ? AND key = 'checkpoint_dir'",
+                          (run_id,)).fetchall() == [("/somewhere",)]
+    import sqlalchemy
+
+    with sqlalchemy.create_engine(uri).connect() as con:  # the listener covers every engine of the process
+        assert con.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    with sqlalchemy.create_engine("sqlite://").connect() as con:  # in memory: left as it is
+        assert con.exec_driver_sql("PRAGMA journal_mode").scalar() == "memory"
+
+
+def _calls(monkeypatch, client, names):
+    """Record which of ``client``'s methods are called, in order (they still run)."""
+    seen = []
+    for name in names:
+        def spy(*args, _real=getattr(client, name), _name=name, **kwargs):
+            seen.append(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(client, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("extra", [{"collapsed_layers": ["net.0.weight", "net.4.weight"], "device": "cpu",
+                                    "sparse_path": "csr"}, {"collapsed_layers": []}])
+def test_finish_writes_final_metrics_and_tags_in_one_batch(uri, monkeypatch, extra):
+    cfg = from_flat({**TINY, "seed": 10 + len(extra)})
+    mlrun = tracking.TrialRun(uri, runstore.experiment_id(uri, "finish"), sweep="s", cell="base",
+                              flat=cfg.to_flat(), run_key=run_key(cfg)).open()
+    mlrun.log_step({"epoch": 1, "stage": "post", "val_acc": 0.5, "lr": 0.1})  # buffered, not flushed yet
+    result = {"test_acc": 0.9, "val_acc": 0.8, "density": 0.1, "epochs": 3, "latency_ratio_b1": math.nan,
+              "layer_density": {"net.0.weight": 0.0, "net.2.weight": 0.25}, **extra}
+    seen = _calls(monkeypatch, mlrun.client, ("log_batch", "set_tag", "log_dict", "set_terminated"))
+    mlrun.finish(result)
+    assert seen == ["log_batch", "log_dict", "set_terminated"]
+    c = MlflowClient(uri)
+    run = c.get_run(mlrun.run_id)
+    tags, metrics = run.data.tags, run.data.metrics
+    assert tags["collapsed_layers"] == ",".join(extra["collapsed_layers"])
+    assert tags["device"] == extra.get("device", "")
+    assert tags.get("sparse_path") == extra.get("sparse_path") and "heartbeat" in tags
+    assert {k: v for k, v in metrics.items() if k.startswith("final/")} == {
+        "final/test_acc": 0.9, "final/val_acc": 0.8, "final/density": 0.1, "final/epochs": 3.0,
+        "final/n_collapsed_layers": float(len(extra["collapsed_layers"]))}  # NaN is not logged
+    assert [m.step for m in c.get_metric_history(mlrun.run_id, "final/test_acc")] == [3]
+    assert [(m.step, m.value) for m in c.get_metric_history(mlrun.run_id, "epoch/val_acc")] == [(1, 0.5)]
+    assert metrics["trainer/lr"] == 0.1 and run.info.status == "FINISHED"
+    path = c.download_artifacts(mlrun.run_id, "layer_density.json", str(Path(runstore.sqlite_path(uri)).parent))
+    assert json.loads(Path(path).read_text()) == result["layer_density"]
+
+
+def test_flush_writes_everything_in_batches_and_the_tags_once(uri, monkeypatch):
+    cfg = from_flat({**TINY, "seed": 20})
+    mlrun = tracking.TrialRun(uri, runstore.experiment_id(uri, "finish"), sweep="s", cell="base",
+                              flat=cfg.to_flat(), run_key=run_key(cfg)).open()
+    for step in range(1, 1201):
+        mlrun._log({"trainer/x": step}, step)
+    seen = _calls(monkeypatch, mlrun.client, ("log_batch",))
+    mlrun.flush({"a": "b"})
+    assert seen == ["log_batch", "log_batch"] and not mlrun._pending
+    c = MlflowClient(uri)
+    assert [m.value for m in c.get_metric_history(mlrun.run_id, "trainer/x")] == list(range(1, 1201))
+    assert c.get_run(mlrun.run_id).data.tags["a"] == "b"
+    mlrun.flush()
+    assert seen == ["log_batch", "log_batch"]  # nothing pending and no tags: no write
 
 
 # ---- analysis leaves Optuna search runs out -------------------------------------------------------
