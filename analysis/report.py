@@ -14,9 +14,9 @@ import logging
 import os
 
 import pandas as pd
-from mlflow.tracking import MlflowClient
 
 import sparse_core
+from runstore import client as store_client
 from runstore import mark_training_experiment
 
 from . import efficiency, plots
@@ -88,7 +88,7 @@ def build(uri: str, experiments: list[str], out: str, metric: str = "test_acc", 
                                                "table: efficiency.md"))
         files += paths
     run_id = None
-    client = MlflowClient(tracking_uri=uri)
+    client = store_client(uri)
     if log_to_mlflow:
         exp_id = experiment_ids(client, experiments[:1])[experiments[0]]
         mark_training_experiment(client, client.get_experiment(exp_id))  # opens in the UI's training view

@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 ALPHA = 0.05
 CONFIDENCE = 0.95
@@ -27,6 +26,8 @@ def t_interval(values) -> tuple[float, float, float]:
     mean = float(v.mean())
     if len(v) < 2:
         return mean, math.nan, math.nan
+    from scipy import stats  # here, not at import: 1-2 s, and runs of one seed never need it
+
     half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
     return mean, mean - half, mean + half
 
@@ -48,6 +49,8 @@ def paired_test(cell: dict[int, float], reference: dict[int, float]) -> Paired:
     d = a - b
     if np.all(d == d[0]):  # zero variance: the t statistic is undefined (scipy returns NaN or warns)
         return Paired(len(seeds), float(d.mean()), 0.0 if d[0] != 0 else 1.0)
+    from scipy import stats
+
     return Paired(len(seeds), float(d.mean()), float(stats.ttest_rel(a, b).pvalue))
 
 

@@ -259,6 +259,42 @@ def test_plots_are_real_images(store, tmp_path):
         plots.layer_density_plot(df, str(tmp_path / "x"), 0.5)
 
 
+def test_save_figure_png_is_the_tight_png_and_the_pdf_keeps_the_content(store, tmp_path, monkeypatch):
+    """One tight box for both files: the PNG is byte for byte what ``bbox_inches="tight"`` writes; the PDF
+    page is within a few points of its own tight box (it is laid out with other text metrics)."""
+    import re
+
+    from matplotlib.figure import Figure
+
+    df = load_runs(store["uri"], ["grid"])
+    real, tight = Figure.savefig, []
+
+    def also_tight(fig, path, **kwargs):  # each file also as plain "tight" writes it, beside it
+        tight.append(path)
+        real(fig, path.replace(".p", "_tight.p"), **{**kwargs, "bbox_inches": "tight"})
+        return real(fig, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", also_tight)
+    files = plots.layer_density_plot(df, str(tmp_path / "layers"), 0.003)
+    assert tight == files
+    png, pdf = files
+    assert open(png, "rb").read() == open(png.replace(".png", "_tight.png"), "rb").read()
+    boxes = [[float(v) for v in re.search(rb"/MediaBox \[ ([^\]]+) \]", open(f, "rb").read()).group(1).split()]
+             for f in (pdf, pdf.replace(".pdf", "_tight.pdf"))]
+    assert boxes[0][2:] == pytest.approx(boxes[1][2:], abs=5.0)  # width and height in points
+
+
+def test_layer_densities_by_artifact_root_equal_those_by_run_id(store):
+    from analysis.load import layer_densities
+
+    df = load_runs(store["uri"], ["grid"])
+    ids = list(df["run_id"])
+    fast = layer_densities(store["uri"], ids, df.attrs["artifact_uris"])
+    assert set(df.attrs["artifact_uris"]) == set(ids)
+    assert fast == layer_densities(store["uri"], ids) and len(fast) == len(ids)
+    assert all(0 <= v <= 1 for d in fast.values() for v in d.values())
+
+
 class _Links(HTMLParser):
     def __init__(self):
         super().__init__()
