@@ -6,8 +6,8 @@ or with other sweep options (``--before-args``), in the same run.
 CPU seconds of every process in the tree (driver, Ray's gcs/raylet/agents, trial workers), polled from
 /proc every 0.2 s (``procstat.TreeSampler``: a lower bound, a process loses at most one poll interval),
 and wall seconds; the two commands alternate over ``--repeats`` rounds and the ratio is before / now in
-the same round. Afterwards the per-run results of both stores are compared by run_key (final test and
-validation accuracy): runs that should be identical are counted, and differences are listed.
+the same round. Afterwards the per-run results of both stores are compared by cell, density and seed
+(final test and validation accuracy): identical runs are counted, and differences are listed.
 
     python benchmarks/laptop_e2e.py                                  # now vs a8843f0~1, 2 rounds
     python benchmarks/laptop_e2e.py --before HEAD --before-args="--pack 1"   # packing on vs off, same code
@@ -50,14 +50,16 @@ def _sweep(tree: str, tmp: str, preset: str, extra: list[str]) -> tuple[float, f
     return sampler.total_cpu(), wall, sampler.by_category(), uri
 
 
-def _finals(uri: str) -> dict[str, tuple[float, float]]:
-    """run_key -> (final test accuracy, final validation accuracy) of the FINISHED trial runs."""
+def _finals(uri: str) -> dict[tuple, tuple[float, float]]:
+    """(cell, density, seed) -> (final test accuracy, final validation accuracy) of the FINISHED trial runs
+    (not by run_key: a revision with other config fields has other run_keys for the same trials)."""
     import runstore
 
     out = {}
     for run in runstore.search(uri, "sparsity-sweep", "attributes.status = 'FINISHED' and tags.cell != 'analysis'"):
-        m = run.data.metrics
-        out[run.data.tags["run_key"]] = (m.get("final/test_acc", m.get("test_acc")), m.get("final/val_acc", m.get("val_acc")))
+        m, p = run.data.metrics, run.data.params
+        key = (run.data.tags["cell"], float(p["prune.density"]), int(p["seed"]))
+        out[key] = (m.get("final/test_acc", m.get("test_acc")), m.get("final/val_acc", m.get("val_acc")))
     return out
 
 
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         now_finals, before_finals = _finals(runs["now"][0][3]), _finals(runs["before"][0][3])
         common = sorted(now_finals.keys() & before_finals.keys())
         differ = [k for k in common if now_finals[k] != before_finals[k]]
-        print(f"  per-run results (first round): {len(common)} run_keys in both stores ({len(now_finals)} now, "
+        print(f"  per-run results (first round): {len(common)} trials (cell, density, seed) in both stores ({len(now_finals)} now, "
               f"{len(before_finals)} before), {len(common) - len(differ)} identical in final test and val accuracy"
               + (f"; differing: {', '.join(f'{k} {now_finals[k]} vs {before_finals[k]}' for k in differ[:8])}" if differ else ""))
     return 0

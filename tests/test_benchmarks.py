@@ -150,4 +150,4 @@ def test_laptop_e2e_tiny_compares_two_sweeps_and_their_results():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     out = proc.stdout
     assert "before / now: CPU" in out and "trial workers (ray::)" in out, out
-    assert "4 run_keys in both stores (4 now, 4 before), 4 identical in final test and val accuracy" in out, out
+    assert "4 trials (cell, density, seed) in both stores (4 now, 4 before), 4 identical in final test and val" in out, out
