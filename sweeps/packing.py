@@ -6,8 +6,9 @@ cell are grouped, and so are trials of any cells with one pre-training at every 
 (``sparse_core/prefix.py``: e.g. the pruner cells and the post-pruning tricks of a leave-one-out
 design, per seed), which a Tune trial then trains once; each group is cut into packs of at most
 ``k`` copies, as even as possible (30 trials with k = 8: 8, 8, 7, 7), a cell's copies together.
-Inside a Tune trial, copies of one ``pack_key`` train as one pack. A pack is one Tune trial with the config
-``{"trials": [{"cell", "flat"}, ...], "meta": {...}}``; every copy is still its own MLflow run.
+Inside a Tune trial, copies of one ``pack_key`` train as one pack. A pack is one Tune trial with
+the config ``{"trials": [{"cell", "flat"}, ...], "meta": {...}}``; every copy is still its own
+MLflow run.
 With ``k = 1`` nothing is packed and every trial keeps the single shape ``{"trial": {...}, "meta"}``.
 
 The subtle point is the number of packs: fewer packs than trial slots would leave cores idle
