@@ -3,7 +3,8 @@
 Every trial (every copy of a packed trial, ``sweeps/pack_trial.py``) is one run:
 params = the flat config, metrics ``epoch/<key>`` and ``trainer/<key>`` (step = global epoch),
 ``prune/<key>`` (step = pruning round) and ``final/<key>`` (once, at the end; ``runstore`` says why), tags
-(run_key, sweep, cell, trial_id, provenance; ``pack_size`` for a copy of a packed trial) and ``layer_density.json``. A trial finds its run
+(run_key, sweep, cell, trial_id, provenance; ``pack_size`` for a copy of a packed trial, ``pretraining_shared_by``
+for a run whose pre-training was trained once for several, ``sparse_core/prefix.py``) and ``layer_density.json``. A trial finds its run
 by run_key (``TrialRun.open``, claims in ``claims.py``): a retried, resumed or re-run trial
 continues it, so there is one run per run_key and no epoch is logged twice. Per-epoch metrics are buffered and written by
 ``flush()`` (the trainable flushes before every checkpoint, so a retried trial finds every epoch up
@@ -245,6 +246,8 @@ class TrialRun:
         tags = {"collapsed_layers": ",".join(result["collapsed_layers"]), "device": result.get("device", "")}
         if "sparse_path" in result:
             tags["sparse_path"] = result["sparse_path"]
+        if result.get("prefix_shared_by", 1) > 1:  # its pre-training was trained once for this many runs
+            tags["pretraining_shared_by"] = str(result["prefix_shared_by"])
         self.flush(tags)  # with the final metrics: one store call, not four
         _retry(self.client.log_dict, self.run_id, result["layer_density"], "layer_density.json")
         _retry(self.client.set_terminated, self.run_id, "FINISHED")

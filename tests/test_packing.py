@@ -126,7 +126,10 @@ def test_packed_sweep_equals_unpacked_run_by_run(smoke_sweep, sweep_store):
                 continue
             hist = [(m.step, m.value) for m in c.get_metric_history(run.info.run_id, metric)]
             assert hist and hist == [(m.step, m.value) for m in c.get_metric_history(twin.info.run_id, metric)]
-        assert "pack_size" not in run.data.tags
+        assert "pack_size" not in run.data.tags and "pretraining_shared_by" not in run.data.tags
+        # packed, base and snip were in a Tune trial of 6 copies with one pre-training; full and rigl shared none
+        shared = twin.data.tags.get("pretraining_shared_by")
+        assert shared == ("6" if run.data.tags["cell"] in ("base", "pruner=snip") else None), (run.data.tags, shared)
     trial_ids = []
     for key, run in packed.items():
         tags = run.data.tags
