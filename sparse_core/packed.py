@@ -41,12 +41,16 @@ from .post_prune import SoftSchedule
 PACKABLE = ("seed", "prune.density", "train.lr", "train.weight_decay", "mask.lr")
 
 
-def pack_key(cfg: Config) -> str:
-    """Configs with equal keys can train in one pack (12 hex chars)."""
-    flat = {k: v for k, v in cfg.to_flat().items() if k not in PACKABLE}
-    flat["dense"] = cfg.prune.density >= 1.0  # a dense run has no pruning steps in its plan
+def config_hash(cfg: Config, leave_out: set | tuple = (), **extra) -> str:
+    """12 hex chars of the flat config without ``leave_out``, plus ``extra`` (pack_key, prefix.prefix_key)."""
+    flat = {**{k: v for k, v in cfg.to_flat().items() if k not in leave_out}, **extra}
     blob = json.dumps(flat, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def pack_key(cfg: Config) -> str:
+    """Configs with equal keys can train in one pack (12 hex chars)."""
+    return config_hash(cfg, PACKABLE, dense=cfg.prune.density >= 1.0)  # a dense run has no pruning steps in its plan
 
 
 class Pack:

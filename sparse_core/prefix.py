@@ -18,8 +18,6 @@ and runs restored from a checkpoint.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from collections import defaultdict
 from typing import Callable
 
@@ -55,10 +53,9 @@ def prefix_key(cfg: Config) -> str | None:
     """Equal for runs with the same pre-training (12 hex chars); None for a run that shares none."""
     if not fork_point(cfg):
         return None
-    dropped = set(POST_FORK) | ({"prune.density"} if density_free(cfg) else set())
-    flat = {k: v for k, v in cfg.to_flat().items() if k not in dropped}
-    blob = json.dumps(flat, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    from .packed import config_hash
+
+    return config_hash(cfg, set(POST_FORK) | ({"prune.density"} if density_free(cfg) else set()))
 
 
 def share(cfgs: list[Config], states: list[dict | None], data_of: Callable) -> dict[int, tuple[list[dict], int]]:
