@@ -27,6 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 # The legacy output engine honours RunConfig(verbose=0): Progress below is the only live view.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Tune's default per-trial loggers are JSON, CSV and TensorBoard; run_config keeps only the JSON one
+# (result.json: each trial's reports). MLflow has every metric already, and the TensorBoard writer
+# (a thread and a protobuf event per report) cost the driver more CPU than the rest of the result path.
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
 def connect(**local) -> bool:
@@ -194,6 +198,10 @@ class Progress(tune.Callback):
 
 
 def run_config(name: str, storage_path: str, max_failures: int, callbacks: list) -> tune.RunConfig:
+    from ray.tune.logger import JsonLoggerCallback
+
+    if os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS") == "1":
+        callbacks = [*callbacks, JsonLoggerCallback()]
     return tune.RunConfig(
         name=name, storage_path=storage_path, verbose=0, callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=max_failures),

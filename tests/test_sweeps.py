@@ -190,6 +190,10 @@ def test_smoke_sweep_one_finished_run_per_trial(smoke_sweep, store):
     assert f"--filter sweep=smoke-leave-one-out --out {report}" in out
     (analysis,) = runstore.search(store["uri"], "smoke", "tags.cell = 'analysis'")  # the report, in MLflow too
     assert "index.html" in [a.path for a in c.list_artifacts(analysis.info.run_id)]
+    # Tune's per-trial files: its JSON log only (MLflow has the metrics; no CSV, no TensorBoard events)
+    trial_dirs = [d for d in Path(store["storage"]).glob("smoke-leave-one-out-*/*") if d.is_dir()]
+    assert trial_dirs and all((d / "result.json").exists() for d in trial_dirs), trial_dirs
+    assert not [f for d in trial_dirs for f in d.iterdir() if f.name == "progress.csv" or "tfevents" in f.name]
 
 
 def test_rerun_launches_nothing(smoke_sweep, store):
