@@ -7,7 +7,11 @@ CPU seconds of every process in the tree (driver, Ray's gcs/raylet/agents, trial
 /proc every 0.2 s (``procstat.TreeSampler``: a lower bound, a process loses at most one poll interval),
 and wall seconds; the two commands alternate over ``--repeats`` rounds and the ratio is before / now in
 the same round. Afterwards the per-run results of both stores are compared by cell, density and seed
-(final test and validation accuracy): identical runs are counted, and differences are listed.
+(final test and validation accuracy): identical runs are counted, and differences are listed. Results
+are only comparable at one revision (``--before HEAD``): between a8843f0~1 and now the trainer's defaults
+changed on purpose (e.g. prune.rescale, the learned mask's momentum and float64 sigmoid), so the default
+comparison measures cost, and ``--before HEAD --before-args="--pack 1"`` measures whether packing moves a
+result (72 of 72 identical on the laptop preset).
 
     python benchmarks/laptop_e2e.py                                  # now vs a8843f0~1, 2 rounds
     python benchmarks/laptop_e2e.py --before HEAD --before-args="--pack 1"   # packing on vs off, same code
@@ -113,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  per-run results (first round): {len(common)} trials (cell, density, seed) in both stores ({len(now_finals)} now, "
               f"{len(before_finals)} before), {len(common) - len(differ)} identical in final test and val accuracy"
               + (f"; differing: {', '.join(f'{k} {now_finals[k]} vs {before_finals[k]}' for k in differ[:8])}" if differ else ""))
+        if differ and args.before != "HEAD":
+            print("  (a baseline revision whose trainer or defaults differ gives other results: see `git log`; whether "
+                  "packing changes a result is measured at one revision: --before HEAD --before-args=\"--pack 1\")")
     return 0
 
 
