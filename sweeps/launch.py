@@ -28,8 +28,8 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 # The legacy output engine honours RunConfig(verbose=0): Progress below is the only live view.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # Tune's default per-trial loggers are JSON, CSV and TensorBoard; run_config keeps only the JSON one
-# (result.json: each trial's reports). MLflow has every metric already, and the TensorBoard writer
-# (a thread and a protobuf event per report) cost the driver more CPU than the rest of the result path.
+# (result.json: each trial's reports). MLflow has every metric already; the CSV file and the
+# TensorBoard writer (a thread, a protobuf event per report) were driver work for every report.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
