@@ -9,7 +9,9 @@ that part once, for one of them, then starts each of the others from a copy of i
 pre-training epochs handed to its own log. Every run's log, history, checkpoints and result are
 those of its own run from scratch; its ``seconds`` count the shared epochs in full. In a leave-one-out
 ablation most cells share one pre-training (the pruner cells, the post-pruning tricks), and in a
-density sweep every density of a cell does.
+density sweep every density of a cell does. Where a sigmoid mask is steered to the density, the cells
+that differ only after pruning still share one pre-training per density (``family_key``). The shared
+pre-trainings that can share a pack (sparse_core/packed.py: e.g. one per density) train as one pack.
 
 Not shared: RigL (sparse from the first step), runs with an injected failure (``train.fail_at_epoch``)
 and runs restored from a checkpoint.
@@ -58,12 +60,24 @@ def prefix_key(cfg: Config) -> str | None:
     return config_hash(cfg, set(POST_FORK) | ({"prune.density"} if density_free(cfg) else set()))
 
 
+def family_key(cfg: Config) -> str | None:
+    """Equal for runs whose pre-training is the same but for the density a sigmoid mask is steered to
+    (``prefix_key`` itself where ``density_free``); None for a run that shares none. Runs of one family
+    and one density share their pre-training (the sweeps group a family's cells into one trial)."""
+    if not fork_point(cfg):
+        return None
+    from .packed import config_hash
+
+    return config_hash(cfg, set(POST_FORK) | {"prune.density"})
+
+
 def share(cfgs: list[Config], states: list[dict | None], data_of: Callable) -> dict[int, tuple[list[dict], int]]:
     """Train each pre-training that two or more fresh runs (``states[i] is None``) have in common,
     once, and set those runs' ``states`` to its end. Returns, per such run, the pre-training epochs'
-    log entries (to hand to its log) and the number of runs that shared them. A pre-training that
+    log entries (to hand to its log) and the number of runs that shared them. Pre-trainings that can
+    share a pack (one per density of a steered mask, one per seed) train as one. A pre-training that
     diverges is left to each run to find alone."""
-    from .packed import Pack
+    from .packed import Pack, pack_key
     from .train import Trainer
 
     groups: dict[str, list[int]] = defaultdict(list)
@@ -71,19 +85,27 @@ def share(cfgs: list[Config], states: list[dict | None], data_of: Callable) -> d
         key = prefix_key(cfg) if states[i] is None else None
         if key is not None:
             groups[key].append(i)
-    out: dict[int, tuple[list[dict], int]] = {}
+    by_pack: dict[str, list[list[int]]] = defaultdict(list)  # the pre-trainings that can train as one pack
     for members in groups.values():
-        if len(members) < 2:
-            continue
-        entries: list[dict] = []
-        lead = Trainer(cfgs[members[0]], lambda metrics, _state: entries.append(copy.deepcopy(metrics)),
-                       data=data_of(cfgs[members[0]]))
-        fork = fork_point(lead.cfg)
-        Pack([lead]).run(until=fork)
-        if lead.step_idx < fork:
-            continue
-        state = lead.state_dict()
-        for i in members:
-            states[i] = {**copy.deepcopy(state), "config": cfgs[i].to_flat()}
-            out[i] = (entries, len(members))
+        if len(members) >= 2:
+            by_pack[pack_key(cfgs[members[0]])].append(members)
+    out: dict[int, tuple[list[dict], int]] = {}
+    for shared in by_pack.values():
+        entries: list[list[dict]] = [[] for _ in shared]
+        leads = [Trainer(cfgs[members[0]], _recorder(entries[j]), data=data_of(cfgs[members[0]]))
+                 for j, members in enumerate(shared)]
+        pack = Pack(leads)
+        fork = fork_point(leads[0].cfg)
+        pack.run(until=fork)
+        for j, (lead, members) in enumerate(zip(leads, shared)):
+            if j in pack.failed or lead.step_idx < fork:  # diverged: each run finds that alone
+                continue
+            state = lead.state_dict()
+            for i in members:
+                states[i] = {**copy.deepcopy(state), "config": cfgs[i].to_flat()}
+                out[i] = (entries[j], len(members))
     return out
+
+
+def _recorder(entries: list[dict]) -> Callable:
+    return lambda metrics, _state: entries.append(copy.deepcopy(metrics))

@@ -82,7 +82,7 @@ def group_key(trials: list):
     from sparse_core.packed import pack_key
 
     cfgs = {t.run_key: from_flat(t.flat) for t in trials}
-    shared = {k: prefix.prefix_key(c) if prefix.density_free(c) else None for k, c in cfgs.items()}
+    shared = {k: prefix.family_key(c) for k, c in cfgs.items()}
     cells: dict = {}
     for t in trials:
         cells.setdefault(shared[t.run_key], set()).add(t.cell)

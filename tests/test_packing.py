@@ -2,7 +2,7 @@
 Ray runtime, a real SQLite MLflow store, the smoke preset.
 
 The packed sweep is the session's smoke sweep (``conftest.smoke_sweep``: 36 trials packed by default
-into 18 Tune trials of two); an unpacked sweep and a retried pack are compared with it run_key by
+into 7 Tune trials); an unpacked sweep and a retried pack are compared with it run_key by
 run_key. A FINISHED copy inside a pack is tested in-process; ``-m slow`` adds a superset of seeds.
 """
 
@@ -71,6 +71,27 @@ def test_cells_with_one_pre_training_share_a_trial_per_seed():
     assert sorted(t.run_key for p in packs for t in p) == sorted(t.run_key for t in trials)
 
 
+def test_cells_with_one_pre_training_per_density_share_a_trial_per_seed():
+    """full and its post-pruning ablations steer a sigmoid mask to the density: one pre-training per
+    density and seed, so a seed's cells go together (a cell's copies next to each other) and each
+    Tune trial trains one pre-training per density for its cells; base+mask and full-no_zero_init
+    (Kaiming init) are another such family; a family of one cell (full-no_mask here) packs by cell."""
+    from sparse_core import prefix
+
+    family = ["full", "full-no_label_smoothing", "full-no_soft_skip"]
+    trials = smoke_trials(family + ["base+mask", "full-no_zero_init", "full-no_mask"], seeds=(0, 1))
+    packs = packing.packs(trials, 8)
+    shapes = sorted((tuple(sorted({t.cell for t in p})), tuple(sorted({t.seed for t in p}))) for p in packs)
+    kaiming = ("base+mask", "full-no_zero_init")
+    assert shapes == [(kaiming, (0,)), (kaiming, (1,)), (tuple(family), (0,)), (tuple(family), (1,)),
+                      (("full-no_mask",), (0, 1))], shapes
+    for p in (p for p in packs if p[0].cell != "full-no_mask"):
+        # inside a family's trial: one pre-training per density (and seed), shared by every cell there
+        cfgs = [from_flat(t.flat) for t in p]
+        assert len({prefix.prefix_key(c) for c in cfgs}) == len({(c.prune.density, c.seed) for c in cfgs}), \
+            [t.cell for t in p]
+
+
 def test_fewer_packs_than_slots_are_split():
     trials = smoke_trials(["full", "rigl"])  # 2 cells x 2 densities
     assert [len(p) for p in packing.packs(trials, 8)] == [2, 2]
@@ -106,11 +127,13 @@ def test_packed_sweep_equals_unpacked_run_by_run(smoke_sweep, sweep_store):
     assert smoke_sweep["code"] == 0, out
     # 9 cells (base, its three tricks, the four other pruners, gmp: its pre-training is base's in this
     # preset) share one pre-training: 18 trials in 3 packs of 6; base+zero_init and full-no_mask another:
-    # 1 pack of 4; the other 7 cells: a pack each
-    assert f"launching {SMOKE_TRIALS} trials in 11 packed trials of up to 6" in out
-    assert f"| {SMOKE_TRIALS} runs in 11 packed trials |" in out
-    assert out.count("  done ") == SMOKE_TRIALS and "(pack of 2, " in out and "(pack of 6, " in out  # a line per run
-    # base and pruner=snip trained in a trial that shared their pre-training; full and rigl did not
+    # 1 pack of 4; full and its three post-pruning ablations share one per density (their sigmoid mask
+    # is steered to it): 1 pack of 8; base+mask and full-no_zero_init likewise: 1 pack of 4; rigl: 1 of 2
+    assert f"launching {SMOKE_TRIALS} trials in 7 packed trials of up to 8" in out
+    assert f"| {SMOKE_TRIALS} runs in 7 packed trials |" in out
+    assert out.count("  done ") == SMOKE_TRIALS and all(f"(pack of {k}, " in out for k in (2, 4, 6, 8))  # a line per run
+    # base and pruner=snip trained in a trial that shared their pre-training, full in one that shared
+    # its pre-training per density; rigl has none
     cells = ["full", "rigl", "base", "pruner=snip"]
     code, plain_out = sweep(sweep_store, "unpacked", "--cells", ",".join(cells), "--densities", "0.1", "--pack", "1")
     assert code == 0 and "launching 4 trials (1 CPU" in plain_out and "packed trials" not in plain_out, plain_out
@@ -127,16 +150,17 @@ def test_packed_sweep_equals_unpacked_run_by_run(smoke_sweep, sweep_store):
             hist = [(m.step, m.value) for m in c.get_metric_history(run.info.run_id, metric)]
             assert hist and hist == [(m.step, m.value) for m in c.get_metric_history(twin.info.run_id, metric)]
         assert "pack_size" not in run.data.tags and "pretraining_shared_by" not in run.data.tags
-        # packed, base and snip were in a Tune trial of 6 copies with one pre-training; full and rigl shared none
+        # packed, base and snip were in a Tune trial of 6 copies with one pre-training, full in one of 8
+        # with one per density (4 cells each); rigl shared none
         shared = twin.data.tags.get("pretraining_shared_by")
-        assert shared == ("6" if run.data.tags["cell"] in ("base", "pruner=snip") else None), (run.data.tags, shared)
+        assert shared == {"base": "6", "pruner=snip": "6", "full": "4"}.get(run.data.tags["cell"]), (run.data.tags, shared)
     trial_ids = []
     for key, run in packed.items():
         tags = run.data.tags
         if tags.get("pack_size") is None:  # runs other tests of the session added to the experiment
             continue
         assert set(run.data.params) == set(FIELD_TYPES) and run_key(from_flat(run.data.params)) == key
-        assert tags["pack_size"] in ("2", "4", "6")
+        assert tags["pack_size"] in ("2", "4", "6", "8")
         assert [a.path for a in c.list_artifacts(run.info.run_id)] == ["layer_density.json"]
         # its checkpoints: its own file in the pack's trial dir, recorded in its run
         assert list(Path(tags["checkpoint_dir"]).glob(f"checkpoint_*/state_{key}.pt"))

@@ -115,3 +115,42 @@ def test_runs_that_share_pre_training_end_as_their_own_runs_do():
     single = Trainer(cfgs[3])  # and a run from scratch on its own, outside any pack
     single_result = single.run()
     assert single_result["test_acc"] == shared[3]["test_acc"] and single_result["val_acc"] == shared[3]["val_acc"]
+
+
+def test_pre_trainings_per_density_train_as_one_pack_and_runs_end_as_their_own(monkeypatch):
+    """A sigmoid mask steered to the density: runs that differ only after pruning share one pre-training
+    per density, those pre-trainings train together as one pack (they differ in the density only), and
+    every run ends as its own run does."""
+    from sparse_core import packed
+
+    steered = {**TINY, "mask.kind": "sigmoid", "mask.target": True, "prune.pruner": "mask"}
+    extras = [{}, {"post.label_smoothing": True}, {"prune.density": 0.03},
+              {"prune.density": 0.03, "post.label_smoothing": True}, {"prune.density": 0.03, "prune.pruner": "snip"}]
+    cfgs = [Config().replace(**{**steered, **extra}) for extra in extras]
+    assert len({prefix.family_key(c) for c in cfgs}) == 1 and len({prefix.prefix_key(c) for c in cfgs}) == 2
+    sizes = []
+
+    class Recorded(packed.Pack):
+        def __init__(self, copies):
+            sizes.append(len(copies))
+            super().__init__(copies)
+
+    monkeypatch.setattr(packed, "Pack", Recorded)
+    logs_shared, logs_alone = [[] for _ in cfgs], [[] for _ in cfgs]
+
+    def recorder(store):
+        return lambda metrics, _state: store.append({k: v for k, v in metrics.items() if k != "seconds"})
+
+    shared = run_packed(cfgs, [recorder(s) for s in logs_shared])
+    assert sizes[0] == 2  # the two pre-trainings (10 % and 3 %), one pack
+    assert [r["prefix_shared_by"] for r in shared] == [2, 2, 3, 3, 3]
+    alone = run_packed(cfgs, [recorder(s) for s in logs_alone], share_prefix=False)
+    drop = ("seconds", "prefix_shared_by", "pack_size", "train_seconds")
+    for i, (a, b) in enumerate(zip(shared, alone)):
+        a, b = ({k: v for k, v in r.items() if k not in drop} for r in (a, b))
+        assert _same(a, b, tol=1e-5) == [], i
+        assert _same({k: v for k, v in a.items() if "acc" in k or "density" in k},
+                     {k: v for k, v in b.items() if "acc" in k or "density" in k}) == [], i
+        assert _same(logs_shared[i], logs_alone[i], tol=1e-5) == [], i
+        assert [m["val_acc"] for m in logs_shared[i] if "val_acc" in m] == \
+            [m["val_acc"] for m in logs_alone[i] if "val_acc" in m], i
