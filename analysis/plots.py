@@ -144,10 +144,12 @@ def _draw(ax, table, rows: str, members: list, scale: float, ref) -> None:
 
 
 def accuracy_vs_density(df: pd.DataFrame, stem: str, metric: str = "test_acc", rows: str = "cell",
-                        title: str | None = None, reference=None) -> list[str]:
+                        title: str | None = None, reference=None, table=None) -> list[str]:
     """Mean over seeds with its 95 % confidence band, one panel per group of at most PANEL_LINES curves
-    (baselines; the full pipeline's ablations; base + one component); returns [png, pdf]."""
-    table = ablation_table(df, metric, rows, DENSITY, reference)  # same checks as the table: no hidden averaging
+    (baselines; the full pipeline's ablations; base + one component); returns [png, pdf]. ``table``:
+    ``ablation_table(df, metric, rows, DENSITY, reference)`` if the caller has it already."""
+    if table is None:  # same checks as the table: no hidden averaging
+        table = ablation_table(df, metric, rows, DENSITY, reference)
     scale = 100.0 if is_percent(metric) else 1.0
     groups = panels(table.row_order)
     fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 5.6), sharey=True, squeeze=False)

@@ -71,7 +71,8 @@ def build(uri: str, experiments: list[str], out: str, metric: str = "test_acc", 
         files.append(path)
     figures = []
     if cols == plots.DENSITY:
-        paths = plots.accuracy_vs_density(df, os.path.join(out, "accuracy_vs_density"), metric, rows, reference=reference)
+        paths = plots.accuracy_vs_density(df, os.path.join(out, "accuracy_vs_density"), metric, rows,
+                                          reference=reference, table=table)  # the table above: cols == DENSITY
         figures.append(_figure(out, paths, f"{metric} vs density, one line per {rows}"))
         files += paths
     else:
