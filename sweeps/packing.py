@@ -22,6 +22,7 @@ Knows no Ray; ``pack_key`` is imported on first use (it brings torch).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Iterable
 
 DEFAULT_PACK = 8  # copies per Tune trial for MLPs when --pack is not given (the CPU gain levels off near 16)
@@ -54,7 +55,7 @@ def packs(trials: Iterable, k: int | None, min_packs: int = 1, key=None) -> list
         return [[t] for t in trials]
     trials = list(trials)
     if key is None:
-        key = group_key(trials)
+        key = group_key(trials, k)
     groups: dict = {}
     for t in trials:
         groups.setdefault(key(t), []).append(t)
@@ -72,25 +73,36 @@ def packs(trials: Iterable, k: int | None, min_packs: int = 1, key=None) -> list
     return out
 
 
-def group_key(trials: list):
+def group_key(trials: list, k: int | None = None):
     """The grouping of ``packs``: trials of several cells with one pre-training at every density (e.g.
     the pruner cells and the post-pruning tricks of a leave-one-out design, per seed) go together, and
     a Tune trial then trains that pre-training once (sparse_core/prefix.py); the rest by cell and
-    ``pack_key`` (a cell's seeds and densities pack together; those of one seed still share theirs)."""
+    ``pack_key`` (a cell's seeds and densities pack together; those of one seed still share theirs).
+    Cells whose sigmoid mask is steered to the density share one pre-training per density
+    (``prefix.family_key``: e.g. full and its post-pruning ablations): they go together per seed where
+    a cell alone cannot fill a pack of ``k`` (``default_pack`` if None; the laptop preset's 4 trials
+    per cell), and by cell where it can: there a cell's full packs train cheaper than a shared
+    pre-training per density would save (each pack would hold fewer copies of a cell)."""
     from sparse_core import prefix
     from sparse_core.config import from_flat
     from sparse_core.packed import pack_key
 
     cfgs = {t.run_key: from_flat(t.flat) for t in trials}
-    shared = {k: prefix.family_key(c) for k, c in cfgs.items()}
+    shared = {key: prefix.family_key(c) for key, c in cfgs.items()}
+    by_cell = {t.run_key: ("cell", t.cell, pack_key(cfgs[t.run_key])) for t in trials}
+    size = Counter(by_cell.values())
     cells: dict = {}
     for t in trials:
         cells.setdefault(shared[t.run_key], set()).add(t.cell)
 
+    def fills(t) -> bool:
+        return size[by_cell[t.run_key]] >= (k if k is not None else default_pack(t.flat.get("model.name", "mlp")))
+
     def key(t) -> tuple:
         pre = shared[t.run_key]
-        return ("pre-training", pre) if pre is not None and len(cells[pre]) > 1 else \
-            ("cell", t.cell, pack_key(cfgs[t.run_key]))
+        if pre is None or len(cells[pre]) < 2 or (not prefix.density_free(cfgs[t.run_key]) and fills(t)):
+            return by_cell[t.run_key]
+        return "pre-training", pre
     return key
 
 

@@ -73,9 +73,10 @@ def test_cells_with_one_pre_training_share_a_trial_per_seed():
 
 def test_cells_with_one_pre_training_per_density_share_a_trial_per_seed():
     """full and its post-pruning ablations steer a sigmoid mask to the density: one pre-training per
-    density and seed, so a seed's cells go together (a cell's copies next to each other) and each
-    Tune trial trains one pre-training per density for its cells; base+mask and full-no_zero_init
-    (Kaiming init) are another such family; a family of one cell (full-no_mask here) packs by cell."""
+    density and seed, so where a cell alone cannot fill a pack a seed's cells go together (a cell's
+    copies next to each other) and each Tune trial trains one pre-training per density for its cells;
+    base+mask and full-no_zero_init (Kaiming init) are another such family; a family of one cell
+    (full-no_mask here, whose pre-training is density-free) packs by cell."""
     from sparse_core import prefix
 
     family = ["full", "full-no_label_smoothing", "full-no_soft_skip"]
@@ -90,6 +91,11 @@ def test_cells_with_one_pre_training_per_density_share_a_trial_per_seed():
         cfgs = [from_flat(t.flat) for t in p]
         assert len({prefix.prefix_key(c) for c in cfgs}) == len({(c.prune.density, c.seed) for c in cfgs}), \
             [t.cell for t in p]
+    # where a cell alone fills its packs (8 trials, k = 8), it packs by cell as before: full copies of
+    # one cell stack, and no pre-training is shared
+    many = smoke_trials(family, seeds=range(4))
+    assert sorted(tuple({t.cell for t in p}) for p in packing.packs(many, 8)) == [(c,) for c in sorted(family)]
+    assert sorted(len({t.cell for t in p}) for p in packing.packs(many, 16)) == [3, 3, 3, 3]  # 8 < 16: per seed
 
 
 def test_fewer_packs_than_slots_are_split():
