@@ -79,6 +79,20 @@ def test_nothing_to_share_for_rigl_injected_failures_and_no_pre_training():
         assert prefix.fork_point(cfg) == 0 and prefix.prefix_key(cfg) is None, extra
 
 
+def _assert_same_runs(shared: list, alone: list, logs_shared: list, logs_alone: list) -> None:
+    """Results and logs equal run by run: losses within 1e-5 (packs of other sizes round differently in the
+    last bit), accuracies and densities exactly."""
+    drop = ("seconds", "prefix_shared_by", "pack_size", "train_seconds")
+    for i, (a, b) in enumerate(zip(shared, alone)):
+        a, b = ({k: v for k, v in r.items() if k not in drop} for r in (a, b))
+        assert _same(a, b, tol=1e-5) == [], i
+        assert _same({k: v for k, v in a.items() if "acc" in k or "density" in k},
+                     {k: v for k, v in b.items() if "acc" in k or "density" in k}) == [], i
+        assert _same(logs_shared[i], logs_alone[i], tol=1e-5) == [], i
+        assert [m["val_acc"] for m in logs_shared[i] if "val_acc" in m] == \
+            [m["val_acc"] for m in logs_alone[i] if "val_acc" in m], i
+
+
 CELLS = [  # cells of one leave-one-out study: all but seed 1 and RigL share one pre-training
     {"prune.density": 0.1}, {"prune.density": 0.03}, {"prune.pruner": "snip", "prune.density": 0.03},
     {"post.label_smoothing": True, "post.soft_activation": True, "post.soft_skip": True, "train.post_epochs": 3},
@@ -103,15 +117,7 @@ def test_runs_that_share_pre_training_end_as_their_own_runs_do():
     # Alone, runs 0, 1 and 4 train in one pack (they differ in seed and density only); shared, run 4
     # trains by itself: a pack of 3 and a pack of 1 round differently in the last bit (sparse_core/packed.py),
     # hence the 1e-5 on losses, as in tests/test_packed.py. Accuracies, masks and densities are equal.
-    drop = ("seconds", "prefix_shared_by", "pack_size", "train_seconds")
-    for i, (a, b) in enumerate(zip(shared, alone)):
-        a, b = ({k: v for k, v in r.items() if k not in drop} for r in (a, b))
-        assert _same(a, b, tol=1e-5) == [], i
-        assert _same({k: v for k, v in a.items() if "acc" in k or "density" in k},
-                     {k: v for k, v in b.items() if "acc" in k or "density" in k}) == [], i
-        assert _same(logs_shared[i], logs_alone[i], tol=1e-5) == [], i
-        assert [m["val_acc"] for m in logs_shared[i] if "val_acc" in m] == \
-            [m["val_acc"] for m in logs_alone[i] if "val_acc" in m], i
+    _assert_same_runs(shared, alone, logs_shared, logs_alone)
     single = Trainer(cfgs[3])  # and a run from scratch on its own, outside any pack
     single_result = single.run()
     assert single_result["test_acc"] == shared[3]["test_acc"] and single_result["val_acc"] == shared[3]["val_acc"]
@@ -145,12 +151,4 @@ def test_pre_trainings_per_density_train_as_one_pack_and_runs_end_as_their_own(m
     assert sizes[0] == 2  # the two pre-trainings (10 % and 3 %), one pack
     assert [r["prefix_shared_by"] for r in shared] == [2, 2, 3, 3, 3]
     alone = run_packed(cfgs, [recorder(s) for s in logs_alone], share_prefix=False)
-    drop = ("seconds", "prefix_shared_by", "pack_size", "train_seconds")
-    for i, (a, b) in enumerate(zip(shared, alone)):
-        a, b = ({k: v for k, v in r.items() if k not in drop} for r in (a, b))
-        assert _same(a, b, tol=1e-5) == [], i
-        assert _same({k: v for k, v in a.items() if "acc" in k or "density" in k},
-                     {k: v for k, v in b.items() if "acc" in k or "density" in k}) == [], i
-        assert _same(logs_shared[i], logs_alone[i], tol=1e-5) == [], i
-        assert [m["val_acc"] for m in logs_shared[i] if "val_acc" in m] == \
-            [m["val_acc"] for m in logs_alone[i] if "val_acc" in m], i
+    _assert_same_runs(shared, alone, logs_shared, logs_alone)
