@@ -91,16 +91,19 @@ def group_key(trials: list, k: int | None = None):
     shared = {key: prefix.family_key(c) for key, c in cfgs.items()}
     by_cell = {t.run_key: ("cell", t.cell, pack_key(cfgs[t.run_key])) for t in trials}
     size = Counter(by_cell.values())
+
+    def own_packs(t) -> bool:  # a steered-mask cell that fills its packs alone
+        full = k if k is not None else default_pack(t.flat.get("model.name", "mlp"))
+        return not prefix.density_free(cfgs[t.run_key]) and size[by_cell[t.run_key]] >= full
+
     cells: dict = {}
     for t in trials:
-        cells.setdefault(shared[t.run_key], set()).add(t.cell)
-
-    def fills(t) -> bool:
-        return size[by_cell[t.run_key]] >= (k if k is not None else default_pack(t.flat.get("model.name", "mlp")))
+        if not own_packs(t):
+            cells.setdefault(shared[t.run_key], set()).add(t.cell)
 
     def key(t) -> tuple:
         pre = shared[t.run_key]
-        if pre is None or len(cells[pre]) < 2 or (not prefix.density_free(cfgs[t.run_key]) and fills(t)):
+        if pre is None or own_packs(t) or len(cells[pre]) < 2:
             return by_cell[t.run_key]
         return "pre-training", pre
     return key

@@ -96,6 +96,9 @@ def test_cells_with_one_pre_training_per_density_share_a_trial_per_seed():
     many = smoke_trials(family, seeds=range(4))
     assert sorted(tuple({t.cell for t in p}) for p in packing.packs(many, 8)) == [(c,) for c in sorted(family)]
     assert sorted(len({t.cell for t in p}) for p in packing.packs(many, 16)) == [3, 3, 3, 3]  # 8 < 16: per seed
+    # a small cell whose family's other cells fill their own packs has nobody to share with: by cell
+    mixed = smoke_trials(["full"], seeds=range(4)) + smoke_trials(["full-no_soft_skip"], seeds=(0, 1))
+    assert sorted((p[0].cell, len(p)) for p in packing.packs(mixed, 8)) == [("full", 8), ("full-no_soft_skip", 4)]
 
 
 def test_fewer_packs_than_slots_are_split():
