@@ -140,7 +140,8 @@ def test_packed_sweep_equals_unpacked_run_by_run(smoke_sweep, sweep_store):
     # is steered to it): 1 pack of 8; base+mask and full-no_zero_init likewise: 1 pack of 4; rigl: 1 of 2
     assert f"launching {SMOKE_TRIALS} trials in 7 packed trials of up to 8" in out
     assert f"| {SMOKE_TRIALS} runs in 7 packed trials |" in out
-    assert out.count("  done ") == SMOKE_TRIALS and all(f"(pack of {k}, " in out for k in (2, 4, 6, 8))  # a line per run
+    assert out.count("  done ") == SMOKE_TRIALS  # a line per run
+    assert all(f"(pack of {k}, " in out for k in (2, 4, 6, 8)), out
     # base and pruner=snip trained in a trial that shared their pre-training, full in one that shared
     # its pre-training per density; rigl has none
     cells = ["full", "rigl", "base", "pruner=snip"]
@@ -162,7 +163,8 @@ def test_packed_sweep_equals_unpacked_run_by_run(smoke_sweep, sweep_store):
         # packed, base and snip were in a Tune trial of 6 copies with one pre-training, full in one of 8
         # with one per density (4 cells each); rigl shared none
         shared = twin.data.tags.get("pretraining_shared_by")
-        assert shared == {"base": "6", "pruner=snip": "6", "full": "4"}.get(run.data.tags["cell"]), (run.data.tags, shared)
+        expected = {"base": "6", "pruner=snip": "6", "full": "4"}.get(run.data.tags["cell"])
+        assert shared == expected, (run.data.tags, shared)
     trial_ids = []
     for key, run in packed.items():
         tags = run.data.tags
