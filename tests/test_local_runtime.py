@@ -1,7 +1,8 @@
 """The local Ray runtime a sweep starts (``sweeps.launch.connect``), through a real runtime.
 
 Ray starts workers at nice 15 (``RAY_worker_niceness``), so on a laptop every trial yields to any
-other job; a local runtime from ``connect`` runs them at the driver's priority instead.
+other job; a local runtime from ``connect`` runs them at the driver's priority instead, and starts
+no worker that no trial asks for.
 """
 
 from __future__ import annotations
@@ -36,3 +37,44 @@ def test_local_workers_run_at_the_drivers_priority_and_connect_is_idempotent():
         ray.kill(probe)
     assert launch.connect() is False  # already connected: nothing started, nothing for the caller to shut down
     assert "RAY_ADDRESS" not in os.environ  # conftest: never a developer's cluster
+
+
+_COUNT_WORKERS = """
+import os, sys, time
+from sweeps import launch
+
+launch.connect(num_cpus=2)
+started, seen = time.monotonic(), 0
+while time.monotonic() - started < float(sys.argv[1]) and not seen:
+    seen = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            session = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[3])
+            args = open(f"/proc/{pid}/cmdline").read().split("\\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        worker = args[0].startswith("ray::IDLE") or (len(args) > 1 and args[1].endswith("default_worker.py"))
+        seen += session == os.getsid(0) and worker
+    time.sleep(0.2)
+print(seen, round(time.monotonic() - started, 1))
+"""
+
+
+def test_a_local_runtime_starts_no_worker_that_no_trial_asks_for():
+    """Ray pre-starts a worker per CPU for the job's runtime env, which Tune's trial actors never use
+    (they carry a runtime env of their own), so a local runtime from ``connect`` starts none
+    (``RAY_prestart_worker_first_driver=0``, ~0.85 CPU s each). The control, with Ray's default,
+    sees them appear; the runtime under test is watched three times as long, at least 5 s."""
+    import subprocess
+    import sys
+
+    def watch(window: float, **env) -> tuple[int, float]:
+        out = subprocess.run([sys.executable, "-c", _COUNT_WORKERS, str(window)], capture_output=True, text=True,
+                             timeout=600, env={**os.environ, **env}, start_new_session=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        seen, after = out.stdout.split()[-2:]
+        return int(seen), float(after)
+
+    seen, after = watch(120.0, RAY_prestart_worker_first_driver="1")  # Ray's default: a value given wins
+    assert seen >= 1, "the control should see Ray's pre-started workers"
+    assert watch(max(5.0, 3 * after))[0] == 0
