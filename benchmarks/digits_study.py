@@ -279,9 +279,7 @@ def main(argv=None) -> int:
         code = study(args, uri, storage)
         walls["study sweep"] = time.time() - t0
     finally:
-        import ray
-
-        ray.shutdown()
+        launch.shutdown()
     t0 = time.time()
     result = analyse(args, uri)
     walls["analysis"] = time.time() - t0

@@ -275,9 +275,7 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | No
         return tally
     finally:
         if started_ray:
-            import ray
-
-            ray.shutdown()
+            launch.shutdown()
 
 
 if __name__ == "__main__":

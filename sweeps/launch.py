@@ -16,10 +16,11 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from . import packing, tracking
+from . import packing, relay, tracking
 from .trainable import resources, train_trial
 
 ROOT = Path(__file__).resolve().parent.parent
+_relay: relay.Relay | None = None  # a local runtime's MLflow relay (connect)
 
 
 # Tune snapshots its experiment state whenever old checkpoints are deleted (so --resume stays
@@ -43,7 +44,11 @@ def connect(**local) -> bool:
     (``RAY_worker_niceness``, read by each worker from its environment) to keep a cluster node's
     raylet responsive, which on a laptop makes the trials yield to every other job. Ray's own job
     manager sets the same variable to 0 for its job supervisor. A value in the environment wins.
+
+    A local runtime's trials write their MLflow runs through this process (``sweeps/relay.py``; off
+    with ``SWEEPS_RELAY=0``); ``shutdown`` stops the relay with Ray.
     """
+    global _relay
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
@@ -54,9 +59,21 @@ def connect(**local) -> bool:
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
         env_vars = {"PYTHONPATH": path, "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}
+        if relay.wanted():
+            _relay = relay.Relay()
+            env_vars.update(_relay.env)
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
                  runtime_env={"env_vars": env_vars}, **local)
     return True
+
+
+def shutdown() -> None:
+    """Stop what ``connect`` started: Ray, and the relay of a local runtime."""
+    global _relay
+    ray.shutdown()
+    if _relay is not None:
+        _relay.close()
+        _relay = None
 
 
 def cluster_gpus() -> float:

@@ -129,9 +129,7 @@ def main(argv=None) -> int:
         results = tuner.fit()
     finally:
         if started_ray:
-            import ray
-
-            ray.shutdown()
+            launch.shutdown()
 
     complete = [r for r in results if r.metrics and r.metrics.get("final")]
     failed = sum(1 for r in results if r.error is not None)

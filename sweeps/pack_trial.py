@@ -35,20 +35,19 @@ import time
 import torch
 from ray import tune
 
-from runstore import final_metrics
 from sparse_core.checkpoint import CheckpointError
 from sparse_core.config import from_flat, run_key, to_flat
 from sparse_core.plan import build as build_plan
 from sparse_core.train import total_epochs
 
-from . import tracking
+from . import relay, tracking
 from .trainable import _REPORTED, CHECKPOINT_EVERY_S, CHECKPOINT_FILE, _location, _newest_state, copy_file, setup
 
 
 class _Copy:
     """One config of the pack: its MLflow run, plan position and newest snapshot."""
 
-    def __init__(self, cell: str, cfg, mlrun: tracking.TrialRun):
+    def __init__(self, cell: str, cfg, mlrun: tracking.RunLog):
         self.cell, self.cfg, self.mlrun, self.key = cell, cfg, mlrun, mlrun.run_key
         self.steps, self.epochs = len(build_plan(cfg)), total_epochs(cfg)
         self.pos = self.epoch = 0  # plan steps done, training epochs done
@@ -146,8 +145,8 @@ def _row(c: _Copy) -> dict:
     """One copy's outcome for the driver (``Progress``, the sweep's counts)."""
     row = {"cell": c.cell, "density": c.cfg.prune.density, "seed": c.cfg.seed, "run_key": c.key}
     if c.mlrun.skip:
-        metrics = final_metrics(c.mlrun.other.data.metrics) if c.mlrun.skip == "finished" else {}
-        row.update(status="skipped", skipped=c.mlrun.skip, mlflow_run_id=c.mlrun.other.info.run_id,
+        metrics = c.mlrun.other_final
+        row.update(status="skipped", skipped=c.mlrun.skip, mlflow_run_id=c.mlrun.other_id,
                    val_acc=metrics.get("val_acc", math.nan), test_acc=metrics.get("test_acc", math.nan))
     elif c.result is None:
         row.update(status="failed", mlflow_run_id=c.mlrun.run_id,
@@ -179,8 +178,8 @@ def train_pack(config: dict) -> None:
     copies = []
     for spec in specs:
         cfg = from_flat(spec["flat"])
-        mlrun = tracking.TrialRun(meta["tracking_uri"], meta["experiment_id"], sweep=meta["sweep"], cell=spec["cell"],
-                                  flat=to_flat(cfg), run_key=run_key(cfg), trial_id=trial_id, tags=tags).open()
+        mlrun = relay.trial_run(meta["tracking_uri"], meta["experiment_id"], sweep=meta["sweep"], cell=spec["cell"],
+                                flat=to_flat(cfg), run_key=run_key(cfg), trial_id=trial_id, tags=tags).open()
         copies.append(_Copy(spec["cell"], cfg, mlrun))
     checkpoint = tune.get_checkpoint()
     for c in copies:

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from runstore import (CURVES, DEFAULT_TRACKING_URI, EPOCH_PREFIX, FINAL_PREFIX, PRUNE_PREFIX, TRAINER_PREFIX,
                       TrackingError, check_reachable, client,  # noqa: F401
-                      experiment_id, load_runs, resolve_tracking_uri, search, sqlite_path, unwritable)
+                      experiment_id, final_metrics, load_runs, resolve_tracking_uri, search, sqlite_path, unwritable)
 
 from .claims import OPEN_STATUSES, claim_alive, runs_of_key, store_lock, this_claim
 
@@ -74,7 +74,57 @@ def _retry(fn, *args, attempts: int = 4, **kwargs):
             time.sleep(0.2 * 2 ** i)
 
 
-class TrialRun:
+def failure(error: BaseException) -> tuple[str, str]:
+    """The status and ``error`` tag of a run that ends with ``error``: FAILED for an exception, KILLED
+    when interrupted (Tune stopping a trial raises SystemExit in it)."""
+    status = "FAILED" if isinstance(error, Exception) else "KILLED"
+    reason = "stopped by Tune (scheduler or end of sweep)" if isinstance(error, SystemExit) else \
+        f"{type(error).__name__}: {error}"
+    return status, reason[:4000]
+
+
+def final_fields(result: dict) -> dict:
+    """What ``finish`` reads of a trial's result (``sparse_core.train.run``'s JSON-able result)."""
+    keys = (*FINAL_METRICS, "collapsed_layers", "device", "sparse_path", "prefix_shared_by", "layer_density", "epochs")
+    return {k: result[k] for k in keys if k in result}
+
+
+class RunLog:
+    """What a trial writes to its run, buffered in the trial's process: the per-epoch and per-round
+    metrics as (key, value, timestamp ms, step). ``TrialRun`` writes them to the store itself;
+    ``sweeps/relay.py``'s ``RemoteRun`` hands them to the driver, which writes them."""
+
+    def __init__(self, run_key: str):
+        self.run_key = run_key
+        self.run_id: str | None = None
+        self.skip: str | None = None  # "finished" or "claimed": do not train (see TrialRun.open)
+        self.checkpoint_dir: str | None = None  # Tune trial dir of the continued run's checkpoints
+        self.logged_epoch = 0  # epochs <= this are already in the run (from before a retry)
+        self.logged_round = 0
+        self._pending: list = []  # metrics not yet written (see flush)
+
+    def _log(self, values: dict, step: int) -> None:
+        now = int(time.time() * 1000)
+        self._pending += [(k, float(v), now, step) for k, v in values.items() if _finite(v)]
+
+    def log_step(self, metrics: dict) -> None:
+        """One step of ``sparse_core.train.run``'s log: a training epoch or a pruning round."""
+        stage = metrics.get("stage")
+        if stage == "prune":
+            rnd = metrics["round"] + 1
+            if rnd > self.logged_round:
+                self._log({PRUNE_PREFIX + "val_acc": metrics["val_acc_after_prune"],
+                           PRUNE_PREFIX + "test_acc": metrics["test_acc_after_prune"],
+                           PRUNE_PREFIX + "density": metrics["density"],
+                           PRUNE_PREFIX + "n_collapsed_layers": metrics["n_collapsed_layers"]}, rnd)
+                self.logged_round = rnd
+        elif "epoch" in metrics and metrics["epoch"] > self.logged_epoch:
+            self._log({(EPOCH_PREFIX if k in CURVES else TRAINER_PREFIX) + k: v for k, v in metrics.items()
+                       if k not in _NOT_METRICS}, metrics["epoch"])
+            self.logged_epoch = metrics["epoch"]
+
+
+class TrialRun(RunLog):
     """The MLflow run of one trial, found by its run_key.
 
     ``open`` claims the run_key: a FINISHED run means nothing to train (``skip = "finished"``); a run
@@ -83,24 +133,20 @@ class TrialRun:
     orphan of the same run_key (its driver was killed; an interrupted sweep) is continued, with its
     ``retries`` tag counting the restarts, else a new run is created. On SQLite the check and the
     claim happen under ``store_lock``; elsewhere the claim is re-checked after it is written and the
-    oldest claim wins.
+    oldest claim wins. ``claim``: the process that trains the run (``claims.this_claim`` of the trial's
+    process; default this process).
     """
 
     def __init__(self, uri: str, experiment_id: str, *, sweep: str, cell: str, flat: dict, run_key: str,
-                 trial_id: str | None = None, tags: dict | None = None):
+                 trial_id: str | None = None, tags: dict | None = None, claim: str | None = None):
+        super().__init__(run_key)
         self.uri, self.experiment_id = uri, experiment_id
-        self.sweep, self.cell, self.flat, self.run_key, self.trial_id = sweep, cell, flat, run_key, trial_id
+        self.sweep, self.cell, self.flat, self.trial_id = sweep, cell, flat, trial_id
         self.tags = dict(tags or {})
         self.client = client(uri)
-        self.run_id: str | None = None
-        self.logged_epoch = 0  # epochs <= this are already in the run (from before a retry)
-        self.logged_round = 0
         self.reused = False
-        self.skip: str | None = None  # "finished" or "claimed": do not train (see open)
         self.other = None  # the run behind skip
-        self.checkpoint_dir: str | None = None  # Tune trial dir of the continued run's checkpoints
-        self._pending: list = []  # metrics not yet written (see flush)
-        self._claim = this_claim()
+        self._claim = claim or this_claim()
 
     def open(self, resumed_at_epoch: int | None = None) -> "TrialRun":
         with store_lock(self.uri) as locked:
@@ -133,6 +179,16 @@ class TrialRun:
         if not locked:
             self._recheck(created=chosen is None)
         return self
+
+    @property
+    def other_id(self) -> str | None:
+        """The run behind ``skip``: its id."""
+        return self.other.info.run_id if self.other is not None else None
+
+    @property
+    def other_final(self) -> dict:
+        """The run behind ``skip == "finished"``: its final metrics (``runstore.final_metrics``)."""
+        return final_metrics(self.other.data.metrics) if self.skip == "finished" else {}
 
     def _claim_tags(self) -> dict:
         return {"claimed_by": self._claim, "heartbeat": f"{time.time():.0f}"}
@@ -202,40 +258,18 @@ class TrialRun:
         return c.search_runs([experiment_id], max_results=1000, filter_string=f"tags.trial_id = '{trial_id}' "
                                                                               f"and attributes.status = '{status}'")
 
-    def _log(self, values: dict, step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), now, step) for k, v in values.items() if _finite(v)]
-
     def flush(self, tags: dict | None = None) -> None:
         """Write the buffered metrics, and ``tags`` with the first batch (one write even with no metrics):
         batches of 1,000 entities, metrics and tags together (MLflow's client splits larger calls)."""
-        from mlflow.entities import RunTag
+        from mlflow.entities import Metric, RunTag
 
         beat = {"heartbeat": f"{time.time():.0f}"}  # keeps this run's claim live (see claim_alive)
         batch_tags = [RunTag(k, str(v)) for k, v in {**beat, **(tags or {})}.items()]
         while self._pending or tags:
-            batch = self._pending[:1000 - len(batch_tags)]
+            batch = [Metric(*m) for m in self._pending[:1000 - len(batch_tags)]]
             _retry(self.client.log_batch, self.run_id, metrics=batch, tags=batch_tags)
             del self._pending[:len(batch)]
             tags, batch_tags = None, [RunTag(k, v) for k, v in beat.items()]
-
-    def log_step(self, metrics: dict) -> None:
-        """One step of ``sparse_core.train.run``'s log: a training epoch or a pruning round."""
-        stage = metrics.get("stage")
-        if stage == "prune":
-            rnd = metrics["round"] + 1
-            if rnd > self.logged_round:
-                self._log({PRUNE_PREFIX + "val_acc": metrics["val_acc_after_prune"],
-                           PRUNE_PREFIX + "test_acc": metrics["test_acc_after_prune"],
-                           PRUNE_PREFIX + "density": metrics["density"],
-                           PRUNE_PREFIX + "n_collapsed_layers": metrics["n_collapsed_layers"]}, rnd)
-                self.logged_round = rnd
-        elif "epoch" in metrics and metrics["epoch"] > self.logged_epoch:
-            self._log({(EPOCH_PREFIX if k in CURVES else TRAINER_PREFIX) + k: v for k, v in metrics.items()
-                       if k not in _NOT_METRICS}, metrics["epoch"])
-            self.logged_epoch = metrics["epoch"]
 
     def finish(self, result: dict) -> None:
         """Final metrics (``final/<key>``: charted apart from the per-epoch curves), tags and layer
@@ -263,14 +297,15 @@ class TrialRun:
 
     def fail(self, error: BaseException) -> None:
         """Mark the run FAILED (an exception) or KILLED (interrupted); never leave it RUNNING."""
+        self.end_failed(*failure(error))
+
+    def end_failed(self, status: str, reason: str) -> None:
+        """``fail`` with the status and reason made (``failure``)."""
         if self.run_id is None:
             return
-        status = "FAILED" if isinstance(error, Exception) else "KILLED"
-        reason = "stopped by Tune (scheduler or end of sweep)" if isinstance(error, SystemExit) else \
-            f"{type(error).__name__}: {error}"
         try:
             self.flush()  # the epochs before the error belong to the run (and a retry skips them)
-            _retry(self.client.set_tag, self.run_id, "error", reason[:4000])
+            _retry(self.client.set_tag, self.run_id, "error", reason)
             _retry(self.client.set_terminated, self.run_id, status)
         except Exception:  # noqa: BLE001 - the original error matters more than this one
             pass

@@ -35,12 +35,11 @@ import torch
 from ray import tune
 
 import sparse_core
-from runstore import final_metrics
 from sparse_core.checkpoint import CheckpointError, load_state
 from sparse_core.config import from_flat, run_key, to_flat
 from sparse_core.train import run as run_pipeline, total_epochs
 
-from . import tracking
+from . import relay, tracking
 
 CHECKPOINT_FILE = "state.pt"
 # Scalars passed to Tune (schedulers, searchers, progress); MLflow gets every metric.
@@ -113,13 +112,12 @@ def _newest_state(checkpoint: tune.Checkpoint | None, run_dir: str | None,
 
 def _report_skipped(mlrun, cfg) -> None:
     """A trial with nothing to train: its run_key is FINISHED, or another sweep runs it now."""
-    other = mlrun.other
-    metrics = final_metrics(other.data.metrics) if mlrun.skip == "finished" else {}
+    metrics = mlrun.other_final
     n = total_epochs(cfg)
     tune.report({"final": 1, "skipped": mlrun.skip, "epoch": n, "epochs": n, "stage": "final",
                  "val_acc": metrics.get("val_acc", math.nan), "test_acc": metrics.get("test_acc", math.nan),
                  "best_val_acc": metrics.get("best_val_acc", math.nan), "density": metrics.get("density", math.nan),
-                 "seconds": 0.0, "run_key": mlrun.run_key, "mlflow_run_id": other.info.run_id})
+                 "seconds": 0.0, "run_key": mlrun.run_key, "mlflow_run_id": mlrun.other_id})
 
 
 def setup(meta: dict) -> dict:
@@ -140,9 +138,9 @@ def train_trial(config: dict) -> None:
     trial, meta = config["trial"], config["meta"]
     tags = setup(meta)
     cfg = from_flat(trial["flat"])
-    mlrun = tracking.TrialRun(meta["tracking_uri"], meta["experiment_id"], sweep=meta["sweep"], cell=trial["cell"],
-                              flat=to_flat(cfg), run_key=run_key(cfg), trial_id=tune.get_context().get_trial_id(),
-                              tags=tags).open()
+    mlrun = relay.trial_run(meta["tracking_uri"], meta["experiment_id"], sweep=meta["sweep"], cell=trial["cell"],
+                            flat=to_flat(cfg), run_key=run_key(cfg), trial_id=tune.get_context().get_trial_id(),
+                            tags=tags).open()
     if mlrun.skip:  # FINISHED already, or claimed by a live trial of another sweep on this store
         _report_skipped(mlrun, cfg)
         return

@@ -34,14 +34,12 @@ def no_outside_targets():
 @pytest.fixture(scope="session")
 def ray_runtime():
     """A local Ray runtime: 2 CPUs, a 100 MB object store, no dashboard; shut down at session end."""
-    import ray
-
     from sweeps import launch
 
     started = launch.connect(num_cpus=2, object_store_memory=100 * 1024**2)
     yield
     if started:
-        ray.shutdown()
+        launch.shutdown()
 
 
 @pytest.fixture
