@@ -78,3 +78,44 @@ def test_a_local_runtime_starts_no_worker_that_no_trial_asks_for():
     seen, after = watch(120.0, RAY_prestart_worker_first_driver="1")  # Ray's default: a value given wins
     assert seen >= 1, "the control should see Ray's pre-started workers"
     assert watch(max(5.0, 3 * after))[0] == 0
+
+
+def test_a_trial_of_a_local_runtime_writes_through_the_relay_and_imports_no_mlflow(tmp_path):
+    """A trial's process (an actor with a runtime env of its own, as Tune starts them) gets the driver's
+    relay in its environment; its run lands in the store, claimed by that process, which never imported
+    MLflow or SQLAlchemy (~4.5 CPU s per worker, sweeps/relay.py)."""
+    import ray
+    from mlflow import MlflowClient
+
+    import runstore
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = runstore.experiment_id(uri, "relay")
+
+    @ray.remote(num_cpus=1, runtime_env={"env_vars": {"PL_DISABLE_FORK": "1", "RELAY_TEST": str(tmp_path)}})
+    class Trial:
+        def run(self, uri: str, exp: str) -> dict:
+            import sys
+
+            import sweeps.pack_trial  # noqa: F401 - what a trial imports
+            import sweeps.trainable  # noqa: F401
+            from sparse_core.config import from_flat, run_key
+            from sparse_core.train import run
+            from sweeps import claims, relay
+
+            cfg = from_flat({"data.name": "digits", "model.width": 16, "model.depth": 2, "train.pre_epochs": 1,
+                             "train.post_epochs": 1, "prune.density": 0.1})
+            mlrun = relay.trial_run(uri, exp, sweep="s", cell="base", flat=cfg.to_flat(), run_key=run_key(cfg)).open()
+            mlrun.finish(run(cfg, lambda metrics, _: mlrun.log_step(metrics)))
+            return {"kind": type(mlrun).__name__, "run_id": mlrun.run_id, "claim": claims.this_claim(),
+                    "imported": sorted(m for m in ("mlflow", "sqlalchemy", "alembic") if m in sys.modules)}
+
+    trial = Trial.remote()
+    try:
+        out = ray.get(trial.run.remote(uri, exp), timeout=600)
+    finally:
+        ray.kill(trial)
+    assert out["kind"] == "RemoteRun" and out["imported"] == []
+    stored = MlflowClient(uri).get_run(out["run_id"])
+    assert stored.info.status == "FINISHED" and stored.data.tags["claimed_by"] == out["claim"]
+    assert int(out["claim"].split("/")[1]) != os.getpid() and "final/test_acc" in stored.data.metrics
