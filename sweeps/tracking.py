@@ -9,7 +9,8 @@ by run_key (``TrialRun.open``, claims in ``claims.py``): a retried, resumed or r
 continues it, so there is one run per run_key and no epoch is logged twice. Per-epoch metrics are buffered and written by
 ``flush()`` (the trainable flushes before every checkpoint, so a retried trial finds every epoch up
 to its checkpoint in the run), by ``finish()`` and by ``fail()``: one SQLite transaction per epoch
-cost as much as a digits-MLP epoch itself (benchmarks/sweep_efficiency.py).
+cost as much as a digits-MLP epoch itself (benchmarks/sweep_efficiency.py). On a local runtime a trial
+buffers the same way (``RunLog``) and the driver writes its run (``sweeps/relay.py``).
 """
 
 from __future__ import annotations
