@@ -56,7 +56,10 @@ while time.monotonic() - started < float(sys.argv[1]) and not seen:
         worker = args[0].startswith("ray::IDLE") or (len(args) > 1 and args[1].endswith("default_worker.py"))
         seen += session == os.getsid(0) and worker
     time.sleep(0.2)
-print(seen, round(time.monotonic() - started, 1))
+import ray
+from sweeps import relay
+print(relay.ADDRESS_ENV in ray.get_runtime_context().runtime_env.get("env_vars", {}), seen,
+      round(time.monotonic() - started, 1))
 """
 
 
@@ -64,20 +67,22 @@ def test_a_local_runtime_starts_no_worker_that_no_trial_asks_for():
     """Ray pre-starts a worker per CPU for the job's runtime env, which Tune's trial actors never use
     (they carry a runtime env of their own), so a local runtime from ``connect`` starts none
     (``RAY_prestart_worker_first_driver=0``, ~0.85 CPU s each). The control, with Ray's default,
-    sees them appear; the runtime under test is watched three times as long, at least 5 s."""
+    sees them appear; the runtime under test is watched three times as long, at least 5 s. The
+    control also has ``SWEEPS_RELAY=0``: its workers get no relay to write through."""
     import subprocess
     import sys
 
-    def watch(window: float, **env) -> tuple[int, float]:
+    def watch(window: float, **env) -> tuple[bool, int, float]:
         out = subprocess.run([sys.executable, "-c", _COUNT_WORKERS, str(window)], capture_output=True, text=True,
                              timeout=600, env={**os.environ, **env}, start_new_session=True)
         assert out.returncode == 0, out.stderr[-3000:]
-        seen, after = out.stdout.split()[-2:]
-        return int(seen), float(after)
+        relayed, seen, after = out.stdout.split()[-3:]
+        return relayed == "True", int(seen), float(after)
 
-    seen, after = watch(120.0, RAY_prestart_worker_first_driver="1")  # Ray's default: a value given wins
+    relayed, seen, after = watch(120.0, RAY_prestart_worker_first_driver="1", SWEEPS_RELAY="0")  # a value given wins
     assert seen >= 1, "the control should see Ray's pre-started workers"
-    assert watch(max(5.0, 3 * after))[0] == 0
+    assert not relayed
+    assert watch(max(5.0, 3 * after))[:2] == (True, 0)
 
 
 def test_a_trial_of_a_local_runtime_writes_through_the_relay_and_imports_no_mlflow(tmp_path):
