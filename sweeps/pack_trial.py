@@ -132,10 +132,11 @@ class _Pack:
                     with open(os.path.join(d, copy_file(c.key)), "wb") as f:
                         f.write(c.snapshot)
             tune.report(self.report(), checkpoint=tune.Checkpoint.from_directory(d))
-        saved = tune.get_checkpoint()  # the persisted copy: its trial dir goes into every copy's run, once
+        saved = tune.get_checkpoint()  # the persisted copy: its trial dir goes into each copy's run, once
         for c in self.copies:
             c.snapped = False
-            if saved is not None and c.error is None:
+            # only where the copy's state is in it: an epoch of a shared pre-training has none of its own yet
+            if saved is not None and c.error is None and c.snapshot is not None:
                 c.mlrun.set_checkpoint_dir(_location(saved))
         self.due = False
         self.last_sync = self.last_report = time.monotonic()
