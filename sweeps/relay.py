@@ -64,8 +64,8 @@ class Relay:
             op = request.get("op")
             if op == "open":
                 run = TrialRun(**request["run"], claim=request["claim"]).open(request.get("resumed_at_epoch"))
-                handle = secrets.token_hex(8)
-                if not run.skip:
+                handle = None if run.skip else secrets.token_hex(8)  # a skipped run is never written to
+                if handle:
                     self._runs[handle] = run
                 return {"handle": handle, "run_id": run.run_id, "skip": run.skip, "other_id": run.other_id,
                         "other_final": run.other_final, "checkpoint_dir": run.checkpoint_dir,
