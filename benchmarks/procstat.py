@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -51,6 +52,7 @@ class TreeSampler(threading.Thread):
 
     A process that exits between two polls loses at most one poll interval of CPU time, so the
     totals are lower bounds (``resource.getrusage`` is exact for a single waited-for child).
+    ``history``: (wall time, the tree's CPU seconds so far) at every poll, for ``cpu_at``.
     """
 
     def __init__(self, root: int, root_label: str = "driver", interval: float = 0.1):
@@ -58,6 +60,7 @@ class TreeSampler(threading.Thread):
         self.root, self.root_label, self.interval = root, root_label, interval
         self.last: dict[int, tuple[float, str, int]] = {}  # pid -> (cpu s, category, nice)
         self.peak_rss = 0
+        self.history: list[tuple[float, float]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -81,6 +84,7 @@ class TreeSampler(threading.Thread):
                 self.last[pid] = (cpu, category(cmd, pid == self.root, self.root_label), nice)
                 rss += resident
             self.peak_rss = max(self.peak_rss, rss)
+            self.history.append((time.time(), self.total_cpu()))
             self.stop.wait(self.interval)
 
     def finish(self) -> None:
@@ -95,6 +99,10 @@ class TreeSampler(threading.Thread):
 
     def total_cpu(self) -> float:
         return sum(seconds for seconds, _, _ in self.last.values())
+
+    def cpu_at(self, when: float) -> float:
+        """The tree's CPU seconds at wall time ``when`` (the last poll before it; 0 before the first)."""
+        return max((cpu for t, cpu in self.history if t <= when), default=0.0)
 
     def cpu_by_nice(self, cat: str) -> dict[int, float]:
         """CPU seconds of the processes of ``cat`` by their nice value (Ray also pre-starts idle

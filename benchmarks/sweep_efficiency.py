@@ -64,6 +64,7 @@ class Run:
     machine_busy: float = 0.0
     phases: dict = field(default_factory=dict)  # sweep: start-up phase -> seconds after command start
     startup: float = 0.0  # sweep: command start -> first MLflow run opens
+    startup_cpu: float = 0.0  # sweep: CPU seconds of its process tree in that time
     shutdown: float = 0.0  # sweep: last MLflow run closes -> exit
     run_s: float = 0.0  # sweep: sum of MLflow run durations
     worker_nice: dict = field(default_factory=dict)  # sweep: nice value -> CPU seconds of trial workers
@@ -174,6 +175,7 @@ def run_sweep(name: str, sweep_args: list[str], workdir: str, verbose: bool) -> 
     res.phases["tune time_total_s summed"] = sum(tune_times(os.path.join(run_dir, "ray_results")))
     if runs:
         res.startup = min(r.info.start_time for r in runs) / 1000 - started
+        res.startup_cpu = sampler.cpu_at(started + res.startup)
         res.shutdown = ended - max(r.info.end_time for r in runs) / 1000
     return res
 
@@ -241,6 +243,9 @@ def report(sizes: dict[str, int], pairs: dict[str, list[tuple[Run, Run]]], slots
         s = pairs[name][0][0]
         marks = "; ".join(f"{k} {v:.1f}" for k, v in s.phases.items() if not k.startswith("tune"))
         print(f"start-up phases, {name} (seconds after command start): {marks}; first MLflow run {s.startup:.1f}")
+        if s.startup_cpu:  # CPU-bound: no ordering of that work (overlap, threads) fits in less wall on these cores
+            print(f"start-up CPU, {name}: the sweep's processes used {s.startup_cpu:.1f} CPU s before the first MLflow "
+                  f"run opened: at least {s.startup_cpu / slots:.1f} s of wall on {slots} cores in any order")
     cats = sorted({c for name in sizes for c in pairs[name][0][0].cpu_by})
     if cats:
         width = max(len(c) for c in cats + ["(machine busy CPU-s during the run)"])

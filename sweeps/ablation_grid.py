@@ -279,4 +279,4 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | No
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    options.exit_now(main())

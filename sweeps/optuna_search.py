@@ -192,4 +192,4 @@ def _short(value: float) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    options.exit_now(main())
