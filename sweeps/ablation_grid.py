@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the re
     else:
         sys.path.insert(0, _root)
 
+from sparse_core.cli import exit_now  # noqa: E402
 from sparse_core.config import parse_overrides  # noqa: E402
 from sweeps import claims, designs, options, packing, presets, tracking  # noqa: E402
 
@@ -279,4 +280,4 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | No
 
 
 if __name__ == "__main__":
-    options.exit_now(main())
+    exit_now(main())

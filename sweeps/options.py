@@ -7,7 +7,6 @@ unreachable tracking server ends the command in seconds with a message naming th
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import sys
 
@@ -116,23 +115,3 @@ def targets(parser: argparse.ArgumentParser, args) -> tuple[str, str, str]:
 
 def storage_path(value: str) -> str:
     return value if "://" in value else os.path.abspath(os.path.expanduser(value))
-
-
-def exit_now(code: int) -> None:
-    """End a sweep command that returned ``code``, skipping the interpreter's teardown.
-
-    Tearing down a process that has loaded torch, Ray, Tune and MLflow frees their modules and objects
-    one by one after the command's work is done: about 3 s of wall time and 2.5 CPU s on 2 cores
-    (benchmarks/README.md). The atexit handlers (Ray's, logging's) still run and both standard streams
-    are flushed; every file the command wrote was closed when written. Only for a command's normal
-    end: an exception or ``SystemExit`` leaves the usual way.
-    """
-    try:
-        atexit._run_exitfuncs()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):  # a closed pipe or stream: nothing more can be written to it
-                pass
-        os._exit(code)

@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the re
     else:
         sys.path.insert(0, _root)
 
+from sparse_core.cli import exit_now  # noqa: E402
 from sparse_core.config import from_flat  # noqa: E402
 from sparse_core.registry import TRICKS  # noqa: E402
 from runstore import SEARCH_CELL, ui_link  # noqa: E402
@@ -192,4 +193,4 @@ def _short(value: float) -> str:
 
 
 if __name__ == "__main__":
-    options.exit_now(main())
+    exit_now(main())
