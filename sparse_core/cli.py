@@ -149,11 +149,11 @@ def exit_now(code: int) -> None:
     interpreter's teardown.
 
     Tearing down a process that has loaded torch (and, in a sweep's driver, Ray, Tune and MLflow) frees
-    their modules and objects one by one after the command's work is done: about 1 s for torch alone,
-    3 s of wall time and 2.5 CPU s for a sweep's driver on 2 cores (benchmarks/README.md). The atexit
-    handlers (Ray's, logging's) still run and both standard streams are flushed; every file the command
-    wrote was closed when written. Only for a command's normal end: an exception or ``SystemExit``
-    leaves the usual way.
+    their modules and objects one by one after the command's work is done: about 2 CPU s of a laptop
+    trial's 6 (``packed_trials.py startup``), 3 s of wall time and 2.5 CPU s for a sweep's driver on
+    2 cores (README, speed). The atexit handlers (Ray's, logging's) still run and both standard streams
+    are flushed; every file the command wrote was closed when written. Only for a command's normal end:
+    an exception or ``SystemExit`` leaves the usual way.
     """
     try:
         atexit._run_exitfuncs()

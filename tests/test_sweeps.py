@@ -105,21 +105,6 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
         runstore.resolve_tracking_uri("./mlruns")
 
 
-
-def test_exit_now_keeps_the_exit_code_the_atexit_handlers_and_the_buffered_output():
-    """The sweep scripts and ``python -m sparse_core`` end through ``exit_now`` (no interpreter teardown):
-    it must still run the atexit handlers (Ray's shutdown, logging's flush), flush what is buffered in
-    both streams (a pipe is block-buffered) and exit with the command's code."""
-    code = ("import atexit, sys\nfrom sparse_core.cli import exit_now\n"
-            "atexit.register(lambda: print('handler ran', end=''))\n"
-            "print('summary line', end='')\nprint('a warning', end='', file=sys.stderr)\nexit_now(3)\n"
-            "print('never')\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": ""})
-    assert proc.returncode == 3
-    assert proc.stdout == "summary linehandler ran" and proc.stderr == "a warning"
-
-
 # ---- bad input fails fast, before Ray and before MLflow -----------------------------------------
 _WRAPPER = """
 import sys, time
