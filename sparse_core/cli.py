@@ -31,12 +31,14 @@ def progress_line(m: dict) -> str:
     if m["stage"] == "prune":
         return (f"prune round {m['round'] + 1}: density {m['density']:.4f}, val acc right after pruning "
                 f"{m['val_acc_after_prune']:.4f} (test {m['test_acc_after_prune']:.4f}), collapsed layers "
-                f"{m['n_collapsed_layers']}")
+                f"{m['n_collapsed_layers']}" + (f", mask/pruned overlap (Jaccard) {m['mask_jaccard']:.3f}"
+                                                 if "mask_jaccard" in m else ""))
     if m["stage"] == "rigl_init":
         return f"rigl: random sparse start at density {m['density']:.4f}"
     extra = ""
     if "mask_mean" in m:
-        extra = (f" mask soft/hard density {m['mask_soft_density']:.3f}/{m['mask_hard_density']:.3f}"
+        target = f" (target {m['mask_target']:.4f}, lambda {m['mask_lambda']:.3g})" if "mask_target" in m else ""
+        extra = (f" mask soft/hard density {m['mask_soft_density']:.4f}/{m['mask_hard_density']:.4f}{target}"
                  f" gap {m['mask_binary_gap']:.3f}")
     eta = m["seconds"] / m["epoch"] * (m["epochs"] - m["epoch"])
     return (f"[{m['epoch']:>3}/{m['epochs']}] {m['stage']:<5} epoch {m['stage_epoch']:>3}  loss {m['train_loss']:.4f}  "

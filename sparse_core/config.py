@@ -82,17 +82,24 @@ class InitConfig:
 
 @dataclass(frozen=True)
 class MaskConfig:
-    kind: str = "none"  # learned mask during pre-training: none | sigmoid (continuous sparsification) | gates
-    init: float = 3.0  # sigmoid: initial mask score s; m = sigmoid(beta*s) starts at 0.95 (at 0, m = 0.5 scales a 6-layer net by 1/64)
+    kind: str = "none"  # learned mask during pre-training: none | sigmoid (continuous sparsification) | hardconcrete (L0, Louizos et al.) | gates (Srinivas et al.)
+    init: float = 0.0  # initial mask score: sigmoid s0 (m = sigmoid(beta s) / sigmoid(s0) starts at exactly 1, p = 0.5 at 0); hardconcrete log alpha (0: p = 0.83, rescaled to start at 1)
     gate_init: float = 1.0  # gates: initial gate value in [0, 1] (1 = every weight starts switched on)
     beta_final: float = 200.0  # sigmoid: temperature beta rises geometrically from 1 to this over pre-training
-    lambda_l1: float = 1e-4  # sparsity pressure on each mask entry (the loss adds lambda * sum(m), so each score feels lambda * dm/ds whatever the network size); sigmoid: only while the mean mask is above the target density
-    target: bool = True  # sigmoid: steer the mean mask towards prune.density by the end of pre-training (target falls geometrically from 1); false = constant L1 pressure
+    target: bool = True  # sigmoid, hardconcrete: steer the mask's density to prune.density over pre-training (augmented Lagrangian, multiplier by dual ascent); false = constant L1 pressure lambda_l1 * sum(p)
+    warmup: float = 0.5  # sigmoid, hardconcrete: fraction of pre-training over which the target density falls geometrically from the mask's initial expected density to prune.density (held after)
+    dual_lr: float = 1.0  # sigmoid, hardconcrete: dual-ascent step of the multiplier per optimizer step, relative to the target (lambda += dual_lr (d - t) / t)
+    rho: float = 1000.0  # sigmoid, hardconcrete: weight of the augmented Lagrangian's quadratic term rho / (2 t) (d - t)^2 (d, t: density and target, fractions)
+    lambda_l1: float = 1e-4  # gates, and sigmoid/hardconcrete with target=false: L1 pressure on each mask entry (the loss adds lambda * sum(p))
     lambda_bin: float = 1e-4  # gates: weight of the binarity penalty sum(g * (1 - g))
-    lr: float = 0.01  # learning rate of the mask scores (own parameter group, no weight decay)
+    lr: float = 0.1  # learning rate of the mask scores (own parameter group, the weights' optimizer and momentum, no weight decay)
 
     def __post_init__(self):
+        _check("mask.init", self.init, -20 <= self.init <= 20, "in [-20, 20]")
         _check("mask.beta_final", self.beta_final, self.beta_final >= 1, ">= 1")
+        _check("mask.warmup", self.warmup, 0 < self.warmup <= 1, "in (0, 1]")
+        _check("mask.dual_lr", self.dual_lr, self.dual_lr >= 0, ">= 0")
+        _check("mask.rho", self.rho, self.rho >= 0, ">= 0")
         _check("mask.lambda_l1", self.lambda_l1, self.lambda_l1 >= 0, ">= 0")
         _check("mask.lambda_bin", self.lambda_bin, self.lambda_bin >= 0, ">= 0")
         _check("mask.lr", self.lr, self.lr > 0, "> 0")
@@ -215,6 +222,9 @@ class Config:
         if self.prune.gradual_epochs and self.prune.rounds > 1:
             raise ValueError(f"prune.gradual_epochs={self.prune.gradual_epochs} (cubic schedule) and "
                              f"prune.rounds={self.prune.rounds} (exponential rounds) are two schedules: set one")
+        if self.mask.kind == "hardconcrete" and self.mask.init <= -2.4:
+            raise ValueError(f"mask.init={self.mask.init} closes every hard-concrete gate at the start "
+                             f"(deterministic gate 0); use mask.init > -2.39")
         if self.mask.kind != "none" and self.train.pre_epochs == 0:
             raise ValueError(f"mask.kind={self.mask.kind!r} learns during pre-training: set train.pre_epochs >= 1")
         if self.prune.rewind_epoch > self.train.pre_epochs:
@@ -351,9 +361,10 @@ NOT_IDENTITY = ("train.device", "train.eval_batch_size", "train.fail_at_epoch", 
 
 
 # Bumped when the same settings stop meaning the same experiment. 2: the validation split (training
-# sets lost their validation images) and the learned-mask defaults (mask.init, target steering) changed,
-# so no run of version 1 may be taken for a finished run of version 2.
-PROTOCOL = 2
+# sets lost their validation images) and the learned-mask defaults (mask.init, target steering) changed;
+# 3: the learned mask became a rescaled mask steered by a Lagrange multiplier (mask.init 0, mask.lr),
+# so no run of an older version may be taken for a finished run of this one.
+PROTOCOL = 3
 
 
 def run_key(cfg: Config) -> str:

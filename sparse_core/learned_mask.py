@@ -1,20 +1,40 @@
 """Learned masks during pre-pruning training, registered by ``mask.kind``.
 
-``sigmoid``: continuous sparsification (Savarese et al. 2020): m = sigmoid(beta * s), beta raised
-geometrically from 1 to ``beta_final`` over pre-training, s starting at ``mask.init`` = 3 (m = 0.95: at
-s = 0 every weight is halved and a 6-layer net computes with 1/64 of its function and gradients), L1
-pressure ``lambda * sum(m)`` (so each score feels lambda * dm/ds, whatever the network's size) that,
-with ``mask.target``, acts only while the mean mask is above a target density falling geometrically
-from 1 to ``prune.density`` over pre-training: the mask is steered to the density it will be pruned to.
-Under ZerO most weights are exactly 0 and dL/ds = dL/d(w m) * w * dm/ds is 0 for them; the weights
-themselves get gradient (dL/dw = dL/d(w m) * m, with m = 0.95) and leave 0 in the first steps, after
-which their scores learn too. That is why the start near 1 matters most for ZerO.
-``gates``: Srinivas et al. 2016: a gate g in [0, 1] per weight, clipped after every step, the
-forward pass uses the binary gate (g > 0.5) with a straight-through gradient, and the penalty
-``lambda_l1 * sum(g) + lambda_bin * sum(g * (1 - g))`` pushes gates to be sparse and binary.
+Every kind maps a score tensor (one score per prunable weight) to what multiplies the weight in the
+forward pass, and to a keep probability p in [0, 1] (its share of the expected density).
+
+``sigmoid`` (continuous sparsification, Savarese et al. 2020, as in their code): m = sigmoid(beta s) /
+sigmoid(s0). The scores start at ``mask.init`` = s0 = 0, where the sigmoid is steepest, and the rescale
+makes the mask start at exactly 1 (without it a 6-layer net would start at 1/64 of its signal); beta
+rises geometrically from 1 to ``mask.beta_final`` over pre-training, so m ends binary (0 or 1/sigmoid(s0)).
+p = sigmoid(beta s). Starting the scores high instead (s = 3, m = 0.95) saturates the sigmoid as beta
+grows: no gradient reaches them and the mask never moves.
+
+``hardconcrete`` (L0 regularisation, Louizos et al. 2018): stochastic gates z = min(1, max(0, sigmoid((log u
+- log(1 - u) + log_alpha) / 2/3) * 1.2 - 0.1)), u ~ U(0, 1) drawn from the run's own ``mask`` generator every
+step; evaluation, pruning and the fold use the deterministic gate min(1, max(0, sigmoid(log_alpha) * 1.2 -
+0.1)). log_alpha starts at ``mask.init`` (0: p = 0.83), and, as inverted dropout does, the gate is rescaled
+by 1 / (deterministic gate at init) so the network starts at its own weights. p = P(z != 0) =
+sigmoid(log_alpha - 2/3 log(0.1 / 1.1)).
+
+Density is controlled, not guessed (``mask.target``, both kinds above): a target density falls
+geometrically from the mask's initial expected density to ``prune.density`` over the first
+``mask.warmup`` of pre-training and is held there; the loss adds lambda1 (d - t) + lambda2 (d - t)^2 on
+the expected density d = mean p, and after every step both multipliers take a step of dual ascent
+(lambda1 += ``mask.dual_lr`` (d - t), lambda2 += ``mask.dual_lr`` (d - t)^2), as CoFiPruning does for its L0
+masks. The penalty acts on d, so each score feels lambda * dp/ds / n whatever the layer: no per-network
+pressure to guess. Under ZerO most weights start at exactly 0 and their scores get no gradient from the
+task loss (dL/ds = dL/d(w m) w dm/ds); the density term still reaches them (dd/ds does not involve w), so
+their masks close first, unless the weight itself leaves 0 (dL/dw = dL/d(w m) m, with m = 1 at the start).
+
+``gates`` (Srinivas et al. 2016): a gate g in [0, 1] per weight, clipped after every step, the forward
+pass uses the binary gate (g > 0.5) with a straight-through gradient, and the penalty ``lambda_l1 *
+sum(g) + lambda_bin * sum(g * (1 - g))`` pushes gates to be sparse and binary (no density control).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -23,30 +43,12 @@ from .config import MaskConfig
 from .masks import prunable_layers
 from .registry import MASK_KINDS
 
-
-class MaskKind:
-    def init_score(self, weight: torch.Tensor, cfg: MaskConfig) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward_mask(self, score: torch.Tensor, beta: float) -> torch.Tensor:
-        """What multiplies the weight in the forward pass."""
-        raise NotImplementedError
-
-    def value(self, score: torch.Tensor, beta: float) -> torch.Tensor:
-        """The mask value reported and used for pruning (no gradient path needed)."""
-        return self.forward_mask(score, beta)
-
-    def penalty(self, score: torch.Tensor, beta: float, cfg: MaskConfig) -> torch.Tensor:
-        """Per-copy penalty (K,) of a stacked score (K, ...)."""
-        raise NotImplementedError
-
-    def after_step(self, score: torch.Tensor) -> None:
-        pass
-
-
-@MASK_KINDS.register("none")
-class NoMask(MaskKind):
-    pass
+HC_GAMMA, HC_ZETA, HC_TEMPERATURE = -0.1, 1.1, 2.0 / 3.0  # Louizos et al.'s stretch and temperature
+_EPS = 1e-6
+# sigmoid: the logits beta * s stay in this range after every step. A kept weight's p stays <= 0.9975, where
+# the density term can still move it (a saturated score gets no gradient and freezes the mask), and a
+# pruned one's p >= 4.5e-5, a residue far below any density we study.
+SIGMOID_LOGITS = (-10.0, 3.0)
 
 
 def _sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -57,61 +59,156 @@ def _sigmoid(x: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(x.double()).to(x.dtype) if x.dtype == torch.float32 else torch.sigmoid(x)
 
 
+class MaskKind:
+    stochastic = False  # draws noise every training step (the pack passes it to forward_mask)
+    controlled = False  # has an expected density the Lagrangian steers (mask.target)
+
+    def __init__(self, cfg: MaskConfig):
+        self.cfg = cfg
+
+    def init_score(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_mask(self, score: torch.Tensor, beta: float, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """What multiplies the weight in a training forward pass (``noise``: U(0, 1) of the score's shape)."""
+        return self.value(score, beta)
+
+    def value(self, score: torch.Tensor, beta: float) -> torch.Tensor:
+        """The deterministic mask: evaluation, the fold into the weights and the ``mask`` pruner use it."""
+        raise NotImplementedError
+
+    def keep_prob(self, score: torch.Tensor, beta: float) -> torch.Tensor:
+        """p in [0, 1]: the chance the weight is kept (its share of the expected density)."""
+        raise NotImplementedError
+
+    def penalty(self, score: torch.Tensor, beta: float) -> torch.Tensor:
+        """Per-copy fixed penalty (K,) of a stacked score (K, ...) (kinds or settings without density control)."""
+        return self.cfg.lambda_l1 * self.keep_prob(score, beta).flatten(1).sum(1)
+
+    def after_step(self, score: torch.Tensor, beta: float) -> None:
+        pass
+
+
+@MASK_KINDS.register("none")
+class NoMask(MaskKind):
+    pass
+
+
 @MASK_KINDS.register("sigmoid")
 class SigmoidMask(MaskKind):
-    def init_score(self, weight, cfg):
-        return torch.full_like(weight, cfg.init)
+    controlled = True
 
-    def forward_mask(self, score, beta):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.scale = 1.0 / (1.0 / (1.0 + math.exp(-cfg.init)))  # m = 1 at the start
+
+    def init_score(self, weight):
+        return torch.full_like(weight, self.cfg.init)
+
+    def value(self, score, beta):
+        return _sigmoid(beta * score) * self.scale
+
+    def keep_prob(self, score, beta):
         return _sigmoid(beta * score)
 
-    def soft_sum(self, score, beta, m: torch.Tensor | None = None) -> torch.Tensor:
-        """sum(m) per copy: the L1 penalty's sum and, divided by the count, the soft density (``m``: the
-        forward pass's mask values, when it has them: the same values, one sigmoid pass fewer)."""
-        return (_sigmoid(beta * score) if m is None else m).flatten(1).sum(1)
+    @torch.no_grad()
+    def after_step(self, score, beta):
+        score.clamp_(SIGMOID_LOGITS[0] / beta, SIGMOID_LOGITS[1] / beta)
 
-    def penalty(self, score, beta, cfg):
-        return cfg.lambda_l1 * self.soft_sum(score, beta)
+
+@MASK_KINDS.register("hardconcrete")
+class HardConcrete(MaskKind):
+    stochastic = controlled = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        at_init = min(1.0, max(0.0, 1.0 / (1.0 + math.exp(-cfg.init)) * (HC_ZETA - HC_GAMMA) + HC_GAMMA))
+        if at_init <= 0:
+            raise ValueError(f"mask.init={cfg.init} closes every hard-concrete gate at the start "
+                             f"(deterministic gate 0); use mask.init > {math.log(-HC_GAMMA / HC_ZETA):.2f}")
+        self.scale = 1.0 / at_init
+
+    def init_score(self, weight):
+        return torch.full_like(weight, self.cfg.init)
+
+    def _stretch(self, s: torch.Tensor) -> torch.Tensor:
+        return (s * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0) * self.scale
+
+    def forward_mask(self, score, beta, noise=None):
+        if noise is None:
+            return self.value(score, beta)
+        u = noise.clamp(_EPS, 1 - _EPS)
+        return self._stretch(_sigmoid((torch.log(u) - torch.log1p(-u) + score) / HC_TEMPERATURE))
+
+    def value(self, score, beta):
+        return self._stretch(_sigmoid(score))
+
+    def keep_prob(self, score, beta):
+        return _sigmoid(score - HC_TEMPERATURE * math.log(-HC_GAMMA / HC_ZETA))
 
 
 @MASK_KINDS.register("gates")
 class Gates(MaskKind):
-    def init_score(self, weight, cfg):
-        return torch.full_like(weight, min(max(cfg.gate_init, 0.0), 1.0))
+    def init_score(self, weight):
+        return torch.full_like(weight, min(max(self.cfg.gate_init, 0.0), 1.0))
 
-    def forward_mask(self, score, beta):
+    def forward_mask(self, score, beta, noise=None):
         hard = (score > 0.5).to(score.dtype)
         return score + (hard - score).detach()  # straight-through: value of hard, gradient of g
 
     def value(self, score, beta):
         return (score > 0.5).to(score.dtype)
 
-    def penalty(self, score, beta, cfg):
+    def keep_prob(self, score, beta):
+        return score
+
+    def penalty(self, score, beta):
+        cfg = self.cfg
         return (cfg.lambda_l1 * score + cfg.lambda_bin * (score * (1 - score))).flatten(1).sum(1)
 
     @torch.no_grad()
-    def after_step(self, score):
+    def after_step(self, score, beta):
         score.clamp_(0.0, 1.0)
 
 
-def get(name: str) -> MaskKind:
-    return MASK_KINDS.get(name, "mask.kind")()
+def get(cfg: MaskConfig) -> MaskKind:
+    return MASK_KINDS.get(cfg.kind, "mask.kind")(cfg)
 
 
-def beta_at(epoch: int, pre_epochs: int, cfg: MaskConfig) -> float:
-    """Geometric temperature schedule: 1 at the first pre-training epoch, beta_final at the last."""
-    if pre_epochs <= 1:
-        return 1.0 if pre_epochs == 0 else cfg.beta_final
-    return float(cfg.beta_final ** (epoch / (pre_epochs - 1)))
+def steered(cfg: MaskConfig) -> bool:
+    """Whether a Lagrangian steers this mask's expected density to ``prune.density``."""
+    return cfg.kind != "none" and cfg.target and MASK_KINDS.get(cfg.kind, "mask.kind").controlled
+
+
+def beta_at(step: int, total: int, cfg: MaskConfig) -> float:
+    """Geometric temperature schedule over the pre-training steps: 1 at the first step (0), ``beta_final``
+    at the last (``total - 1``)."""
+    if total <= 1:
+        return float(cfg.beta_final) if total == 1 else 1.0
+    return float(cfg.beta_final ** (min(step, total - 1) / (total - 1)))
+
+
+def start_density(cfg: MaskConfig) -> float:
+    """The expected density of a fresh mask (where the target schedule starts)."""
+    kind = get(cfg)
+    return float(kind.keep_prob(torch.tensor([cfg.init], dtype=torch.float64), 1.0))
+
+
+def target_at(step: int, total: int, density: float, cfg: MaskConfig) -> float:
+    """Target expected density after pre-training step ``step`` (1-based) of ``total``: geometric from the
+    mask's initial expected density to ``density`` over the first ``mask.warmup`` of the steps, then held."""
+    start = max(start_density(cfg), density)
+    frac = min(1.0, step / max(1.0, cfg.warmup * total))
+    return float(start * (density / start) ** frac)
 
 
 def attach(model: nn.Module, cfg: MaskConfig) -> list[nn.Parameter]:
     """Give every prunable layer a learned mask score; returns the score parameters."""
-    kind = get(cfg.kind)
+    kind = get(cfg)
     scores = []
     for layer in prunable_layers(model).values():
         layer.mask_kind = kind
-        layer.mask_score = nn.Parameter(kind.init_score(layer.weight.detach(), cfg))
+        layer.mask_score = nn.Parameter(kind.init_score(layer.weight.detach()))
         scores.append(layer.mask_score)
     return scores
 
@@ -126,83 +223,97 @@ def beta(model: nn.Module) -> float | None:
     return next((l.mask_beta for l in prunable_layers(model).values() if getattr(l, "mask_score", None) is not None), None)
 
 
-def target_at(epoch: int, pre_epochs: int, density: float) -> float:
-    """Target mean mask during pre-training epoch ``epoch``: density^((epoch + 1) / pre_epochs), so it
-    falls geometrically from 1 and is ``density`` in the last epoch."""
-    return float(density ** ((epoch + 1) / max(pre_epochs, 1)))
-
-
 def score_params(model: nn.Module) -> list[nn.Parameter]:
     return [l.mask_score for l in prunable_layers(model).values() if getattr(l, "mask_score", None) is not None]
 
 
-def penalties(scores: list[tuple[MaskKind, torch.Tensor, float, torch.Tensor | None]], cfg: MaskConfig,
-              targets: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-copy mask penalty (K,) summed over layers, from (kind, stacked score (K, ...), beta, the forward
-    pass's mask values or None) per layer;
-    with ``targets`` (K,) (sigmoid masks and ``mask.target``) a copy's penalty is switched off, without a
-    host sync, while its mean soft mask is at or below its target."""
-    total, soft, n = None, None, 0
-    for kind, score, beta, values in scores:
-        if hasattr(kind, "soft_sum"):  # the forward pass's sigmoid serves the penalty and the gate
-            m = kind.soft_sum(score, beta, values)
-            p = cfg.lambda_l1 * m
-            if targets is not None:
-                soft, n = (m.detach() if soft is None else soft + m.detach()), n + score[0].numel()
-        else:
-            p = kind.penalty(score, beta, cfg)
-        total = p if total is None else total + p
-    if soft is not None:
-        total = total * (soft / n > targets).to(total.dtype)
-    return total
+def penalties(scores: list[tuple[MaskKind, torch.Tensor, float]], targets: torch.Tensor | None,
+              dual: torch.Tensor | None, rho: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-copy mask penalty (K,) from (kind, stacked score (K, ...), beta) per layer, and, with density
+    control (``targets`` (K,), multipliers ``dual`` (K,)), the per-copy hard density (K,) it was computed
+    at. The controlled penalty is the augmented Lagrangian lambda (d - t) + rho / (2 t) (d - t)^2, whose d
+    has the value of the hard density (the share with p > 0.5: what the mask keeps) and the gradient of
+    the expected one (mean p)."""
+    if targets is None:
+        total = None
+        for kind, score, beta in scores:
+            p = kind.penalty(score, beta)
+            total = p if total is None else total + p
+        return total, None
+    kept, hard, n = None, None, 0
+    for kind, score, beta in scores:
+        p = kind.keep_prob(score, beta).flatten(1)
+        s, h = p.sum(1), (p.detach() > 0.5).sum(1)
+        kept, hard, n = (s if kept is None else kept + s), (h if hard is None else hard + h), n + p.shape[1]
+    soft, hard = kept / n, hard.to(kept.dtype) / n
+    gap = soft - soft.detach() + (hard - targets)
+    return dual * gap + rho / 2 * gap * gap / targets, hard
 
 
-def penalty(model: nn.Module, cfg: MaskConfig, target: float | None = None) -> torch.Tensor:
-    """``penalties`` of one model (a pack of one)."""
-    scores = [(l.mask_kind, l.mask_score.unsqueeze(0), l.mask_beta, None) for l in prunable_layers(model).values()
-              if getattr(l, "mask_score", None) is not None]
-    targets = None if target is None else torch.tensor([target], dtype=scores[0][1].dtype)
-    return penalties(scores, cfg, targets)[0]
+@torch.no_grad()
+def dual_ascent(dual: torch.Tensor, density: torch.Tensor, targets: torch.Tensor, lr: float) -> None:
+    """One step of dual ascent on the multipliers (K,), in place, no host sync: lambda += lr (d - t) / t
+    (relative to the target, so one step size serves 10 % and 0.1 %)."""
+    dual.add_((density - targets) / targets, alpha=lr)
 
 
 def after_step(model: nn.Module) -> None:
     for layer in prunable_layers(model).values():
         if getattr(layer, "mask_score", None) is not None:
-            layer.mask_kind.after_step(layer.mask_score)
+            layer.mask_kind.after_step(layer.mask_score, layer.mask_beta)
 
 
 @torch.no_grad()
 def values(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Current mask value m by parameter name (empty without a learned mask)."""
+    """Current deterministic mask value by parameter name (empty without a learned mask)."""
     return {name: layer.mask_kind.value(layer.mask_score, layer.mask_beta)
             for name, layer in prunable_layers(model).items() if getattr(layer, "mask_score", None) is not None}
 
 
 @torch.no_grad()
+def keep_probs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Current keep probability p by parameter name (empty without a learned mask)."""
+    return {name: layer.mask_kind.keep_prob(layer.mask_score, layer.mask_beta)
+            for name, layer in prunable_layers(model).items() if getattr(layer, "mask_score", None) is not None}
+
+
+@torch.no_grad()
+def hard_set(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights the mask keeps (p > 0.5), by parameter name (empty without a learned mask)."""
+    return {name: p > 0.5 for name, p in keep_probs(model).items()}
+
+
+@torch.no_grad()
 def stats(model: nn.Module, zero_at_init: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean mask value and the fraction below 0.5, split by weights exactly 0 at init and the rest
-    (ZerO + learned mask collapses; this split shows why)."""
-    vals = values(model)
-    if not vals:
+    """Soft (expected) density, hard density (share with p > 0.5), binary gap (mean distance of p to the
+    nearer of 0 and 1: 0 = a binary mask), and the share below 0.5 split by weights exactly 0 at init and
+    the rest (ZerO + learned mask collapses; this split shows why)."""
+    probs = keep_probs(model)
+    if not probs:
         return {}
-    allv = torch.cat([v.flatten() for v in vals.values()])
-    zero_sel = torch.cat([zero_at_init[n].flatten().to(allv.device) for n in vals])
-    below = allv < 0.5
-    # soft density: the mean mask; hard: the share that pruning at 0.5 would keep; binary gap: mean
-    # distance to the nearest of 0 and 1 (0 = converged to a binary mask)
-    out = {"mask_mean": float(allv.mean()), "mask_below_half": float(below.float().mean()),
-           "mask_soft_density": float(allv.mean()), "mask_hard_density": float((~below).float().mean()),
-           "mask_binary_gap": float(torch.minimum(allv, 1 - allv).mean())}
+    allp = torch.cat([v.flatten() for v in probs.values()]).double()
+    zero_sel = torch.cat([zero_at_init[n].flatten().to(allp.device) for n in probs])
+    below = allp <= 0.5
+    out = {"mask_mean": float(allp.mean()), "mask_below_half": float(below.double().mean()),
+           "mask_soft_density": float(allp.mean()), "mask_hard_density": float((~below).double().mean()),
+           "mask_binary_gap": float(torch.minimum(allp, 1 - allp).mean())}
     for tag, sel in (("zero_init", zero_sel), ("nonzero_init", ~zero_sel)):
         n = int(sel.sum())
-        out[f"mask_below_half_{tag}"] = float(below[sel].float().mean()) if n else float("nan")
+        out[f"mask_below_half_{tag}"] = float(below[sel].double().mean()) if n else float("nan")
     return out
+
+
+def jaccard(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """|a & b| / |a | b| of two bool masks by parameter name (1.0 when both are empty)."""
+    inter = sum(int((a[n] & b[n]).sum()) for n in a)
+    union = sum(int((a[n] | b[n]).sum()) for n in a)
+    return inter / union if union else 1.0
 
 
 @torch.no_grad()
 def fold(model: nn.Module) -> None:
-    """End of pre-training: multiply each weight by its mask value and remove the scores, leaving
-    the plain layer (the network function is kept up to the soft mask's residue)."""
+    """End of pre-training: multiply each weight by its deterministic mask value and remove the scores,
+    leaving the plain layer (the network function is kept up to the soft mask's residue)."""
     for layer in prunable_layers(model).values():
         if getattr(layer, "mask_score", None) is not None:
             layer.weight.mul_(layer.mask_kind.value(layer.mask_score, layer.mask_beta))

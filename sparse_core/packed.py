@@ -73,8 +73,12 @@ class Pack:
         self.sync_masks()
         self.opt: PackedOptimizer | None = None
         self.bypass = False  # RigL update steps: forward with the raw weights (dense gradient)
-        self.mask_values: dict[str, torch.Tensor] = {}  # this step's learned-mask values, by layer
-        self.targets: torch.Tensor | None = None  # per-copy learned-mask target density
+        self.noise: dict[str, torch.Tensor] = {}  # this step's U(0, 1) draws of a stochastic learned mask
+        self.dual: torch.Tensor | None = None  # (K,) Lagrange multipliers of a steered learned mask
+        if all(getattr(t, "mask_dual", None) is not None for t in copies):
+            self.dual = torch.stack([t.mask_dual for t in copies])
+            for k, t in enumerate(copies):  # each copy's multipliers are a view of the stack
+                t.mask_dual = self.dual[k]
         if self.lead.segment is not None and self.lead.opt_saved is not None:  # restored mid-segment
             self._make_optimizer(self.lead.segment[0])
             for k, t in enumerate(copies):
@@ -144,17 +148,33 @@ class Pack:
         w = self.stacks[f"{prefix}.weight"]
         layer = self.layers[f"{prefix}.weight"]
         if layer.mask_score is not None:
-            m = layer.mask_kind.forward_mask(self.stacks[f"{prefix}.mask_score"], layer.mask_beta)
-            self.mask_values[prefix] = m  # the penalty reuses them (one sigmoid pass per step)
-            w = w * m
+            w = w * layer.mask_kind.forward_mask(self.stacks[f"{prefix}.mask_score"], layer.mask_beta,
+                                                 self.noise.get(prefix))
         if self.masks is not None and not self.bypass:
             w = w * self.masks[f"{prefix}.weight"]
         return w
 
-    def _scores(self) -> list[tuple[Any, torch.Tensor, float, torch.Tensor | None]]:
-        return [(layer.mask_kind, self.stacks[f"{name[:-len('weight')]}mask_score"], layer.mask_beta,
-                 self.mask_values.get(name[:-len(".weight")])) for name, layer in self.layers.items()
-                if layer.mask_score is not None]
+    def _scores(self) -> list[tuple[Any, torch.Tensor, float]]:
+        return [(layer.mask_kind, self.stacks[f"{name[:-len('weight')]}mask_score"], layer.mask_beta)
+                for name, layer in self.layers.items() if layer.mask_score is not None]
+
+    def _draw_noise(self) -> None:
+        """Each copy's U(0, 1) draws for a stochastic mask, from its own ``mask`` generator (a single run's)."""
+        self.noise = {}
+        for name, layer in self.layers.items():
+            if layer.mask_score is not None and layer.mask_kind.stochastic:
+                shape, dev = layer.weight.shape, layer.weight.device
+                self.noise[name[:-len(".weight")]] = torch.stack(
+                    [torch.rand(shape, generator=c.gen["mask"]) for c in self.copies]).to(dev)
+
+    def _targets(self) -> torch.Tensor | None:
+        """Each copy's target expected density after this step (None without a steered mask)."""
+        if self.dual is None:
+            return None
+        lead = self.lead
+        values = [learned_mask.target_at(lead.seg_step + 1, lead.seg_total, c.cfg.prune.density, c.cfg.mask)
+                  for c in self.copies]
+        return per_copy(values, self.dual)
 
     # ---- segments and steps -----------------------------------------------------------------
     def _make_optimizer(self, stage: str) -> None:
@@ -205,25 +225,34 @@ class Pack:
             soft.set(lead.seg_step)
         update = lead.rigl is not None and stage == "rigl" and lead.rigl.is_update_step(lead.seg_step + 1)
         self.bypass = update
-        self.mask_values: dict[str, torch.Tensor] = {}
+        targets = density = None
+        if learned:
+            beta = learned_mask.beta_at(lead.seg_step, lead.seg_total, lead.cfg.mask)
+            for c in self.copies:  # the lead's layers drive the packed forward, each copy's its own evaluation
+                learned_mask.set_beta(c.model, beta)
+            self._draw_noise()
+            targets = self._targets()
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=lead.amp):
                 logits = self.model.packed_forward(x, self._weight, self.stacks.get, lead.channels_last)
             losses = self._loss(logits, y, stage)
             if learned:
-                losses = losses + learned_mask.penalties(self._scores(), lead.cfg.mask, self.targets)
+                penalty, density = learned_mask.penalties(self._scores(), targets, self.dual, lead.cfg.mask.rho)
+                losses = losses + penalty
         finally:
             self.bypass = False
+            self.noise = {}
         for p in self.params:
             p.grad = None
         losses.sum().backward()
-        self.mask_values = {}
         self.opt.step(self.stacks, lr_factor(lead.cfg.train.schedule, lead.seg_step, lead.seg_total))
+        if density is not None:
+            learned_mask.dual_ascent(self.dual, density, targets, lead.cfg.mask.dual_lr)
         for c in self.copies:
             c.seg_step += 1
         if learned:
-            for kind, score, _, _ in self._scores():
-                kind.after_step(score)
+            for kind, score, beta in self._scores():
+                kind.after_step(score, beta)
         self.enforce()
         if update:
             self._per_copy_masks(self._rigl_update)
@@ -267,8 +296,6 @@ class Pack:
         total = lead._segment_steps(step.epochs)
         self.begin_segment(step.stage, step.round, total)
         softs = [c.epoch_begin(step, total) for c in self.copies]
-        targets = [c.mask_target for c in self.copies]
-        self.targets = None if targets[0] is None else per_copy(targets, next(iter(self.stacks.values())))
         loss_sum = torch.zeros(self.k, device=lead.device)
         batches = 0
         for x, y in self.batches():

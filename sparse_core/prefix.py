@@ -2,14 +2,14 @@
 
 A pruning run's plan starts with ``train.pre_epochs`` epochs of dense (or learned-mask) training.
 Nothing in them reads the ``POST_FORK`` settings (how, where and how far to prune, the post-pruning
-tricks, the epochs after pruning) nor the density, unless ``mask.target`` steers a sigmoid mask towards
+tricks, the epochs after pruning) nor the density, unless ``mask.target`` steers a learned mask towards
 it. So runs of one seed whose configs differ only there reach the same state at the end of
 pre-training, bitwise (``tests/test_prefix.py`` checks every such setting), and ``run_packed`` trains
 that part once, for one of them, then starts each of the others from a copy of its state with the
 pre-training epochs handed to its own log. Every run's log, history, checkpoints and result are
 those of its own run from scratch; its ``seconds`` count the shared epochs in full. In a leave-one-out
 ablation most cells share one pre-training (the pruner cells, the post-pruning tricks), and in a
-density sweep every density of a cell does. Where a sigmoid mask is steered to the density, the cells
+density sweep every density of a cell does. Where a learned mask is steered to the density, the cells
 that differ only after pruning still share one pre-training per density (``family_key``). The shared
 pre-trainings that can share a pack (sparse_core/packed.py: e.g. one per density) train as one pack.
 
@@ -23,6 +23,7 @@ import copy
 from collections import defaultdict
 from typing import Callable
 
+from . import learned_mask
 from .config import Config
 from .plan import TrainEpoch, build
 
@@ -47,8 +48,8 @@ def fork_point(cfg: Config) -> int:
 
 
 def density_free(cfg: Config) -> bool:
-    """Whether the pre-training is the same at every density (it is unless a sigmoid mask is steered to it)."""
-    return not (cfg.mask.kind == "sigmoid" and cfg.mask.target)
+    """Whether the pre-training is the same at every density (it is unless a learned mask is steered to it)."""
+    return not learned_mask.steered(cfg.mask)
 
 
 def prefix_key(cfg: Config) -> str | None:

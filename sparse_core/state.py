@@ -14,7 +14,8 @@ from .config import from_flat, run_key
 from .masks import set_masks
 from .plan import TrainEpoch
 
-FORMAT = 3  # 2: validation metrics, typed plan (the position is an index into plan.build(cfg)); 3: packed optimizer state
+FORMAT = 4  # 2: validation metrics, typed plan (the position is an index into plan.build(cfg)); 3: packed optimizer
+# state; 4: the learned mask's multipliers and its noise generator
 
 
 def capture(trainer) -> dict:
@@ -25,6 +26,7 @@ def capture(trainer) -> dict:
         "model": trainer._cpu_state_dict(),
         "has_mask_scores": bool(learned_mask.score_params(trainer.model)),
         "mask_beta": learned_mask.beta(trainer.model),  # the fold at pruning uses the last epoch's temperature
+        "mask_dual": None if trainer.mask_dual is None else trainer.mask_dual.detach().cpu().clone(),
         "masks": None if trainer.masks is None else {n: m.cpu().clone() for n, m in trainer.masks.items()},
         "optimizer": trainer.opt.state_dict() if trainer.opt else None,  # the LR schedule is a function of seg_step
         "segment": trainer.segment,
@@ -55,6 +57,8 @@ def restore(trainer, state: dict) -> None:
     trainer.masks = None if state["masks"] is None else {n: m.to(trainer.device) for n, m in state["masks"].items()}
     if trainer.masks is not None:
         set_masks(trainer.model, trainer.masks)
+    if state["mask_dual"] is not None:
+        trainer.mask_dual = state["mask_dual"].to(trainer.device).clone()
     trainer.step_idx = state["step_idx"]
     trainer.segment, trainer.seg_step = state["segment"], state["seg_step"]
     if state["optimizer"] is not None:  # loaded into the packed optimizer when the run's pack is built

@@ -44,7 +44,7 @@ STATE_FORMAT = state.FORMAT
 # log(metrics, checkpoint) after each plan step; checkpoint() gives the state after it. checkpoint is None for
 # the epochs of a pre-training shared with other runs (sparse_core/prefix.py), handed to the log afterwards.
 Log = Callable[[dict, Callable[[], dict] | None], None]
-GENERATORS = ("init", "data", "prune", "rigl", "reinit")  # the scoring batch draws from a fresh "score" seed each round (the same batch every round)
+GENERATORS = ("init", "data", "prune", "rigl", "reinit", "mask")  # the scoring batch draws from a fresh "score" seed each round (the same batch every round)
 
 
 class TrainingDiverged(ValueError):
@@ -89,7 +89,8 @@ class Trainer:
         self.seg_step = 0  # optimizer steps taken in this segment
         self.seg_total = 0  # optimizer steps the segment will take
         self.gradual_at: set[int] = set()  # steps of a gradual stage after which the mask is re-pruned
-        self.mask_target: float | None = None  # target mean mask of this pre-training epoch (sigmoid)
+        # the Lagrange multiplier of a learned mask steered to the density (a view into its pack's stack once packed)
+        self.mask_dual = torch.zeros((), device=self.device) if learned_mask.steered(cfg.mask) else None
         self.rigl: RigL | None = None
         self.rigl_regrown = 0
         self.rewind_state: dict | None = None
@@ -162,10 +163,6 @@ class Trainer:
         """Per-copy set-up of a training epoch: the soft schedules, the mask temperature and target."""
         cfg, stage, epoch = self.cfg, step.stage, step.epoch
         soft = SoftSchedule(self.model, cfg.post, total) if stage in ("post", "rigl") else None
-        if stage == "pre" and cfg.mask.kind != "none":
-            learned_mask.set_beta(self.model, learned_mask.beta_at(epoch, cfg.train.pre_epochs, cfg.mask))
-            self.mask_target = (learned_mask.target_at(epoch, cfg.train.pre_epochs, cfg.prune.density)
-                                if cfg.mask.target and cfg.mask.kind == "sigmoid" else None)
         self.model.train()
         return soft
 
@@ -186,10 +183,7 @@ class Trainer:
                    "train_loss": loss_sum / max(batches, 1), **scores,
                    "lr": self.opt.param_groups[0]["lr"], "density": self._density()}
         if learned:
-            metrics["mask_beta"] = learned_mask.beta_at(epoch, cfg.train.pre_epochs, cfg.mask)
-            if self.mask_target is not None:
-                metrics["mask_target"] = self.mask_target
-            metrics.update(learned_mask.stats(self.model, self.zero_at_init))
+            metrics.update(self._mask_metrics(epoch))
         if soft is not None:
             metrics.update(soft.current)  # each schedule trick's value (soft_t, skip_alpha, ...)
         if self.rigl is not None and stage == "rigl":
@@ -202,6 +196,16 @@ class Trainer:
         if stage == "pre" and epoch + 1 == cfg.prune.rewind_epoch:
             self.rewind_state = self._cpu_state_dict()
         return metrics
+
+    def _mask_metrics(self, epoch: int) -> dict[str, float]:
+        """A learned mask's state at the end of a pre-training epoch: temperature, the target density and
+        the multipliers (steered masks), soft and hard density, binary gap."""
+        cfg = self.cfg
+        out = {"mask_beta": learned_mask.beta(self.model)}
+        if self.mask_dual is not None:
+            out["mask_target"] = learned_mask.target_at(self.seg_step, self.seg_total, cfg.prune.density, cfg.mask)
+            out["mask_lambda"] = float(self.mask_dual)
+        return {**out, **learned_mask.stats(self.model, self.zero_at_init)}
 
     def _score_inputs(self) -> pruners.ScoreInputs:
         x = y = None
@@ -223,6 +227,7 @@ class Trainer:
         """One pruning round of the plan (a no-op at density 1). A learned mask is folded into the
         weights first (w <- w * m), so every pruner scores the network as it computes."""
         p, trained = self.cfg.prune, bool(self.history)
+        hard = {n: h.cpu() for n, h in learned_mask.hard_set(self.model).items()}  # the mask's own choice, before the fold
         learned_mask.fold(self.model)
         if step.density < 1.0:
             if trained:  # prune.rescale: what the pruner registered (auto) or the user chose
@@ -254,9 +259,12 @@ class Trainer:
         if self.own_pack is not None:
             self.own_pack.sync_masks()
         masks = self.masks if self.masks is not None else get_masks(self.model)
-        return {"stage": "prune", "round": step.round, "last_prune": step.last, "stage_end": True,
-                "val_acc_after_prune": scores["val_acc"], "test_acc_after_prune": scores["test_acc"],
-                "density": self._density(), "n_collapsed_layers": len(collapsed(masks))}
+        out = {"stage": "prune", "round": step.round, "last_prune": step.last, "stage_end": True,
+               "val_acc_after_prune": scores["val_acc"], "test_acc_after_prune": scores["test_acc"],
+               "density": self._density(), "n_collapsed_layers": len(collapsed(masks))}
+        if hard:  # overlap of the learned mask's own choice and the pruned set
+            out["mask_jaccard"] = learned_mask.jaccard(hard, {n: m.cpu() for n, m in masks.items()})
+        return out
 
     @torch.no_grad()
     def _rewind(self) -> None:
