@@ -83,11 +83,11 @@ class InitConfig:
 @dataclass(frozen=True)
 class MaskConfig:
     kind: str = "none"  # learned mask during pre-training: none | sigmoid (continuous sparsification) | hardconcrete (L0, Louizos et al.) | gates (Srinivas et al.)
-    init: float = 0.0  # initial mask score: sigmoid s0 (m = sigmoid(beta s) / sigmoid(s0) starts at exactly 1, p = 0.5 at 0); hardconcrete log alpha (0: p = 0.83, rescaled to start at 1)
+    init: float = 0.0  # sigmoid: initial mask score s0 (m = sigmoid(beta s) / sigmoid(s0) starts at exactly 1; p = 0.5 at 0, where the sigmoid is steepest)
     gate_init: float = 1.0  # gates: initial gate value in [0, 1] (1 = every weight starts switched on)
     beta_final: float = 200.0  # sigmoid: temperature beta rises geometrically from 1 to this over pre-training
     target: bool = True  # sigmoid, hardconcrete: steer the mask's density to prune.density over pre-training (augmented Lagrangian, multiplier by dual ascent); false = constant L1 pressure lambda_l1 * sum(p)
-    warmup: float = 0.5  # sigmoid, hardconcrete: fraction of pre-training over which the target density falls geometrically from the mask's initial expected density to prune.density (held after)
+    warmup: float = 0.3  # sigmoid, hardconcrete: fraction of pre-training over which the target density falls geometrically from the mask's initial expected density to prune.density (held after)
     dual_lr: float = 1.0  # sigmoid, hardconcrete: dual-ascent step of the multiplier per optimizer step, relative to the target (lambda += dual_lr (d - t) / t)
     rho: float = 1000.0  # sigmoid, hardconcrete: weight of the augmented Lagrangian's quadratic term rho / (2 t) (d - t)^2 (d, t: density and target, fractions)
     lambda_l1: float = 1e-4  # gates, and sigmoid/hardconcrete with target=false: L1 pressure on each mask entry (the loss adds lambda * sum(p))
@@ -222,9 +222,6 @@ class Config:
         if self.prune.gradual_epochs and self.prune.rounds > 1:
             raise ValueError(f"prune.gradual_epochs={self.prune.gradual_epochs} (cubic schedule) and "
                              f"prune.rounds={self.prune.rounds} (exponential rounds) are two schedules: set one")
-        if self.mask.kind == "hardconcrete" and self.mask.init <= -2.4:
-            raise ValueError(f"mask.init={self.mask.init} closes every hard-concrete gate at the start "
-                             f"(deterministic gate 0); use mask.init > -2.39")
         if self.mask.kind != "none" and self.train.pre_epochs == 0:
             raise ValueError(f"mask.kind={self.mask.kind!r} learns during pre-training: set train.pre_epochs >= 1")
         if self.prune.rewind_epoch > self.train.pre_epochs:

@@ -13,8 +13,9 @@ grows: no gradient reaches them and the mask never moves.
 ``hardconcrete`` (L0 regularisation, Louizos et al. 2018): stochastic gates z = min(1, max(0, sigmoid((log u
 - log(1 - u) + log_alpha) / 2/3) * 1.2 - 0.1)), u ~ U(0, 1) drawn from the run's own ``mask`` generator every
 step; evaluation, pruning and the fold use the deterministic gate min(1, max(0, sigmoid(log_alpha) * 1.2 -
-0.1)). log_alpha starts at ``mask.init`` (0: p = 0.83), and, as inverted dropout does, the gate is rescaled
-by 1 / (deterministic gate at init) so the network starts at its own weights. p = P(z != 0) =
+0.1)). log_alpha starts at 3 (the gates start open: deterministic gate 1; at 0, Louizos' "drop rate 0.5",
+the sampled gates of a 6-layer MLP were too noisy to learn at all) and stays in [-10, log 100] (CoFiPruning
+bounds it above at log 100; below, -10 leaves a keep probability of 2e-4). p = P(z != 0) =
 sigmoid(log_alpha - 2/3 log(0.1 / 1.1)).
 
 Density is controlled, not guessed (``mask.target``, both kinds above): a target density falls
@@ -44,6 +45,11 @@ from .masks import prunable_layers
 from .registry import MASK_KINDS
 
 HC_GAMMA, HC_ZETA, HC_TEMPERATURE = -0.1, 1.1, 2.0 / 3.0  # Louizos et al.'s stretch and temperature
+HC_LOG_ALPHA0 = 3.0  # log_alpha at the start: P(z != 0) = 0.99, 80 % of the sampled gates exactly 1, deterministic gate 1
+HC_LOG_ALPHA = (-10.0, math.log(1e2))  # log_alpha kept in this range after every step (CoFiPruning's upper bound)
+# log_alpha = HC_SCORE_SCALE * score: with plain SGD on the scores, a unit-scale log_alpha moved too little in
+# 10 epochs (no temperature amplifies its gradient, as beta does the sigmoid's); this is mask.lr x 500 for it.
+HC_SCORE_SCALE = math.sqrt(500.0)
 _EPS = 1e-6
 # sigmoid: the logits beta * s stay in this range after every step. A kept weight's p stays <= 0.9975, where
 # the density term can still move it (a saturated score gets no gradient and freezes the mask), and a
@@ -120,31 +126,28 @@ class SigmoidMask(MaskKind):
 class HardConcrete(MaskKind):
     stochastic = controlled = True
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        at_init = min(1.0, max(0.0, 1.0 / (1.0 + math.exp(-cfg.init)) * (HC_ZETA - HC_GAMMA) + HC_GAMMA))
-        if at_init <= 0:
-            raise ValueError(f"mask.init={cfg.init} closes every hard-concrete gate at the start "
-                             f"(deterministic gate 0); use mask.init > {math.log(-HC_GAMMA / HC_ZETA):.2f}")
-        self.scale = 1.0 / at_init
-
     def init_score(self, weight):
-        return torch.full_like(weight, self.cfg.init)
+        return torch.full_like(weight, HC_LOG_ALPHA0 / HC_SCORE_SCALE)
 
-    def _stretch(self, s: torch.Tensor) -> torch.Tensor:
-        return (s * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0) * self.scale
+    def _log_alpha(self, score: torch.Tensor) -> torch.Tensor:
+        return score * HC_SCORE_SCALE
 
     def forward_mask(self, score, beta, noise=None):
         if noise is None:
             return self.value(score, beta)
         u = noise.clamp(_EPS, 1 - _EPS)
-        return self._stretch(_sigmoid((torch.log(u) - torch.log1p(-u) + score) / HC_TEMPERATURE))
+        s = _sigmoid((torch.log(u) - torch.log1p(-u) + self._log_alpha(score)) / HC_TEMPERATURE)
+        return (s * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0)
 
     def value(self, score, beta):
-        return self._stretch(_sigmoid(score))
+        return (_sigmoid(self._log_alpha(score)) * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0)
 
     def keep_prob(self, score, beta):
-        return _sigmoid(score - HC_TEMPERATURE * math.log(-HC_GAMMA / HC_ZETA))
+        return _sigmoid(self._log_alpha(score) - HC_TEMPERATURE * math.log(-HC_GAMMA / HC_ZETA))
+
+    @torch.no_grad()
+    def after_step(self, score, beta):
+        score.clamp_(HC_LOG_ALPHA[0] / HC_SCORE_SCALE, HC_LOG_ALPHA[1] / HC_SCORE_SCALE)
 
 
 @MASK_KINDS.register("gates")
@@ -191,7 +194,7 @@ def beta_at(step: int, total: int, cfg: MaskConfig) -> float:
 def start_density(cfg: MaskConfig) -> float:
     """The expected density of a fresh mask (where the target schedule starts)."""
     kind = get(cfg)
-    return float(kind.keep_prob(torch.tensor([cfg.init], dtype=torch.float64), 1.0))
+    return float(kind.keep_prob(kind.init_score(torch.zeros(1, dtype=torch.float64)), 1.0))
 
 
 def target_at(step: int, total: int, density: float, cfg: MaskConfig) -> float:

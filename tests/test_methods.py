@@ -17,7 +17,7 @@ def _cfg(**flat):
 @pytest.mark.parametrize("kind", ["sigmoid", "gates"])
 def test_learned_mask_density_falls_under_strong_l1_and_stays_one_without(kind):
     strong = {"mask.kind": kind, "prune.pruner": "mask", "train.pre_epochs": 4, "mask.lambda_l1": 5e-3,
-              "mask.lr": 0.5, "mask.init": 0.2}
+              "mask.lr": 0.5, "mask.init": 0.2, "mask.target": False}  # constant L1 pressure, no density control
     seen = []
     Trainer(_cfg(**strong), lambda m, c: seen.append(m)).run()
     pre = [m for m in seen if m["stage"] == "pre"]
@@ -31,9 +31,9 @@ def test_learned_mask_density_falls_under_strong_l1_and_stays_one_without(kind):
 
 
 def test_learned_mask_split_shows_zero_init_weights_are_switched_off():
-    # ZerO leaves most weights exactly 0: their mask scores get no loss gradient, only L1 pressure
+    # ZerO leaves most weights exactly 0: their mask scores get no loss gradient, only the density pressure
     cfg = _cfg(**{"init.name": "zero", "mask.kind": "sigmoid", "prune.pruner": "mask", "train.pre_epochs": 3,
-                  "mask.lambda_l1": 1e-3, "mask.lr": 0.5, "mask.init": 0.02})
+                  "prune.density": 0.05})
     seen = []
     Trainer(cfg, lambda m, c: seen.append(m)).run()
     last = [m for m in seen if m["stage"] == "pre"][-1]

@@ -47,7 +47,8 @@ def test_changing_the_pruner_does_not_change_the_data_order():
     {"mask.kind": "sigmoid", "prune.pruner": "mask", "post.soft_activation": True, "train.optimizer": "adam",
      "train.lr": 0.003},
     {"train.method": "rigl", "rigl.delta_t": 10},
-], ids=["imp-rewind", "learned-mask-adam", "rigl"])
+    {"mask.kind": "hardconcrete", "prune.pruner": "mask", "mask.warmup": 0.9},
+], ids=["imp-rewind", "learned-mask-adam", "rigl", "hard-concrete"])
 def test_save_at_an_epoch_boundary_and_restore_in_a_fresh_process(tmp_path, flat):
     overrides = [f"{k}={v}" for k, v in {**FAST, **flat}.items()]
     r1 = run(Config().replace(**FAST, **flat))  # uninterrupted
