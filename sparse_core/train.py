@@ -44,6 +44,8 @@ STATE_FORMAT = state.FORMAT
 # log(metrics, checkpoint) after each plan step; checkpoint() gives the state after it. checkpoint is None for
 # the epochs of a pre-training shared with other runs (sparse_core/prefix.py), handed to the log afterwards.
 Log = Callable[[dict, Callable[[], dict] | None], None]
+# a learned mask at the end of pre-training, and the overlap of its hard set with the pruned set (NaN without one)
+MASK_MARKS = ("mask_target", "mask_soft_density", "mask_hard_density", "mask_binary_gap", "mask_jaccard")
 GENERATORS = ("init", "data", "prune", "rigl", "reinit", "mask")  # the scoring batch draws from a fresh "score" seed each round (the same batch every round)
 
 
@@ -96,7 +98,8 @@ class Trainer:
         self.rewind_state: dict | None = None
         self.history: list[dict] = []
         self.best: dict = {}  # best_val_acc, best_val_epoch, test_acc_at_best_val (post-pruning epochs)
-        self.marks = {k: float("nan") for k in ("pre_val_acc", "pre_test_acc", "prune_val_acc", "prune_test_acc")}
+        self.marks = {k: float("nan") for k in ("pre_val_acc", "pre_test_acc", "prune_val_acc", "prune_test_acc")
+                      + MASK_MARKS}
         self.restored = False
         self.elapsed = 0.0
         if cfg.prune.rewind_epoch == 0 and cfg.train.method == "prune":
@@ -184,6 +187,8 @@ class Trainer:
                    "lr": self.opt.param_groups[0]["lr"], "density": self._density()}
         if learned:
             metrics.update(self._mask_metrics(epoch))
+            if step.stage_end:
+                self.marks.update({k: metrics[k] for k in MASK_MARKS if k in metrics})
         if soft is not None:
             metrics.update(soft.current)  # each schedule trick's value (soft_t, skip_alpha, ...)
         if self.rigl is not None and stage == "rigl":
@@ -227,7 +232,7 @@ class Trainer:
         """One pruning round of the plan (a no-op at density 1). A learned mask is folded into the
         weights first (w <- w * m), so every pruner scores the network as it computes."""
         p, trained = self.cfg.prune, bool(self.history)
-        hard = {n: h.cpu() for n, h in learned_mask.hard_set(self.model).items()}  # the mask's own choice, before the fold
+        hard = {n: h.cpu() for n, h in learned_mask.hard_set(self.model).items()}  # the mask's choice, before the fold
         learned_mask.fold(self.model)
         if step.density < 1.0:
             if trained:  # prune.rescale: what the pruner registered (auto) or the user chose
@@ -263,7 +268,8 @@ class Trainer:
                "val_acc_after_prune": scores["val_acc"], "test_acc_after_prune": scores["test_acc"],
                "density": self._density(), "n_collapsed_layers": len(collapsed(masks))}
         if hard:  # overlap of the learned mask's own choice and the pruned set
-            out["mask_jaccard"] = learned_mask.jaccard(hard, {n: m.cpu() for n, m in masks.items()})
+            jac = learned_mask.jaccard(hard, {n: m.cpu() for n, m in masks.items()})
+            out["mask_jaccard"] = self.marks["mask_jaccard"] = jac
         return out
 
     @torch.no_grad()

@@ -36,6 +36,8 @@ FINAL_METRICS = ("test_acc", "test_loss", "val_acc", "val_loss", "best_val_acc",
                  "test_acc_at_best_val", "pre_val_acc", "pre_test_acc", "prune_val_acc", "prune_test_acc",
                  "density", "density_target", "density_all", "kept_weights", "prunable_weights", "flops_dense",
                  "flops_sparse", "rigl_regrown", "seconds", "epochs",
+                 # sparse_core.train.MASK_MARKS: a learned mask at the end of pre-training (NaN = none)
+                 "mask_target", "mask_soft_density", "mask_hard_density", "mask_binary_gap", "mask_jaccard",
                  # sparse_core.export.figures: file sizes and CPU inference latency (NaN = not measured)
                  "model_bytes_dense", "model_bytes_sparse", "latency_threads", "latency_dense_ms_b1",
                  "latency_sparse_ms_b1", "latency_ratio_b1", "latency_dense_ms_b256", "latency_sparse_ms_b256",

@@ -174,3 +174,17 @@ def test_a_copy_restored_mid_pre_training_continues_with_its_multiplier():
     resumed.load_state_dict(states[0])
     out = resumed.run()
     assert out["test_acc"] == full["test_acc"] and repr(out["history"]) == repr(full["history"])  # nan-safe
+
+
+def test_the_mask_marks_reach_the_result_and_mlflow_final_metrics():
+    from sparse_core.train import MASK_MARKS
+    from sweeps.tracking import FINAL_METRICS
+
+    assert set(MASK_MARKS) <= set(FINAL_METRICS)
+    cfg = _cfg(**{"mask.kind": "sigmoid", "prune.pruner": "mask", "train.pre_epochs": 2, "train.post_epochs": 1})
+    seen = []
+    result = run(cfg, lambda m, c: seen.append(m))
+    pre = [m for m in seen if m["stage"] == "pre"][-1]
+    prune = [m for m in seen if m["stage"] == "prune"][0]
+    assert result["mask_soft_density"] == pre["mask_soft_density"] and result["mask_jaccard"] == prune["mask_jaccard"]
+    assert math.isnan(run(_cfg(**{"train.pre_epochs": 1, "train.post_epochs": 1}))["mask_jaccard"])
