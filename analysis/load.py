@@ -24,7 +24,7 @@ import pandas as pd
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from runstore import SEARCH_CELL, final_metrics, parse_bool, search_ids, typed_config
+from runstore import SEARCH_CELL, TRAINER_PREFIX, final_metrics, parse_bool, search_ids, typed_config
 from runstore import client as store_client
 from sparse_core.config import FIELD_TYPES
 
@@ -178,6 +178,14 @@ def _no_progress_bars():
             os.environ.pop(name, None)
         else:
             os.environ[name] = before
+
+
+def metric_histories(uri: str, run_ids: Iterable[str], keys: Sequence[str]) -> pd.DataFrame:
+    """Long form (run_id, epoch, key, value) of per-epoch ``trainer/<key>`` metrics of ``run_ids``."""
+    client = store_client(uri)
+    rows = [(run_id, m.step, key, m.value) for run_id in run_ids for key in keys
+            for m in client.get_metric_history(run_id, TRAINER_PREFIX + key)]
+    return pd.DataFrame(rows, columns=["run_id", "epoch", "key", "value"])
 
 
 def layer_densities(uri: str, run_ids: Iterable[str],

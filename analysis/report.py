@@ -19,7 +19,7 @@ import sparse_core
 from runstore import client as store_client
 from runstore import mark_training_experiment
 
-from . import efficiency, plots
+from . import efficiency, mask_plot, plots
 from .load import ANALYSIS_CELL, AnalysisError, apply_filters, experiment_ids, load_runs
 from .table import EXTENSIONS, FORMATS, REF, Table, ablation_table, cell_parts, col_label, grid, notes, uniform_n
 
@@ -83,6 +83,10 @@ def build(uri: str, experiments: list[str], out: str, metric: str = "test_acc", 
         files += paths
     except AnalysisError as e:  # no layer_density.json artifacts: the rest of the report still stands
         log.warning("no per-layer density plot: %s", e)
+    if not mask_plot.masked_runs(df).empty:
+        paths = mask_plot.mask_density_plot(mask_plot.history_frame(df, uri), os.path.join(out, "mask_density"))
+        figures.append(_figure(out, paths, "learned mask: soft and hard density against the target over pre-training"))
+        files += paths
     paths = efficiency.write(df, out)  # [] (and a warning) for runs without size/latency figures
     if paths:
         figures.append(_figure(out, paths[:2], "model file size and CPU inference latency vs density (sparse / dense); "

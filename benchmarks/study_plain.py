@@ -24,6 +24,7 @@ import os
 import sys
 import time
 
+MASK_KEYS = ("mask_soft_density", "mask_hard_density", "mask_target")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -43,8 +44,10 @@ def _pack(items):
     for (cell, _), result in zip(items, results):
         if isinstance(result, BaseException):
             raise result
-        result.pop("history")
-        out.append({"cell": cell, "cpu_s": cpu, **result})
+        history = result.pop("history")
+        mask = [{"epoch": i + 1, **{k: m[k] for k in MASK_KEYS if k in m}} for i, m in enumerate(history)
+                if m["stage"] == "pre" and "mask_target" in m]  # a steered learned mask's pre-training
+        out.append({"cell": cell, "cpu_s": cpu, **result, **({"mask_history": mask} if mask else {})})
     return out
 
 
@@ -58,6 +61,20 @@ def frame(rows: list[dict]):
                    n_collapsed_layers=len(r["collapsed_layers"]), run_key=r["run_key"])
         out.append(row)
     return pd.DataFrame(out)
+
+
+def _mask_figure(rows: list[dict], out: str) -> list[str]:
+    """The learned masks' density against their target over pre-training (analysis.mask_plot)."""
+    import pandas as pd
+
+    from analysis.mask_plot import mask_density_plot
+
+    long = [(r["run_key"], r["cell"], r["density_target"], h["epoch"], k, h[k])
+            for r in rows for h in r.get("mask_history", ()) for k in MASK_KEYS if k in h]
+    if not long:
+        return []
+    hist = pd.DataFrame(long, columns=["run_id", "cell", "density", "epoch", "key", "value"])
+    return mask_density_plot(hist, os.path.join(out, "mask_density"))
 
 
 def main(argv=None) -> int:
@@ -119,6 +136,7 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, name), "w") as f:
             f.write(render(table))
     files = plots.accuracy_vs_density(df, os.path.join(args.out, "accuracy_vs_density"))
+    files += _mask_figure([r for k, r in done.items() if k in keys], args.out)
     print(to_markdown(table))
     print("wrote", ", ".join([os.path.join(args.out, n) for n in ("table.md", "table.csv")] + files))
     return 0

@@ -50,6 +50,15 @@ HC_LOG_ALPHA = (-10.0, math.log(1e2))  # log_alpha kept in this range after ever
 # log_alpha = HC_SCORE_SCALE * score: with plain SGD on the scores, a unit-scale log_alpha moved too little in
 # 10 epochs (no temperature amplifies its gradient, as beta does the sigmoid's); this is mask.lr x 500 for it.
 HC_SCORE_SCALE = math.sqrt(500.0)
+HC_SHIFT = -HC_TEMPERATURE * math.log(-HC_GAMMA / HC_ZETA)  # P(z != 0) = sigmoid(log_alpha + HC_SHIFT)
+# With density control a pruned weight's keep probability stays >= RESIDUE x the target density: all pruned
+# weights together add at most 5 % of the target to the expected density, and the density term can still
+# reopen them (at a floor far below, the mask cannot recover from an overshoot below its target).
+RESIDUE = 0.05
+# The scores start at N(init, INIT_JITTER^2) (CoFiPruning starts its log_alphas so, std 0.01). Under ZerO most
+# weights are 0 and get no task gradient: with one shared start their scores move in lockstep, and a
+# density step moved all of them across 0 at once (hard density 0.97 -> 0.009 in one epoch at a 3 % target).
+INIT_JITTER = 0.01
 _EPS = 1e-6
 # sigmoid: the logits beta * s stay in this range after every step. A kept weight's p stays <= 0.9975, where
 # the density term can still move it (a saturated score gets no gradient and freezes the mask), and a
@@ -68,6 +77,7 @@ def _sigmoid(x: torch.Tensor) -> torch.Tensor:
 class MaskKind:
     stochastic = False  # draws noise every training step (the pack passes it to forward_mask)
     controlled = False  # has an expected density the Lagrangian steers (mask.target)
+    jitter = 0.0  # std of the scores' start around init_score, in score units (breaks ties; see attach)
 
     def __init__(self, cfg: MaskConfig):
         self.cfg = cfg
@@ -91,8 +101,9 @@ class MaskKind:
         """Per-copy fixed penalty (K,) of a stacked score (K, ...) (kinds or settings without density control)."""
         return self.cfg.lambda_l1 * self.keep_prob(score, beta).flatten(1).sum(1)
 
-    def after_step(self, score: torch.Tensor, beta: float) -> None:
-        pass
+    def after_step(self, score: torch.Tensor, beta: float, floor: torch.Tensor | None = None) -> None:
+        """After each optimizer step, in place. ``floor`` (K,): each copy's lowest keep probability (density
+        control: ``RESIDUE`` x its density), else None."""
 
 
 @MASK_KINDS.register("none")
@@ -103,6 +114,7 @@ class NoMask(MaskKind):
 @MASK_KINDS.register("sigmoid")
 class SigmoidMask(MaskKind):
     controlled = True
+    jitter = INIT_JITTER
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -118,13 +130,17 @@ class SigmoidMask(MaskKind):
         return _sigmoid(beta * score)
 
     @torch.no_grad()
-    def after_step(self, score, beta):
-        score.clamp_(SIGMOID_LOGITS[0] / beta, SIGMOID_LOGITS[1] / beta)
+    def after_step(self, score, beta, floor=None):
+        if floor is None:
+            score.clamp_(SIGMOID_LOGITS[0] / beta, SIGMOID_LOGITS[1] / beta)
+        else:
+            score.clamp_(_per_copy(torch.logit(floor) / beta, score), torch.tensor(SIGMOID_LOGITS[1] / beta))
 
 
 @MASK_KINDS.register("hardconcrete")
 class HardConcrete(MaskKind):
     stochastic = controlled = True
+    jitter = INIT_JITTER / HC_SCORE_SCALE  # INIT_JITTER in log_alpha
 
     def init_score(self, weight):
         return torch.full_like(weight, HC_LOG_ALPHA0 / HC_SCORE_SCALE)
@@ -143,11 +159,15 @@ class HardConcrete(MaskKind):
         return (_sigmoid(self._log_alpha(score)) * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0)
 
     def keep_prob(self, score, beta):
-        return _sigmoid(self._log_alpha(score) - HC_TEMPERATURE * math.log(-HC_GAMMA / HC_ZETA))
+        return _sigmoid(self._log_alpha(score) + HC_SHIFT)
 
     @torch.no_grad()
-    def after_step(self, score, beta):
-        score.clamp_(HC_LOG_ALPHA[0] / HC_SCORE_SCALE, HC_LOG_ALPHA[1] / HC_SCORE_SCALE)
+    def after_step(self, score, beta, floor=None):
+        if floor is None:
+            score.clamp_(HC_LOG_ALPHA[0] / HC_SCORE_SCALE, HC_LOG_ALPHA[1] / HC_SCORE_SCALE)
+        else:
+            score.clamp_(_per_copy((torch.logit(floor) - HC_SHIFT) / HC_SCORE_SCALE, score),
+                         torch.tensor(HC_LOG_ALPHA[1] / HC_SCORE_SCALE))
 
 
 @MASK_KINDS.register("gates")
@@ -170,8 +190,13 @@ class Gates(MaskKind):
         return (cfg.lambda_l1 * score + cfg.lambda_bin * (score * (1 - score))).flatten(1).sum(1)
 
     @torch.no_grad()
-    def after_step(self, score, beta):
+    def after_step(self, score, beta, floor=None):
         score.clamp_(0.0, 1.0)
+
+
+def _per_copy(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(K,) -> (K, 1, ...) broadcasting against a stacked (K, ...) tensor."""
+    return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
 def get(cfg: MaskConfig) -> MaskKind:
@@ -205,13 +230,18 @@ def target_at(step: int, total: int, density: float, cfg: MaskConfig) -> float:
     return float(start * (density / start) ** frac)
 
 
-def attach(model: nn.Module, cfg: MaskConfig) -> list[nn.Parameter]:
-    """Give every prunable layer a learned mask score; returns the score parameters."""
+def attach(model: nn.Module, cfg: MaskConfig, generator: torch.Generator | None = None) -> list[nn.Parameter]:
+    """Give every prunable layer a learned mask score (jittered by the kind's ``jitter`` from ``generator``
+    when given); returns the score parameters."""
     kind = get(cfg)
     scores = []
     for layer in prunable_layers(model).values():
+        score = kind.init_score(layer.weight.detach())
+        if generator is not None and kind.jitter:
+            noise = torch.randn(score.shape, generator=generator, dtype=score.dtype)
+            score = score + kind.jitter * noise.to(score.device)
         layer.mask_kind = kind
-        layer.mask_score = nn.Parameter(kind.init_score(layer.weight.detach()))
+        layer.mask_score = nn.Parameter(score)
         scores.append(layer.mask_score)
     return scores
 
@@ -258,12 +288,6 @@ def dual_ascent(dual: torch.Tensor, density: torch.Tensor, targets: torch.Tensor
     """One step of dual ascent on the multipliers (K,), in place, no host sync: lambda += lr (d - t) / t
     (relative to the target, so one step size serves 10 % and 0.1 %)."""
     dual.add_((density - targets) / targets, alpha=lr)
-
-
-def after_step(model: nn.Module) -> None:
-    for layer in prunable_layers(model).values():
-        if getattr(layer, "mask_score", None) is not None:
-            layer.mask_kind.after_step(layer.mask_score, layer.mask_beta)
 
 
 @torch.no_grad()

@@ -251,8 +251,10 @@ class Pack:
         for c in self.copies:
             c.seg_step += 1
         if learned:
+            floor = None if targets is None else per_copy([learned_mask.RESIDUE * c.cfg.prune.density
+                                                           for c in self.copies], self.dual)
             for kind, score, beta in self._scores():
-                kind.after_step(score, beta)
+                kind.after_step(score, beta, floor)
         self.enforce()
         if update:
             self._per_copy_masks(self._rigl_update)

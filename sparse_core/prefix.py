@@ -62,7 +62,7 @@ def prefix_key(cfg: Config) -> str | None:
 
 
 def family_key(cfg: Config) -> str | None:
-    """Equal for runs whose pre-training is the same but for the density a sigmoid mask is steered to
+    """Equal for runs whose pre-training is the same but for the density a learned mask is steered to
     (``prefix_key`` itself where ``density_free``); None for a run that shares none. Runs of one family
     and one density share their pre-training (the sweeps group a family's cells into one trial)."""
     if not fork_point(cfg):

@@ -79,7 +79,7 @@ class Trainer:
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.channels_last = cfg.train.channels_last and self.device.type == "cuda" and self.data.x_train.dim() == 4
         if cfg.mask.kind != "none":
-            learned_mask.attach(self.model, cfg.mask)
+            learned_mask.attach(self.model, cfg.mask, self.gen["mask"])
         self.plan = build_plan(cfg)
         self.post_loss = loss_of(cfg.to_flat())  # None: plain cross-entropy after pruning too
         self.step_idx = 0

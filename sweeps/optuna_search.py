@@ -36,8 +36,12 @@ from sweeps import designs, options, presets, tracking  # noqa: E402
 # knob -> (distribution, low, high, used when); log-uniform for scale-like knobs.
 SPACE = {
     "train.lr": ("loguniform", 1e-3, 0.3, lambda c: True),  # peak learning rate of every stage
-    "mask.lambda_l1": ("loguniform", 1e-7, 1e-3, lambda c: c.mask.kind != "none"),  # sparsity pressure per mask entry
-    "mask.lr": ("loguniform", 1e-3, 0.3, lambda c: c.mask.kind != "none"),  # learning rate of the mask scores
+    # constant L1 pressure per mask entry: gates, or a mask without density control (mask.target=false)
+    "mask.lambda_l1": ("loguniform", 1e-7, 1e-3, lambda c: c.mask.kind == "gates" or (c.mask.kind != "none"
+                                                                                        and not c.mask.target)),
+    "mask.lr": ("loguniform", 1e-2, 1.0, lambda c: c.mask.kind != "none"),  # learning rate of the mask scores
+    # how fast a steered mask's target falls to the density (fraction of pre-training)
+    "mask.warmup": ("uniform", 0.1, 0.9, lambda c: c.mask.kind in ("sigmoid", "hardconcrete") and c.mask.target),
     # each post-prune trick's knobs (sparse_core.post_prune), searched when the trick is on
     **{key: (*spec, lambda c, keys=tuple(n for n in TRICKS if key in TRICKS.get(n).knobs):
                   any(TRICKS.get(n).enabled(c.to_flat()) for n in keys))

@@ -78,7 +78,7 @@ def group_key(trials: list, k: int | None = None):
     the pruner cells and the post-pruning tricks of a leave-one-out design, per seed) go together, and
     a Tune trial then trains that pre-training once (sparse_core/prefix.py); the rest by cell and
     ``pack_key`` (a cell's seeds and densities pack together; those of one seed still share theirs).
-    Cells whose sigmoid mask is steered to the density share one pre-training per density
+    Cells whose learned mask is steered to the density share one pre-training per density
     (``prefix.family_key``: e.g. full and its post-pruning ablations): they go together per seed where
     a cell alone cannot fill a pack of ``k`` (``default_pack`` if None; the laptop preset's 4 trials
     per cell), and by cell where it can: there a cell's full packs train cheaper than a shared

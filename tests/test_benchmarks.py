@@ -90,7 +90,7 @@ def test_digits_study_tiny_tunes_sweeps_and_analyses(tmp_path):
     # both searches ran with the same budget and printed their best settings
     assert "| full | 2 (2, 0) |" in out and "| synflow | 2 (2, 0) |" in out
     tuning = json.loads((tmp_path / "tuning.json").read_text())
-    assert set(tuning["full"]["best_settings"]) == {"train.lr", "mask.lambda_l1", "mask.lr", "post.smoothing",
+    assert set(tuning["full"]["best_settings"]) == {"train.lr", "mask.warmup", "mask.lr", "post.smoothing",
                                                      "post.soft_fraction"}
     assert set(tuning["synflow"]["best_settings"]) == {"train.lr"}
     # the ablation table: one row per tiny cell, one column per density, through analysis

@@ -27,13 +27,27 @@ def _cfg(**kw) -> Config:
 @pytest.mark.parametrize("s0", [0.0, -1.5, 2.0])
 def test_sigmoid_mask_is_rescaled_to_start_at_exactly_one_where_the_sigmoid_is_steep(s0):
     cfg = MaskConfig(kind="sigmoid", init=s0)
-    model = Trainer(_cfg(**{"mask.kind": "sigmoid", "mask.init": s0, "prune.pruner": "mask"})).model
+    model = Trainer(_cfg()).model
+    learned_mask.attach(model, cfg)  # no generator: every score exactly s0
     learned_mask.set_beta(model, 1.0)
     values = torch.cat([v.flatten() for v in learned_mask.values(model).values()])
     assert torch.allclose(values, torch.ones_like(values), atol=1e-6)
     probs = torch.cat([p.flatten() for p in learned_mask.keep_probs(model).values()])
     assert torch.allclose(probs, torch.full_like(probs, 1 / (1 + math.exp(-s0))))
     assert learned_mask.start_density(cfg) == pytest.approx(1 / (1 + math.exp(-s0)))
+
+
+@pytest.mark.parametrize("kind", STEERED)
+def test_a_run_jitters_its_scores_from_its_own_mask_generator(kind):
+    """Ties broken: N(start, 0.01^2) (log_alpha units for hard-concrete), the same for the same seed."""
+    cfg = _cfg(**{"mask.kind": kind, "prune.pruner": "mask"})
+    scores = [torch.cat([p.detach().flatten() for p in learned_mask.score_params(Trainer(c).model)])
+              for c in (cfg, cfg, cfg.replace(seed=1))]
+    assert torch.equal(scores[0], scores[1]) and not torch.equal(scores[0], scores[2])
+    mk = learned_mask.get(cfg.mask)
+    centre = float(mk.init_score(torch.zeros(1))[0])
+    assert float((scores[0] - centre).std()) == pytest.approx(mk.jitter, rel=0.05)
+    assert float((scores[0] - centre).mean()) == pytest.approx(0.0, abs=mk.jitter / 10)
 
 
 def test_hard_concrete_gate_closed_forms():

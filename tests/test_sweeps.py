@@ -241,7 +241,7 @@ def test_optuna_search_logs_runs_and_prints_overrides(smoke_sweep, store):
                                                       "--num-samples", "4", "--asha", "--max-concurrent", "2"))
     assert code == 0, out
     line = next(line for line in out.splitlines() if line.startswith("for ablation_grid.py:"))
-    for knob in ("train.lr", "mask.lambda_l1", "mask.lr", "post.smoothing"):
+    for knob in ("train.lr", "mask.warmup", "mask.lr", "post.smoothing"):
         assert f"--set {knob}=" in line
     all_runs = runs(store["uri"], "optuna")
     assert len(all_runs) == 4 and {r.data.tags["cell"] for r in all_runs} == {"optuna"}
