@@ -67,13 +67,13 @@ def _mask_figure(rows: list[dict], out: str) -> list[str]:
     """The learned masks' density against their target over pre-training (analysis.mask_plot)."""
     import pandas as pd
 
-    from analysis.mask_plot import mask_density_plot
+    from analysis.mask_plot import group_label, mask_density_plot
 
-    long = [(r["run_key"], r["cell"], r["density_target"], h["epoch"], k, h[k])
+    long = [(r["run_key"], r["cell"], group_label(r["config"]), r["density_target"], h["epoch"], k, h[k])
             for r in rows for h in r.get("mask_history", ()) for k in MASK_KEYS if k in h]
     if not long:
         return []
-    hist = pd.DataFrame(long, columns=["run_id", "cell", "density", "epoch", "key", "value"])
+    hist = pd.DataFrame(long, columns=["run_id", "cell", "group", "density", "epoch", "key", "value"])
     return mask_density_plot(hist, os.path.join(out, "mask_density"))
 
 
@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--densities", help="comma separated (default: the preset's)")
     ap.add_argument("--seeds", help="comma separated (default: the preset's)")
     ap.add_argument("--cells", help="comma separated cells (default: all of the design)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override on top of the preset, as the sweep's --set (e.g. mask.kind=hardconcrete)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--pack", type=int, default=1, help="copies per pack (1 = every trial alone)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_study"))
@@ -94,7 +96,10 @@ def main(argv=None) -> int:
     densities = tuple(float(d) for d in args.densities.split(",")) if args.densities else preset.densities
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else preset.seeds
     cells = args.cells.split(",") if args.cells else None
-    trials, _ = designs.trials(args.design, dict(preset.base), densities, seeds, preset.synflow_rounds, cells,
+    from sparse_core.config import parse_overrides
+
+    base = {**preset.base, **parse_overrides(args.set)}
+    trials, _ = designs.trials(args.design, base, densities, seeds, preset.synflow_rounds, cells,
                                preset.cell_overrides)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.jsonl")

@@ -85,7 +85,7 @@ class MaskConfig:
     kind: str = "none"  # learned mask during pre-training: none | sigmoid (continuous sparsification) | hardconcrete (L0, Louizos et al.) | gates (Srinivas et al.)
     init: float = 0.0  # sigmoid: initial mask score s0 (m = sigmoid(beta s) / sigmoid(s0) starts at exactly 1; p = 0.5 at 0, where the sigmoid is steepest)
     gate_init: float = 1.0  # gates: initial gate value in [0, 1] (1 = every weight starts switched on)
-    beta_final: float = 400.0  # sigmoid: temperature beta rises geometrically from 1 to this over the pre-training steps
+    beta_final: float = 300.0  # sigmoid: temperature beta rises geometrically from 1 to this over the pre-training steps
     target: bool = True  # sigmoid, hardconcrete: steer the mask's density to prune.density over pre-training (augmented Lagrangian, multiplier by dual ascent); false = constant L1 pressure lambda_l1 * sum(p)
     warmup: float = 0.3  # sigmoid, hardconcrete: fraction of pre-training over which the target density falls geometrically from the mask's initial expected density to prune.density (held after)
     dual_lr: float = 1.0  # sigmoid, hardconcrete: dual-ascent step of the multiplier per optimizer step, relative to the target (lambda += dual_lr (d - t) / t)

@@ -386,3 +386,29 @@ def test_dense_reference_ignores_learned_mask_pre_training():
                        "prune.density": [0.1, 0.01, 0.1], "test_acc": [0.9, 0.5, 0.2]})
     value, label = dense_reference(df, "test_acc")
     assert value == pytest.approx(0.97) and "2 runs" in label
+
+
+def test_mask_density_plot_reads_the_masked_runs_histories_and_the_report_shows_it(store, tmp_path):
+    """Runs of a learned mask steered to their density: their per-epoch soft / hard density and target
+    come back from MLflow as logged, and the report draws them (mask_density.png)."""
+    from analysis import mask_plot
+
+    uri = store["uri"]
+    exp = tracking.experiment_id(uri, "masked")
+    flat = {**BASE, "mask.kind": "sigmoid", "prune.pruner": "mask", "prune.density": 0.05}
+    results = {run_id: result for _, result, run_id in
+               (trained_run(uri, exp, "base+mask", {**flat, "seed": s}) for s in (0, 1))}
+    df = load_runs(uri, ["masked"])
+    hist = mask_plot.history_frame(df, uri)
+    assert set(hist["group"]) == {"kaiming init, sigmoid mask"}
+    for run_id, result in results.items():
+        pre = [m for m in result["history"] if m["stage"] == "pre"]
+        for key in mask_plot.KEYS:
+            got = hist[(hist["run_id"] == run_id) & (hist["key"] == key)].sort_values("epoch")["value"].tolist()
+            assert got == pytest.approx([m[key] for m in pre])
+    files = mask_plot.mask_density_plot(hist, str(tmp_path / "mask"))
+    _check_png(files[0]) and _check_pdf(files[1])
+    with pytest.raises(AnalysisError, match="no run has a learned mask"):
+        mask_plot.history_frame(load_runs(uri, ["grid"]), uri)
+    out = report.build(uri, ["masked"], str(tmp_path / "report"), log_to_mlflow=False)
+    assert any(f.endswith("mask_density.png") for f in out["files"])
