@@ -122,6 +122,11 @@ def test_scores_are_clamped_where_the_density_term_can_still_move_them(kind):
     mk.after_step(score, 200.0)
     p = mk.keep_prob(score, 200.0)
     assert p.max() < 0.999 and p.min() > 0 and p.min() < 3e-4
+    # with density control each copy's floor is its own: 5 % of its target density
+    stacked = torch.full((2, 4), -100.0)
+    floor = torch.tensor([0.05 * 0.1, 0.05 * 0.003])
+    mk.after_step(stacked, 200.0, floor)
+    assert torch.allclose(mk.keep_prob(stacked, 200.0).min(1).values, floor, rtol=1e-3)
 
 
 def test_mask_stats_closed_form_on_a_hand_set_mask():
