@@ -50,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", metavar="FILE", help="write here instead of stdout (format inferred from .md/.csv/.tex)")
     p = sub.add_parser("plot", parents=[_common()], help="accuracy vs density, per-layer density, size and latency vs density (PNG + PDF)")
     p.add_argument("--out", default="plots", metavar="DIR", help="output folder (default: plots)")
+    p.add_argument("--x", default="prune.density", metavar="COLUMN",
+                   help="x axis of the accuracy plot: prune.density (default) or a per-run column such as "
+                        "effective_density (weights on an input-to-output path)")
     p.add_argument("--layer-density", type=float, metavar="D",
                    help="density for the per-layer plot (default: the lowest below 1)")
     r = sub.add_parser("report", parents=[_common()], help="tables + plots + index.html, logged to MLflow")
@@ -81,7 +84,8 @@ def _plot(args, uri: str, experiments: list[str], statuses: list[str]) -> None:
     from . import efficiency, plots
 
     df = apply_filters(load_runs(uri, experiments, statuses, args.include_search), args.filter)
-    files = plots.accuracy_vs_density(df, os.path.join(args.out, "accuracy_vs_density"), args.metric, args.rows)
+    files = plots.accuracy_vs_density(df, os.path.join(args.out, "accuracy_vs_density"), args.metric, args.rows,
+                                      x=args.x)
     files += plots.layer_density_plot(df, os.path.join(args.out, "layer_density"), args.layer_density, args.rows, uri)
     files += efficiency.write(df, args.out)  # size and latency vs density ([] for runs without the figures)
     for path in files:

@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
 
 from .load import AnalysisError, layer_densities  # noqa: E402
 from .table import ablation_table, check_key, is_baseline, is_percent  # noqa: E402
@@ -110,13 +110,18 @@ def panels(labels: list) -> list[tuple[str, list]]:
     return [(t, m) for t, m in out if m]
 
 
-def _draw(ax, table, rows: str, members: list, scale: float, ref) -> None:
+def _draw(ax, table, rows: str, members: list, scale: float, ref, xmap: dict | None = None) -> None:
+    """``xmap`` {(row, density): x}: draw each point at that x (e.g. its mean effective density) instead of
+    its nominal density; an x of 0 (a disconnected network) has no place on a log axis and is left out."""
     cells = table.cells[table.cells["n"] > 0]
     for i, row in enumerate(members):
         g = cells[cells[rows] == row].sort_values(DENSITY)
         if g.empty:
             continue
         x, mean = g[DENSITY].to_numpy(), g["mean"].to_numpy() * scale
+        if xmap is not None:
+            x = np.array([xmap.get((row, d), np.nan) for d in x], dtype=float)
+            x[~(x > 0)] = np.nan
         lo = g["ci_low"].fillna(g["mean"]).to_numpy() * scale
         hi = g["ci_high"].fillna(g["mean"]).to_numpy() * scale
         color, style, marker = _style(i)
@@ -129,8 +134,14 @@ def _draw(ax, table, rows: str, members: list, scale: float, ref) -> None:
         ax.plot([], [], ls="none", marker="x", ms=8, mew=1.8, color="black", label="layer collapse (any seed)")
     if ref is not None:
         ax.axhline(ref[0] * scale, color="0.35", ls="--", lw=1.2, label=ref[1])
-    ticks = sorted(cells[DENSITY].unique())
     ax.set_xscale("log")
+    if xmap is not None:  # effective densities fall anywhere: decades, labelled in %, sparser to the right
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:g} %"))
+        ax.invert_xaxis()
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+        return
+    ticks = sorted(cells[DENSITY].unique())
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticklabels([f"{100 * t:g} %" for t in ticks])
@@ -144,20 +155,26 @@ def _draw(ax, table, rows: str, members: list, scale: float, ref) -> None:
 
 
 def accuracy_vs_density(df: pd.DataFrame, stem: str, metric: str = "test_acc", rows: str = "cell",
-                        title: str | None = None, reference=None, table=None) -> list[str]:
+                        title: str | None = None, reference=None, table=None, x: str = DENSITY) -> list[str]:
     """Mean over seeds with its 95 % confidence band, one panel per group of at most PANEL_LINES curves
     (baselines; the full pipeline's ablations; base + one component); returns [png, pdf]. ``table``:
-    ``ablation_table(df, metric, rows, DENSITY, reference)`` if the caller has it already."""
+    ``ablation_table(df, metric, rows, DENSITY, reference)`` if the caller has it already. ``x``: the
+    x axis, the nominal density or a per-run column such as ``effective_density`` (each point at its
+    runs' mean)."""
     if table is None:  # same checks as the table: no hidden averaging
         table = ablation_table(df, metric, rows, DENSITY, reference)
+    xmap = None
+    if x != DENSITY:
+        check_key(df, x, "--x")
+        xmap = df.groupby([rows, DENSITY])[x].mean().to_dict()
     scale = 100.0 if is_percent(metric) else 1.0
     groups = panels(table.row_order)
     fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 5.6), sharey=True, squeeze=False)
     ref = dense_reference(df, metric)
     for ax, (panel_title, members) in zip(axes[0], groups):
-        _draw(ax, table, rows, members, scale, ref)
+        _draw(ax, table, rows, members, scale, ref, xmap)
         ax.set_title(panel_title, fontsize=10)
-        ax.set_xlabel("density (% of weights kept)  →  sparser")
+        ax.set_xlabel(("density (% of weights kept)" if xmap is None else f"{x} (mean over seeds)") + "  →  sparser")
     axes[0][0].set_ylabel(_label(metric))
     n = sorted(set(table.cells.loc[table.cells["n"] > 0, "n"]))
     seeds = f"{n[0]} seed(s)" if len(n) == 1 else f"{n[0]}–{n[-1]} seeds"

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from . import learned_mask, pruners, rescale, state
+from . import connectivity, learned_mask, pruners, rescale, state
 from .config import Config, run_key, validate_names
 from .data import TensorData, class_balanced_subset, load
 from .init import initialise
@@ -331,6 +331,8 @@ class Trainer:
         masks = self.masks if self.masks is not None else get_masks(self.model)
         summary = density_summary(self.model, masks)
         flops_dense, flops_sparse = flops(self.model, self.data.in_shape, masks)
+        eff = connectivity.effective(masks) or {"effective_density": float("nan"), "effective_weights": -1,
+                                                 "effective_units": {}}
         final = self._evaluate()
         best = self.best or {"best_val_acc": final["val_acc"], "best_val_epoch": len(self.history),
                              "test_acc_at_best_val": final["test_acc"]}
@@ -345,6 +347,7 @@ class Trainer:
             "kept_weights": summary["kept_weights"],
             "prunable_weights": summary["prunable_weights"],
             "layer_density": summary["layer_density"],
+            **eff,  # effective_density, effective_weights, effective_units (sparse_core/connectivity.py)
             "collapsed_layers": collapsed(masks),
             "flops_dense": flops_dense,
             "flops_sparse": flops_sparse,

@@ -38,6 +38,8 @@ FINAL_METRICS = ("test_acc", "test_loss", "val_acc", "val_loss", "best_val_acc",
                  "flops_sparse", "rigl_regrown", "seconds", "epochs",
                  # sparse_core.train.MASK_MARKS: a learned mask at the end of pre-training (NaN = none)
                  "mask_target", "mask_soft_density", "mask_hard_density", "mask_binary_gap", "mask_jaccard",
+                 # sparse_core.connectivity: weights on an input-to-output path (NaN: not a chain of layers)
+                 "effective_density", "effective_weights",
                  # sparse_core.export.figures: file sizes and CPU inference latency (NaN = not measured)
                  "model_bytes_dense", "model_bytes_sparse", "latency_threads", "latency_dense_ms_b1",
                  "latency_sparse_ms_b1", "latency_ratio_b1", "latency_dense_ms_b256", "latency_sparse_ms_b256",
@@ -88,7 +90,8 @@ def failure(error: BaseException) -> tuple[str, str]:
 
 def final_fields(result: dict) -> dict:
     """What ``finish`` reads of a trial's result (``sparse_core.train.run``'s JSON-able result)."""
-    keys = (*FINAL_METRICS, "collapsed_layers", "device", "sparse_path", "prefix_shared_by", "layer_density", "epochs")
+    keys = (*FINAL_METRICS, "collapsed_layers", "device", "sparse_path", "prefix_shared_by", "layer_density", "epochs",
+            "effective_units")
     return {k: result[k] for k in keys if k in result}
 
 
@@ -280,7 +283,9 @@ class TrialRun(RunLog):
         final = {k: result[k] for k in FINAL_METRICS if k in result}
         final["n_collapsed_layers"] = len(result["collapsed_layers"])
         self._log({FINAL_PREFIX + k: v for k, v in final.items()}, result["epochs"])
-        tags = {"collapsed_layers": ",".join(result["collapsed_layers"]), "device": result.get("device", "")}
+        tags = {"collapsed_layers": ",".join(result["collapsed_layers"]), "device": result.get("device", ""),
+                "effective_units": ",".join(f"{k.removesuffix('.weight')}:{v}"
+                                            for k, v in result.get("effective_units", {}).items())}
         if "sparse_path" in result:
             tags["sparse_path"] = result["sparse_path"]
         if result.get("prefix_shared_by", 1) > 1:  # its pre-training was trained once for this many runs

@@ -412,3 +412,16 @@ def test_mask_density_plot_reads_the_masked_runs_histories_and_the_report_shows_
         mask_plot.history_frame(load_runs(uri, ["grid"]), uri)
     out = report.build(uri, ["masked"], str(tmp_path / "report"), log_to_mlflow=False)
     assert any(f.endswith("mask_density.png") for f in out["files"])
+
+
+def test_effective_density_is_a_column_the_table_and_the_plot_can_use(store, tmp_path):
+    df = load_runs(store["uri"], ["grid"])
+    for r in store["results"]:  # as the trainer measured it, through MLflow
+        row = df[df["run_key"] == r["result"]["run_key"]]
+        assert row["effective_density"].iloc[0] == pytest.approx(r["result"]["effective_density"])
+        assert 0 <= r["result"]["effective_density"] <= r["result"]["density"]
+    assert "effective_density" in to_markdown(ablation_table(df, "effective_density"))
+    files = plots.accuracy_vs_density(df, str(tmp_path / "eff"), x="effective_density")
+    _check_png(files[0])
+    with pytest.raises(AnalysisError, match="--x 'nope' is not a column"):
+        plots.accuracy_vs_density(df, str(tmp_path / "x"), x="nope")
