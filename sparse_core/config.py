@@ -155,12 +155,15 @@ class RiglConfig:
     alpha: float = 0.3  # initial drop fraction; f(t) = alpha/2 * (1 + cos(pi t / T_end))
     end_fraction: float = 0.75  # mask updates stop after this fraction of training steps
     distribution: str = "erk"  # per-layer density of the random sparse start: erk | uniform
+    start: str = "random"  # the sparse start: random (per rigl.distribution) | a pruner scoring the network at init (snip, synflow, grasp, magnitude: prune.scope, prune.rounds rounds)
+    start_density: float = 0.0  # GraNet-style gradual start: begin at this density (> prune.density) and prune by magnitude to prune.density on a cubic schedule over the drop/grow updates; 0 = start at prune.density
 
     def __post_init__(self):
         _check("rigl.delta_t", self.delta_t, self.delta_t >= 1, ">= 1")
         _check("rigl.alpha", self.alpha, 0 < self.alpha < 1, "in (0, 1)")
         _check("rigl.end_fraction", self.end_fraction, 0 < self.end_fraction <= 1, "in (0, 1]")
         _choice("rigl.distribution", self.distribution, ("erk", "uniform"))
+        _check("rigl.start_density", self.start_density, 0 <= self.start_density <= 1, "0 (off) or in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -339,6 +342,9 @@ def validate_names(cfg: Config) -> None:
     from .post_prune import loss_of
 
     loss_of(flat)  # at most one switched-on post-prune trick may replace the loss
+    starts = ["random"] + [n for n in registry.PRUNERS.names() if n != "mask"]
+    if cfg.rigl.start not in starts:
+        raise ValueError(f"rigl.start={cfg.rigl.start!r} is not valid; choose one of {', '.join(starts)}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

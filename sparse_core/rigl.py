@@ -1,9 +1,15 @@
-"""RigL (Evci et al. 2020): dynamic sparse training from a random sparse start.
+"""RigL (Evci et al. 2020): dynamic sparse training from a sparse start.
 
 Every ``delta_t`` optimizer steps until ``end_fraction`` of training, in each layer: drop the
 n = f(t) * active smallest-|w| active weights and grow the n inactive ones with the largest
 |dense gradient|; f(t) = alpha / 2 * (1 + cos(pi t / T_end)). Grown weights start at 0 with zero
-optimizer state. Per-layer counts never change.
+optimizer state (as jaxpruner resets them). Per-layer counts never change in a drop/grow.
+
+The start (``rigl.start``, set up by the trainer): a random mask (ERK or uniform), or a pruner's mask of
+the network at init: a random start at 1 % leaves most units of a 6-layer MLP without any input. With
+``rigl.start_density`` above the target, GraNet's gradual variant (Liu et al. 2021): start denser and, at
+each drop/grow update, first prune by magnitude to the density of a cubic schedule that reaches the
+target at the last update.
 """
 
 from __future__ import annotations
@@ -25,10 +31,29 @@ def initial_masks(model: nn.Module, density: float, cfg: RiglConfig, generator: 
 
 
 class RigL:
-    def __init__(self, cfg: RiglConfig, total_steps: int):
+    def __init__(self, cfg: RiglConfig, total_steps: int, density: float = 1.0, scope: str = "global"):
         self.cfg = cfg
         self.t_end = int(cfg.end_fraction * total_steps)
         self.regrown = 0  # connections grown so far (a sanity figure for the log)
+        self.density, self.scope = density, scope
+        self.start = max(cfg.start_density, density)
+        self.updates = list(range(cfg.delta_t, self.t_end, cfg.delta_t))  # the optimizer steps that update
+        if self.start > density and not self.updates:
+            raise ValueError(f"rigl.start_density={cfg.start_density} needs drop/grow updates to prune on, and "
+                             f"{total_steps} steps with rigl.delta_t={cfg.delta_t} have none: lower rigl.delta_t")
+
+    def density_at(self, step: int) -> float:
+        """The gradual variant's density after the update at ``step``: cubic from the start density to the
+        target over the updates (Zhu & Gupta's schedule), exactly the target from the last one on."""
+        done = sum(1 for s in self.updates if s <= step)
+        frac = done / len(self.updates) if self.updates else 1.0
+        return self.density + (self.start - self.density) * (1.0 - frac) ** 3
+
+    @torch.no_grad()
+    def _prune_to(self, model: nn.Module, masks: dict[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+        """Keep the largest-|w| active weights at ``density`` (pruned ones stay pruned)."""
+        scores = {n: w.detach().abs() for n, w in prunable_weights(model).items()}
+        return masks_from_scores(scores, density, self.scope, previous=masks)
 
     def drop_fraction(self, step: int) -> float:
         return self.cfg.alpha / 2 * (1 + math.cos(math.pi * step / self.t_end)) if self.t_end else 0.0
@@ -40,7 +65,10 @@ class RigL:
     @torch.no_grad()
     def update(self, model: nn.Module, masks: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                step: int) -> dict[str, torch.Tensor]:
-        """New masks after one drop/grow; needs the dense gradient in ``w.grad``."""
+        """New masks after one drop/grow (the gradual variant prunes first); needs the dense gradient in
+        ``w.grad``."""
+        if self.start > self.density:
+            masks = self._prune_to(model, masks, self.density_at(step))
         frac = self.drop_fraction(step)
         new_masks = {}
         for name, w in prunable_weights(model).items():

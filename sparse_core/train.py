@@ -132,7 +132,8 @@ class Trainer:
 
     def segment_extras(self, stage: str, total_steps: int) -> None:
         self.seg_total = total_steps
-        self.rigl = RigL(self.cfg.rigl, total_steps) if stage == "rigl" else None
+        self.rigl = RigL(self.cfg.rigl, total_steps, self.cfg.prune.density, self.cfg.prune.scope) \
+            if stage == "rigl" else None
         self.gradual_at = set(gradual_steps(total_steps, self.cfg.prune.gradual_every)) if stage == "gradual" else set()
 
     def pack(self) -> Pack:
@@ -212,9 +213,9 @@ class Trainer:
             out["mask_lambda"] = float(self.mask_dual)
         return {**out, **learned_mask.stats(self.model, self.zero_at_init)}
 
-    def _score_inputs(self) -> pruners.ScoreInputs:
+    def _score_inputs(self, pruner: str | None = None) -> pruners.ScoreInputs:
         x = y = None
-        if pruners.needs_data(self.cfg.prune.pruner):
+        if pruners.needs_data(pruner or self.cfg.prune.pruner):
             x, y = self._scoring_batch()
         return pruners.ScoreInputs(x, y, self.data.in_shape, self.gen["prune"], self.cfg.prune)
 
@@ -222,9 +223,11 @@ class Trainer:
         g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "score"))  # the same batch every round
         return class_balanced_subset(self.data, self.cfg.prune.samples_per_class, g)
 
-    def _mask_to(self, density: float) -> None:
-        """Score, keep the top ``density`` (weights pruned before stay pruned), install the masks."""
-        scores = pruners.score(self.cfg.prune.pruner, self.model, self._score_inputs())
+    def _mask_to(self, density: float, pruner: str | None = None) -> None:
+        """Score (with ``prune.pruner`` or ``pruner``), keep the top ``density`` (weights pruned before stay
+        pruned), install the masks."""
+        pruner = pruner or self.cfg.prune.pruner
+        scores = pruners.score(pruner, self.model, self._score_inputs(pruner))
         self.masks = masks_from_scores(scores, density, self.cfg.prune.scope, previous=self.masks)
         set_masks(self.model, self.masks)
 
@@ -307,9 +310,22 @@ class Trainer:
             raise InjectedFailure(f"train.fail_at_epoch={fail_at}: injected failure at the start of epoch {fail_at}")
 
     def rigl_init(self) -> dict:
-        self.masks = initial_masks(self.model, self.cfg.prune.density, self.cfg.rigl, self.gen["rigl"])
-        set_masks(self.model, self.masks)
-        self._scale_sparse_init()
+        """RigL's sparse start at ``rigl.start_density`` (or the target): random, or a pruner's mask of the
+        network at init in ``prune.rounds`` rounds, rescaled as pruning at init is (``init.sparse_scale``)."""
+        r = self.cfg.rigl
+        start = max(r.start_density, self.cfg.prune.density)
+        if r.start == "random":
+            self.masks = initial_masks(self.model, start, r, self.gen["rigl"])
+            set_masks(self.model, self.masks)
+            self._scale_sparse_init()
+        else:
+            x_cal = self._scoring_batch()[0] if self.cfg.init.sparse_scale and self.cfg.init.name == "kaiming" else None
+            reference = rescale.linear_std(self.model, x_cal) if x_cal is not None else None
+            rounds = self.cfg.prune.rounds
+            for k in range(1, rounds + 1):
+                self._mask_to(start ** (k / rounds), r.start)
+            if x_cal is not None:
+                rescale.recalibrate(self.model, x_cal, reference)
         return {"stage": "rigl_init", "stage_end": True, "density": self._density()}
 
     def finish_step(self, step, metrics: dict, seconds: float) -> None:
