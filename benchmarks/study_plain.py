@@ -141,6 +141,9 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, name), "w") as f:
             f.write(render(table))
     files = plots.accuracy_vs_density(df, os.path.join(args.out, "accuracy_vs_density"))
+    if "effective_density" in df.columns:
+        files += plots.accuracy_vs_density(df, os.path.join(args.out, "accuracy_vs_effective_density"),
+                                           x="effective_density")
     files += _mask_figure([r for k, r in done.items() if k in keys], args.out)
     print(to_markdown(table))
     print("wrote", ", ".join([os.path.join(args.out, n) for n in ("table.md", "table.csv")] + files))
