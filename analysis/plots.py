@@ -179,7 +179,8 @@ def accuracy_vs_density(df: pd.DataFrame, stem: str, metric: str = "test_acc", r
     n = sorted(set(table.cells.loc[table.cells["n"] > 0, "n"]))
     seeds = f"{n[0]} seed(s)" if len(n) == 1 else f"{n[0]}–{n[-1]} seeds"
     band = "mean and 95 % confidence band over" if max(n) > 1 else "no confidence band with"
-    fig.suptitle(title or f"{_label(metric)} vs density: {band} {seeds}", fontsize=11)
+    against = "density" if xmap is None else x
+    fig.suptitle(title or f"{_label(metric)} vs {against}: {band} {seeds}", fontsize=11)
     fig.tight_layout()
     return save_figure(fig, stem)
 
