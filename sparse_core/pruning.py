@@ -102,9 +102,10 @@ def masks_from_scores(scores: dict[str, torch.Tensor], density: float, scope: st
                       previous: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Keep the top ``density`` fraction of weights by score; weights pruned in ``previous``
     stay pruned. Raises ``DensityError`` if the kept count is not the exact target."""
-    if previous is not None:
-        scores = {n: torch.where(previous[n].to(s.device), s.double(), torch.tensor(-math.inf, dtype=torch.float64,
-                                                                                 device=s.device))
+    if previous is not None:  # a NaN score (diverged weights) ranks lowest of the kept, above the pruned
+        lowest = -torch.finfo(torch.float64).max
+        scores = {n: torch.where(previous[n].to(s.device), torch.nan_to_num(s.double(), nan=lowest),
+                                 torch.tensor(-math.inf, dtype=torch.float64, device=s.device))
                   for n, s in scores.items()}
     masks = SCOPES.get(scope, "prune.scope")(scores, density)
     if previous is not None:

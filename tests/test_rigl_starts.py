@@ -66,3 +66,13 @@ def test_the_gradual_start_trains_from_denser_to_exactly_the_target():
 def test_rigl_start_names_are_checked_against_the_pruners():
     with pytest.raises(ValueError, match="rigl.start='mask' is not valid; choose one of random, .*synflow"):
         run(_cfg(**{"train.method": "rigl", "rigl.start": "mask"}))
+
+
+def test_nan_scores_of_kept_weights_still_give_the_exact_count():
+    """Diverged weights (NaN) mid-epoch must not raise a DensityError; the epoch's end reports the divergence."""
+    from sparse_core.pruning import masks_from_scores
+
+    scores = {"a": torch.tensor([float("nan"), 1.0, float("nan"), 2.0, 3.0, float("nan")])}
+    previous = {"a": torch.tensor([True, True, True, True, False, False])}
+    masks = masks_from_scores(scores, 3 / 6, "global", previous=previous)
+    assert masks["a"].tolist() == [True, True, False, True, False, False]  # 1.0, 2.0, then the first NaN
