@@ -24,7 +24,8 @@ def target_count(numel: int, density: float) -> int:
 
 
 def _top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
-    flat = torch.nan_to_num(score.flatten().double(), nan=-math.inf)
+    # NaN ranks last; infinities stay infinite (nan_to_num would make -inf, a pruned weight's score, finite)
+    flat = torch.nan_to_num(score.flatten().double(), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     if k > 0:
         order = torch.sort(flat, descending=True, stable=True).indices

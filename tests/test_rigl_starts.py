@@ -72,7 +72,10 @@ def test_nan_scores_of_kept_weights_still_give_the_exact_count():
     """Diverged weights (NaN) mid-epoch must not raise a DensityError; the epoch's end reports the divergence."""
     from sparse_core.pruning import masks_from_scores
 
-    scores = {"a": torch.tensor([float("nan"), 1.0, float("nan"), 2.0, 3.0, float("nan")])}
+    scores = {"a": torch.tensor([float("nan"), 1.0, float("nan"), 2.0, float("inf"), float("nan")])}
     previous = {"a": torch.tensor([True, True, True, True, False, False])}
     masks = masks_from_scores(scores, 3 / 6, "global", previous=previous)
     assert masks["a"].tolist() == [True, True, False, True, False, False]  # 1.0, 2.0, then the first NaN
+    infinite = {"a": torch.tensor([float("inf"), float("nan"), 1.0, float("-inf")])}
+    assert masks_from_scores(infinite, 0.5, "global", {"a": torch.tensor([True, True, False, True])})["a"].tolist() \
+        == [True, True, False, False]  # inf first, then the NaN of a kept weight before the pruned one
