@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the re
 
 from sparse_core.cli import exit_now  # noqa: E402
 from sparse_core.config import parse_overrides  # noqa: E402
-from sweeps import claims, designs, options, packing, presets, tracking  # noqa: E402
+from sweeps import claims, designs, options, packing, presets, relay, tracking  # noqa: E402
 
 # A grid has no scheduler: one Tune report per second (plus stage ends) keeps the progress line
 # live without a driver round-trip per epoch (see sweeps/trainable.py).
@@ -266,7 +266,8 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | No
             print(f"launching {packing.describe(packed, len(todo))} ({cpus:g} CPU, {gpus:g} GPU each)", flush=True)
         elif args.pack is not None:
             print("note: --pack is ignored with --resume (the restored run keeps its packs)", flush=True)
-        tally = _tally(tuner.fit(), progress.runs)
+        with launch.serving(relay.Scope.of(uri, exp_id, sweep, todo, storage)):  # the relay serves these trials alone
+            tally = _tally(tuner.fit(), progress.runs)
         idle = tally["idle"]
         if idle:  # see TrialRun.open: a FINISHED run_key is never trained again, nor one claimed elsewhere
             print(f"{len(idle)} of {tally['launched']} trials trained nothing: {idle.count('finished')} already "

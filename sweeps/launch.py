@@ -6,6 +6,7 @@ and every trial config have been checked, so bad input never starts Ray.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -74,6 +75,11 @@ def shutdown() -> None:
     if _relay is not None:
         _relay.close()
         _relay = None
+
+
+def serving(scope: relay.Scope):
+    """The relay (if this driver runs one) serves the trials of ``scope`` for the duration of the block."""
+    return _relay.serve(scope) if _relay is not None else contextlib.nullcontext()
 
 
 def cluster_gpus() -> float:

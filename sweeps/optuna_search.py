@@ -19,6 +19,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the repo root is not
     _root = str(Path(__file__).resolve().parent.parent)
@@ -28,10 +29,10 @@ if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the re
         sys.path.insert(0, _root)
 
 from sparse_core.cli import exit_now  # noqa: E402
-from sparse_core.config import from_flat  # noqa: E402
+from sparse_core.config import from_flat, run_key, to_flat  # noqa: E402
 from sparse_core.registry import TRICKS  # noqa: E402
 from runstore import SEARCH_CELL, ui_link  # noqa: E402
-from sweeps import designs, options, presets, tracking  # noqa: E402
+from sweeps import designs, options, presets, relay, tracking  # noqa: E402
 
 # knob -> (distribution, low, high, used when); log-uniform for scale-like knobs.
 SPACE = {
@@ -127,7 +128,8 @@ def main(argv=None) -> int:
         progress = launch.Progress(args.num_samples, uri, exp_id)
         tuner = launch.tuner(space, cpus=cpus, gpus=gpus, tune_config=tune_cfg,
                              run_cfg=launch.run_config(name, storage, args.max_failures, [progress]))
-        results = tuner.fit()
+        with launch.serving(relay.Scope(uri, exp_id, sweep, trial_set(fixed, knobs), storage)):
+            results = tuner.fit()
     finally:
         if started_ray:
             launch.shutdown()
@@ -154,6 +156,23 @@ def main(argv=None) -> int:
     command, url = ui_link(uri, exp_id)
     print(f"all trials in the MLflow UI: {url}" + (f" (serve it with: {command})" if command else ""))
     return 1 if failed else 0
+
+
+def trial_set(fixed: dict, knobs) -> Callable[[str, dict], tuple[str, dict] | None]:
+    """The search's trials for the relay (``relay.Scope``): a config with the fixed values, each knob
+    within its range of ``SPACE``, and ``key`` its run_key."""
+    def trial(key: str, flat: dict) -> tuple[str, dict] | None:
+        try:
+            cfg = from_flat(flat)
+        except (ValueError, TypeError, KeyError):
+            return None
+        norm = to_flat(cfg)
+        if run_key(cfg) != key or any(norm.get(k) != v for k, v in fixed.items()):
+            return None
+        inside = all(SPACE[k][1] <= norm[k] <= SPACE[k][2] for k in knobs)
+        return (CELL, norm) if inside else None
+
+    return trial
 
 
 def search_config(cfg, num_samples: int, sampler_seed: int, concurrent: int, asha: bool, **kwargs):
