@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         parent = os.path.dirname(os.path.abspath(args.checkpoint))
         try:  # before any training: a bad file is reported, never overwritten
             if os.path.lexists(args.checkpoint):
-                state = load_state(args.checkpoint)
+                state = load_state(args.checkpoint, cfg)  # content checked against cfg too
             elif not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
                 raise CheckpointError(f"--checkpoint {args.checkpoint}: cannot write in {parent} (not a writable "
                                       f"directory); pass another path")

@@ -187,7 +187,7 @@ def train_pack(config: dict) -> None:
         if c.mlrun.skip:  # FINISHED already, or claimed by a live trial of another sweep on this store
             continue
         try:
-            c.state = _newest_state(checkpoint, c.mlrun.checkpoint_dir, (copy_file(c.key), CHECKPOINT_FILE))
+            c.state = _newest_state(checkpoint, c.mlrun.checkpoint_dir, (copy_file(c.key), CHECKPOINT_FILE), c.cfg)
         except CheckpointError as e:  # never a silent start from scratch: this copy fails, the rest train
             c.error = e
             c.mlrun.fail(e)

@@ -64,7 +64,7 @@ def copy_file(key: str) -> str:
 
 
 def _newest_state(checkpoint: tune.Checkpoint | None, run_dir: str | None,
-                  names: tuple[str, ...] = (CHECKPOINT_FILE,)) -> dict | None:
+                  names: tuple[str, ...] = (CHECKPOINT_FILE,), cfg=None) -> dict | None:
     """The newest loadable trainer state among the checkpoints next to Tune's ``checkpoint`` and in
     ``run_dir`` (the trial dir recorded in the MLflow run this trial continues). ``names``: the state's
     file names in a checkpoint dir, first found wins (a run_key's state is ``state.pt`` in a single
@@ -72,8 +72,9 @@ def _newest_state(checkpoint: tune.Checkpoint | None, run_dir: str | None,
 
     Tune's own pick can be stale: a driver killed between two snapshots of its experiment state
     restores a trial from an older checkpoint (or from one already deleted) though newer ones exist.
-    A damaged checkpoint (the crash hit its copy) is passed over; if none loads, the trial fails with
-    the loader's one-line reason rather than silently starting again.
+    A damaged checkpoint (the crash hit its copy), or with ``cfg`` one whose content is not a state of
+    ``cfg``'s run (``sparse_core.checkpoint.check_state``), is passed over; if none loads, the trial
+    fails with the loader's one-line reason rather than silently starting again.
     """
     import pyarrow.fs as pafs
 
@@ -101,7 +102,7 @@ def _newest_state(checkpoint: tune.Checkpoint | None, run_dir: str | None,
     for _, _, fs, path, name in sorted(found, key=lambda f: f[:2], reverse=True):
         try:
             with tune.Checkpoint(path, filesystem=fs).as_directory() as d:
-                return load_state(os.path.join(d, name))
+                return load_state(os.path.join(d, name), cfg)
         except (CheckpointError, OSError) as e:
             logging.getLogger(__name__).warning("skipping checkpoint %s: %s", path, e)
             errors.append(e)
@@ -145,7 +146,8 @@ def train_trial(config: dict) -> None:
         _report_skipped(mlrun, cfg)
         return
     try:
-        state = _newest_state(tune.get_checkpoint(), mlrun.checkpoint_dir, (CHECKPOINT_FILE, copy_file(mlrun.run_key)))
+        state = _newest_state(tune.get_checkpoint(), mlrun.checkpoint_dir, (CHECKPOINT_FILE, copy_file(mlrun.run_key)),
+                              cfg)
     except CheckpointError as e:
         mlrun.fail(e)
         raise

@@ -125,6 +125,66 @@ def test_real_checkpoint_loads_with_weights_only_and_resumes(tmp_path, real_chec
     assert f"resuming from {copy}" in capsys.readouterr().err
 
 
+def _wrong(state: dict, kind: str) -> dict:
+    """``state`` with wrong content of one kind (each unpickles safely)."""
+    model = dict(state["model"])
+    first = next(iter(model))
+    return {
+        "bare": {"format": state["format"], "step_idx": 0},  # the tag and step only
+        "step_beyond_plan": {**state, "step_idx": 10**6},
+        "other_run_key": {**state, "config": {**state["config"], "seed": 99}},
+        "shape": {**state, "model": {**model, first: torch.zeros(3, 3)}},
+        "missing_tensor": {**state, "model": {k: v for k, v in model.items() if k != first}},
+        "float_mask": {**state, "masks": {k: m.float() for k, m in (state["masks"] or {first: None}).items()}},
+        "type": {**state, "history": "everything"},
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["bare", "step_beyond_plan", "other_run_key", "shape", "missing_tensor",
+                                  "float_mask", "type"])
+def test_wrong_content_checkpoint_one_line_exit_2_and_untouched(tmp_path, real_checkpoint, kind, capsys):
+    """A state that unpickles safely but is not this run's: one line naming what is wrong, exit 2 (no
+    traceback, no old metrics printed as the result), and the file left as it was."""
+    bad = tmp_path / "state.pt"
+    torch.save(_wrong(load_state(real_checkpoint), kind), bad)
+    before = bad.read_bytes()
+    line = main_error_line(sparse_core_main, [*TINY, "--checkpoint", str(bad)], capsys)
+    assert str(bad) in line and "not a checkpoint of sparse_core" in line
+    assert {"bare": "field 'config'", "step_beyond_plan": "step_idx 1000000 is outside", "other_run_key": "run_key",
+            "shape": "model tensor", "missing_tensor": "missing", "float_mask": "bool mask",
+            "type": "field 'history' must be list"}[kind] in line
+    assert bad.read_bytes() == before
+    assert capsys.readouterr().out == ""
+
+
+def test_extra_fields_of_a_newer_state_are_tolerated(tmp_path, real_checkpoint):
+    from sparse_core.config import from_flat, parse_overrides
+
+    cfg = from_flat(parse_overrides(TINY))
+    state = {**load_state(real_checkpoint), "mask_dual": {"lambda": torch.zeros(3)}}
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    assert load_state(path, cfg)["mask_dual"]["lambda"].shape == (3,)
+
+
+def test_save_follows_no_link_planted_at_its_temporary_name(tmp_path, real_checkpoint, capsys):
+    """``<checkpoint>.tmp`` (the old temporary name) and the checkpoint itself as links to a victim file:
+    the victim is never written; the checkpoint becomes a regular file."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    path = tmp_path / "state.pt"
+    os.symlink(victim, str(path) + ".tmp")
+    assert sparse_core_main([*TINY, "--checkpoint", str(path), "--quiet"]) == 0
+    assert victim.read_text() == "precious" and path.is_file() and not path.is_symlink()
+    from sparse_core.checkpoint import save_state
+
+    other = tmp_path / "other.pt"
+    os.symlink(victim, other)
+    save_state(load_state(path), other)
+    assert victim.read_text() == "precious" and not other.is_symlink() and load_state(other)["step_idx"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.pt", "state.pt", "state.pt.tmp", "victim.txt"]
+
+
 def test_checkpoint_in_a_missing_directory_fails_before_training(tmp_path, capsys):
     line = main_error_line(sparse_core_main, [*TINY, "--checkpoint", str(tmp_path / "no" / "state.pt")], capsys)
     assert str(tmp_path / "no") in line
