@@ -104,6 +104,16 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         parent = os.path.dirname(path) or "."
         if not os.path.isdir(parent):
             raise TrackingError(f"tracking URI {uri}: directory {parent} does not exist")
+        if os.path.isdir(path):
+            raise TrackingError(f"tracking URI {uri}: {path} is a directory; give a database file, e.g. "
+                                f"sqlite:///{path.rstrip('/')}/mlflow.db")
+        why = unwritable(path, directory=False) or unwritable(path + ".lock", directory=False)
+        if why:
+            raise TrackingError(f"tracking URI {uri}: {why}; the store needs a writable file and folder")
+        problem = sqlite_problem(path)
+        if problem:
+            raise TrackingError(f"tracking URI {uri}: {path} is not a usable SQLite database ({problem}); "
+                                f"restore it from a backup or pass another --mlflow-uri")
         return
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
@@ -115,6 +125,44 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             reason = getattr(e, "reason", e)
             raise TrackingError(f"MLflow tracking server {uri} is not reachable ({reason}); start it "
                                 f"(mlflow server ...) or pass another --mlflow-uri") from None
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+QUICK_CHECK_MAX_BYTES = 256 * 2**20  # larger stores get the header and schema check only (quick_check reads it all)
+
+
+def sqlite_problem(path: str) -> str | None:
+    """Why the existing file at ``path`` is not a readable SQLite database (corrupt, truncated, another
+    kind of file), or None (also when there is no file yet). Read-only; never runs MLflow."""
+    import sqlite3
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(len(_SQLITE_HEADER))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    if size == 0:
+        return None  # an empty file: SQLite makes it a database
+    if head != _SQLITE_HEADER:
+        return "no SQLite header: another kind of file, or overwritten"
+    try:
+        db = sqlite3.connect(Path(path).as_uri() + "?mode=ro", uri=True, timeout=5)
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            if size <= QUICK_CHECK_MAX_BYTES:
+                verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+                if verdict != "ok":
+                    return f"quick_check: {str(verdict)[:120]}"
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        if "locked" in str(e).lower():
+            return None  # another process writes it now: not damage
+        return f"{type(e).__name__}: {str(e)[:120]}"
+    return None
 
 
 # ---- the SQLite store's settings ----------------------------------------------------------------

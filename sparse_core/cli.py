@@ -53,8 +53,16 @@ def _json_safe(value):
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose every error is one line on stderr, ``error: <what>``, and exit 2."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m sparse_core", description="Run one pruning pipeline (or RigL) and print the result as JSON.",
         epilog=_help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. prune.density=0.01")
@@ -72,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
 
+    cores = os.cpu_count() or 1
+    if not 1 <= args.threads <= cores:
+        parser.error(f"--threads {args.threads}: must be in [1, {cores}] (this machine has {cores} cores)")
     if args.export:
         parent = os.path.dirname(os.path.abspath(args.export))
         if os.path.isdir(args.export) or not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
@@ -81,7 +92,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from .train import Trainer  # torch is imported after the argument checks, so a typo fails fast
 
+    from . import limits
     from .checkpoint import CheckpointError, load_state, save_state
+
+    try:
+        limits.check(cfg)  # a model this host cannot hold, a density that keeps no weight
+    except ValueError as e:
+        parser.error(str(e))
 
     state = None
     if args.checkpoint:
@@ -104,8 +121,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint:
             save_state(checkpoint(), args.checkpoint)
 
-    if args.threads < 1:
-        parser.error(f"--threads {args.threads}: must be >= 1")
     import torch
 
     torch.set_num_threads(args.threads)

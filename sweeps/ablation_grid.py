@@ -40,7 +40,7 @@ REPORT_EVERY_S = 1.0
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = options.OneLineParser(
         prog="python sweeps/ablation_grid.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="presets:\n" + "\n".join(f"  {p.name:<12} {p.description}" for p in presets.PRESETS.values())
@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     started = time.time()
     parser, args = parse_args(argv)
     preset, trials, dups = plan(parser, args)
+    options.check_args(args, preset)
     sweep = args.name or f"{args.preset}-{args.design}"
     for pattern, extra in preset.cell_overrides.items():
         shown = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()
@@ -243,6 +244,8 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | No
         elif gpus > 0 and not have_gpus:
             raise SystemExit(f"error: --gpus-per-trial {gpus} but the Ray cluster has no GPU")
         cpus = args.cpus_per_trial or preset.cpus_per_trial
+        if cpus > launch.cluster_cpus():  # a runtime this process joined, smaller than the machine
+            raise SystemExit(f"error: --cpus-per-trial {cpus:g} but the Ray cluster has {launch.cluster_cpus():g} CPUs")
         meta = {"sweep": sweep, "tracking_uri": uri, "experiment_id": exp_id, "cpus": cpus,
                 "git_commit": tracking.git_commit(launch.ROOT), "report_every_s": REPORT_EVERY_S,
                 "export": args.export}

@@ -16,6 +16,8 @@ import socket
 import time
 from typing import Any
 
+from runstore import TrackingError
+
 # A claim on another host is live while its heartbeat (refreshed at every flush, i.e. every checkpoint)
 # is younger than this; on the same host, while the claiming process runs.
 LEASE_S = 900.0
@@ -35,7 +37,12 @@ def store_lock(uri: str):
     if path is None or fcntl is None:
         yield False
         return
-    with open(path + ".lock", "a") as f:
+    try:
+        f = open(path + ".lock", "a")
+    except OSError as e:  # e.g. a read-only folder
+        raise TrackingError(f"cannot lock the MLflow store: {path}.lock: {e.strerror or e}; the store needs a "
+                            f"writable folder") from None
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield True

@@ -49,7 +49,7 @@ METRIC = "val_acc"  # what the search maximises, ASHA compares and the best pick
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python sweeps/optuna_search.py", description=__doc__.split("\n\n")[0],
+    parser = options.OneLineParser(prog="python sweeps/optuna_search.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="searchable knobs: " + ", ".join(SPACE))
     parser.add_argument("--preset", default="laptop", choices=list(presets.PRESETS),
@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     started = time.time()
     parser, args = parse_args(argv)
     preset, cfg, fixed, knobs = plan(parser, args)
+    options.check_args(args, preset)
     sweep = args.name or f"optuna-{args.preset}"
     space_text = ", ".join(f"{k} ~ {SPACE[k][0]}({SPACE[k][1]:g}, {SPACE[k][2]:g})" for k in knobs)
     if args.dry_run:
@@ -116,6 +117,8 @@ def main(argv=None) -> int:
         if gpus > 0 and not have_gpus:
             raise SystemExit(f"error: --gpus-per-trial {gpus} but the Ray cluster has no GPU")
         cpus = args.cpus_per_trial or preset.cpus_per_trial
+        if cpus > launch.cluster_cpus():  # a runtime this process joined, smaller than the machine
+            raise SystemExit(f"error: --cpus-per-trial {cpus:g} but the Ray cluster has {launch.cluster_cpus():g} CPUs")
         dist = {"loguniform": tune.loguniform, "uniform": tune.uniform}
         flat_space = {**fixed, **{k: dist[SPACE[k][0]](SPACE[k][1], SPACE[k][2]) for k in knobs}}
         meta = {"sweep": sweep, "tracking_uri": uri, "experiment_id": exp_id, "cpus": cpus,

@@ -466,3 +466,88 @@ def test_two_drivers_on_a_new_store(tmp_path):
     # between them each run_key was trained once: the rest were skipped (claimed or FINISHED)
     assert any("trained nothing" in out or "skipping" in out for out in outs), outs[0][-2000:] + outs[1][-2000:]
     assert_one_finished_run_per_key(f"sqlite:///{tmp_path}/mlflow.db", 4)
+
+
+# ---- start-up failures: one line, exit 2, in seconds, before Ray ----------------------------------------
+_STARTUP = """
+import sys, time
+from sweeps import ablation_grid as m
+t = time.time()
+try:
+    code = m.main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+print(f"RESULT ray_imported={'ray' in sys.modules} seconds={time.time() - t:.2f} code={code}", file=sys.stderr)
+"""
+
+
+def _store_file(tmp_path: Path, kind: str) -> str:
+    """A SQLite URI whose file is damaged in one way (or a folder, or in a folder nobody may write)."""
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    if kind == "corrupt":
+        db.write_bytes(b"SQLite format 3\x00" + os.urandom(8192))
+    elif kind == "truncated":
+        uri = f"sqlite:///{tmp_path}/full.db"
+        exp = tracking.experiment_id(uri, "x")
+        c = tracking.client(uri)
+        for _ in range(30):
+            c.log_metric(c.create_run(exp).info.run_id, "m", 1.0)
+        data = (tmp_path / "full.db").read_bytes()
+        db.write_bytes(data[: len(data) // 3])
+    elif kind == "directory":
+        db.mkdir()
+    elif kind == "read-only":
+        if os.geteuid() == 0:  # root writes anywhere chmod allows nothing: a folder no one can create files in
+            return "sqlite:////proc/mlflow.db"
+        db.parent.chmod(0o555)
+    return f"sqlite:///{db}"
+
+
+STARTUP_CASES = {  # id: (extra argv, a store kind or None, what the one line says)
+    "corrupt-db": ([], "corrupt", "is not a usable SQLite database"),
+    "truncated-db": ([], "truncated", "is not a usable SQLite database"),
+    "read-only-store": ([], "read-only", "writable"),
+    "store-is-a-directory": ([], "directory", "is a directory"),
+    "cpus-1e9": (["--cpus-per-trial", "1e9"], None, "a trial cannot get more CPUs than exist"),
+    "empty-experiment": (["--experiment", ""], None, "--experiment '' (0 characters)"),
+    "huge-experiment": (["--experiment", "e" * 5000], None, "(5000 characters)"),
+    "gpus-without-gpu": (["--gpus-per-trial", "GPUS"], None, "--gpus-per-trial"),
+    "name-with-path": (["--name", "../../x"], None, "--name '../../x'"),
+    "pre-epochs-1e12": (["--set", "train.pre_epochs=1000000000000"], None, "train.pre_epochs=1000000000000 is not valid"),
+    "width-1e9": (["--set", "model.width=1000000000"], None, "model.width=1000000000 is not valid"),
+    "depth-1e6": (["--set", "model.depth=1000000"], None, "model.depth=1000000 is not valid"),
+    "too-big-for-memory": (["--set", "model.width=60000", "--set", "model.depth=1000"], None, "does not fit"),
+    "density-1e-300": (["--densities", "1e-300"], None, "keeps no weight"),
+}
+
+
+@pytest.mark.parametrize("case", list(STARTUP_CASES))
+def test_startup_failure_is_one_line_exit_2_before_ray(tmp_path, case):
+    extra, store, message = STARTUP_CASES[case]
+    from sweeps import options
+
+    gpus = "1" if options.local_gpus() == 0 else "1000"  # more than this machine has, either way
+    uri = _store_file(tmp_path, store) if store else f"sqlite:///{tmp_path}/new/mlflow.db"
+    if not store:
+        (tmp_path / "new").mkdir()
+    storage = tmp_path / "a" / "b" / "ray"
+    argv = ["--preset", "smoke", "--cells", "base", "--densities", "0.1", "--no-report", "--mlflow-uri", uri,
+            "--storage-path", str(storage), *[a.replace("GPUS", gpus) for a in extra]]
+    proc = subprocess.run([sys.executable, "-c", _STARTUP, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=LIMIT_S)
+    *lines, result = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr[-3000:]
+    assert "ray_imported=False" in result and "code=2" in result, result
+    assert float(result.split("seconds=")[1].split()[0]) < 5
+    assert not storage.exists() and not (tmp_path / "x").exists()  # no Tune run, inside or outside storage
+    if not store:
+        assert not (tmp_path / "new" / "mlflow.db").exists()  # no store made
+
+
+def test_cli_bounds_one_line_exit_2(capsys):
+    for argv, message in ((["--threads", "100000"], "--threads 100000: must be in [1, "),
+                          (["train.post_epochs=1000000000000"], "train.post_epochs=1000000000000 is not valid"),
+                          (["prune.density=1e-300"], "keeps no weight"),
+                          (["model.width=60000", "model.depth=1000"], "does not fit")):
+        assert message in main_error_line(sparse_core_main, [*TINY, *argv], capsys)
