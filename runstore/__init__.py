@@ -112,8 +112,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise TrackingError(f"tracking URI {uri}: {why}; the store needs a writable file and folder")
         problem = sqlite_problem(path)
         if problem:
-            raise TrackingError(f"tracking URI {uri}: {path} is not a usable SQLite database ({problem}); "
-                                f"restore it from a backup or pass another --mlflow-uri")
+            raise TrackingError(f"tracking URI {uri}: {path} {problem}; restore it from a backup or pass another "
+                                f"--mlflow-uri")
         return
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
@@ -132,8 +132,9 @@ QUICK_CHECK_MAX_BYTES = 256 * 2**20  # larger stores get the header and schema c
 
 
 def sqlite_problem(path: str) -> str | None:
-    """Why the existing file at ``path`` is not a readable SQLite database (corrupt, truncated, another
-    kind of file), or None (also when there is no file yet). Read-only; never runs MLflow."""
+    """What is wrong with the existing file at ``path`` as an SQLite database ("is not an SQLite
+    database (...)", "is damaged (...)": another kind of file, corrupt, truncated), or None (also when
+    there is no file yet). Read-only; never runs MLflow."""
     import sqlite3
 
     try:
@@ -143,11 +144,11 @@ def sqlite_problem(path: str) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        return f"unreadable: {e.strerror or e}"
+        return f"is unreadable ({e.strerror or e})"
     if size == 0:
         return None  # an empty file: SQLite makes it a database
     if head != _SQLITE_HEADER:
-        return "no SQLite header: another kind of file, or overwritten"
+        return "is not an SQLite database (no SQLite header: another kind of file, or overwritten)"
     try:
         db = sqlite3.connect(Path(path).as_uri() + "?mode=ro", uri=True, timeout=5)
         try:
@@ -155,13 +156,13 @@ def sqlite_problem(path: str) -> str | None:
             if size <= QUICK_CHECK_MAX_BYTES:
                 verdict = db.execute("PRAGMA quick_check").fetchone()[0]
                 if verdict != "ok":
-                    return f"quick_check: {str(verdict)[:120]}"
+                    return f"is damaged (quick_check: {str(verdict)[:120]})"
         finally:
             db.close()
     except sqlite3.Error as e:
         if "locked" in str(e).lower():
             return None  # another process writes it now: not damage
-        return f"{type(e).__name__}: {str(e)[:120]}"
+        return f"is damaged ({type(e).__name__}: {str(e)[:120]})"
     return None
 
 

@@ -487,6 +487,8 @@ def _store_file(tmp_path: Path, kind: str) -> str:
     db.parent.mkdir()
     if kind == "corrupt":
         db.write_bytes(b"SQLite format 3\x00" + os.urandom(8192))
+    elif kind == "random":
+        db.write_bytes(os.urandom(5000))
     elif kind == "truncated":
         uri = f"sqlite:///{tmp_path}/full.db"
         exp = tracking.experiment_id(uri, "x")
@@ -505,8 +507,9 @@ def _store_file(tmp_path: Path, kind: str) -> str:
 
 
 STARTUP_CASES = {  # id: (extra argv, a store kind or None, what the one line says)
-    "corrupt-db": ([], "corrupt", "is not a usable SQLite database"),
-    "truncated-db": ([], "truncated", "is not a usable SQLite database"),
+    "corrupt-db": ([], "corrupt", "is damaged (DatabaseError"),
+    "truncated-db": ([], "truncated", "is damaged ("),
+    "not-a-database": ([], "random", "is not an SQLite database"),
     "read-only-store": ([], "read-only", "writable"),
     "store-is-a-directory": ([], "directory", "is a directory"),
     "cpus-1e9": (["--cpus-per-trial", "1e9"], None, "a trial cannot get more CPUs than exist"),
