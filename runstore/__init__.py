@@ -97,8 +97,9 @@ def unwritable(path: str, *, directory: bool = True) -> str | None:
     return None
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast (seconds, not MLflow's minutes of retries) if the store cannot be reached."""
+def check_reachable(uri: str, timeout: float = 5.0, writable: bool = False) -> None:
+    """Fail fast (seconds, not MLflow's minutes of retries) if the store cannot be reached (a SQLite store:
+    a database file, undamaged, and with ``writable`` one this user can write beside)."""
     path = sqlite_path(uri)
     if path is not None:
         parent = os.path.dirname(path) or "."
@@ -107,7 +108,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         if os.path.isdir(path):
             raise TrackingError(f"tracking URI {uri}: {path} is a directory; give a database file, e.g. "
                                 f"sqlite:///{path.rstrip('/')}/mlflow.db")
-        why = unwritable(path, directory=False) or unwritable(path + ".lock", directory=False)
+        why = writable and (unwritable(path, directory=False) or unwritable(path + ".lock", directory=False))
         if why:
             raise TrackingError(f"tracking URI {uri}: {why}; the store needs a writable file and folder")
         problem = sqlite_problem(path)

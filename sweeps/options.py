@@ -148,7 +148,7 @@ def check_trials(flats) -> None:
 def tracking_target(cli_uri: str | None, experiment: str) -> tuple[str, str]:
     """(tracking URI, experiment id), failing fast if the store cannot be reached."""
     uri = tracking.resolve_tracking_uri(cli_uri)
-    tracking.check_reachable(uri)
+    tracking.check_reachable(uri, writable=True)  # a sweep writes its runs and the store's lock file
     with claims.store_lock(uri):  # two drivers on a new SQLite file: one creates MLflow's schema, then the other
         try:
             return uri, tracking.experiment_id(uri, experiment)
