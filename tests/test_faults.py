@@ -301,6 +301,21 @@ def test_orphans_are_continued_not_duplicated_and_retries_counted(store):
     assert len(c.search_runs([store[1]], "tags.run_key = 'k_orphan'")) == 2
 
 
+def test_a_failed_run_is_continued_from_its_checkpoint_not_duplicated(store):
+    """A re-run after a fault continues the run_key's FAILED run (one run per run_key), from the trial dir
+    its run records, with the error kept as ``retried_after``."""
+    c = tracking.client(store[0])
+    failed = make_run(store, "k_failed", "FAILED", claimed_by=dead_claim())
+    c.set_tag(failed, "error", "OSError: [Errno 28] No space left on device")
+    c.set_tag(failed, "checkpoint_dir", "/trials/t7")
+    t = trial_run(store, "k_failed", trial_id="rerun_00000").open()
+    assert t.skip is None and t.run_id == failed and t.checkpoint_dir == "/trials/t7"
+    run = c.get_run(failed)
+    assert run.info.status == "RUNNING" and run.data.tags["retries"] == "1" and "error" not in run.data.tags
+    assert run.data.tags["retried_after"].startswith("OSError: [Errno 28]")
+    assert len(c.search_runs([store[1]], "tags.run_key = 'k_failed'")) == 1
+
+
 def test_optimistic_claim_the_older_run_wins(store, live_process):
     """Without a lock (a tracking server), a claim written at the same time as another loses to the older."""
     first = make_run(store, "k_race", "RUNNING", claimed_by=live_process)
