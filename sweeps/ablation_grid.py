@@ -152,20 +152,47 @@ def main(argv=None) -> int:
 
     from sweeps import launch  # Ray is imported from here on
 
-    tally = {"launched": 0, "tune_trials": 0, "seconds": 0.0, "failed": 0, "unfinished": 0}
+    tally = {"launched": 0, "tune_trials": 0, "seconds": 0.0, "failed": 0, "unfinished": 0, "idle_keys": {}}
     if todo:
         tally = _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path)
     else:
         print("nothing to run: every trial is FINISHED")
+    n = _counts(uri, args.experiment, todo, tally, skipped)
     wall = time.time() - started
-    launched, trial_seconds, failed, unfinished = (tally[k] for k in ("launched", "seconds", "failed", "unfinished"))
+    launched, trial_seconds = tally["launched"], tally["seconds"]
     ratio = f"{wall / trial_seconds:.2f}" if trial_seconds else "-"
-    left = f", {unfinished} unfinished: continue with --resume" if unfinished else ""
+    left = f", {n['unfinished']} unfinished: continue with --resume" if n["unfinished"] else ""
     packs = f" | {launched} runs in {tally['tune_trials']} packed trials" if tally["tune_trials"] < launched else ""
-    print(f"sweep {sweep!r}: {len(trials)} trials ({launched} launched, {skipped} skipped, {failed} failed{left}){packs} | "
-          f"wall {wall:.1f}s | sum of trial times {trial_seconds:.1f}s | wall/sum {ratio}", flush=True)
+    print(f"sweep {sweep!r}: {len(trials)} trials ({launched} launched, {n['trained']} trained, {n['skipped']} skipped, "
+          f"{n['failed']} failed{left}){packs} | wall {wall:.1f}s | sum of trial times {trial_seconds:.1f}s | "
+          f"wall/sum {ratio}", flush=True)
     _summarise(args, sweep, trials, uri, exp_id)
-    return 1 if failed or unfinished else 0
+    return 1 if n["failed"] or n["unfinished"] else 0
+
+
+def _counts(uri: str, experiment: str, todo, tally: dict, skipped: int) -> dict:
+    """Trained, skipped, failed and unfinished runs of the launched trials, as the store holds them now
+    (Tune's view counts every copy of a pack that errored as failed, those that finished included):
+    a run_key FINISHED by this sweep is trained, one that a trial found FINISHED or claimed elsewhere is
+    skipped, one whose newest run is FAILED failed, the rest unfinished. Tune's counts where the store
+    cannot be read."""
+    idle = tally.get("idle_keys", {})
+    keys = [t.run_key for t in todo if t.run_key not in idle]
+    try:
+        runs = tracking.search(uri, experiment, "")
+    except Exception:  # noqa: BLE001 - e.g. the disk that stopped the sweep is still full
+        return {"trained": tally["launched"] - tally["failed"] - tally["unfinished"] - len(idle),
+                "skipped": skipped + len(idle), "failed": tally["failed"], "unfinished": tally["unfinished"]}
+    status: dict[str, tuple] = {}  # run_key -> (FINISHED?, start time, status) of its deciding run
+    for run in runs:
+        key, mine = run.data.tags.get("run_key"), (run.info.status == "FINISHED", run.info.start_time or 0,
+                                                   run.info.status)
+        if key and (key not in status or mine[:2] > status[key][:2]):
+            status[key] = mine
+    trained = sum(status.get(k, ("", 0, ""))[2] == "FINISHED" for k in keys)
+    failed = sum(status.get(k, ("", 0, ""))[2] == "FAILED" for k in keys)
+    return {"trained": trained, "skipped": skipped + len(idle), "failed": failed,
+            "unfinished": len(keys) - trained - failed}
 
 
 def _summarise(args, sweep, trials, uri, exp_id) -> None:
@@ -188,7 +215,7 @@ def _tally(results, runs: int = 0) -> dict:
     ``runs``: the runs of every trial as Progress saw them (a trial that never started has no config in
     its result); those not accounted for are unfinished."""
     out = {"launched": 0, "tune_trials": len(results), "failed": 0, "unfinished": 0, "cut_ids": [], "idle": [],
-           "seconds": sum(r.metrics.get("time_total_s", 0.0) for r in results if r.metrics)}
+           "idle_keys": {}, "seconds": sum(r.metrics.get("time_total_s", 0.0) for r in results if r.metrics)}
     for r in results:
         metrics, copies = r.metrics or {}, max(1, len(packing.specs(r.config or {})))
         out["launched"] += copies
@@ -202,8 +229,10 @@ def _tally(results, runs: int = 0) -> dict:
             rows = json.loads(metrics["runs"])
             out["failed"] += sum(row["status"] == "failed" for row in rows)
             out["idle"] += [row["skipped"] for row in rows if row["status"] == "skipped"]
+            out["idle_keys"].update((row["run_key"], row["skipped"]) for row in rows if row["status"] == "skipped")
         elif metrics.get("skipped"):
             out["idle"].append(metrics["skipped"])
+            out["idle_keys"][metrics.get("run_key")] = metrics["skipped"]
     if runs > out["launched"]:
         out["unfinished"] += runs - out["launched"]
         out["launched"] = runs

@@ -316,6 +316,26 @@ def test_a_failed_run_is_continued_from_its_checkpoint_not_duplicated(store):
     assert len(c.search_runs([store[1]], "tags.run_key = 'k_failed'")) == 1
 
 
+def test_sweep_counts_come_from_the_store_not_tunes_view(store):
+    """A pack that errored is "failed" for every copy in Tune's view; the sweep's counts are what the store
+    holds: 2 trained (one of them retried after a failure), 1 failed, 1 skipped inside its trial, 1 never run."""
+    from types import SimpleNamespace
+
+    from sweeps.ablation_grid import _counts
+
+    uri, exp = store
+    c = tracking.client(uri)
+    for key, statuses in (("n_done", ["FINISHED"]), ("n_retried", ["FAILED", "FINISHED"]), ("n_failed", ["FAILED"]),
+                          ("n_idle", ["FINISHED"])):
+        for status in statuses:
+            make_run(store, key, status)
+    todo = [SimpleNamespace(run_key=k) for k in ("n_done", "n_retried", "n_failed", "n_idle", "n_never")]
+    tune_view = {"launched": 5, "failed": 5, "unfinished": 0, "idle_keys": {"n_idle": "finished"}}
+    experiment = c.get_experiment(exp).name
+    assert _counts(uri, experiment, todo, tune_view, skipped=3) == {"trained": 2, "skipped": 4, "failed": 1,
+                                                                    "unfinished": 1}
+
+
 def test_optimistic_claim_the_older_run_wins(store, live_process):
     """Without a lock (a tracking server), a claim written at the same time as another loses to the older."""
     first = make_run(store, "k_race", "RUNNING", claimed_by=live_process)

@@ -185,7 +185,7 @@ def test_failed_pack_retries_each_copy_from_its_checkpoint(smoke_sweep, sweep_st
                       "--set", "train.fail_at_epoch=2")
     assert code == 0, out
     assert "retry base d=0.1,0.01 s=0 (pack of 2): failed, continuing from its last checkpoint" in out
-    assert "2 trials (2 launched, 0 skipped, 0 failed) | 2 runs in 1 packed trials" in out
+    assert "2 trials (2 launched, 2 trained, 0 skipped, 0 failed) | 2 runs in 1 packed trials" in out
     retried, plain = by_key(uri, "retry-pack"), by_key(uri, "smoke")
     assert len(retried) == 2 == len(runs(uri, "retry-pack"))  # one run per copy, continued
     c = runstore.client(uri)
@@ -208,7 +208,7 @@ def test_superset_of_seeds_packs_only_the_new_trials(ray_runtime, sweep_store):
     code, out = sweep(sweep_store, "superset", *args, "--seeds", "0,1")
     assert code == 0, out
     assert "skipping 2 of 4 trials: already FINISHED" in out and "launching 2 trials in 1 packed trials" in out
-    assert "4 trials (2 launched, 2 skipped, 0 failed) | 2 runs in 1 packed trials" in out
+    assert "4 trials (2 launched, 2 trained, 2 skipped, 0 failed) | 2 runs in 1 packed trials" in out
     assert "(2/2 seeds)" in out  # the summary counts runs per (cell, density), packed or not
     after = runs(uri, "superset")
     assert len(after) == 4 and {r.info.status for r in after} == {"FINISHED"}
