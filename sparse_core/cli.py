@@ -61,6 +61,22 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _check_threads(parser, threads: int) -> None:
+    cores = os.cpu_count() or 1
+    if not 1 <= threads <= cores:
+        parser.error(f"--threads {threads}: must be in [1, {cores}] (this machine has {cores} cores)")
+
+
+def _check_limits(parser, cfg) -> None:
+    """A model this host cannot hold, a density that keeps no weight: one line, exit 2."""
+    from . import limits
+
+    try:
+        limits.check(cfg)
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(
         prog="python -m sparse_core", description="Run one pruning pipeline (or RigL) and print the result as JSON.",
@@ -80,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
 
-    cores = os.cpu_count() or 1
-    if not 1 <= args.threads <= cores:
-        parser.error(f"--threads {args.threads}: must be in [1, {cores}] (this machine has {cores} cores)")
+    _check_threads(parser, args.threads)
     if args.export:
         parent = os.path.dirname(os.path.abspath(args.export))
         if os.path.isdir(args.export) or not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
@@ -92,13 +106,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from .train import Trainer  # torch is imported after the argument checks, so a typo fails fast
 
-    from . import limits
     from .checkpoint import CheckpointError, load_state, save_state
 
-    try:
-        limits.check(cfg)  # a model this host cannot hold, a density that keeps no weight
-    except ValueError as e:
-        parser.error(str(e))
+    _check_limits(parser, cfg)
 
     state = None
     if args.checkpoint:

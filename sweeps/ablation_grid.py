@@ -273,8 +273,7 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | No
         elif gpus > 0 and not have_gpus:
             raise SystemExit(f"error: --gpus-per-trial {gpus} but the Ray cluster has no GPU")
         cpus = args.cpus_per_trial or preset.cpus_per_trial
-        if cpus > launch.cluster_cpus():  # a runtime this process joined, smaller than the machine
-            raise SystemExit(f"error: --cpus-per-trial {cpus:g} but the Ray cluster has {launch.cluster_cpus():g} CPUs")
+        launch.require_cpus(cpus)
         meta = {"sweep": sweep, "tracking_uri": uri, "experiment_id": exp_id, "cpus": cpus,
                 "git_commit": tracking.git_commit(launch.ROOT), "report_every_s": REPORT_EVERY_S,
                 "export": args.export}

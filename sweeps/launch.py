@@ -90,6 +90,13 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1))
 
 
+def require_cpus(cpus: float) -> None:
+    """End the sweep when a trial asks for more CPUs than the cluster has (Tune would wait for ever): a
+    runtime this process joined can be smaller than the machine ``options.check_args`` measured."""
+    if cpus > cluster_cpus():
+        raise SystemExit(f"error: --cpus-per-trial {cpus:g} but the Ray cluster has {cluster_cpus():g} CPUs")
+
+
 def _fmt_s(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)

@@ -117,8 +117,7 @@ def main(argv=None) -> int:
         if gpus > 0 and not have_gpus:
             raise SystemExit(f"error: --gpus-per-trial {gpus} but the Ray cluster has no GPU")
         cpus = args.cpus_per_trial or preset.cpus_per_trial
-        if cpus > launch.cluster_cpus():  # a runtime this process joined, smaller than the machine
-            raise SystemExit(f"error: --cpus-per-trial {cpus:g} but the Ray cluster has {launch.cluster_cpus():g} CPUs")
+        launch.require_cpus(cpus)
         dist = {"loguniform": tune.loguniform, "uniform": tune.uniform}
         flat_space = {**fixed, **{k: dist[SPACE[k][0]](SPACE[k][1], SPACE[k][2]) for k in knobs}}
         meta = {"sweep": sweep, "tracking_uri": uri, "experiment_id": exp_id, "cpus": cpus,

@@ -589,3 +589,49 @@ def test_cli_bounds_one_line_exit_2(capsys):
                           (["prune.density=1e-300"], "keeps no weight"),
                           (["model.width=60000", "model.depth=1000"], "does not fit")):
         assert message in main_error_line(sparse_core_main, [*TINY, *argv], capsys)
+
+
+# ---- the report's run is never left RUNNING -----------------------------------------------------------
+_KILLED_REPORT = """
+import os, signal, sys
+from mlflow import MlflowClient
+from analysis import report
+
+def die(self, *args, **kwargs):  # the kill lands while the report's files are being logged
+    os.kill(os.getpid(), signal.SIGKILL)
+
+MlflowClient.log_artifacts = die
+report.build(sys.argv[1], ["report"], sys.argv[2])
+"""
+
+
+def test_a_report_killed_midway_leaves_no_run_running(tmp_path, monkeypatch, torch_one_thread):
+    from mlflow import MlflowClient
+
+    from analysis import report
+    from sparse_core.config import from_flat, parse_overrides, run_key
+    from sparse_core.train import run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = tracking.experiment_id(uri, "report")
+    for seed in (0, 1):
+        cfg = from_flat({**parse_overrides(TINY), "seed": seed})
+        mlrun = tracking.TrialRun(uri, exp, sweep="s", cell="base", flat=cfg.to_flat(), run_key=run_key(cfg)).open()
+        mlrun.finish(run(cfg, lambda metrics, _: mlrun.log_step(metrics)))
+    proc = subprocess.run([sys.executable, "-c", _KILLED_REPORT, uri, str(tmp_path / "r1")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=LIMIT_S)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    c = tracking.client(uri)
+    reports = lambda status: c.search_runs([exp], f"tags.cell = 'analysis' and attributes.status = '{status}'")  # noqa: E731
+    assert len(reports("RUNNING")) == 1  # what a killed report leaves behind
+
+    def interrupted(self, *args, **kwargs):  # Ctrl-C while the files are logged
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, "log_artifacts", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            report.build(uri, ["report"], str(tmp_path / "r2"))
+    assert reports("RUNNING") == [] and len(reports("KILLED")) == 2  # the stale run closed; the interrupted one too
+    assert report.build(uri, ["report"], str(tmp_path / "r3"))["run_id"] in [r.info.run_id for r in reports("FINISHED")]
+    assert reports("RUNNING") == [] and len(reports("FINISHED")) == 1
