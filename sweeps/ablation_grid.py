@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     print(f"sweep {sweep!r}: {len(trials)} trials ({launched} launched, {n['trained']} trained, {n['skipped']} skipped, "
           f"{n['failed']} failed{left}){packs} | wall {wall:.1f}s | sum of trial times {trial_seconds:.1f}s | "
           f"wall/sum {ratio}", flush=True)
-    _summarise(args, sweep, trials, uri, exp_id)
+    _summarise(args, sweep, trials, uri, exp_id, report=not tally.get("stopped"))  # no report onto a full disk
     return 1 if n["failed"] or n["unfinished"] else 0
 
 
@@ -195,13 +195,13 @@ def _counts(uri: str, experiment: str, todo, tally: dict, skipped: int) -> dict:
             "unfinished": len(keys) - trained - failed}
 
 
-def _summarise(args, sweep, trials, uri, exp_id) -> None:
+def _summarise(args, sweep, trials, uri, exp_id, report: bool = True) -> None:
     """The end-of-sweep summary (sweeps/summary.py) and, unless --no-report, the report beside the store."""
     from sweeps import summary
 
     table = summary.rows(trials, uri, args.experiment)
     folder = error = None
-    if not args.no_report and any(r["finished"] for r in table):
+    if report and not args.no_report and any(r["finished"] for r in table):
         print(f"writing the report to {summary.report_dir(uri, sweep)} ...", flush=True)
         files, _, error = summary.write_report(uri, args.experiment, sweep, summary.report_dir(uri, sweep))
         folder = summary.report_dir(uri, sweep) if files else None
@@ -305,7 +305,7 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | No
                   f"FINISHED, {idle.count('claimed')} running in another sweep", flush=True)
         # Interrupted (Ctrl-C, job stopped): close their runs; --resume reopens them.
         tracking.close_unfinished(uri, exp_id, tally["cut_ids"], "KILLED", "sweep interrupted before this trial finished")
-        return tally
+        return {**tally, "stopped": progress.stop_reason}
     finally:
         if started_ray:
             launch.shutdown()

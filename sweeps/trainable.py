@@ -23,6 +23,7 @@ which have no scheduler, use 1 s.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -45,6 +46,23 @@ CHECKPOINT_FILE = "state.pt"
 # Scalars passed to Tune (schedulers, searchers, progress); MLflow gets every metric.
 _REPORTED = ("val_acc", "val_loss", "test_acc", "test_loss", "train_loss", "density", "seconds")
 CHECKPOINT_EVERY_S = 10.0  # wall seconds between checkpoints inside a stage (stage ends always checkpoint)
+# TESTING ONLY: "N" makes every checkpoint write from a trial process's Nth on fail as on a full disk (ENOSPC).
+FAULT_ENOSPC_ENV = "SWEEPS_FAULT_ENOSPC_AT"
+_checkpoint_writes = 0
+
+
+def write_checkpoint(path: str, state: dict | None = None, data: bytes | None = None) -> None:
+    """A trial's checkpoint file: ``state`` (``torch.save``d) or its bytes already serialised."""
+    global _checkpoint_writes
+    _checkpoint_writes += 1
+    at = os.environ.get(FAULT_ENOSPC_ENV)
+    if at and _checkpoint_writes >= int(at):
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by {FAULT_ENOSPC_ENV})", path)
+    if data is None:
+        torch.save(state, path)
+    else:
+        with open(path, "wb") as f:
+            f.write(data)
 
 
 def resources(cpus: float, gpus: float) -> dict:
@@ -178,7 +196,7 @@ def train_trial(config: dict) -> None:
             return
         mlrun.flush()  # before the checkpoint: a retry from it finds these epochs in the run
         with tempfile.TemporaryDirectory() as d:
-            torch.save(checkpoint(), os.path.join(d, CHECKPOINT_FILE))
+            write_checkpoint(os.path.join(d, CHECKPOINT_FILE), checkpoint())
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
         saved = tune.get_checkpoint()  # the persisted copy: its trial dir goes into the run, once
         if saved is not None:

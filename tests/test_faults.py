@@ -635,3 +635,26 @@ def test_a_report_killed_midway_leaves_no_run_running(tmp_path, monkeypatch, tor
     assert reports("RUNNING") == [] and len(reports("KILLED")) == 2  # the stale run closed; the interrupted one too
     assert report.build(uri, ["report"], str(tmp_path / "r3"))["run_id"] in [r.info.run_id for r in reports("FINISHED")]
     assert reports("RUNNING") == [] and len(reports("FINISHED")) == 1
+
+
+# ---- a full disk mid-sweep --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_full_disk_stops_the_sweep_in_one_line_and_the_rerun_completes(tmp_path):
+    """Every checkpoint write from each trial process's second on fails with ENOSPC (fault injection,
+    ``SWEEPS_FAULT_ENOSPC_AT``): the sweep stops at the first, saying so in one line, without retries or
+    tracebacks, and leaves no run RUNNING; the plain re-run continues those runs and finishes them, one per run_key."""
+    from sweeps.trainable import FAULT_ENOSPC_ENV
+
+    argv = sweep_argv(tmp_path, "base,rigl", "0.1,0.05", "--no-report")
+    full = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S,
+                          env={**os.environ, FAULT_ENOSPC_ENV: "2"})
+    said = [line for line in (full.stdout + full.stderr).splitlines() if "disk is full" in line]
+    assert full.returncode == 1 and len(said) == 1 and "No space left on device" in said[0], full.stdout + full.stderr
+    assert "Traceback" not in full.stderr and len(full.stderr.splitlines()) < 20, full.stderr[-3000:]
+    assert "retry" not in full.stdout  # no retry of a trial that a full disk would fail again
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert {r.info.status for r in tracking.search(uri, "sparsity-sweep")} == {"FAILED"}  # none RUNNING
+    again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "4 trials (4 launched, 4 trained, 0 skipped, 0 failed)" in again.stdout
+    assert {r.data.tags["retries"] for r in assert_one_finished_run_per_key(uri, 4)} == {"1"}  # continued, not new
