@@ -11,7 +11,6 @@ two drivers can start together on a new file; other stores are claimed optimisti
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import time
 from typing import Any
