@@ -272,8 +272,7 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | No
             gpus = preset.gpus_per_trial if have_gpus else 0.0
         elif gpus > 0 and not have_gpus:
             raise SystemExit(f"error: --gpus-per-trial {gpus} but the Ray cluster has no GPU")
-        cpus = args.cpus_per_trial or preset.cpus_per_trial
-        launch.require_cpus(cpus)
+        cpus = launch.require_cpus(args.cpus_per_trial or preset.cpus_per_trial)
         meta = {"sweep": sweep, "tracking_uri": uri, "experiment_id": exp_id, "cpus": cpus,
                 "git_commit": tracking.git_commit(launch.ROOT), "report_every_s": REPORT_EVERY_S,
                 "export": args.export}
@@ -297,8 +296,7 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | No
             print(f"launching {packing.describe(packed, len(todo))} ({cpus:g} CPU, {gpus:g} GPU each)", flush=True)
         elif args.pack is not None:
             print("note: --pack is ignored with --resume (the restored run keeps its packs)", flush=True)
-        with launch.serving(relay.Scope.of(uri, exp_id, sweep, todo, storage)):  # the relay serves these trials alone
-            tally = _tally(tuner.fit(), progress.runs)
+        tally = _tally(launch.fit(tuner, relay.Scope.of(uri, exp_id, sweep, todo, storage)), progress.runs)
         idle = tally["idle"]
         if idle:  # see TrialRun.open: a FINISHED run_key is never trained again, nor one claimed elsewhere
             print(f"{len(idle)} of {tally['launched']} trials trained nothing: {idle.count('finished')} already "

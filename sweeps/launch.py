@@ -92,11 +92,19 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1))
 
 
-def require_cpus(cpus: float) -> None:
-    """End the sweep when a trial asks for more CPUs than the cluster has (Tune would wait for ever): a
-    runtime this process joined can be smaller than the machine ``options.check_args`` measured."""
+def require_cpus(cpus: float) -> float:
+    """``cpus``, or the end of the sweep when a trial asks for more CPUs than the cluster has (Tune would
+    wait for ever): a runtime this process joined can be smaller than the machine ``options.check_args``
+    measured."""
     if cpus > cluster_cpus():
         raise SystemExit(f"error: --cpus-per-trial {cpus:g} but the Ray cluster has {cluster_cpus():g} CPUs")
+    return cpus
+
+
+def fit(tuner: tune.Tuner, scope: relay.Scope):
+    """``tuner.fit()``, the relay (if this driver runs one) serving the trials of ``scope`` meanwhile."""
+    with serving(scope):
+        return tuner.fit()
 
 
 def _fmt_s(seconds: float) -> str:

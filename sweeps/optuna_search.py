@@ -87,14 +87,14 @@ def plan(parser, args):
     if args.max_concurrent is not None and args.max_concurrent < 1:
         parser.error("--max-concurrent must be >= 1")
     fixed = {k: v for k, v in from_flat(flat).to_flat().items() if k not in knobs}
+    options.check_args(args, preset)
     return preset, cfg, fixed, knobs
 
 
 def main(argv=None) -> int:
     started = time.time()
     parser, args = parse_args(argv)
-    preset, cfg, fixed, knobs = plan(parser, args)
-    options.check_args(args, preset)
+    preset, cfg, fixed, knobs = plan(parser, args)  # every input checked, one line and exit 2 for a bad one
     sweep = args.name or f"optuna-{args.preset}"
     space_text = ", ".join(f"{k} ~ {SPACE[k][0]}({SPACE[k][1]:g}, {SPACE[k][2]:g})" for k in knobs)
     if args.dry_run:
@@ -116,8 +116,7 @@ def main(argv=None) -> int:
         gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (preset.gpus_per_trial if have_gpus else 0.0)
         if gpus > 0 and not have_gpus:
             raise SystemExit(f"error: --gpus-per-trial {gpus} but the Ray cluster has no GPU")
-        cpus = args.cpus_per_trial or preset.cpus_per_trial
-        launch.require_cpus(cpus)
+        cpus = launch.require_cpus(args.cpus_per_trial or preset.cpus_per_trial)
         dist = {"loguniform": tune.loguniform, "uniform": tune.uniform}
         flat_space = {**fixed, **{k: dist[SPACE[k][0]](SPACE[k][1], SPACE[k][2]) for k in knobs}}
         meta = {"sweep": sweep, "tracking_uri": uri, "experiment_id": exp_id, "cpus": cpus,
@@ -130,8 +129,7 @@ def main(argv=None) -> int:
         progress = launch.Progress(args.num_samples, uri, exp_id)
         tuner = launch.tuner(space, cpus=cpus, gpus=gpus, tune_config=tune_cfg,
                              run_cfg=launch.run_config(name, storage, args.max_failures, [progress]))
-        with launch.serving(relay.Scope(uri, exp_id, sweep, trial_set(fixed, knobs), storage)):
-            results = tuner.fit()
+        results = launch.fit(tuner, relay.Scope(uri, exp_id, sweep, trial_set(fixed, knobs), storage))
     finally:
         if started_ray:
             launch.shutdown()
