@@ -19,7 +19,9 @@ carries the file's path, never the token. A connection first presents the token 
 by the driver's ``Scope`` (``Relay.serve``): the store, experiment and sweep are the driver's (a
 request cannot name them), ``open`` takes only run_keys of the sweep's trial set (each at most once
 per claim, i.e. per trial process), and every other operation names a handle that ``open`` returned
-to its caller (128 random bits) and that caller's claim. ``export`` sends the model's bytes, never a
+to its caller (128 random bits) and comes from that caller. On Linux the relay also knows the caller:
+the process at the other end of the connection (``/proc/net/tcp`` and the processes' open files) must
+run as this user, even with the token, and its claim is what the relay records, whatever a request says. ``export`` sends the model's bytes, never a
 path; ``checkpoint_dir`` must lie in the sweep's Tune storage. Limits: a request line of at most
 ``MAX_LINE`` bytes (counted while it is read, before it is parsed), ``MAX_UNAUTHENTICATED``
 connections awaiting their token and ``MAX_CONNECTIONS`` in all (a thread each), and a connection
@@ -47,6 +49,8 @@ import tempfile
 import threading
 import time
 from typing import Callable
+
+from runstore import proc_start
 
 from .claims import this_claim
 from .tracking import FINAL_METRICS, RunLog, TrackingError, TrialRun, failure, final_fields
@@ -225,9 +229,13 @@ class Relay:
         self._server.server_close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
-    def handle(self, request: dict):
-        """One request (already authenticated): its reply's ``ok`` value; raises for an error reply."""
+    def handle(self, request: dict, peer: str | None = None):
+        """One request (already authenticated): its reply's ``ok`` value; raises for an error reply.
+        ``peer``: the claim of the process at the other end of the connection (``peer_claim``), which
+        replaces the one the request names; None where it cannot be known (no procfs)."""
         _check(request, dict, "a request")
+        if peer is not None:
+            request = {**request, "claim": peer}
         with self._lock:
             if request.get("op") == "open":
                 return self._open(request)
@@ -391,13 +399,16 @@ class _Handler(socketserver.BaseRequestHandler):
                 request = None
             if not (isinstance(request, dict) and relay.authentic(request.get("token"))):
                 return self._send({"error": "the relay refused a connection without its token"})
+            allowed, peer = peer_claim(self.request)
+            if not allowed:
+                return self._send({"error": "the relay serves this user's processes only"})
             self.authenticated = True
             relay._unauthenticated.release()
             self._send({"ok": {"idle_timeout_s": relay.idle_timeout_s}})
             while True:
                 request = _json(self._line(MAX_LINE, relay.idle_timeout_s))
                 try:
-                    reply = {"ok": relay.handle(request)}
+                    reply = {"ok": relay.handle(request, peer)}
                 except Exception as e:  # noqa: BLE001 - the trial gets the store's error, the relay carries on
                     reply = {"error": f"{type(e).__name__}: {e}"[:4000]}
                 self._send(reply)
@@ -441,6 +452,41 @@ class _Handler(socketserver.BaseRequestHandler):
 
 def _json(line: bytes):
     return json.loads(line)
+
+
+def _tcp_owner(sock: socket.socket) -> tuple[int, str] | None:
+    """(uid, inode) of the socket at the other end of a loopback connection (Linux ``/proc/net/tcp``)."""
+    here, there = sock.getsockname()[1], sock.getpeername()[1]
+    want = (f"0100007F:{there:04X}", f"0100007F:{here:04X}")
+    try:
+        with open("/proc/net/tcp") as f:
+            for line in f.read().splitlines()[1:]:
+                fields = line.split()
+                if (fields[1], fields[2]) == want:
+                    return int(fields[7]), fields[9]
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
+def peer_claim(sock: socket.socket) -> tuple[bool, str | None]:
+    """(allowed, claim): whether the process at the other end of ``sock`` runs as this user, and its claim
+    (``host/pid/start``, as ``claims.this_claim`` gives it in that process) where procfs tells; (True,
+    None) where it cannot be known."""
+    owner = _tcp_owner(sock)
+    if owner is None:
+        return True, None
+    uid, inode = owner
+    if uid != os.getuid():
+        return False, None
+    target = f"socket:[{inode}]"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == target for fd in os.listdir(f"/proc/{pid}/fd")):
+                return True, f"{socket.gethostname()}/{pid}/{proc_start(int(pid))}"
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return True, None
 
 
 def _read_token(path: str) -> str:

@@ -12,6 +12,8 @@ import json
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -125,12 +127,12 @@ def test_the_claim_names_the_trials_process_and_a_failure_ends_the_run(uri, driv
     exp = runstore.experiment_id(uri, "claims")
     cfg, cfg2 = from_flat({**TINY, "seed": 1}), from_flat({**TINY, "seed": 2})
     driver.start(scope(uri, "claims", cfg, cfg2))
-    spec = {"flat": cfg.to_flat(), "run_key": run_key(cfg), "trial_id": "t1", "tags": {}}
-    other = relay._the_link().call({"op": "open", **spec, "claim": "elsewhere/4242/7"})  # a live trial elsewhere
+    other = tracking.TrialRun(uri, exp, sweep="s", cell="base", flat=cfg.to_flat(), run_key=run_key(cfg),
+                              trial_id="t1", claim="elsewhere/4242/7").open()  # a live trial on another host
     c = MlflowClient(uri)
-    assert c.get_run(other["run_id"]).data.tags["claimed_by"] == "elsewhere/4242/7"
+    assert c.get_run(other.run_id).data.tags["claimed_by"] == "elsewhere/4242/7"
     mine = relay.trial_run(uri, exp, sweep="s2", cell="base", flat=cfg.to_flat(), run_key=run_key(cfg)).open()
-    assert mine.skip == "claimed" and mine.other_id == other["run_id"] and mine.run_id is None
+    assert mine.skip == "claimed" and mine.other_id == other.run_id and mine.run_id is None
 
     mlrun = relay.trial_run(uri, exp, sweep="s", cell="base", flat=cfg2.to_flat(), run_key=run_key(cfg2)).open()
     mlrun.log_step({"epoch": 1, "stage": "pre", "val_acc": 0.25})
@@ -183,30 +185,63 @@ def test_a_request_cannot_name_the_store_or_experiment_and_opens_only_the_sweeps
         assert "is not one of the trials of sweep 's'" in reply["error"]
         assert "may not set tag(s) ['run_key']" in ask(f, {**spec, "tags": {"run_key": "x"}})["error"]
         opened = ask(f, spec)["ok"]
-        assert "opened by h/1/1 already" in ask(f, spec)["error"]  # at most once per claim
+        assert f"opened by {relay.this_claim()} already" in ask(f, spec)["error"]  # at most once per claim
     stored = MlflowClient(uri).get_run(opened["run_id"])
     assert stored.info.experiment_id == sc.experiment_id and stored.data.tags["sweep"] == "s"
+    assert stored.data.tags["claimed_by"] == relay.this_claim()  # the caller's process, not the request's 'h/1/1'
     assert [r.data.tags["run_key"] for r in runstore.search(uri, "scoped", "")] == [run_key(cfg)]
     assert not any(r.data.tags.get("run_key") == run_key(outside) for r in runstore.search(uri, "Default", ""))
 
 
+_CALLER = """
+import encodings.idna, json, os, socket, sys  # noqa: F401 - loaded before the user changes
+if os.environ.get("CALLER_UID"):  # become another user (started as root: python itself is root's alone)
+    os.setgid(int(os.environ["CALLER_UID"]))
+    os.setuid(int(os.environ["CALLER_UID"]))
+host, port = sys.argv[1].rsplit(":", 1)
+with socket.create_connection((host, int(port)), timeout=60) as sock, sock.makefile("rwb") as f:
+    for line in sys.argv[2:]:
+        f.write(line.encode() + b"\\n")
+        f.flush()
+        print(f.readline().decode().strip())
+"""
+
+
+def another_process(r: relay.Relay, token: str, *requests: dict, user: int | None = None) -> list[dict]:
+    """The replies to ``requests`` sent by another process that presents ``token``."""
+    proc = subprocess.run([sys.executable, "-c", _CALLER, r.address, json.dumps({"token": token}),
+                           *map(json.dumps, requests)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CALLER_UID": "" if user is None else str(user)})
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
 def test_only_the_caller_that_opened_a_run_writes_it(uri, driver):
-    """Another token holder cannot finish a run it did not open (the forged 0.999 of a live sweep)."""
+    """Another process, even with the token and the handle, cannot finish a run it did not open (the
+    forged 0.999 of a live sweep); nor can a guessed handle."""
     cfg = from_flat({**TINY, "seed": 6})
     driver.start(scope(uri, "owners", cfg))
     mine = relay.trial_run(uri, "ignored", sweep="s", cell="base", flat=cfg.to_flat(), run_key=run_key(cfg)).open()
-    forged = {"test_acc": 0.999, "epochs": 3, "collapsed_layers": [], "layer_density": {}}
+    forged = {"op": "finish", "result": {"test_acc": 0.999, "epochs": 3, "collapsed_layers": [], "layer_density": {}}}
+    hello, stolen = another_process(driver, relay._read_token(driver.token_file),
+                                    {**forged, "handle": mine._handle, "claim": relay.this_claim()})
+    assert hello == {"ok": {"idle_timeout_s": relay.IDLE_TIMEOUT_S}}
+    assert "no run open for this handle and claim" in stolen["error"]
     sock, f, _ = raw(driver)
     with sock, f:
-        for who in ({"handle": mine._handle, "claim": "other/2/2"}, {"handle": "0" * 32, "claim": relay.this_claim()}):
-            reply = ask(f, {"op": "finish", "result": forged, **who})
-            assert "no run open for this handle and claim" in reply["error"]
+        assert "no run open for this handle and claim" in ask(f, {**forged, "handle": "0" * 32})["error"]
     assert MlflowClient(uri).get_run(mine.run_id).info.status == "RUNNING"
     with pytest.raises(tracking.TrackingError, match=r"result\['test_acc'\] must be"):
         mine.finish({**forged, "test_acc": "0.999"})
     with pytest.raises(tracking.TrackingError, match="not inside the sweep's Tune storage"):
         driver.scope = dataclasses_replace(driver.scope, storage="/nonexistent/ray_results")
         mine.set_checkpoint_dir("/tmp/elsewhere")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+def test_another_users_process_is_refused_even_with_the_token(driver):
+    replies = another_process(driver, relay._read_token(driver.token_file), user=65534)  # nobody, token leaked
+    assert replies == [{"error": "the relay serves this user's processes only"}]
 
 
 def dataclasses_replace(obj, **changes):
