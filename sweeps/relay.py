@@ -383,6 +383,13 @@ class _TooLong(Exception):
     pass
 
 
+class _Busy(Exception):
+    """The relay is at a connection cap (``_BUSY``): try again later."""
+
+
+_BUSY = ("the relay serves at most", "too many connections")
+
+
 class _Handler(socketserver.BaseRequestHandler):
     """One connection: the token first, then requests, each line read within its size and time limits."""
 
@@ -413,7 +420,8 @@ class _Handler(socketserver.BaseRequestHandler):
                     reply = {"error": f"{type(e).__name__}: {e}"[:4000]}
                 self._send(reply)
         except _TooLong as e:
-            self._send({"error": str(e)})
+            with contextlib.suppress(OSError):
+                self._send({"error": str(e)})
         except (OSError, EOFError, ValueError):  # closed, timed out, or not JSON: the connection ends
             pass
         finally:
@@ -511,6 +519,17 @@ class _Link:
         self._last = 0.0
 
     def _connect(self) -> None:
+        """Connect and present the token; a relay at its connection cap is tried again for a while."""
+        for wait in (0.5, 1, 2, 4, 8, 16, None):
+            try:
+                return self._connect_once()
+            except _Busy:
+                if wait is None:
+                    raise TrackingError(f"the driver's MLflow relay at {self.address} stayed at its connection "
+                                        f"cap") from None
+                time.sleep(wait)
+
+    def _connect_once(self) -> None:
         host, port = self.address.rsplit(":", 1)
         try:
             token = _read_token(self.token_file)
@@ -525,6 +544,8 @@ class _Link:
         reply = json.loads(line) if line else {"error": "closed the connection"}
         if "error" in reply:
             self._file = None
+            if reply["error"].startswith(_BUSY):
+                raise _Busy
             raise TrackingError(f"the driver's MLflow relay at {self.address}: {reply['error']}")
         self._idle_s = float(reply["ok"]["idle_timeout_s"]) / 2
         sock.settimeout(None)  # an operation may wait for another sweep's store lock

@@ -300,18 +300,22 @@ def test_connections_are_capped_and_idle_ones_closed(uri, monkeypatch):
         for s in silent:  # the hello timeout ends them
             assert s.makefile("rb").readline() == b""
             s.close()
+        cfg = from_flat({**TINY, "seed": 8})
+        r.start(scope(uri, "idle", cfg))
         authed = [raw(r) for _ in range(5)]
         with socket.create_connection((host, int(port)), timeout=60) as sixth:
             assert "at most 5 connections" in sixth.makefile("rb").readline().decode()
+        mlrun = relay.trial_run(uri, "x", sweep="s", cell="base", flat=cfg.to_flat(), run_key=run_key(cfg))
+        opener = threading.Thread(target=mlrun.open)  # a trial's link waits for a free slot
+        opener.start()
         started = time.monotonic()
         for sock, f, reply in authed:
             assert reply["ok"] == {"idle_timeout_s": 2.0}
             assert f.readline() == b""  # idle: closed by the relay
             sock.close()
         assert time.monotonic() - started < 10
-        cfg = from_flat({**TINY, "seed": 8})
-        r.start(scope(uri, "idle", cfg))
-        mlrun = relay.trial_run(uri, "x", sweep="s", cell="base", flat=cfg.to_flat(), run_key=run_key(cfg)).open()
+        opener.join(60)
+        assert mlrun.run_id is not None and mlrun.skip is None
         time.sleep(2.5)  # longer than the relay's idle timeout: the link reconnects, the handle still works
         mlrun.log_step({"epoch": 1, "stage": "pre", "val_acc": 0.5})
         mlrun.flush()
