@@ -165,8 +165,9 @@ class _DiskFullFilter(logging.Filter):
         return False
 
 
-# Tune's log of each trial failure, and Ray's of a failed trial task nobody waited for (Tune stopping the rest).
-_FAILURE_LOGS = ("ray.tune.execution.tune_controller", "ray._private.worker")
+# Tune's log of each trial failure and of its own state's saving, and Ray's of a failed trial task nobody
+# waited for (Tune stopping the rest).
+_FAILURE_LOGS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state", "ray._private.worker")
 
 
 class _StopAll(tune.Stopper):
