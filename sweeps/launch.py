@@ -165,9 +165,10 @@ class _DiskFullFilter(logging.Filter):
         return False
 
 
-# Tune's log of each trial failure and of its own state's saving, and Ray's of a failed trial task nobody
-# waited for (Tune stopping the rest).
-_FAILURE_LOGS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state", "ray._private.worker")
+# Tune's log of each trial failure and of its own state's saving, Ray's of a failed trial task nobody
+# waited for (Tune stopping the rest), and MLflow's of a store write (the relay writes in this process).
+_FAILURE_LOGS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state", "ray._private.worker",
+                 "mlflow.store.db.utils")
 
 
 class _StopAll(tune.Stopper):
@@ -282,6 +283,8 @@ class Progress(tune.Callback):
             logging.getLogger(name).addFilter(self._filter)
 
     def on_experiment_end(self, trials, **info):
+        if self.stop_reason is not None:
+            return  # the disk is still full: what the driver writes next fails the same way, said once already
         for name in _FAILURE_LOGS:
             logging.getLogger(name).removeFilter(getattr(self, "_filter", None))
 

@@ -638,41 +638,59 @@ def test_a_report_killed_midway_leaves_no_run_running(tmp_path, monkeypatch, tor
 
 
 # ---- a full disk mid-sweep --------------------------------------------------------------------------------
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 120 KiB tmpfs at ``tmp_path/ray`` (root only): the Tune storage fills up mid-sweep."""
-    mount = tmp_path / "ray"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120k", "tmpfs", str(mount)],
+def _small_disk(folder: Path, kib: int) -> None:
+    """A ``kib`` KiB tmpfs at ``folder`` (root only), or the test is skipped."""
+    folder.mkdir(exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
                                            capture_output=True).returncode != 0:
         pytest.skip("needs root and tmpfs mounts for a real full disk")
-    yield mount
-    subprocess.run(["umount", str(mount)], capture_output=True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("disk", ["injected", "tmpfs"])
-def test_a_full_disk_stops_the_sweep_in_one_line_and_the_rerun_completes(tmp_path, request, disk):
+@pytest.mark.parametrize("disk", ["injected", "storage-tmpfs", "store-tmpfs"])
+def test_a_full_disk_stops_the_sweep_in_one_line_and_the_rerun_completes(tmp_path, disk):
     """A full disk mid-sweep: every checkpoint write from each trial process's second on fails with ENOSPC
-    (fault injection, ``SWEEPS_FAULT_ENOSPC_AT``), or the Tune storage is a real 120 KiB filesystem. The
-    sweep stops at the first failure, saying so in one line, without retries or tracebacks, and leaves no
-    run RUNNING; once there is space the plain re-run finishes every run_key, one run each."""
+    (fault injection, ``SWEEPS_FAULT_ENOSPC_AT``), or the Tune storage, or the MLflow store, is on a real
+    filesystem that fills up. The sweep stops at the first failure, saying so in one line, without
+    retries or tracebacks, and leaves no run RUNNING (unless the store's own disk is full: nothing can be
+    written there, and the re-run continues those runs); once there is space the plain re-run finishes
+    every run_key, one run each."""
+    argv = sweep_argv(tmp_path, "base,rigl", "0.1,0.05", "--no-report")
+    uri, full_dir = f"sqlite:///{tmp_path}/mlflow.db", None
+    if disk == "storage-tmpfs":
+        full_dir = tmp_path / "ray"
+        _small_disk(full_dir, 120)
+    elif disk == "store-tmpfs":  # MLflow's schema (~930 KiB) and ~200 KiB to spare
+        seed = f"sqlite:///{tmp_path}/seed.db"
+        tracking.experiment_id(seed, "sparsity-sweep")
+        full_dir = tmp_path / "store"
+        _small_disk(full_dir, (tmp_path / "seed.db").stat().st_size // 1024 + 200)
+        with sqlite3.connect(tmp_path / "seed.db") as src, sqlite3.connect(full_dir / "mlflow.db") as dst:
+            src.backup(dst)  # the whole database, its write-ahead log included
+        uri = f"sqlite:///{full_dir}/mlflow.db"
+        argv = [uri if a.startswith("sqlite:") else a for a in argv]
+    try:
+        _full_then_rerun(argv, uri, disk, full_dir)
+    finally:
+        if full_dir is not None:
+            subprocess.run(["umount", "-l", str(full_dir)], capture_output=True)  # -l: the store may be open here
+
+
+def _full_then_rerun(argv, uri: str, disk: str, full_dir: Path | None) -> None:
     from sweeps.trainable import FAULT_ENOSPC_ENV
 
-    mount = request.getfixturevalue("small_disk") if disk == "tmpfs" else None
-    argv = sweep_argv(tmp_path, "base,rigl", "0.1,0.05", "--no-report")
     fault = {FAULT_ENOSPC_ENV: "2"} if disk == "injected" else {}
     full = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S, env={**os.environ, **fault})
-    said = [line for line in (full.stdout + full.stderr).splitlines() if "disk is full" in line]
-    assert full.returncode == 1 and len(said) == 1 and "No space left on device" in said[0], full.stdout + full.stderr
+    said = [line for line in (full.stdout + full.stderr).splitlines() if line.startswith("error: the disk is full")]
+    assert full.returncode == 1 and len(said) == 1, full.stdout + full.stderr
     assert "Traceback" not in full.stderr and len(full.stderr.splitlines()) < 20, full.stderr[-3000:]
     assert "retry" not in full.stdout  # no retry of a trial that a full disk would fail again
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert "RUNNING" not in {r.info.status for r in tracking.search(uri, "sparsity-sweep")}
-    if mount is not None:
-        subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)  # space freed
+    if disk != "store-tmpfs":
+        assert "RUNNING" not in {r.info.status for r in tracking.search(uri, "sparsity-sweep")}
+    if full_dir is not None:
+        subprocess.run(["mount", "-o", "remount,size=64m", str(full_dir)], check=True)  # space freed
     again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    if mount is None:  # (a real disk may fill after some runs finished: those are skipped then)
+    if disk == "injected":  # (a real disk may fill after some runs finished: those are skipped then)
         assert "4 trials (4 launched, 4 trained, 0 skipped, 0 failed)" in again.stdout
     assert_one_finished_run_per_key(uri, 4)  # the FAILED runs continued, none added
