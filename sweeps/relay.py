@@ -21,11 +21,12 @@ request cannot name them), ``open`` takes only run_keys of the sweep's trial set
 per claim, i.e. per trial process), and every other operation names a handle that ``open`` returned
 to its caller (128 random bits) and comes from that caller. On Linux the relay also knows the caller:
 the process at the other end of the connection (``/proc/net/tcp`` and the processes' open files) must
-run as this user, even with the token, and its claim is what the relay records, whatever a request says. ``export`` sends the model's bytes, never a
-path; ``checkpoint_dir`` must lie in the sweep's Tune storage. Limits: a request line of at most
-``MAX_LINE`` bytes (counted while it is read, before it is parsed), ``MAX_UNAUTHENTICATED``
-connections awaiting their token and ``MAX_CONNECTIONS`` in all (a thread each), and a connection
-idle for ``IDLE_TIMEOUT_S`` is closed (a worker's link reconnects by itself).
+run as this user, even with the token, and its claim is what the relay records, whatever a request
+says. ``export`` sends the model's bytes, never a path; ``checkpoint_dir`` must lie in the sweep's
+Tune storage. Limits: a request line of at most ``MAX_LINE`` bytes (counted while it is read, before
+it is parsed), ``MAX_UNAUTHENTICATED`` connections awaiting their token and ``MAX_CONNECTIONS`` in
+all (a thread each), and a connection idle for ``IDLE_TIMEOUT_S`` is closed (a worker's link
+reconnects by itself, and waits for a free slot when the relay is at its cap).
 Protocol: one JSON object per line each way; a request names an ``op``, a reply is ``{"ok": ...}``
 or ``{"error": "..."}``. JSON, never pickle: the relay unpickles nothing a process hands it.
 """
