@@ -328,3 +328,16 @@ def test_without_the_relay_a_trial_writes_directly(monkeypatch):
     monkeypatch.delenv(relay.ADDRESS_ENV, raising=False)
     monkeypatch.setattr(relay, "_link", None)
     assert type(relay.trial_run("sqlite:///x.db", "0", sweep="s", cell="c", flat={}, run_key="k")) is tracking.TrialRun
+
+
+def test_the_optuna_trial_set_is_its_search_space():
+    """The relay's trial set of a search: the fixed values, each knob within its range, the run_key its own."""
+    from sweeps import optuna_search
+
+    flat = to_flat(from_flat({**TINY, "train.lr": 0.01}))
+    fixed = {k: v for k, v in flat.items() if k != "train.lr"}
+    trial = optuna_search.trial_set(fixed, ["train.lr"])
+    assert trial(run_key(from_flat(flat)), flat) == (optuna_search.CELL, flat)
+    for other in ({**flat, "train.lr": 5.0}, {**flat, "seed": 9}, {**flat, "model.width": 17}):  # out of range, not fixed
+        assert trial(run_key(from_flat(other)), other) is None
+    assert trial("0" * 12, flat) is None and trial(run_key(from_flat(flat)), {"no.such": 1}) is None
