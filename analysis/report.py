@@ -17,7 +17,7 @@ import pandas as pd
 
 import sparse_core
 from runstore import client as store_client
-from runstore import mark_training_experiment
+from runstore import claim_alive_here, mark_training_experiment, this_claim
 
 from . import efficiency, mask_plot, plots
 from .load import ANALYSIS_CELL, AnalysisError, apply_filters, experiment_ids, load_runs
@@ -95,21 +95,50 @@ def build(uri: str, experiments: list[str], out: str, metric: str = "test_acc", 
     run_id = None
     client = store_client(uri)
     if log_to_mlflow:
-        exp_id = experiment_ids(client, experiments[:1])[experiments[0]]
-        mark_training_experiment(client, client.get_experiment(exp_id))  # opens in the UI's training view
         tags = {"cell": ANALYSIS_CELL, "analysis.metric": metric, "analysis.rows": rows, "analysis.cols": cols,
                 "analysis.filters": " ".join(filters or []), "analysis.experiments": ",".join(experiments),
                 "analysis.runs": str(len(df)), "sparse_core_version": sparse_core.__version__}
-        run_id = client.create_run(exp_id, run_name="analysis", tags=tags).info.run_id
-    index = os.path.join(out, "index.html")
-    with open(index, "w") as f:
-        f.write(_page(df, table, figures, files, uri, experiments, filters, run_id))
-    files.append(index)
-    if run_id is not None:
-        client.log_artifacts(run_id, out)
-        client.set_terminated(run_id)
-        log.info("logged %d files to run %s (name 'analysis') in experiment %r", len(files), run_id, experiments[0])
+        run_id = _open_run(client, experiments[0], tags)
+    try:
+        index = os.path.join(out, "index.html")
+        with open(index, "w") as f:
+            f.write(_page(df, table, figures, files, uri, experiments, filters, run_id))
+        files.append(index)
+        if run_id is not None:
+            client.log_artifacts(run_id, out)
+            client.set_terminated(run_id)
+            log.info("logged %d files to run %s (name 'analysis') in experiment %r", len(files), run_id, experiments[0])
+    except BaseException as e:  # interrupted (Ctrl-C, SIGTERM) or failed: the report's run never stays RUNNING
+        if run_id is not None:
+            _end_run(client, run_id, "FAILED" if isinstance(e, Exception) else "KILLED", f"{type(e).__name__}: {e}")
+        raise
     return {"files": files, "run_id": run_id}
+
+
+STALE_ELSEWHERE_S = 3600.0  # a RUNNING report run made on another host counts as abandoned after this
+
+
+def _open_run(client, experiment: str, tags: dict) -> str:
+    """The report's run, claimed by this process; report runs whose process is gone (killed while it
+    logged them) are closed first, so none stays RUNNING."""
+    exp_id = experiment_ids(client, [experiment])[experiment]
+    mark_training_experiment(client, client.get_experiment(exp_id))  # opens in the UI's training view
+    running = client.search_runs([exp_id], f"tags.cell = '{ANALYSIS_CELL}' and attributes.status = 'RUNNING'",
+                                 max_results=1000)
+    now_ms = dt.datetime.now().timestamp() * 1000
+    for run in running:
+        alive = claim_alive_here(run.data.tags.get("claimed_by", ""))
+        if alive is False or (alive is None and now_ms - (run.info.start_time or 0) > STALE_ELSEWHERE_S * 1000):
+            _end_run(client, run.info.run_id, "KILLED", "the report's process ended before it finished this run")
+    return client.create_run(exp_id, run_name="analysis", tags={**tags, "claimed_by": this_claim()}).info.run_id
+
+
+def _end_run(client, run_id: str, status: str, reason: str) -> None:
+    try:
+        client.set_tag(run_id, "error", reason[:4000])
+        client.set_terminated(run_id, status)
+    except Exception as e:  # noqa: BLE001 - the error that ended the report matters more
+        log.warning("could not close the report's run %s: %s", run_id, e)
 
 
 def _page(df: pd.DataFrame, table: Table, figures: list[str], files: list[str], uri: str, experiments: list[str],

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -97,13 +98,24 @@ def unwritable(path: str, *, directory: bool = True) -> str | None:
     return None
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast (seconds, not MLflow's minutes of retries) if the store cannot be reached."""
+def check_reachable(uri: str, timeout: float = 5.0, writable: bool = False) -> None:
+    """Fail fast (seconds, not MLflow's minutes of retries) if the store cannot be reached (a SQLite store:
+    a database file, undamaged, and with ``writable`` one this user can write beside)."""
     path = sqlite_path(uri)
     if path is not None:
         parent = os.path.dirname(path) or "."
         if not os.path.isdir(parent):
             raise TrackingError(f"tracking URI {uri}: directory {parent} does not exist")
+        if os.path.isdir(path):
+            raise TrackingError(f"tracking URI {uri}: {path} is a directory; give a database file, e.g. "
+                                f"sqlite:///{path.rstrip('/')}/mlflow.db")
+        why = writable and (unwritable(path, directory=False) or unwritable(path + ".lock", directory=False))
+        if why:
+            raise TrackingError(f"tracking URI {uri}: {why}; the store needs a writable file and folder")
+        problem = sqlite_problem(path)
+        if problem:
+            raise TrackingError(f"tracking URI {uri}: {path} {problem}; restore it from a backup or pass another "
+                                f"--mlflow-uri")
         return
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
@@ -115,6 +127,81 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             reason = getattr(e, "reason", e)
             raise TrackingError(f"MLflow tracking server {uri} is not reachable ({reason}); start it "
                                 f"(mlflow server ...) or pass another --mlflow-uri") from None
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+QUICK_CHECK_MAX_BYTES = 256 * 2**20  # larger stores get the header and schema check only (quick_check reads it all)
+
+
+def sqlite_problem(path: str) -> str | None:
+    """What is wrong with the existing file at ``path`` as an SQLite database ("is not an SQLite
+    database (...)", "is damaged (...)": another kind of file, corrupt, truncated), or None (also when
+    there is no file yet). Read-only; never runs MLflow."""
+    import sqlite3
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(len(_SQLITE_HEADER))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"is unreadable ({e.strerror or e})"
+    if size == 0:
+        return None  # an empty file: SQLite makes it a database
+    if head != _SQLITE_HEADER:
+        return "is not an SQLite database (no SQLite header: another kind of file, or overwritten)"
+    try:
+        db = sqlite3.connect(Path(path).as_uri() + "?mode=ro", uri=True, timeout=5)
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            if size <= QUICK_CHECK_MAX_BYTES:
+                verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+                if verdict != "ok":
+                    return f"is damaged (quick_check: {str(verdict)[:120]})"
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        if "locked" in str(e).lower():
+            return None  # another process writes it now: not damage
+        return f"is damaged ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
+# ---- processes that claim a run ------------------------------------------------------------------
+def proc_start(pid: int) -> str | None:
+    """Start time of process ``pid`` (Linux: clock ticks after boot; elsewhere "0"), None if it is
+    gone or a zombie. Pid and start time together name one process: pids are reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else fields[19]
+    except FileNotFoundError:
+        return None
+    except (OSError, IndexError):  # no procfs
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "0"
+
+
+def this_claim() -> str:
+    """``host/pid/start``: the process that runs a trial, written to its run as tag ``claimed_by``."""
+    return f"{socket.gethostname()}/{os.getpid()}/{proc_start(os.getpid())}"
+
+
+def claim_alive_here(claim: str) -> bool | None:
+    """Whether the process a claim (``this_claim``) names still runs: True or False on this host, None for
+    a claim made on another host (or not a claim)."""
+    if claim.count("/") < 2:
+        return None
+    host, pid, start = claim.rsplit("/", 2)
+    if host != socket.gethostname():
+        return None
+    return pid.isdigit() and proc_start(int(pid)) == start
 
 
 # ---- the SQLite store's settings ----------------------------------------------------------------

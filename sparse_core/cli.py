@@ -55,8 +55,32 @@ def _json_safe(value):
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose every error is one line on stderr, ``error: <what>``, and exit 2."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _check_threads(parser, threads: int) -> None:
+    cores = os.cpu_count() or 1
+    if not 1 <= threads <= cores:
+        parser.error(f"--threads {threads}: must be in [1, {cores}] (this machine has {cores} cores)")
+
+
+def _check_limits(parser, cfg) -> None:
+    """A model this host cannot hold, a density that keeps no weight: one line, exit 2."""
+    from . import limits
+
+    try:
+        limits.check(cfg)
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m sparse_core", description="Run one pruning pipeline (or RigL) and print the result as JSON.",
         epilog=_help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. prune.density=0.01")
@@ -74,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
 
+    _check_threads(parser, args.threads)
     if args.export:
         parent = os.path.dirname(os.path.abspath(args.export))
         if os.path.isdir(args.export) or not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
@@ -85,12 +110,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from .checkpoint import CheckpointError, load_state, save_state
 
+    _check_limits(parser, cfg)
+
     state = None
     if args.checkpoint:
         parent = os.path.dirname(os.path.abspath(args.checkpoint))
         try:  # before any training: a bad file is reported, never overwritten
             if os.path.lexists(args.checkpoint):
-                state = load_state(args.checkpoint)
+                state = load_state(args.checkpoint, cfg)  # content checked against cfg too
             elif not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
                 raise CheckpointError(f"--checkpoint {args.checkpoint}: cannot write in {parent} (not a writable "
                                       f"directory); pass another path")
@@ -106,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint:
             save_state(checkpoint(), args.checkpoint)
 
-    if args.threads < 1:
-        parser.error(f"--threads {args.threads}: must be >= 1")
     import torch
 
     torch.set_num_threads(args.threads)

@@ -69,8 +69,8 @@ class ModelConfig:
     width_mult: float = 1.0  # vgg16: channel multiplier (0.25 = a quarter of every layer's channels)
 
     def __post_init__(self):
-        _check("model.width", self.width, self.width >= 1, ">= 1")
-        _check("model.depth", self.depth, self.depth >= 1, ">= 1")
+        _check("model.width", self.width, 1 <= self.width <= 65536, "in [1, 65536]")
+        _check("model.depth", self.depth, 1 <= self.depth <= 1024, "in [1, 1024]")
         _check("model.width_mult", self.width_mult, 0 < self.width_mult <= 4, "in (0, 4]")
 
 
@@ -188,14 +188,14 @@ class TrainConfig:
         _choice("train.method", self.method, ("prune", "rigl"))
         _choice("train.optimizer", self.optimizer, ("sgd", "adam"))
         _choice("train.schedule", self.schedule, ("cosine", "constant", "step"))
-        _check("train.pre_epochs", self.pre_epochs, self.pre_epochs >= 0, ">= 0")
-        _check("train.post_epochs", self.post_epochs, self.post_epochs >= 0, ">= 0")
+        _check("train.pre_epochs", self.pre_epochs, 0 <= self.pre_epochs <= 100_000, "in [0, 100000]")
+        _check("train.post_epochs", self.post_epochs, 0 <= self.post_epochs <= 100_000, "in [0, 100000]")
         _check("train.lr", self.lr, self.lr > 0, "> 0")
         _check("train.momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)")
         _check("train.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
-        _check("train.batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
-        _check("train.eval_batch_size", self.eval_batch_size, self.eval_batch_size >= 1, ">= 1")
-        _check("train.latency_rounds", self.latency_rounds, self.latency_rounds >= 0, ">= 0")
+        _check("train.batch_size", self.batch_size, 1 <= self.batch_size <= 2**20, "in [1, 1048576]")
+        _check("train.eval_batch_size", self.eval_batch_size, 1 <= self.eval_batch_size <= 2**20, "in [1, 1048576]")
+        _check("train.latency_rounds", self.latency_rounds, 0 <= self.latency_rounds <= 10_000, "in [0, 10000]")
         _check("train.fail_at_epoch", self.fail_at_epoch, self.fail_at_epoch == -1 or self.fail_at_epoch >= 2,
                "-1 (never) or >= 2 (epoch 1 has no checkpoint to retry from)")
         ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())

@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the re
 
 from sparse_core.cli import exit_now  # noqa: E402
 from sparse_core.config import parse_overrides  # noqa: E402
-from sweeps import claims, designs, options, packing, presets, tracking  # noqa: E402
+from sweeps import claims, designs, options, packing, presets, relay, tracking  # noqa: E402
 
 # A grid has no scheduler: one Tune report per second (plus stage ends) keeps the progress line
 # live without a driver round-trip per epoch (see sweeps/trainable.py).
@@ -40,7 +40,7 @@ REPORT_EVERY_S = 1.0
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = options.OneLineParser(
         prog="python sweeps/ablation_grid.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="presets:\n" + "\n".join(f"  {p.name:<12} {p.description}" for p in presets.PRESETS.values())
@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     started = time.time()
     parser, args = parse_args(argv)
     preset, trials, dups = plan(parser, args)
+    options.check_args(args, preset)
     sweep = args.name or f"{args.preset}-{args.design}"
     for pattern, extra in preset.cell_overrides.items():
         shown = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()
@@ -151,29 +152,56 @@ def main(argv=None) -> int:
 
     from sweeps import launch  # Ray is imported from here on
 
-    tally = {"launched": 0, "tune_trials": 0, "seconds": 0.0, "failed": 0, "unfinished": 0}
+    tally = {"launched": 0, "tune_trials": 0, "seconds": 0.0, "failed": 0, "unfinished": 0, "idle_keys": {}}
     if todo:
         tally = _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path)
     else:
         print("nothing to run: every trial is FINISHED")
+    n = _counts(uri, args.experiment, todo, tally, skipped)
     wall = time.time() - started
-    launched, trial_seconds, failed, unfinished = (tally[k] for k in ("launched", "seconds", "failed", "unfinished"))
+    launched, trial_seconds = tally["launched"], tally["seconds"]
     ratio = f"{wall / trial_seconds:.2f}" if trial_seconds else "-"
-    left = f", {unfinished} unfinished: continue with --resume" if unfinished else ""
+    left = f", {n['unfinished']} unfinished: continue with --resume" if n["unfinished"] else ""
     packs = f" | {launched} runs in {tally['tune_trials']} packed trials" if tally["tune_trials"] < launched else ""
-    print(f"sweep {sweep!r}: {len(trials)} trials ({launched} launched, {skipped} skipped, {failed} failed{left}){packs} | "
-          f"wall {wall:.1f}s | sum of trial times {trial_seconds:.1f}s | wall/sum {ratio}", flush=True)
-    _summarise(args, sweep, trials, uri, exp_id)
-    return 1 if failed or unfinished else 0
+    print(f"sweep {sweep!r}: {len(trials)} trials ({launched} launched, {n['trained']} trained, {n['skipped']} skipped, "
+          f"{n['failed']} failed{left}){packs} | wall {wall:.1f}s | sum of trial times {trial_seconds:.1f}s | "
+          f"wall/sum {ratio}", flush=True)
+    _summarise(args, sweep, trials, uri, exp_id, report=not tally.get("stopped"))  # no report onto a full disk
+    return 1 if n["failed"] or n["unfinished"] else 0
 
 
-def _summarise(args, sweep, trials, uri, exp_id) -> None:
+def _counts(uri: str, experiment: str, todo, tally: dict, skipped: int) -> dict:
+    """Trained, skipped, failed and unfinished runs of the launched trials, as the store holds them now
+    (Tune's view counts every copy of a pack that errored as failed, those that finished included):
+    a run_key FINISHED by this sweep is trained, one that a trial found FINISHED or claimed elsewhere is
+    skipped, one whose newest run is FAILED failed, the rest unfinished. Tune's counts where the store
+    cannot be read."""
+    idle = tally.get("idle_keys", {})
+    keys = [t.run_key for t in todo if t.run_key not in idle]
+    try:
+        runs = tracking.search(uri, experiment, "")
+    except Exception:  # noqa: BLE001 - e.g. the disk that stopped the sweep is still full
+        return {"trained": tally["launched"] - tally["failed"] - tally["unfinished"] - len(idle),
+                "skipped": skipped + len(idle), "failed": tally["failed"], "unfinished": tally["unfinished"]}
+    status: dict[str, tuple] = {}  # run_key -> (FINISHED?, start time, status) of its deciding run
+    for run in runs:
+        key, mine = run.data.tags.get("run_key"), (run.info.status == "FINISHED", run.info.start_time or 0,
+                                                   run.info.status)
+        if key and (key not in status or mine[:2] > status[key][:2]):
+            status[key] = mine
+    trained = sum(status.get(k, ("", 0, ""))[2] == "FINISHED" for k in keys)
+    failed = sum(status.get(k, ("", 0, ""))[2] == "FAILED" for k in keys)
+    return {"trained": trained, "skipped": skipped + len(idle), "failed": failed,
+            "unfinished": len(keys) - trained - failed}
+
+
+def _summarise(args, sweep, trials, uri, exp_id, report: bool = True) -> None:
     """The end-of-sweep summary (sweeps/summary.py) and, unless --no-report, the report beside the store."""
     from sweeps import summary
 
     table = summary.rows(trials, uri, args.experiment)
     folder = error = None
-    if not args.no_report and any(r["finished"] for r in table):
+    if report and not args.no_report and any(r["finished"] for r in table):
         print(f"writing the report to {summary.report_dir(uri, sweep)} ...", flush=True)
         files, _, error = summary.write_report(uri, args.experiment, sweep, summary.report_dir(uri, sweep))
         folder = summary.report_dir(uri, sweep) if files else None
@@ -187,7 +215,7 @@ def _tally(results, runs: int = 0) -> dict:
     ``runs``: the runs of every trial as Progress saw them (a trial that never started has no config in
     its result); those not accounted for are unfinished."""
     out = {"launched": 0, "tune_trials": len(results), "failed": 0, "unfinished": 0, "cut_ids": [], "idle": [],
-           "seconds": sum(r.metrics.get("time_total_s", 0.0) for r in results if r.metrics)}
+           "idle_keys": {}, "seconds": sum(r.metrics.get("time_total_s", 0.0) for r in results if r.metrics)}
     for r in results:
         metrics, copies = r.metrics or {}, max(1, len(packing.specs(r.config or {})))
         out["launched"] += copies
@@ -201,8 +229,10 @@ def _tally(results, runs: int = 0) -> dict:
             rows = json.loads(metrics["runs"])
             out["failed"] += sum(row["status"] == "failed" for row in rows)
             out["idle"] += [row["skipped"] for row in rows if row["status"] == "skipped"]
+            out["idle_keys"].update((row["run_key"], row["skipped"]) for row in rows if row["status"] == "skipped")
         elif metrics.get("skipped"):
             out["idle"].append(metrics["skipped"])
+            out["idle_keys"][metrics.get("run_key")] = metrics["skipped"]
     if runs > out["launched"]:
         out["unfinished"] += runs - out["launched"]
         out["launched"] = runs
@@ -242,7 +272,7 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | No
             gpus = preset.gpus_per_trial if have_gpus else 0.0
         elif gpus > 0 and not have_gpus:
             raise SystemExit(f"error: --gpus-per-trial {gpus} but the Ray cluster has no GPU")
-        cpus = args.cpus_per_trial or preset.cpus_per_trial
+        cpus = launch.require_cpus(args.cpus_per_trial or preset.cpus_per_trial)
         meta = {"sweep": sweep, "tracking_uri": uri, "experiment_id": exp_id, "cpus": cpus,
                 "git_commit": tracking.git_commit(launch.ROOT), "report_every_s": REPORT_EVERY_S,
                 "export": args.export}
@@ -266,14 +296,14 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | No
             print(f"launching {packing.describe(packed, len(todo))} ({cpus:g} CPU, {gpus:g} GPU each)", flush=True)
         elif args.pack is not None:
             print("note: --pack is ignored with --resume (the restored run keeps its packs)", flush=True)
-        tally = _tally(tuner.fit(), progress.runs)
+        tally = _tally(launch.fit(tuner, relay.Scope.of(uri, exp_id, sweep, todo, storage)), progress.runs)
         idle = tally["idle"]
         if idle:  # see TrialRun.open: a FINISHED run_key is never trained again, nor one claimed elsewhere
             print(f"{len(idle)} of {tally['launched']} trials trained nothing: {idle.count('finished')} already "
                   f"FINISHED, {idle.count('claimed')} running in another sweep", flush=True)
         # Interrupted (Ctrl-C, job stopped): close their runs; --resume reopens them.
         tracking.close_unfinished(uri, exp_id, tally["cut_ids"], "KILLED", "sweep interrupted before this trial finished")
-        return tally
+        return {**tally, "stopped": progress.stop_reason}
     finally:
         if started_ray:
             launch.shutdown()

@@ -11,10 +11,12 @@ two drivers can start together on a new file; other stores are claimed optimisti
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import time
 from typing import Any
+
+from runstore import TrackingError
+from runstore import proc_start as _proc_start, this_claim  # noqa: F401 - a claim names one process (host/pid/start)
 
 # A claim on another host is live while its heartbeat (refreshed at every flush, i.e. every checkpoint)
 # is younger than this; on the same host, while the claiming process runs.
@@ -35,37 +37,18 @@ def store_lock(uri: str):
     if path is None or fcntl is None:
         yield False
         return
-    with open(path + ".lock", "a") as f:
+    try:
+        f = open(path + ".lock", "a")
+    except OSError as e:  # e.g. a read-only folder
+        raise TrackingError(f"cannot lock the MLflow store: {path}.lock: {e.strerror or e}; the store needs a "
+                            f"writable folder") from None
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
-
-
-def _proc_start(pid: int) -> str | None:
-    """Start time of process ``pid`` (Linux: clock ticks after boot; elsewhere "0"), None if it is
-    gone or a zombie. Pid and start time together name one process: pids are reused."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return None if fields[0] in ("Z", "X") else fields[19]
-    except FileNotFoundError:
-        return None
-    except (OSError, IndexError):  # no procfs
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return "0"
-
-
-def this_claim() -> str:
-    """``host/pid/start``: the process that runs a trial, written to its run as tag ``claimed_by``."""
-    return f"{socket.gethostname()}/{os.getpid()}/{_proc_start(os.getpid())}"
 
 
 def claim_alive(run, now: float | None = None) -> bool:

@@ -6,6 +6,7 @@ and every trial config have been checked, so bad input never starts Ray.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ import ray
 from ray import tune
 
 from . import packing, relay, tracking
-from .trainable import resources, train_trial
+from .trainable import FAULT_ENOSPC_ENV, resources, train_trial
 
 ROOT = Path(__file__).resolve().parent.parent
 _relay: relay.Relay | None = None  # a local runtime's MLflow relay (connect)
@@ -59,6 +60,8 @@ def connect(**local) -> bool:
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
         env_vars = {"PYTHONPATH": path, "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}
+        if os.environ.get(FAULT_ENOSPC_ENV):  # fault injection (tests) reaches the trials' processes
+            env_vars[FAULT_ENOSPC_ENV] = os.environ[FAULT_ENOSPC_ENV]
         if relay.wanted():
             _relay = relay.Relay()
             env_vars.update(_relay.env)
@@ -76,12 +79,32 @@ def shutdown() -> None:
         _relay = None
 
 
+def serving(scope: relay.Scope):
+    """The relay (if this driver runs one) serves the trials of ``scope`` for the duration of the block."""
+    return _relay.serve(scope) if _relay is not None else contextlib.nullcontext()
+
+
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
 def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1))
+
+
+def require_cpus(cpus: float) -> float:
+    """``cpus``, or the end of the sweep when a trial asks for more CPUs than the cluster has (Tune would
+    wait for ever): a runtime this process joined can be smaller than the machine ``options.check_args``
+    measured."""
+    if cpus > cluster_cpus():
+        raise SystemExit(f"error: --cpus-per-trial {cpus:g} but the Ray cluster has {cluster_cpus():g} CPUs")
+    return cpus
+
+
+def fit(tuner: tune.Tuner, scope: relay.Scope):
+    """``tuner.fit()``, the relay (if this driver runs one) serving the trials of ``scope`` meanwhile."""
+    with serving(scope):
+        return tuner.fit()
 
 
 def _fmt_s(seconds: float) -> str:
@@ -114,6 +137,53 @@ def trial_dirname(trial) -> str:
     return f"{safe}_{trial.trial_id}"
 
 
+_DISK_FULL = ("No space left on device", "database or disk is full", "[Errno 28]")
+
+
+def disk_full(error_text: str | None) -> str | None:
+    """The line of a trial's error that says the disk is full, or None."""
+    for line in (error_text or "").splitlines()[::-1]:
+        if any(mark in line for mark in _DISK_FULL):
+            return line.strip()[:300]
+    return None
+
+
+class _DiskFullFilter(logging.Filter):
+    """Tune logs each trial failure with its traceback; one that says the disk is full is dropped here and
+    reported by ``Progress`` in one line instead (it stops the sweep, so the rest would only repeat it)."""
+
+    def __init__(self, progress: "Progress"):
+        super().__init__()
+        self.progress = progress
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        line = disk_full(str(error) if error is not None else record.getMessage())
+        if line is None:
+            return True
+        self.progress.disk_is_full(line)
+        return False
+
+
+# Tune's log of each trial failure and of its own state's saving, Ray's of a failed trial task nobody
+# waited for (Tune stopping the rest), and MLflow's of a store write (the relay writes in this process).
+_FAILURE_LOGS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state", "ray._private.worker",
+                 "mlflow.store.db.utils")
+
+
+class _StopAll(tune.Stopper):
+    """Stops the whole Tune run once ``Progress`` found a fault no retry can mend (a full disk)."""
+
+    def __init__(self, progress: "Progress"):
+        self.progress = progress
+
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.progress.stop_reason is not None
+
+
 class Progress(tune.Callback):
     """One line per finished trial (per copy of a packed trial) plus a heartbeat: done/running/pending
     runs, best so far (by validation accuracy, never test), ETA. ``total``: runs, not Tune trials.
@@ -130,6 +200,7 @@ class Progress(tune.Callback):
         self.trial_seconds: dict[str, float] = {}
         self.failed_copies = 0  # copies of completed packed trials that failed alone
         self.runs = 0  # runs the Tune run stands for (its trials' copies, started or not)
+        self.stop_reason: str | None = None  # set on a full disk: the whole sweep stops (_StopAll)
 
     def _status(self, trials, ended=None, ended_as: str = "TERMINATED") -> str:
         now = time.time()
@@ -206,13 +277,48 @@ class Progress(tune.Callback):
         self._print(f"  done {trial_label(trial)}: {what} ({last.get('time_total_s', 0):.1f}s) "
                     f"[{self._status(trials, trial)}]")
 
+    def setup(self, **info):
+        self._filter = _DiskFullFilter(self)
+        for name in _FAILURE_LOGS:
+            logging.getLogger(name).addFilter(self._filter)
+
+    def on_experiment_end(self, trials, **info):
+        if self.stop_reason is not None:
+            return  # the disk is still full: what the driver writes next fails the same way, said once already
+        for name in _FAILURE_LOGS:
+            logging.getLogger(name).removeFilter(getattr(self, "_filter", None))
+
+    def disk_is_full(self, line: str) -> None:
+        """A trial failed on a full disk: the sweep stops (one line), since every retry and every other
+        trial would fail the same way."""
+        if self.stop_reason is None:
+            self.stop_reason = line
+            self._print(f"error: the disk is full ({line}): stopping the sweep; free space, then run it again "
+                        f"(FINISHED runs are kept, the others continue from their checkpoints)")
+
+    def _check_disk(self, trial) -> bool:
+        """Whether ``trial`` failed on a full disk (its error file, where Tune's log did not say so already)."""
+        if self.stop_reason is None:
+            try:
+                line = disk_full(trial.get_error())
+            except Exception:  # noqa: BLE001 - the error file itself may be unreadable on a full disk
+                line = None
+            if line:
+                self.disk_is_full(line)
+        return self.stop_reason is not None
+
     def on_trial_recover(self, iteration, trials, trial, **info):
+        if self._check_disk(trial):
+            return
         self._print(f"  retry {trial_label(trial)}: failed, continuing from its last checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.epochs.pop(trial.trial_id, None)
+        full = self._check_disk(trial) or self.stop_reason is not None
         tracking.close_unfinished(self.uri, self.experiment_id, [trial.trial_id], "FAILED",
-                                  "trial errored (retries exhausted)")
+                                  f"disk full: {self.stop_reason}" if full else "trial errored (retries exhausted)")
+        if full:
+            return  # the one line about the disk said it
         where = getattr(trial, "error_file", None) or getattr(trial, "path", "")
         self._print(f"  FAILED {trial_label(trial)} (see {where}) [{self._status(trials, trial, 'ERROR')}]")
 
@@ -220,10 +326,12 @@ class Progress(tune.Callback):
 def run_config(name: str, storage_path: str, max_failures: int, callbacks: list) -> tune.RunConfig:
     from ray.tune.logger import JsonLoggerCallback
 
+    progress = [c for c in callbacks if isinstance(c, Progress)]
     if os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS") == "1":
         callbacks = [*callbacks, JsonLoggerCallback()]
     return tune.RunConfig(
         name=name, storage_path=storage_path, verbose=0, callbacks=callbacks,
+        stop=_StopAll(progress[0]) if progress else None,
         failure_config=tune.FailureConfig(max_failures=max_failures),
         # Two, not one: a crash while the newest is written still leaves the previous epoch's.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2))

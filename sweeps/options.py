@@ -8,16 +8,75 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from runstore import unwritable
 from sparse_core import data as sparse_data
+from sparse_core import limits
+from sparse_core.cli import OneLineParser  # noqa: F401 - the sweep scripts' parser: every error one line
 from sparse_core.config import from_flat, parse_overrides, validate_names
 
 from . import claims, tracking
 
 DEFAULT_EXPERIMENT = "sparsity-sweep"
 DEFAULT_STORAGE = "ray_results"  # Tune's trial dirs and checkpoints; use shared storage on multi-node clusters
+
+
+# A sweep or Tune run name: one path component (Tune makes a folder of it under --storage-path).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,99}")
+MAX_EXPERIMENT_CHARS = 256  # MLflow's column for experiment names
+MAX_CPUS_PER_TRIAL = 1024  # on a cluster (RAY_ADDRESS), whose size is not known before Ray starts
+MAX_GPUS_PER_TRIAL = 64
+
+
+def fail(message: str):
+    """End the command before Ray: one line naming the problem, exit 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def local_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def check_args(args, preset) -> None:
+    """Names and resources that cannot run (a path for a name, more cores or GPUs per trial than this
+    machine has, ...): one line and exit 2 (``fail``), before any store or Ray is touched."""
+    if args.name is not None and not NAME.fullmatch(args.name):
+        fail(f"--name {args.name[:60]!r}: use 1 to 100 letters, digits and _.=+- (not starting with . or -): "
+             f"it names a folder under --storage-path")
+    resume = getattr(args, "resume", None)
+    if resume not in (None, "latest") and not NAME.fullmatch(resume):
+        fail(f"--resume {resume[:60]!r}: give the name of a Tune run folder under --storage-path (no path)")
+    exp = args.experiment
+    if not 1 <= len(exp) <= MAX_EXPERIMENT_CHARS or not exp.isprintable() or exp.strip() != exp:
+        fail(f"--experiment {exp[:40]!r}{'...' if len(exp) > 40 else ''} ({len(exp)} characters): give 1 to "
+             f"{MAX_EXPERIMENT_CHARS} printable characters, without leading or trailing spaces")
+    for flag, value, low in (("--max-concurrent", args.max_concurrent, 1), ("--max-failures", args.max_failures, 0)):
+        if value is not None and not low <= value <= 10_000:
+            fail(f"{flag} {value}: must be in [{low}, 10000]")
+    local = not os.environ.get("RAY_ADDRESS")
+    cpus = args.cpus_per_trial or preset.cpus_per_trial
+    most = local_cores() if local else MAX_CPUS_PER_TRIAL
+    if cpus > most:
+        where = f"this machine has {most} cores" if local else f"at most {most}"
+        fail(f"--cpus-per-trial {cpus:g}: a trial cannot get more CPUs than exist ({where})")
+    gpus = args.gpus_per_trial
+    if gpus is not None and gpus > 0:
+        most = local_gpus() if local else MAX_GPUS_PER_TRIAL
+        if gpus > most:
+            fail(f"--gpus-per-trial {gpus:g}: this machine has {most} GPUs" if local else
+                 f"--gpus-per-trial {gpus:g}: at most {most}")
 
 
 def positive(text: str) -> float:
@@ -73,6 +132,7 @@ def check_trials(flats) -> None:
     seen = set()
     for flat in flats:
         cfg = from_flat(flat)
+        limits.check(cfg)  # every trial (a density that keeps no weight); the model's size is computed once
         sig = (cfg.data.name, cfg.data.dir, cfg.data.download, cfg.model.name, cfg.init.name, cfg.prune.pruner,
                cfg.prune.scope, cfg.mask.kind)
         if sig in seen:
@@ -88,9 +148,16 @@ def check_trials(flats) -> None:
 def tracking_target(cli_uri: str | None, experiment: str) -> tuple[str, str]:
     """(tracking URI, experiment id), failing fast if the store cannot be reached."""
     uri = tracking.resolve_tracking_uri(cli_uri)
-    tracking.check_reachable(uri)
+    tracking.check_reachable(uri, writable=True)  # a sweep writes its runs and the store's lock file
     with claims.store_lock(uri):  # two drivers on a new SQLite file: one creates MLflow's schema, then the other
-        return uri, tracking.experiment_id(uri, experiment)
+        try:
+            return uri, tracking.experiment_id(uri, experiment)
+        except tracking.TrackingError:
+            raise
+        except Exception as e:  # noqa: BLE001 - MLflow and SQLAlchemy report a store they cannot use in many types
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise tracking.TrackingError(f"the MLflow store {uri} cannot be used: {type(e).__name__}: "
+                                         f"{first[:200]}") from None
 
 
 def targets(parser: argparse.ArgumentParser, args) -> tuple[str, str, str]:
@@ -106,7 +173,7 @@ def targets(parser: argparse.ArgumentParser, args) -> tuple[str, str, str]:
     try:
         uri, exp_id = tracking_target(args.mlflow_uri, args.experiment)
     except tracking.TrackingError as e:
-        parser.error(str(e))
+        fail(str(e))
     if tracking.sqlite_path(uri) and os.environ.get("RAY_ADDRESS") and not args.mlflow_uri:
         print("warning: a SQLite store inside 'ray job submit' lives in the job's temporary working dir; "
               "pass an absolute --mlflow-uri sqlite:////path/mlflow.db or a tracking server", file=sys.stderr)

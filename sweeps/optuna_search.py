@@ -19,6 +19,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the repo root is not
     _root = str(Path(__file__).resolve().parent.parent)
@@ -28,10 +29,10 @@ if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the re
         sys.path.insert(0, _root)
 
 from sparse_core.cli import exit_now  # noqa: E402
-from sparse_core.config import from_flat  # noqa: E402
+from sparse_core.config import from_flat, run_key, to_flat  # noqa: E402
 from sparse_core.registry import TRICKS  # noqa: E402
 from runstore import SEARCH_CELL, ui_link  # noqa: E402
-from sweeps import designs, options, presets, tracking  # noqa: E402
+from sweeps import designs, options, presets, relay, tracking  # noqa: E402
 
 # knob -> (distribution, low, high, used when); log-uniform for scale-like knobs.
 SPACE = {
@@ -52,7 +53,7 @@ METRIC = "val_acc"  # what the search maximises, ASHA compares and the best pick
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python sweeps/optuna_search.py", description=__doc__.split("\n\n")[0],
+    parser = options.OneLineParser(prog="python sweeps/optuna_search.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="searchable knobs: " + ", ".join(SPACE))
     parser.add_argument("--preset", default="laptop", choices=list(presets.PRESETS),
@@ -90,13 +91,14 @@ def plan(parser, args):
     if args.max_concurrent is not None and args.max_concurrent < 1:
         parser.error("--max-concurrent must be >= 1")
     fixed = {k: v for k, v in from_flat(flat).to_flat().items() if k not in knobs}
+    options.check_args(args, preset)
     return preset, cfg, fixed, knobs
 
 
 def main(argv=None) -> int:
     started = time.time()
     parser, args = parse_args(argv)
-    preset, cfg, fixed, knobs = plan(parser, args)
+    preset, cfg, fixed, knobs = plan(parser, args)  # every input checked, one line and exit 2 for a bad one
     sweep = args.name or f"optuna-{args.preset}"
     space_text = ", ".join(f"{k} ~ {SPACE[k][0]}({SPACE[k][1]:g}, {SPACE[k][2]:g})" for k in knobs)
     if args.dry_run:
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
         gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (preset.gpus_per_trial if have_gpus else 0.0)
         if gpus > 0 and not have_gpus:
             raise SystemExit(f"error: --gpus-per-trial {gpus} but the Ray cluster has no GPU")
-        cpus = args.cpus_per_trial or preset.cpus_per_trial
+        cpus = launch.require_cpus(args.cpus_per_trial or preset.cpus_per_trial)
         dist = {"loguniform": tune.loguniform, "uniform": tune.uniform}
         flat_space = {**fixed, **{k: dist[SPACE[k][0]](SPACE[k][1], SPACE[k][2]) for k in knobs}}
         meta = {"sweep": sweep, "tracking_uri": uri, "experiment_id": exp_id, "cpus": cpus,
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
         progress = launch.Progress(args.num_samples, uri, exp_id)
         tuner = launch.tuner(space, cpus=cpus, gpus=gpus, tune_config=tune_cfg,
                              run_cfg=launch.run_config(name, storage, args.max_failures, [progress]))
-        results = tuner.fit()
+        results = launch.fit(tuner, relay.Scope(uri, exp_id, sweep, trial_set(fixed, knobs), storage))
     finally:
         if started_ray:
             launch.shutdown()
@@ -158,6 +160,23 @@ def main(argv=None) -> int:
     command, url = ui_link(uri, exp_id)
     print(f"all trials in the MLflow UI: {url}" + (f" (serve it with: {command})" if command else ""))
     return 1 if failed else 0
+
+
+def trial_set(fixed: dict, knobs) -> Callable[[str, dict], tuple[str, dict] | None]:
+    """The search's trials for the relay (``relay.Scope``): a config with the fixed values, each knob
+    within its range of ``SPACE``, and ``key`` its run_key."""
+    def trial(key: str, flat: dict) -> tuple[str, dict] | None:
+        try:
+            cfg = from_flat(flat)
+        except (ValueError, TypeError, KeyError):
+            return None
+        norm = to_flat(cfg)
+        if run_key(cfg) != key or any(norm.get(k) != v for k, v in fixed.items()):
+            return None
+        inside = all(SPACE[k][1] <= norm[k] <= SPACE[k][2] for k in knobs)
+        return (CELL, norm) if inside else None
+
+    return trial
 
 
 def search_config(cfg, num_samples: int, sampler_seed: int, concurrent: int, asha: bool, **kwargs):

@@ -41,7 +41,8 @@ from sparse_core.plan import build as build_plan
 from sparse_core.train import total_epochs
 
 from . import relay, tracking
-from .trainable import _REPORTED, CHECKPOINT_EVERY_S, CHECKPOINT_FILE, _location, _newest_state, copy_file, setup
+from .trainable import (_REPORTED, CHECKPOINT_EVERY_S, CHECKPOINT_FILE, _location, _newest_state, copy_file, setup,
+                        write_checkpoint)
 
 
 class _Copy:
@@ -129,8 +130,7 @@ class _Pack:
         with tempfile.TemporaryDirectory() as d:
             for c in self.copies:
                 if c.snapshot is not None:
-                    with open(os.path.join(d, copy_file(c.key)), "wb") as f:
-                        f.write(c.snapshot)
+                    write_checkpoint(os.path.join(d, copy_file(c.key)), data=c.snapshot)
             tune.report(self.report(), checkpoint=tune.Checkpoint.from_directory(d))
         saved = tune.get_checkpoint()  # the persisted copy: its trial dir goes into each copy's run, once
         for c in self.copies:
@@ -187,7 +187,7 @@ def train_pack(config: dict) -> None:
         if c.mlrun.skip:  # FINISHED already, or claimed by a live trial of another sweep on this store
             continue
         try:
-            c.state = _newest_state(checkpoint, c.mlrun.checkpoint_dir, (copy_file(c.key), CHECKPOINT_FILE))
+            c.state = _newest_state(checkpoint, c.mlrun.checkpoint_dir, (copy_file(c.key), CHECKPOINT_FILE), c.cfg)
         except CheckpointError as e:  # never a silent start from scratch: this copy fails, the rest train
             c.error = e
             c.mlrun.fail(e)

@@ -136,7 +136,7 @@ class TrialRun(RunLog):
     ``open`` claims the run_key: a FINISHED run means nothing to train (``skip = "finished"``); a run
     whose claiming process is alive means another trial (another sweep on this store) trains it
     (``skip = "claimed"``). Otherwise the trial's own earlier run (a Ray retry, ``--resume``) or an
-    orphan of the same run_key (its driver was killed; an interrupted sweep) is continued, with its
+    orphan of the same run_key (its driver was killed; an interrupted sweep; a run that FAILED) is continued, with its
     ``retries`` tag counting the restarts, else a new run is created. On SQLite the check and the
     claim happen under ``store_lock``; elsewhere the claim is re-checked after it is written and the
     oldest claim wins. ``claim``: the process that trains the run (``claims.this_claim`` of the trial's
@@ -171,8 +171,9 @@ class TrialRun(RunLog):
             if live:
                 self.skip, self.other = "claimed", live[0]
                 return self
-            # continue our own run, else the newest orphan (open, or KILLED by an interrupted sweep)
-            orphans = [r for r in others if r.info.status in OPEN_STATUSES + ("KILLED",)]
+            # continue our own run, else the newest orphan (open, KILLED by an interrupted sweep, or FAILED:
+            # a re-run continues it, from its checkpoint where it has one, rather than adding a second run)
+            orphans = [r for r in others if r.info.status in OPEN_STATUSES + ("KILLED", "FAILED")]
             chosen = mine[-1] if mine else (orphans[-1] if orphans else None)
             if chosen is not None:
                 self._reopen(chosen, resumed_at_epoch)

@@ -23,6 +23,7 @@ which have no scheduler, use 1 s.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -45,6 +46,23 @@ CHECKPOINT_FILE = "state.pt"
 # Scalars passed to Tune (schedulers, searchers, progress); MLflow gets every metric.
 _REPORTED = ("val_acc", "val_loss", "test_acc", "test_loss", "train_loss", "density", "seconds")
 CHECKPOINT_EVERY_S = 10.0  # wall seconds between checkpoints inside a stage (stage ends always checkpoint)
+# TESTING ONLY: "N" makes every checkpoint write from a trial process's Nth on fail as on a full disk (ENOSPC).
+FAULT_ENOSPC_ENV = "SWEEPS_FAULT_ENOSPC_AT"
+_checkpoint_writes = 0
+
+
+def write_checkpoint(path: str, state: dict | None = None, data: bytes | None = None) -> None:
+    """A trial's checkpoint file: ``state`` (``torch.save``d) or its bytes already serialised."""
+    global _checkpoint_writes
+    _checkpoint_writes += 1
+    at = os.environ.get(FAULT_ENOSPC_ENV)
+    if at and _checkpoint_writes >= int(at):
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by {FAULT_ENOSPC_ENV})", path)
+    if data is None:
+        torch.save(state, path)
+    else:
+        with open(path, "wb") as f:
+            f.write(data)
 
 
 def resources(cpus: float, gpus: float) -> dict:
@@ -64,7 +82,7 @@ def copy_file(key: str) -> str:
 
 
 def _newest_state(checkpoint: tune.Checkpoint | None, run_dir: str | None,
-                  names: tuple[str, ...] = (CHECKPOINT_FILE,)) -> dict | None:
+                  names: tuple[str, ...] = (CHECKPOINT_FILE,), cfg=None) -> dict | None:
     """The newest loadable trainer state among the checkpoints next to Tune's ``checkpoint`` and in
     ``run_dir`` (the trial dir recorded in the MLflow run this trial continues). ``names``: the state's
     file names in a checkpoint dir, first found wins (a run_key's state is ``state.pt`` in a single
@@ -72,8 +90,9 @@ def _newest_state(checkpoint: tune.Checkpoint | None, run_dir: str | None,
 
     Tune's own pick can be stale: a driver killed between two snapshots of its experiment state
     restores a trial from an older checkpoint (or from one already deleted) though newer ones exist.
-    A damaged checkpoint (the crash hit its copy) is passed over; if none loads, the trial fails with
-    the loader's one-line reason rather than silently starting again.
+    A damaged checkpoint (the crash hit its copy), or with ``cfg`` one whose content is not a state of
+    ``cfg``'s run (``sparse_core.checkpoint.check_state``), is passed over; if none loads, the trial
+    fails with the loader's one-line reason rather than silently starting again.
     """
     import pyarrow.fs as pafs
 
@@ -101,7 +120,7 @@ def _newest_state(checkpoint: tune.Checkpoint | None, run_dir: str | None,
     for _, _, fs, path, name in sorted(found, key=lambda f: f[:2], reverse=True):
         try:
             with tune.Checkpoint(path, filesystem=fs).as_directory() as d:
-                return load_state(os.path.join(d, name))
+                return load_state(os.path.join(d, name), cfg)
         except (CheckpointError, OSError) as e:
             logging.getLogger(__name__).warning("skipping checkpoint %s: %s", path, e)
             errors.append(e)
@@ -145,7 +164,8 @@ def train_trial(config: dict) -> None:
         _report_skipped(mlrun, cfg)
         return
     try:
-        state = _newest_state(tune.get_checkpoint(), mlrun.checkpoint_dir, (CHECKPOINT_FILE, copy_file(mlrun.run_key)))
+        state = _newest_state(tune.get_checkpoint(), mlrun.checkpoint_dir, (CHECKPOINT_FILE, copy_file(mlrun.run_key)),
+                              cfg)
     except CheckpointError as e:
         mlrun.fail(e)
         raise
@@ -176,7 +196,7 @@ def train_trial(config: dict) -> None:
             return
         mlrun.flush()  # before the checkpoint: a retry from it finds these epochs in the run
         with tempfile.TemporaryDirectory() as d:
-            torch.save(checkpoint(), os.path.join(d, CHECKPOINT_FILE))
+            write_checkpoint(os.path.join(d, CHECKPOINT_FILE), checkpoint())
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
         saved = tune.get_checkpoint()  # the persisted copy: its trial dir goes into the run, once
         if saved is not None:

@@ -125,6 +125,66 @@ def test_real_checkpoint_loads_with_weights_only_and_resumes(tmp_path, real_chec
     assert f"resuming from {copy}" in capsys.readouterr().err
 
 
+def _wrong(state: dict, kind: str) -> dict:
+    """``state`` with wrong content of one kind (each unpickles safely)."""
+    model = dict(state["model"])
+    first = next(iter(model))
+    return {
+        "bare": {"format": state["format"], "step_idx": 0},  # the tag and step only
+        "step_beyond_plan": {**state, "step_idx": 10**6},
+        "other_run_key": {**state, "config": {**state["config"], "seed": 99}},
+        "shape": {**state, "model": {**model, first: torch.zeros(3, 3)}},
+        "missing_tensor": {**state, "model": {k: v for k, v in model.items() if k != first}},
+        "float_mask": {**state, "masks": {k: m.float() for k, m in (state["masks"] or {first: None}).items()}},
+        "type": {**state, "history": "everything"},
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["bare", "step_beyond_plan", "other_run_key", "shape", "missing_tensor",
+                                  "float_mask", "type"])
+def test_wrong_content_checkpoint_one_line_exit_2_and_untouched(tmp_path, real_checkpoint, kind, capsys):
+    """A state that unpickles safely but is not this run's: one line naming what is wrong, exit 2 (no
+    traceback, no old metrics printed as the result), and the file left as it was."""
+    bad = tmp_path / "state.pt"
+    torch.save(_wrong(load_state(real_checkpoint), kind), bad)
+    before = bad.read_bytes()
+    line = main_error_line(sparse_core_main, [*TINY, "--checkpoint", str(bad)], capsys)
+    assert str(bad) in line and "not a checkpoint of sparse_core" in line
+    assert {"bare": "field 'config'", "step_beyond_plan": "step_idx 1000000 is outside", "other_run_key": "run_key",
+            "shape": "model tensor", "missing_tensor": "missing", "float_mask": "bool mask",
+            "type": "field 'history' must be list"}[kind] in line
+    assert bad.read_bytes() == before
+    assert capsys.readouterr().out == ""
+
+
+def test_extra_fields_of_a_newer_state_are_tolerated(tmp_path, real_checkpoint):
+    from sparse_core.config import from_flat, parse_overrides
+
+    cfg = from_flat(parse_overrides(TINY))
+    state = {**load_state(real_checkpoint), "mask_dual": {"lambda": torch.zeros(3)}}
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    assert load_state(path, cfg)["mask_dual"]["lambda"].shape == (3,)
+
+
+def test_save_follows_no_link_planted_at_its_temporary_name(tmp_path, real_checkpoint, capsys):
+    """``<checkpoint>.tmp`` (the old temporary name) and the checkpoint itself as links to a victim file:
+    the victim is never written; the checkpoint becomes a regular file."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    path = tmp_path / "state.pt"
+    os.symlink(victim, str(path) + ".tmp")
+    assert sparse_core_main([*TINY, "--checkpoint", str(path), "--quiet"]) == 0
+    assert victim.read_text() == "precious" and path.is_file() and not path.is_symlink()
+    from sparse_core.checkpoint import save_state
+
+    other = tmp_path / "other.pt"
+    os.symlink(victim, other)
+    save_state(load_state(path), other)
+    assert victim.read_text() == "precious" and not other.is_symlink() and load_state(other)["step_idx"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.pt", "state.pt", "state.pt.tmp", "victim.txt"]
+
+
 def test_checkpoint_in_a_missing_directory_fails_before_training(tmp_path, capsys):
     line = main_error_line(sparse_core_main, [*TINY, "--checkpoint", str(tmp_path / "no" / "state.pt")], capsys)
     assert str(tmp_path / "no") in line
@@ -239,6 +299,41 @@ def test_orphans_are_continued_not_duplicated_and_retries_counted(store):
     tags = c.get_run(newer).data.tags
     assert t2.run_id == newer and tags["retries"] == "2" and tags["resumed_at_epoch"] == "2,3"
     assert len(c.search_runs([store[1]], "tags.run_key = 'k_orphan'")) == 2
+
+
+def test_a_failed_run_is_continued_from_its_checkpoint_not_duplicated(store):
+    """A re-run after a fault continues the run_key's FAILED run (one run per run_key), from the trial dir
+    its run records, with the error kept as ``retried_after``."""
+    c = tracking.client(store[0])
+    failed = make_run(store, "k_failed", "FAILED", claimed_by=dead_claim())
+    c.set_tag(failed, "error", "OSError: [Errno 28] No space left on device")
+    c.set_tag(failed, "checkpoint_dir", "/trials/t7")
+    t = trial_run(store, "k_failed", trial_id="rerun_00000").open()
+    assert t.skip is None and t.run_id == failed and t.checkpoint_dir == "/trials/t7"
+    run = c.get_run(failed)
+    assert run.info.status == "RUNNING" and run.data.tags["retries"] == "1" and "error" not in run.data.tags
+    assert run.data.tags["retried_after"].startswith("OSError: [Errno 28]")
+    assert len(c.search_runs([store[1]], "tags.run_key = 'k_failed'")) == 1
+
+
+def test_sweep_counts_come_from_the_store_not_tunes_view(store):
+    """A pack that errored is "failed" for every copy in Tune's view; the sweep's counts are what the store
+    holds: 2 trained (one of them retried after a failure), 1 failed, 1 skipped inside its trial, 1 never run."""
+    from types import SimpleNamespace
+
+    from sweeps.ablation_grid import _counts
+
+    uri, exp = store
+    c = tracking.client(uri)
+    for key, statuses in (("n_done", ["FINISHED"]), ("n_retried", ["FAILED", "FINISHED"]), ("n_failed", ["FAILED"]),
+                          ("n_idle", ["FINISHED"])):
+        for status in statuses:
+            make_run(store, key, status)
+    todo = [SimpleNamespace(run_key=k) for k in ("n_done", "n_retried", "n_failed", "n_idle", "n_never")]
+    tune_view = {"launched": 5, "failed": 5, "unfinished": 0, "idle_keys": {"n_idle": "finished"}}
+    experiment = c.get_experiment(exp).name
+    assert _counts(uri, experiment, todo, tune_view, skipped=3) == {"trained": 2, "skipped": 4, "failed": 1,
+                                                                    "unfinished": 1}
 
 
 def test_optimistic_claim_the_older_run_wins(store, live_process):
@@ -406,3 +501,196 @@ def test_two_drivers_on_a_new_store(tmp_path):
     # between them each run_key was trained once: the rest were skipped (claimed or FINISHED)
     assert any("trained nothing" in out or "skipping" in out for out in outs), outs[0][-2000:] + outs[1][-2000:]
     assert_one_finished_run_per_key(f"sqlite:///{tmp_path}/mlflow.db", 4)
+
+
+# ---- start-up failures: one line, exit 2, in seconds, before Ray ----------------------------------------
+_STARTUP = """
+import sys, time
+from sweeps import ablation_grid as m
+t = time.time()
+try:
+    code = m.main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+print(f"RESULT ray_imported={'ray' in sys.modules} seconds={time.time() - t:.2f} code={code}", file=sys.stderr)
+"""
+
+
+def _store_file(tmp_path: Path, kind: str) -> str:
+    """A SQLite URI whose file is damaged in one way (or a folder, or in a folder nobody may write)."""
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    if kind == "corrupt":
+        db.write_bytes(b"SQLite format 3\x00" + os.urandom(8192))
+    elif kind == "random":
+        db.write_bytes(os.urandom(5000))
+    elif kind == "truncated":
+        uri = f"sqlite:///{tmp_path}/full.db"
+        exp = tracking.experiment_id(uri, "x")
+        c = tracking.client(uri)
+        for _ in range(30):
+            c.log_metric(c.create_run(exp).info.run_id, "m", 1.0)
+        data = (tmp_path / "full.db").read_bytes()
+        db.write_bytes(data[: len(data) // 3])
+    elif kind == "directory":
+        db.mkdir()
+    elif kind == "read-only":
+        if os.geteuid() == 0:  # root writes anywhere chmod allows nothing: a folder no one can create files in
+            return "sqlite:////proc/mlflow.db"
+        db.parent.chmod(0o555)
+    return f"sqlite:///{db}"
+
+
+STARTUP_CASES = {  # id: (extra argv, a store kind or None, what the one line says)
+    "corrupt-db": ([], "corrupt", "is damaged (DatabaseError"),
+    "truncated-db": ([], "truncated", "is damaged ("),
+    "not-a-database": ([], "random", "is not an SQLite database"),
+    "read-only-store": ([], "read-only", "writable"),
+    "store-is-a-directory": ([], "directory", "is a directory"),
+    "cpus-1e9": (["--cpus-per-trial", "1e9"], None, "a trial cannot get more CPUs than exist"),
+    "empty-experiment": (["--experiment", ""], None, "--experiment '' (0 characters)"),
+    "huge-experiment": (["--experiment", "e" * 5000], None, "(5000 characters)"),
+    "gpus-without-gpu": (["--gpus-per-trial", "GPUS"], None, "--gpus-per-trial"),
+    "name-with-path": (["--name", "../../x"], None, "--name '../../x'"),
+    "pre-epochs-1e12": (["--set", "train.pre_epochs=1000000000000"], None, "train.pre_epochs=1000000000000 is not valid"),
+    "width-1e9": (["--set", "model.width=1000000000"], None, "model.width=1000000000 is not valid"),
+    "depth-1e6": (["--set", "model.depth=1000000"], None, "model.depth=1000000 is not valid"),
+    "too-big-for-memory": (["--set", "model.width=60000", "--set", "model.depth=1000"], None, "does not fit"),
+    "density-1e-300": (["--densities", "1e-300"], None, "keeps no weight"),
+}
+
+
+@pytest.mark.parametrize("case", list(STARTUP_CASES))
+def test_startup_failure_is_one_line_exit_2_before_ray(tmp_path, case):
+    extra, store, message = STARTUP_CASES[case]
+    from sweeps import options
+
+    gpus = "1" if options.local_gpus() == 0 else "1000"  # more than this machine has, either way
+    uri = _store_file(tmp_path, store) if store else f"sqlite:///{tmp_path}/new/mlflow.db"
+    if not store:
+        (tmp_path / "new").mkdir()
+    storage = tmp_path / "a" / "b" / "ray"
+    argv = ["--preset", "smoke", "--cells", "base", "--densities", "0.1", "--no-report", "--mlflow-uri", uri,
+            "--storage-path", str(storage), *[a.replace("GPUS", gpus) for a in extra]]
+    proc = subprocess.run([sys.executable, "-c", _STARTUP, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=LIMIT_S)
+    *lines, result = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr[-3000:]
+    assert "ray_imported=False" in result and "code=2" in result, result
+    assert float(result.split("seconds=")[1].split()[0]) < 5
+    assert not storage.exists() and not (tmp_path / "x").exists()  # no Tune run, inside or outside storage
+    if not store:
+        assert not (tmp_path / "new" / "mlflow.db").exists()  # no store made
+
+
+def test_cli_bounds_one_line_exit_2(capsys):
+    for argv, message in ((["--threads", "100000"], "--threads 100000: must be in [1, "),
+                          (["train.post_epochs=1000000000000"], "train.post_epochs=1000000000000 is not valid"),
+                          (["prune.density=1e-300"], "keeps no weight"),
+                          (["model.width=60000", "model.depth=1000"], "does not fit")):
+        assert message in main_error_line(sparse_core_main, [*TINY, *argv], capsys)
+
+
+# ---- the report's run is never left RUNNING -----------------------------------------------------------
+_KILLED_REPORT = """
+import os, signal, sys
+from mlflow import MlflowClient
+from analysis import report
+
+def die(self, *args, **kwargs):  # the kill lands while the report's files are being logged
+    os.kill(os.getpid(), signal.SIGKILL)
+
+MlflowClient.log_artifacts = die
+report.build(sys.argv[1], ["report"], sys.argv[2])
+"""
+
+
+def test_a_report_killed_midway_leaves_no_run_running(tmp_path, monkeypatch, torch_one_thread):
+    from mlflow import MlflowClient
+
+    from analysis import report
+    from sparse_core.config import from_flat, parse_overrides, run_key
+    from sparse_core.train import run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = tracking.experiment_id(uri, "report")
+    for seed in (0, 1):
+        cfg = from_flat({**parse_overrides(TINY), "seed": seed})
+        mlrun = tracking.TrialRun(uri, exp, sweep="s", cell="base", flat=cfg.to_flat(), run_key=run_key(cfg)).open()
+        mlrun.finish(run(cfg, lambda metrics, _: mlrun.log_step(metrics)))
+    proc = subprocess.run([sys.executable, "-c", _KILLED_REPORT, uri, str(tmp_path / "r1")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=LIMIT_S)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    c = tracking.client(uri)
+    reports = lambda status: c.search_runs([exp], f"tags.cell = 'analysis' and attributes.status = '{status}'")  # noqa: E731
+    assert len(reports("RUNNING")) == 1  # what a killed report leaves behind
+
+    def interrupted(self, *args, **kwargs):  # Ctrl-C while the files are logged
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, "log_artifacts", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            report.build(uri, ["report"], str(tmp_path / "r2"))
+    assert reports("RUNNING") == [] and len(reports("KILLED")) == 2  # the stale run closed; the interrupted one too
+    assert report.build(uri, ["report"], str(tmp_path / "r3"))["run_id"] in [r.info.run_id for r in reports("FINISHED")]
+    assert reports("RUNNING") == [] and len(reports("FINISHED")) == 1
+
+
+# ---- a full disk mid-sweep --------------------------------------------------------------------------------
+def _small_disk(folder: Path, kib: int) -> None:
+    """A ``kib`` KiB tmpfs at ``folder`` (root only), or the test is skipped."""
+    folder.mkdir(exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and tmpfs mounts for a real full disk")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("disk", ["injected", "storage-tmpfs", "store-tmpfs"])
+def test_a_full_disk_stops_the_sweep_in_one_line_and_the_rerun_completes(tmp_path, disk):
+    """A full disk mid-sweep: every checkpoint write from each trial process's second on fails with ENOSPC
+    (fault injection, ``SWEEPS_FAULT_ENOSPC_AT``), or the Tune storage, or the MLflow store, is on a real
+    filesystem that fills up. The sweep stops at the first failure, saying so in one line, without
+    retries or tracebacks, and leaves no run RUNNING (unless the store's own disk is full: nothing can be
+    written there, and the re-run continues those runs); once there is space the plain re-run finishes
+    every run_key, one run each."""
+    argv = sweep_argv(tmp_path, "base,rigl", "0.1,0.05", "--no-report")
+    uri, full_dir = f"sqlite:///{tmp_path}/mlflow.db", None
+    if disk == "storage-tmpfs":
+        full_dir = tmp_path / "ray"
+        _small_disk(full_dir, 120)
+    elif disk == "store-tmpfs":  # MLflow's schema (~930 KiB) and ~200 KiB to spare
+        seed = f"sqlite:///{tmp_path}/seed.db"
+        tracking.experiment_id(seed, "sparsity-sweep")
+        full_dir = tmp_path / "store"
+        _small_disk(full_dir, (tmp_path / "seed.db").stat().st_size // 1024 + 200)
+        with sqlite3.connect(tmp_path / "seed.db") as src, sqlite3.connect(full_dir / "mlflow.db") as dst:
+            src.backup(dst)  # the whole database, its write-ahead log included
+        uri = f"sqlite:///{full_dir}/mlflow.db"
+        argv = [uri if a.startswith("sqlite:") else a for a in argv]
+    try:
+        _full_then_rerun(argv, uri, disk, full_dir)
+    finally:
+        if full_dir is not None:
+            subprocess.run(["umount", "-l", str(full_dir)], capture_output=True)  # -l: the store may be open here
+
+
+def _full_then_rerun(argv, uri: str, disk: str, full_dir: Path | None) -> None:
+    from sweeps.trainable import FAULT_ENOSPC_ENV
+
+    fault = {FAULT_ENOSPC_ENV: "2"} if disk == "injected" else {}
+    full = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S, env={**os.environ, **fault})
+    said = [line for line in (full.stdout + full.stderr).splitlines() if line.startswith("error: the disk is full")]
+    assert full.returncode == 1 and len(said) == 1, full.stdout + full.stderr
+    assert "Traceback" not in full.stderr and len(full.stderr.splitlines()) < 20, full.stderr[-3000:]
+    assert "retry" not in full.stdout  # no retry of a trial that a full disk would fail again
+    if disk != "store-tmpfs":
+        assert "RUNNING" not in {r.info.status for r in tracking.search(uri, "sparsity-sweep")}
+    if full_dir is not None:
+        subprocess.run(["mount", "-o", "remount,size=64m", str(full_dir)], check=True)  # space freed
+    again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    if disk == "injected":  # (a real disk may fill after some runs finished: those are skipped then)
+        assert "4 trials (4 launched, 4 trained, 0 skipped, 0 failed)" in again.stdout
+    assert_one_finished_run_per_key(uri, 4)  # the FAILED runs continued, none added

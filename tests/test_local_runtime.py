@@ -8,10 +8,13 @@ no worker that no trial asks for.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.usefixtures("ray_runtime")  # tests/conftest.py: launch.connect(num_cpus=2, ...)
+pytestmark = pytest.mark.usefixtures("ray_runtime")
+_TINY = {"data.name": "digits", "model.width": 16, "model.depth": 2, "train.pre_epochs": 1, "train.post_epochs": 1,
+         "prune.density": 0.1}  # tests/conftest.py: launch.connect(num_cpus=2, ...)
 
 
 def test_local_workers_run_at_the_drivers_priority_and_connect_is_idempotent():
@@ -94,8 +97,13 @@ def test_a_trial_of_a_local_runtime_writes_through_the_relay_and_imports_no_mlfl
 
     import runstore
 
+    from sparse_core.config import from_flat, to_flat
+    from sweeps import launch, relay
+    from sweeps.designs import Trial as Trial_
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     exp = runstore.experiment_id(uri, "relay")
+    flat = to_flat(from_flat(_TINY))
 
     @ray.remote(num_cpus=1, runtime_env={"env_vars": {"PL_DISABLE_FORK": "1", "RELAY_TEST": str(tmp_path)}})
     class Trial:
@@ -108,8 +116,7 @@ def test_a_trial_of_a_local_runtime_writes_through_the_relay_and_imports_no_mlfl
             from sparse_core.train import run
             from sweeps import claims, relay
 
-            cfg = from_flat({"data.name": "digits", "model.width": 16, "model.depth": 2, "train.pre_epochs": 1,
-                             "train.post_epochs": 1, "prune.density": 0.1})
+            cfg = from_flat(_TINY)
             mlrun = relay.trial_run(uri, exp, sweep="s", cell="base", flat=cfg.to_flat(), run_key=run_key(cfg)).open()
             mlrun.finish(run(cfg, lambda metrics, _: mlrun.log_step(metrics)))
             return {"kind": type(mlrun).__name__, "run_id": mlrun.run_id, "claim": claims.this_claim(),
@@ -117,9 +124,14 @@ def test_a_trial_of_a_local_runtime_writes_through_the_relay_and_imports_no_mlfl
 
     trial = Trial.remote()
     try:
-        out = ray.get(trial.run.remote(uri, exp), timeout=600)
+        with launch.serving(relay.Scope.of(uri, exp, "s", [Trial_("base", flat)])):
+            out = ray.get(trial.run.remote(uri, exp), timeout=600)
     finally:
         ray.kill(trial)
+    token = relay._read_token(launch._relay.token_file).encode()
+    logs = [p for p in Path(ray._private.worker._global_node.get_session_dir_path()).rglob("*") if p.is_file()]
+    assert any(b"SWEEPS_RELAY_ADDRESS" in p.read_bytes() for p in logs)  # Ray logs the workers' environment
+    assert not [p for p in logs if token in p.read_bytes()]  # which holds the token file's path, not the token
     assert out["kind"] == "RemoteRun" and out["imported"] == []
     stored = MlflowClient(uri).get_run(out["run_id"])
     assert stored.info.status == "FINISHED" and stored.data.tags["claimed_by"] == out["claim"]

@@ -185,7 +185,7 @@ def test_failed_pack_retries_each_copy_from_its_checkpoint(smoke_sweep, sweep_st
                       "--set", "train.fail_at_epoch=2")
     assert code == 0, out
     assert "retry base d=0.1,0.01 s=0 (pack of 2): failed, continuing from its last checkpoint" in out
-    assert "2 trials (2 launched, 0 skipped, 0 failed) | 2 runs in 1 packed trials" in out
+    assert "2 trials (2 launched, 2 trained, 0 skipped, 0 failed) | 2 runs in 1 packed trials" in out
     retried, plain = by_key(uri, "retry-pack"), by_key(uri, "smoke")
     assert len(retried) == 2 == len(runs(uri, "retry-pack"))  # one run per copy, continued
     c = runstore.client(uri)
@@ -208,7 +208,7 @@ def test_superset_of_seeds_packs_only_the_new_trials(ray_runtime, sweep_store):
     code, out = sweep(sweep_store, "superset", *args, "--seeds", "0,1")
     assert code == 0, out
     assert "skipping 2 of 4 trials: already FINISHED" in out and "launching 2 trials in 1 packed trials" in out
-    assert "4 trials (2 launched, 2 skipped, 0 failed) | 2 runs in 1 packed trials" in out
+    assert "4 trials (2 launched, 2 trained, 2 skipped, 0 failed) | 2 runs in 1 packed trials" in out
     assert "(2/2 seeds)" in out  # the summary counts runs per (cell, density), packed or not
     after = runs(uri, "superset")
     assert len(after) == 4 and {r.info.status for r in after} == {"FINISHED"}
@@ -265,3 +265,55 @@ def test_a_finished_copy_is_skipped_inside_its_pack(monkeypatch, sweep_store, to
     # every checkpoint holds the trained copy's own file only (the skipped copy has no state)
     saved = [files for _, files in fake.reports if files is not None]
     assert saved and all(files == [f"state_{new.run_key}.pt"] for files in saved)
+
+
+class _TuneWithCheckpoint(_FakeTune):
+    """Tune's session for a retried pack: ``get_checkpoint`` is a real checkpoint dir of the pack."""
+
+    def __init__(self, checkpoint):
+        super().__init__()
+        self.checkpoint = checkpoint
+
+    def get_checkpoint(self):
+        return self.checkpoint
+
+
+def _first_epoch_state(cfg) -> dict:
+    from sparse_core.train import run
+
+    saved = {}
+    run(cfg, lambda metrics, checkpoint: saved.setdefault("state", checkpoint()) if checkpoint else None)
+    return saved["state"]
+
+
+def test_a_wrong_content_state_fails_its_copy_alone(monkeypatch, sweep_store, tmp_path, torch_one_thread):
+    """A retried pack of 4 whose checkpoint holds a good state for 3 copies and, for one, a state that
+    unpickles safely but is not a trainer state of its run: that copy's run ends FAILED with one line
+    naming the problem; the other 3 continue from their own states and finish."""
+    import torch
+    from ray import tune as real_tune
+
+    from sweeps import claims, pack_trial, tracking
+    from sweeps.trainable import copy_file
+
+    trials = smoke_trials(["base"], densities=(0.1, 0.05, 0.02, 0.01))
+    with claims.store_lock(sweep_store["uri"]):
+        exp_id = tracking.experiment_id(sweep_store["uri"], "wrong-state")
+    folder = tmp_path / "trial" / "checkpoint_000000"
+    folder.mkdir(parents=True)
+    bad = trials[1]
+    for t in trials:
+        state = _first_epoch_state(from_flat(t.flat))
+        torch.save({"format": state["format"], "step_idx": 0} if t is bad else state, folder / copy_file(t.run_key))
+    fake = _TuneWithCheckpoint(real_tune.Checkpoint.from_directory(str(folder)))
+    monkeypatch.setattr(pack_trial, "tune", fake)
+    meta = {"sweep": "wrong-state", "tracking_uri": sweep_store["uri"], "experiment_id": exp_id, "cpus": 1}
+    pack_trial.train_pack({"trials": [packing.spec(t) for t in trials], "meta": meta})
+    rows = {row["run_key"]: row for row in json.loads(fake.reports[-1][0]["runs"])}
+    assert rows[bad.run_key]["status"] == "failed" and "field 'config'" in rows[bad.run_key]["error"]
+    assert [rows[t.run_key]["status"] for t in trials if t is not bad] == ["finished"] * 3
+    stored = {r.data.tags["run_key"]: r for r in runs(sweep_store["uri"], "wrong-state")}
+    assert len(stored) == 4 and stored[bad.run_key].info.status == "FAILED"
+    assert "\n" not in stored[bad.run_key].data.tags["error"] and "not a checkpoint" in stored[bad.run_key].data.tags["error"]
+    good = [stored[t.run_key] for t in trials if t is not bad]
+    assert {r.info.status for r in good} == {"FINISHED"} and all(r.data.tags.get("resumed_at_epoch") for r in good)

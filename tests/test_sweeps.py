@@ -146,7 +146,7 @@ def test_bad_input_fails_fast_without_ray_or_runs(tmp_path, module, extra, messa
 def test_smoke_sweep_one_finished_run_per_trial(smoke_sweep, store):
     assert smoke_sweep["code"] == 0, smoke_sweep["out"]
     out = smoke_sweep["out"]
-    assert f"{SMOKE_TRIALS} trials ({SMOKE_TRIALS} launched, 0 skipped, 0 failed)" in out
+    assert f"{SMOKE_TRIALS} trials ({SMOKE_TRIALS} launched, {SMOKE_TRIALS} trained, 0 skipped, 0 failed)" in out
     expected, _ = designs.trials("leave-one-out", options.base_overrides(
         presets.get("smoke").base, [], None), presets.get("smoke").densities, (0,), presets.get("smoke").synflow_rounds)
     finished = runs(store["uri"], "smoke", "FINISHED")
@@ -202,7 +202,7 @@ def test_rerun_launches_nothing(smoke_sweep, store):
     assert code == 0
     assert f"skipping {SMOKE_TRIALS} of {SMOKE_TRIALS} trials" in out
     assert "writing the report" not in out and "  build it: python -m analysis report" in out
-    assert f"(0 launched, {SMOKE_TRIALS} skipped, 0 failed)" in out
+    assert f"(0 launched, 0 trained, {SMOKE_TRIALS} skipped, 0 failed)" in out
     assert len(runs(store["uri"], "smoke")) == before
 
 
@@ -211,7 +211,7 @@ def test_extra_density_launches_only_new_trials(smoke_sweep, store):
     code, out = run_cli(ablation_grid.main, grid_args(store, "smoke", "--cells", "base,rigl",
                                                       "--densities", "0.1,0.01,0.05"))
     assert code == 0, out
-    assert "6 trials (2 launched, 4 skipped, 0 failed)" in out
+    assert "6 trials (2 launched, 2 trained, 4 skipped, 0 failed)" in out
     new = runs(store["uri"], "smoke")
     assert len(new) == before + 2 and all(r.info.status == "FINISHED" for r in new)
     assert {r.data.params["prune.density"] for r in new if r.data.tags["cell"] in ("base", "rigl")} >= {"0.05"}
