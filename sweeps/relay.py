@@ -135,7 +135,8 @@ def _pending(request: dict) -> list[tuple]:
 def _result(result) -> dict:
     """``finish``'s result, checked: numbers, a list of layer names, a dict of layer densities."""
     _check(result, dict, "result")
-    allowed = {*FINAL_METRICS, "collapsed_layers", "device", "sparse_path", "prefix_shared_by", "layer_density"}
+    allowed = {*FINAL_METRICS, "collapsed_layers", "device", "sparse_path", "prefix_shared_by", "layer_density",
+               "effective_units"}
     unknown = sorted(set(result) - allowed)
     if unknown:
         raise Refused(f"unknown result field(s) {unknown}; valid: {sorted(allowed)}")
@@ -153,6 +154,10 @@ def _result(result) -> dict:
     for key in ("device", "sparse_path"):
         if key in result:
             _check(result[key], str, f"result[{key!r}]")
+    units = _check(result.get("effective_units", {}), dict, "result['effective_units']")
+    if not all(isinstance(n, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+               for n, v in units.items()):
+        raise Refused("result's effective_units must map layer names to unit counts >= 0")
     return result
 
 

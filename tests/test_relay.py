@@ -341,3 +341,12 @@ def test_the_optuna_trial_set_is_its_search_space():
     for other in ({**flat, "train.lr": 5.0}, {**flat, "seed": 9}, {**flat, "model.width": 17}):  # out of range, not fixed
         assert trial(run_key(from_flat(other)), other) is None
     assert trial("0" * 12, flat) is None and trial(run_key(from_flat(flat)), {"no.such": 1}) is None
+
+
+def test_a_results_effective_units_are_checked():
+    ok = {"test_acc": 0.9, "epochs": 3, "collapsed_layers": [], "layer_density": {"a": 0.1},
+          "effective_units": {"a": 7}}
+    assert relay._result(dict(ok)) == ok
+    for bad in ({"a": -1}, {"a": "7"}, {"a": True}, [7]):
+        with pytest.raises(relay.Refused, match="effective_units"):
+            relay._result({**ok, "effective_units": bad})
