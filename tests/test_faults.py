@@ -309,9 +309,10 @@ def test_analysis_unwritable_out_before_loading(tmp_path, store, command, out, c
 
 
 # ---- slow: a killed driver, two drivers at once ---------------------------------------------------------
-def sweep_argv(tmp_path, cells="full,base,rigl", densities="0.1,0.05", *extra):
+def sweep_argv(tmp_path, cells="full,base,rigl", densities="0.1,0.05", *extra, uri=None):
+    """The smoke sweep of these tests (1 + 4 epochs a trial), on ``uri`` (default: a new SQLite store in tmp_path)."""
     return [sys.executable, "sweeps/ablation_grid.py", "--preset", "smoke", "--cells", cells, "--densities", densities,
-            "--set", "train.post_epochs=4", "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db",
+            "--set", "train.post_epochs=4", "--mlflow-uri", uri or f"sqlite:///{tmp_path}/mlflow.db",
             "--storage-path", str(tmp_path / "ray"), *extra]
 
 
@@ -339,8 +340,8 @@ def newest_epoch(trial_dir: str, key: str) -> int:  # of run_key's state.pt, or 
     return max(epochs)
 
 
-def assert_one_finished_run_per_key(uri: str, n_keys: int) -> list:
-    all_runs = [r for r in tracking.search(uri, "sparsity-sweep") if "run_key" in r.data.tags]  # not the report's
+def assert_one_finished_run_per_key(uri: str, n_keys: int, experiment: str = "sparsity-sweep") -> list:
+    all_runs = [r for r in tracking.search(uri, experiment) if "run_key" in r.data.tags]  # not the report's
     keys = [r.data.tags["run_key"] for r in all_runs]
     assert len(set(keys)) == n_keys and len(keys) == n_keys, sorted(keys)  # one run per run_key
     assert {r.info.status for r in all_runs} == {"FINISHED"}  # none RUNNING
@@ -350,6 +351,29 @@ def assert_one_finished_run_per_key(uri: str, n_keys: int) -> list:
         steps = [m.step for m in c.get_metric_history(r.info.run_id, key)]
         assert steps == sorted(set(steps)) and steps == list(range(1, len(steps) + 1)), steps
     return all_runs
+
+
+def assert_rerun_continued(uri: str, n_keys: int, finished_before: dict, orphans: dict,
+                           experiment: str = "sparsity-sweep") -> None:
+    """After a killed driver's re-run: one FINISHED run per run_key, the runs FINISHED before the kill
+    (run_id -> end_time) untouched, the orphans (run_id -> newest checkpoint's epoch) continued in the
+    same run from that checkpoint."""
+    all_runs = {r.info.run_id: r for r in assert_one_finished_run_per_key(uri, n_keys, experiment)}
+    for run_id, end_time in finished_before.items():  # never re-run
+        assert all_runs[run_id].info.end_time == end_time and "retries" not in all_runs[run_id].data.tags
+    for run_id, epoch in orphans.items():  # continued in the same run, from the newest checkpoint
+        tags = all_runs[run_id].data.tags
+        assert tags["retries"] == "1" and tags["resumed_at_epoch"].split(",")[0] == str(epoch), (tags, epoch)
+
+
+def assert_drivers_shared(procs, outs) -> None:
+    """Two drivers of one sweep both succeeded, without a traceback, and between them trained each
+    run_key once: the other's trials were skipped (claimed or FINISHED)."""
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+        driver_lines = [line for line in out.splitlines() if "pid=" not in line]  # not Ray's worker logs
+        assert not any(line.startswith("Traceback") for line in driver_lines), out[-4000:]  # e.g. alembic's
+    assert any("trained nothing" in out or "skipping" in out for out in outs), outs[0][-2000:] + outs[1][-2000:]
 
 
 @pytest.mark.slow
@@ -383,12 +407,7 @@ def test_driver_killed_then_rerun(tmp_path, rerun):
                           capture_output=True, text=True, timeout=LIMIT_S)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert ("its search state was never written" in done.stdout) == (rerun == "resume-torn"), done.stdout[-4000:]
-    all_runs = {r.info.run_id: r for r in assert_one_finished_run_per_key(uri, 6)}
-    for run_id, end_time in finished_before.items():  # never re-run
-        assert all_runs[run_id].info.end_time == end_time and "retries" not in all_runs[run_id].data.tags
-    for run_id, epoch in orphans.items():  # continued in the same run, from the newest checkpoint
-        tags = all_runs[run_id].data.tags
-        assert tags["retries"] == "1" and tags["resumed_at_epoch"].split(",")[0] == str(epoch), (tags, epoch)
+    assert_rerun_continued(uri, 6, finished_before, orphans)
 
 
 @pytest.mark.slow
@@ -399,10 +418,5 @@ def test_two_drivers_on_a_new_store(tmp_path):
     procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=LIMIT_S)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
-        driver_lines = [line for line in out.splitlines() if "pid=" not in line]  # not Ray's worker logs
-        assert not any(line.startswith("Traceback") for line in driver_lines), out[-4000:]  # e.g. alembic's
-    # between them each run_key was trained once: the rest were skipped (claimed or FINISHED)
-    assert any("trained nothing" in out or "skipping" in out for out in outs), outs[0][-2000:] + outs[1][-2000:]
+    assert_drivers_shared(procs, outs)
     assert_one_finished_run_per_key(f"sqlite:///{tmp_path}/mlflow.db", 4)
