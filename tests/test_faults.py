@@ -8,6 +8,7 @@ SIGKILL and then re-run plainly or with ``--resume``, and two drivers started to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -168,9 +169,9 @@ def store(tmp_path_factory):
     return uri, exp
 
 
-def trial_run(store, key, trial_id="t_00000"):
+def trial_run(store, key, trial_id="t_00000", claim=None):
     uri, exp = store
-    return tracking.TrialRun(uri, exp, sweep="s", cell="c", flat=FLAT, run_key=key, trial_id=trial_id)
+    return tracking.TrialRun(uri, exp, sweep="s", cell="c", flat=FLAT, run_key=key, trial_id=trial_id, claim=claim)
 
 
 def make_run(store, key, status, claimed_by=None, heartbeat=None, trial_id="old_00000"):
@@ -241,18 +242,88 @@ def test_orphans_are_continued_not_duplicated_and_retries_counted(store):
     assert len(c.search_runs([store[1]], "tags.run_key = 'k_orphan'")) == 2
 
 
-def test_optimistic_claim_the_older_run_wins(store, live_process):
-    """Without a lock (a tracking server), a claim written at the same time as another loses to the older."""
-    first = make_run(store, "k_race", "RUNNING", claimed_by=live_process)
-    time.sleep(0.01)
-    t = trial_run(store, "k_race", trial_id="late_00000")
-    t._create()
-    mine = t.run_id
-    t._recheck(created=True)
-    assert t.skip == "claimed" and t.other.info.run_id == first and t.run_id is None
+@pytest.fixture
+def live_claims_of(live_process):
+    """Claims of 3 more live processes beside ``live_process``'s (each a different trial process)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) for _ in range(3)]
+    yield [live_process] + [f"{socket.gethostname()}/{p.pid}/{claims._proc_start(p.pid)}" for p in procs]
+    for p in procs:
+        p.kill(), p.wait()
+
+
+@pytest.fixture
+def no_lock(monkeypatch):
+    """``TrialRun.open`` as on a tracking server: no lock, the store arbitrates (``claims.take``)."""
+    @contextlib.contextmanager
+    def unlocked(uri):
+        yield False
+
+    monkeypatch.setattr(tracking, "store_lock", unlocked)
+
+
+def test_server_claim_the_creator_seen_by_the_other_wins(store, live_claims_of, no_lock, monkeypatch):
+    """Two trials create a run for one run_key at once. A's search ran before B's run existed, so A
+    saw only its own run; B's run sorts first (its client's clock is behind). "Oldest wins" let both
+    train; with write-once claims B cannot take A's run, so A trains and B deletes its run."""
+    a = trial_run(store, "k_race", "a_00000", claim=live_claims_of[0])
+    a._create()
+    assert a._arbitrate() and a.skip is None
+    b = trial_run(store, "k_race", "b_00000", claim=live_claims_of[1])
+    b._create()
     c = tracking.client(store[0])
-    assert c.get_run(mine).info.lifecycle_stage == "deleted"
-    assert [r.info.run_id for r in c.search_runs([store[1]], "tags.run_key = 'k_race'")] == [first]
+    mine, theirs = c.get_run(b.run_id), c.get_run(a.run_id)
+    monkeypatch.setattr(tracking, "runs_of_key", lambda *args: [mine, theirs])  # B's run first, as by its clock
+    assert not b._arbitrate()
+    assert b.skip == "claimed" and b.other.info.run_id == a.run_id and b.run_id is None
+    assert c.get_run(mine.info.run_id).info.lifecycle_stage == "deleted"
+    assert [r.info.run_id for r in c.search_runs([store[1]], "tags.run_key = 'k_race'")] == [a.run_id]
+    assert c.get_run(a.run_id).data.params["claim.1"].rsplit("@", 1)[0] == live_claims_of[0]
+
+
+def test_server_claim_concurrent_opens_one_trains(store, live_claims_of, no_lock):
+    """Four trials of one run_key open at the same moment (threads, no lock): one trains, three skip."""
+    import threading
+
+    barrier, got = threading.Barrier(4), {}
+
+    def open_one(i):
+        t = trial_run(store, "k_four", f"t{i}_00000", claim=live_claims_of[i])
+        barrier.wait()
+        got[i] = t.open()
+
+    threads = [threading.Thread(target=open_one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(str(t.skip) for t in got.values()) == ["None", "claimed", "claimed", "claimed"]
+    (winner,) = [t for t in got.values() if t.skip is None]
+    runs = tracking.client(store[0]).search_runs([store[1]], "tags.run_key = 'k_four'")
+    assert [r.info.run_id for r in runs] == [winner.run_id]  # the losers' runs are deleted
+    assert all(t.other_id and t.run_id is None for t in got.values() if t.skip)  # lost to a run it could not take
+
+
+def test_server_claim_two_trials_continue_one_orphan(store, live_claims_of, no_lock):
+    """An interrupted run (KILLED), found by two trials at once: one takes its next generation and
+    continues it, the other skips. Between taking it and setting it RUNNING, it already counts as live."""
+    c = tracking.client(store[0])
+    orphan_id = make_run(store, "k_cont", "KILLED", claimed_by=dead_claim())
+    seen = c.get_run(orphan_id)  # what both read before either wrote
+    a = trial_run(store, "k_cont", "a_00000", claim=live_claims_of[0])
+    b = trial_run(store, "k_cont", "b_00000", claim=live_claims_of[1])
+    assert a._take(seen) and not b._take(seen)
+    assert b.skip == "claimed" and b.other_id == orphan_id
+    taken = c.get_run(orphan_id)
+    assert taken.info.status == "KILLED" and claims.claim_alive(taken)  # taken, not yet RUNNING
+    assert trial_run(store, "k_cont", "c_00000", claim=live_claims_of[2]).open().skip == "claimed"
+    a._reopen(taken, None)
+    run = c.get_run(orphan_id)
+    assert run.info.status == "RUNNING" and run.data.tags["claimed_by"] == live_claims_of[0]
+    c.set_terminated(orphan_id, "KILLED")  # interrupted again: the next trial takes generation 2
+    later = trial_run(store, "k_cont", "d_00000", claim=live_claims_of[3]).open()
+    assert later.run_id == orphan_id and later.skip is None
+    params = c.get_run(orphan_id).data.params
+    assert params["claim.2"].rsplit("@", 1)[0] == live_claims_of[3] and claims.claim_generation(c.get_run(orphan_id)) == 2
 
 
 # ---- 6, 7: unwritable paths, corrupt database ----------------------------------------------------------

@@ -1,0 +1,197 @@
+"""The team path: sweeps on the tracking server of docker/compose.yaml (its own `mlflow server`
+command on loopback, PostgreSQL as the backend store, artifacts served by the server), on the
+PostgreSQL that .ci/run starts (skipped without $SWEEPS_TEST_POSTGRES_URI). The faults of
+tests/test_faults.py against that server, where claims are not locked but arbitrated by the server
+(sweeps/claims.py): two drivers of one sweep at once, a driver killed with SIGKILL at ~40 % of a
+trial then re-run plainly or with --resume, Ctrl-C then a re-run, a trial's worker process killed.
+Each ends with one FINISHED run per run_key and none RUNNING. Then the analysis and the report read
+the runs back over HTTP, their artifacts proxied (``mlflow-artifacts:``).
+
+One server for the module; each test has an experiment of its own. Every sweep runs with a marker
+in its environment: whatever is left of it is killed by pid afterwards (tests/cluster_harness.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from cluster_harness import clean_env, kill_marked, running_mlflow_on_postgres
+from test_faults import (LIMIT_S, ROOT, assert_drivers_shared, assert_one_finished_run_per_key,
+                         assert_rerun_continued, newest_epoch, sweep_argv)
+
+from runstore import EPOCH_PREFIX
+from sweeps import tracking
+
+pytestmark = pytest.mark.slow
+EPOCHS = 5  # sweep_argv's trials: 1 pre-training + 4 sparse epochs
+
+
+@pytest.fixture(scope="module")
+def server(postgres, tmp_path_factory):
+    with running_mlflow_on_postgres(postgres, tmp_path_factory.mktemp("team"), "team") as s:
+        yield s
+
+
+@pytest.fixture
+def marker():
+    """The marker of this test's sweeps; afterwards their leftovers are killed."""
+    m = uuid.uuid4().hex
+    yield m
+    kill_marked(m)
+
+
+def team_argv(tmp_path, server, experiment, cells="full,base,rigl", densities="0.1,0.05"):
+    return sweep_argv(tmp_path, cells, densities, "--experiment", experiment, "--no-report", uri=server.url)
+
+
+def sweep(argv, marker, **popen) -> subprocess.Popen:
+    """A sweep driver in a session of its own (``os.killpg`` reaches its Ray runtime too)."""
+    return subprocess.Popen(argv, cwd=ROOT, env=clean_env(marker), start_new_session=True, text=True, **popen)
+
+
+def checkpointed(uri: str, experiment: str, min_epoch: int = 1) -> list:
+    """RUNNING runs with a checkpoint and at least ``min_epoch`` epochs in the store."""
+    out = []
+    for r in tracking.search(uri, experiment, "attributes.status = 'RUNNING'"):
+        if "checkpoint_dir" in r.data.tags:
+            steps = [m.step for m in tracking.client(uri).get_metric_history(r.info.run_id, EPOCH_PREFIX + "train_loss")]
+            if max(steps, default=0) >= min_epoch:
+                out.append(r)
+    return out
+
+
+def wait_for_checkpointed(proc, uri, experiment, min_epoch) -> list:
+    deadline = time.time() + LIMIT_S
+    while proc.poll() is None and time.time() < deadline:
+        runs = checkpointed(uri, experiment, min_epoch)
+        if runs:
+            return runs
+        time.sleep(0.5)
+    pytest.fail(f"no RUNNING run reached epoch {min_epoch} with a checkpoint (sweep exit code {proc.poll()})")
+
+
+def finished(uri: str, experiment: str) -> dict:
+    return {r.info.run_id: r.info.end_time for r in tracking.search(uri, experiment, "attributes.status = 'FINISHED'")}
+
+
+def rerun(argv, marker, *extra) -> subprocess.CompletedProcess:
+    done = subprocess.run(argv + list(extra), cwd=ROOT, env=clean_env(marker), capture_output=True, text=True,
+                          timeout=LIMIT_S)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done
+
+
+# ---- two drivers at once ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_drivers(server, tmp_path_factory):
+    """Two drivers of the same sweep started together on one experiment of the server (new: no run yet)."""
+    tmp, m = tmp_path_factory.mktemp("two"), uuid.uuid4().hex
+    argv = team_argv(tmp, server, "team-two", "base,rigl")
+    try:
+        procs = [sweep(argv, m, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+        outs = [p.communicate(timeout=LIMIT_S)[0] for p in procs]
+    finally:
+        kill_marked(m)
+    return procs, outs, "team-two"
+
+
+def test_two_drivers_at_once_share_the_run_keys(server, two_drivers):
+    procs, outs, experiment = two_drivers
+    assert_drivers_shared(procs, outs)
+    runs = assert_one_finished_run_per_key(server.url, 4, experiment)
+    # each run was claimed through the server once: its claim.1 param names the trial's process
+    assert all(r.data.tags["claimed_by"] == r.data.params["claim.1"].rsplit("@", 1)[0] for r in runs)
+
+
+# ---- a killed driver, Ctrl-C, a killed trial worker -----------------------------------------------------
+@pytest.mark.parametrize("again", ["plain", "resume"])
+def test_driver_killed_at_40_percent_then_rerun(server, tmp_path, marker, again):
+    """SIGKILL on the driver's process group once a trial has 2 of its 5 epochs checkpointed, then the
+    same command (plainly or with --resume): the orphans continue in their runs from their newest
+    checkpoint, FINISHED runs stay as they were."""
+    experiment = f"team-kill-{again}"
+    argv = team_argv(tmp_path, server, experiment)
+    proc = sweep(argv, marker, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_checkpointed(proc, server.url, experiment, min_epoch=round(0.4 * EPOCHS))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    kill_marked(marker)  # Ray's processes die with the driver; a laggard is killed like them
+    orphans = {r.info.run_id: newest_epoch(r.data.tags["checkpoint_dir"], r.data.tags["run_key"])
+               for r in checkpointed(server.url, experiment)}
+    assert orphans, "the kill should have left a RUNNING run with a checkpoint"
+    before = finished(server.url, experiment)
+    rerun(argv, marker, *(["--resume"] if again == "resume" else []))
+    assert_rerun_continued(server.url, 6, before, orphans, experiment)
+
+
+def test_ctrl_c_then_rerun(server, tmp_path, marker):
+    """SIGINT once the first trial is done: the driver closes its open runs (KILLED) and exits 1; the
+    same command again finishes the rest, continuing the interrupted runs."""
+    experiment = "team-sigint"
+    argv = team_argv(tmp_path, server, experiment)
+    proc = sweep(argv, marker, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("  done "):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=LIMIT_S)
+    assert proc.returncode == 1, "".join(lines) + rest
+    assert "unfinished: continue with --resume" in rest, "".join(lines) + rest
+    assert not tracking.search(server.url, experiment, "attributes.status = 'RUNNING'")
+    before = finished(server.url, experiment)
+    assert before, "".join(lines) + rest
+    rerun(argv, marker)
+    runs = {r.info.run_id: r for r in assert_one_finished_run_per_key(server.url, 6, experiment)}
+    assert all(runs[run_id].info.end_time == end for run_id, end in before.items())  # never trained again
+
+
+def test_trial_worker_killed_is_retried_in_its_run(server, tmp_path, marker):
+    """SIGKILL on the process of a running trial (``claimed_by`` names it): Ray retries the trial from
+    its checkpoint, which continues the same run; the sweep succeeds."""
+    experiment = "team-worker"
+    argv = team_argv(tmp_path, server, experiment, "base,rigl")
+    proc = sweep(argv, marker, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    victim = wait_for_checkpointed(proc, server.url, experiment, min_epoch=2)[0]
+    host, pid, _ = victim.data.tags["claimed_by"].rsplit("/", 2)
+    assert host == os.uname().nodename
+    os.kill(int(pid), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=LIMIT_S)
+    assert proc.returncode == 0, out[-4000:]
+    runs = {r.info.run_id: r for r in assert_one_finished_run_per_key(server.url, 4, experiment)}
+    tags = runs[victim.info.run_id].data.tags
+    assert tags["retries"] == "1" and tags["claimed_by"] != victim.data.tags["claimed_by"], tags
+
+
+# ---- analysis and report over HTTP ------------------------------------------------------------------
+def test_analysis_report_over_http_with_proxied_artifacts(server, two_drivers, tmp_path):
+    """The README's cluster step: `python -m analysis report --mlflow-uri http://...` reads the runs
+    and their layer_density.json through the server and logs the report to the run 'analysis',
+    whose artifacts the server stores (``mlflow-artifacts:``)."""
+    _, _, experiment = two_drivers
+    out = tmp_path / "report"
+    env = clean_env(uuid.uuid4().hex)
+    done = subprocess.run([sys.executable, "-m", "analysis", "report", "--experiment", experiment,
+                           "--mlflow-uri", server.url, "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=LIMIT_S)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert (out / "index.html").is_file() and (out / "table.md").is_file()
+    c = tracking.client(server.url)
+    exp = c.get_experiment_by_name(experiment)
+    (report,) = c.search_runs([exp.experiment_id], "tags.cell = 'analysis'")
+    assert report.info.status == "FINISHED" and report.info.artifact_uri.startswith("mlflow-artifacts:")
+    logged = {a.path for a in c.list_artifacts(report.info.run_id)}
+    assert "index.html" in logged and "table.md" in logged, logged
+    # the server wrote them, into its --artifacts-destination; the client never saw that path
+    stored = {p.name for p in Path(server.artifacts).rglob("*") if report.info.run_id in p.parts}
+    assert {"index.html", "table.md"} <= stored, stored
+    table = (out / "table.md").read_text()
+    assert "base" in table and "rigl" in table, table
