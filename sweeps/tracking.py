@@ -135,8 +135,8 @@ class TrialRun(RunLog):
     orphan of the same run_key (its driver was killed; an interrupted sweep) is continued, with its
     ``retries`` tag counting the restarts, else a new run is created. On SQLite the check and the
     claim happen under ``store_lock``; on a tracking server the store arbitrates (``claims.take``,
-    ``claims.arbitrate``: write-once ``claim.<n>`` params) and the loser skips. ``claim``: the process that trains the run (``claims.this_claim`` of the trial's
-    process; default this process).
+    ``claims.arbitrate``: write-once ``claim.<n>`` params) and the loser skips. ``claim``: the process
+    that trains the run (``claims.this_claim`` of the trial's process; default this process).
     """
 
     def __init__(self, uri: str, experiment_id: str, *, sweep: str, cell: str, flat: dict, run_key: str,

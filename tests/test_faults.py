@@ -322,8 +322,8 @@ def test_server_claim_two_trials_continue_one_orphan(store, live_claims_of, no_l
     c.set_terminated(orphan_id, "KILLED")  # interrupted again: the next trial takes generation 2
     later = trial_run(store, "k_cont", "d_00000", claim=live_claims_of[3]).open()
     assert later.run_id == orphan_id and later.skip is None
-    params = c.get_run(orphan_id).data.params
-    assert params["claim.2"].rsplit("@", 1)[0] == live_claims_of[3] and claims.claim_generation(c.get_run(orphan_id)) == 2
+    run = c.get_run(orphan_id)
+    assert run.data.params["claim.2"].rsplit("@", 1)[0] == live_claims_of[3] and claims.claim_generation(run) == 2
 
 
 # ---- 6, 7: unwritable paths, corrupt database ----------------------------------------------------------

@@ -58,10 +58,10 @@ def sweep(argv, marker, **popen) -> subprocess.Popen:
 
 def checkpointed(uri: str, experiment: str, min_epoch: int = 1) -> list:
     """RUNNING runs with a checkpoint and at least ``min_epoch`` epochs in the store."""
-    out = []
+    out, c = [], tracking.client(uri)
     for r in tracking.search(uri, experiment, "attributes.status = 'RUNNING'"):
         if "checkpoint_dir" in r.data.tags:
-            steps = [m.step for m in tracking.client(uri).get_metric_history(r.info.run_id, EPOCH_PREFIX + "train_loss")]
+            steps = [m.step for m in c.get_metric_history(r.info.run_id, EPOCH_PREFIX + "train_loss")]
             if max(steps, default=0) >= min_epoch:
                 out.append(r)
     return out
