@@ -28,6 +28,8 @@ import socket
 import time
 from typing import Any
 
+from runstore import CLAIM_PARAM  # + generation: the write-once claims of a run on a tracking server
+
 # A claim on another host is live while its heartbeat (refreshed at every flush, i.e. every checkpoint)
 # is younger than this; on the same host, while the claiming process runs.
 LEASE_S = 900.0
@@ -80,7 +82,6 @@ def this_claim() -> str:
     return f"{socket.gethostname()}/{os.getpid()}/{_proc_start(os.getpid())}"
 
 
-CLAIM_PARAM = "claim."  # + generation: the write-once claims of a run on a tracking server (module doc)
 
 
 def _number(text: str | None) -> float:

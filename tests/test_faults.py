@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runstore import EPOCH_PREFIX, unwritable
+from runstore import EPOCH_PREFIX, typed_config, unwritable
 from sparse_core.checkpoint import CheckpointError, load_state
 from sweeps import claims, tracking
 
@@ -277,7 +277,9 @@ def test_server_claim_the_creator_seen_by_the_other_wins(store, live_claims_of, 
     assert b.skip == "claimed" and b.other.info.run_id == a.run_id and b.run_id is None
     assert c.get_run(mine.info.run_id).info.lifecycle_stage == "deleted"
     assert [r.info.run_id for r in c.search_runs([store[1]], "tags.run_key = 'k_race'")] == [a.run_id]
-    assert c.get_run(a.run_id).data.params["claim.1"].rsplit("@", 1)[0] == live_claims_of[0]
+    params = c.get_run(a.run_id).data.params
+    assert params["claim.1"].rsplit("@", 1)[0] == live_claims_of[0]
+    assert typed_config(params)[1] == []  # a claim is no config key: the analysis reads past it silently
 
 
 def test_server_claim_concurrent_opens_one_trains(store, live_claims_of, no_lock):
