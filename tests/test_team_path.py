@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,8 +48,8 @@ def marker():
     kill_marked(m)
 
 
-def team_argv(tmp_path, server, experiment, cells="full,base,rigl", densities="0.1,0.05"):
-    return sweep_argv(tmp_path, cells, densities, "--experiment", experiment, "--no-report", uri=server.url)
+def team_argv(tmp_path, server, experiment, cells="full,base,rigl", densities="0.1,0.05", *extra):
+    return sweep_argv(tmp_path, cells, densities, "--experiment", experiment, "--no-report", *extra, uri=server.url)
 
 
 def sweep(argv, marker, **popen) -> subprocess.Popen:
@@ -56,25 +57,27 @@ def sweep(argv, marker, **popen) -> subprocess.Popen:
     return subprocess.Popen(argv, cwd=ROOT, env=clean_env(marker), start_new_session=True, text=True, **popen)
 
 
-def checkpointed(uri: str, experiment: str, min_epoch: int = 1) -> list:
-    """RUNNING runs with a checkpoint and at least ``min_epoch`` epochs in the store."""
-    out, c = [], tracking.client(uri)
-    for r in tracking.search(uri, experiment, "attributes.status = 'RUNNING'"):
-        if "checkpoint_dir" in r.data.tags:
-            steps = [m.step for m in c.get_metric_history(r.info.run_id, EPOCH_PREFIX + "train_loss")]
-            if max(steps, default=0) >= min_epoch:
-                out.append(r)
-    return out
+def progress(uri: str, experiment: str, n_keys: int, epochs: int = EPOCHS) -> tuple[float, list]:
+    """(the fraction of the sweep's epochs in the store, the RUNNING runs that have a checkpoint)."""
+    done, running, c = 0, [], tracking.client(uri)
+    for r in tracking.search(uri, experiment):
+        if r.info.status == "FINISHED":
+            done += epochs
+        elif r.info.status == "RUNNING" and "checkpoint_dir" in r.data.tags:
+            running.append(r)
+            done += max((m.step for m in c.get_metric_history(r.info.run_id, EPOCH_PREFIX + "train_loss")), default=0)
+    return done / (n_keys * epochs), running
 
 
-def wait_for_checkpointed(proc, uri, experiment, min_epoch) -> list:
+def wait_for_progress(proc, uri, experiment, n_keys, at_least: float, epochs: int = EPOCHS) -> list:
+    """Polls until ``at_least`` of the sweep is in the store and a run is RUNNING with a checkpoint."""
     deadline = time.time() + LIMIT_S
     while proc.poll() is None and time.time() < deadline:
-        runs = checkpointed(uri, experiment, min_epoch)
-        if runs:
-            return runs
+        done, running = progress(uri, experiment, n_keys, epochs)
+        if done >= at_least and running:
+            return running
         time.sleep(0.5)
-    pytest.fail(f"no RUNNING run reached epoch {min_epoch} with a checkpoint (sweep exit code {proc.poll()})")
+    pytest.fail(f"the sweep never had {at_least:.0%} done with a trial running (exit code {proc.poll()})")
 
 
 def finished(uri: str, experiment: str) -> dict:
@@ -113,18 +116,19 @@ def test_two_drivers_at_once_share_the_run_keys(server, two_drivers):
 # ---- a killed driver, Ctrl-C, a killed trial worker -----------------------------------------------------
 @pytest.mark.parametrize("again", ["plain", "resume"])
 def test_driver_killed_at_40_percent_then_rerun(server, tmp_path, marker, again):
-    """SIGKILL on the driver's process group once a trial has 2 of its 5 epochs checkpointed, then the
-    same command (plainly or with --resume): the orphans continue in their runs from their newest
-    checkpoint, FINISHED runs stay as they were."""
+    """SIGKILL on the driver's process group once 40 % of the sweep's epochs are in the store (one
+    trial at a time: the first pack FINISHED, the second past its pre-training), then the same command,
+    plainly or with --resume: the orphans continue in their runs from their newest checkpoint, FINISHED
+    runs stay as they were."""
     experiment = f"team-kill-{again}"
-    argv = team_argv(tmp_path, server, experiment)
+    argv = team_argv(tmp_path, server, experiment, "full,base,rigl", "0.1,0.05", "--max-concurrent", "1")
     proc = sweep(argv, marker, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_checkpointed(proc, server.url, experiment, min_epoch=round(0.4 * EPOCHS))
+    wait_for_progress(proc, server.url, experiment, 6, 0.4)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     kill_marked(marker)  # Ray's processes die with the driver; a laggard is killed like them
     orphans = {r.info.run_id: newest_epoch(r.data.tags["checkpoint_dir"], r.data.tags["run_key"])
-               for r in checkpointed(server.url, experiment)}
+               for r in progress(server.url, experiment, 6)[1]}
     assert orphans, "the kill should have left a RUNNING run with a checkpoint"
     before = finished(server.url, experiment)
     rerun(argv, marker, *(["--resume"] if again == "resume" else []))
@@ -155,20 +159,24 @@ def test_ctrl_c_then_rerun(server, tmp_path, marker):
 
 
 def test_trial_worker_killed_is_retried_in_its_run(server, tmp_path, marker):
-    """SIGKILL on the process of a running trial (``claimed_by`` names it): Ray retries the trial from
-    its checkpoint, which continues the same run; the sweep succeeds."""
+    """SIGKILL on the process of a running trial (``claimed_by`` names it) once it has a checkpoint:
+    Ray retries the trial from that checkpoint, which continues the same run; the sweep succeeds.
+    A long sparse stage (200 epochs of 16-sample batches, seconds) after the checkpoint of the
+    pre-training, so that the trial still runs when the kill comes."""
     experiment = "team-worker"
-    argv = team_argv(tmp_path, server, experiment, "base,rigl")
+    argv = team_argv(tmp_path, server, experiment, "base,rigl", "0.1", "--set", "train.post_epochs=200",
+                     "--set", "train.batch_size=16")
     proc = sweep(argv, marker, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    victim = wait_for_checkpointed(proc, server.url, experiment, min_epoch=2)[0]
+    victim = wait_for_progress(proc, server.url, experiment, 2, 0.0)[0]
     host, pid, _ = victim.data.tags["claimed_by"].rsplit("/", 2)
-    assert host == os.uname().nodename
+    assert host == socket.gethostname()
     os.kill(int(pid), signal.SIGKILL)
     out, _ = proc.communicate(timeout=LIMIT_S)
     assert proc.returncode == 0, out[-4000:]
-    runs = {r.info.run_id: r for r in assert_one_finished_run_per_key(server.url, 4, experiment)}
+    runs = {r.info.run_id: r for r in assert_one_finished_run_per_key(server.url, 2, experiment)}
     tags = runs[victim.info.run_id].data.tags
     assert tags["retries"] == "1" and tags["claimed_by"] != victim.data.tags["claimed_by"], tags
+    assert int(tags["resumed_at_epoch"]) >= 1, tags  # from its checkpoint, not from scratch
 
 
 # ---- analysis and report over HTTP ------------------------------------------------------------------
