@@ -27,11 +27,12 @@ from cluster_harness import clean_env, kill_marked, running_mlflow_on_postgres
 from test_faults import (LIMIT_S, ROOT, assert_drivers_shared, assert_one_finished_run_per_key,
                          assert_rerun_continued, newest_epoch, sweep_argv)
 
-from runstore import EPOCH_PREFIX
 from sweeps import tracking
 
 pytestmark = pytest.mark.slow
-EPOCHS = 5  # sweep_argv's trials: 1 pre-training + 4 sparse epochs
+# A sparse stage of seconds (the smoke preset's takes ~0.1 s): 150 epochs of 16-sample batches after the
+# pre-training's checkpoint, so a poll of the server sees the trial running before it ends.
+LONG = ("--set", "train.post_epochs=150", "--set", "train.batch_size=16")
 
 
 @pytest.fixture(scope="module")
@@ -57,27 +58,22 @@ def sweep(argv, marker, **popen) -> subprocess.Popen:
     return subprocess.Popen(argv, cwd=ROOT, env=clean_env(marker), start_new_session=True, text=True, **popen)
 
 
-def progress(uri: str, experiment: str, n_keys: int, epochs: int = EPOCHS) -> tuple[float, list]:
-    """(the fraction of the sweep's epochs in the store, the RUNNING runs that have a checkpoint)."""
-    done, running, c = 0, [], tracking.client(uri)
-    for r in tracking.search(uri, experiment):
-        if r.info.status == "FINISHED":
-            done += epochs
-        elif r.info.status == "RUNNING" and "checkpoint_dir" in r.data.tags:
-            running.append(r)
-            done += max((m.step for m in c.get_metric_history(r.info.run_id, EPOCH_PREFIX + "train_loss")), default=0)
-    return done / (n_keys * epochs), running
+def checkpointed(uri: str, experiment: str) -> tuple[int, list]:
+    """(how many runs are FINISHED, the RUNNING runs that have a checkpoint)."""
+    runs = tracking.search(uri, experiment)
+    return (sum(r.info.status == "FINISHED" for r in runs),
+            [r for r in runs if r.info.status == "RUNNING" and "checkpoint_dir" in r.data.tags])
 
 
-def wait_for_progress(proc, uri, experiment, n_keys, at_least: float, epochs: int = EPOCHS) -> list:
-    """Polls until ``at_least`` of the sweep is in the store and a run is RUNNING with a checkpoint."""
+def wait_for_checkpointed(proc, uri, experiment, finished_at_least: int = 0) -> list:
+    """Polls until ``finished_at_least`` runs are FINISHED and one is RUNNING with a checkpoint."""
     deadline = time.time() + LIMIT_S
     while proc.poll() is None and time.time() < deadline:
-        done, running = progress(uri, experiment, n_keys, epochs)
-        if done >= at_least and running:
+        n_finished, running = checkpointed(uri, experiment)
+        if n_finished >= finished_at_least and running:
             return running
-        time.sleep(0.5)
-    pytest.fail(f"the sweep never had {at_least:.0%} done with a trial running (exit code {proc.poll()})")
+        time.sleep(0.25)
+    pytest.fail(f"no run RUNNING with a checkpoint after {finished_at_least} FINISHED (exit code {proc.poll()})")
 
 
 def finished(uri: str, experiment: str) -> dict:
@@ -116,19 +112,20 @@ def test_two_drivers_at_once_share_the_run_keys(server, two_drivers):
 # ---- a killed driver, Ctrl-C, a killed trial worker -----------------------------------------------------
 @pytest.mark.parametrize("again", ["plain", "resume"])
 def test_driver_killed_at_40_percent_then_rerun(server, tmp_path, marker, again):
-    """SIGKILL on the driver's process group once 40 % of the sweep's epochs are in the store (one
-    trial at a time: the first pack FINISHED, the second past its pre-training), then the same command,
-    plainly or with --resume: the orphans continue in their runs from their newest checkpoint, FINISHED
-    runs stay as they were."""
+    """SIGKILL on the driver's process group at ~40 % of the sweep (six trials, one at a time: two
+    FINISHED, the third past the checkpoint of its pre-training, in a sparse stage of seconds), then
+    the same command, plainly or with --resume: the orphan continues in its run from its newest
+    checkpoint, the FINISHED runs stay as they were."""
     experiment = f"team-kill-{again}"
-    argv = team_argv(tmp_path, server, experiment, "full,base,rigl", "0.1,0.05", "--max-concurrent", "1")
+    argv = team_argv(tmp_path, server, experiment, "full,base,rigl", "0.1,0.05", *LONG, "--pack", "1",
+                     "--max-concurrent", "1")
     proc = sweep(argv, marker, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_progress(proc, server.url, experiment, 6, 0.4)
+    wait_for_checkpointed(proc, server.url, experiment, finished_at_least=2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     kill_marked(marker)  # Ray's processes die with the driver; a laggard is killed like them
     orphans = {r.info.run_id: newest_epoch(r.data.tags["checkpoint_dir"], r.data.tags["run_key"])
-               for r in progress(server.url, experiment, 6)[1]}
+               for r in checkpointed(server.url, experiment)[1]}
     assert orphans, "the kill should have left a RUNNING run with a checkpoint"
     before = finished(server.url, experiment)
     rerun(argv, marker, *(["--resume"] if again == "resume" else []))
@@ -136,10 +133,11 @@ def test_driver_killed_at_40_percent_then_rerun(server, tmp_path, marker, again)
 
 
 def test_ctrl_c_then_rerun(server, tmp_path, marker):
-    """SIGINT once the first trial is done: the driver closes its open runs (KILLED) and exits 1; the
-    same command again finishes the rest, continuing the interrupted runs."""
+    """SIGINT once the first trial is done (``LONG``: the others are still running then): the driver
+    closes its open runs (KILLED) and exits 1; the same command again finishes the rest, continuing
+    the interrupted runs."""
     experiment = "team-sigint"
-    argv = team_argv(tmp_path, server, experiment)
+    argv = team_argv(tmp_path, server, experiment, "full,base,rigl", "0.1,0.05", *LONG)
     proc = sweep(argv, marker, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines = []
     for line in proc.stdout:
@@ -161,13 +159,11 @@ def test_ctrl_c_then_rerun(server, tmp_path, marker):
 def test_trial_worker_killed_is_retried_in_its_run(server, tmp_path, marker):
     """SIGKILL on the process of a running trial (``claimed_by`` names it) once it has a checkpoint:
     Ray retries the trial from that checkpoint, which continues the same run; the sweep succeeds.
-    A long sparse stage (200 epochs of 16-sample batches, seconds) after the checkpoint of the
-    pre-training, so that the trial still runs when the kill comes."""
+    The sparse stage takes seconds (``LONG``), so that the trial still runs when the kill comes."""
     experiment = "team-worker"
-    argv = team_argv(tmp_path, server, experiment, "base,rigl", "0.1", "--set", "train.post_epochs=200",
-                     "--set", "train.batch_size=16")
+    argv = team_argv(tmp_path, server, experiment, "base,rigl", "0.1", *LONG)
     proc = sweep(argv, marker, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    victim = wait_for_progress(proc, server.url, experiment, 2, 0.0)[0]
+    victim = wait_for_checkpointed(proc, server.url, experiment)[0]
     host, pid, _ = victim.data.tags["claimed_by"].rsplit("/", 2)
     assert host == socket.gethostname()
     os.kill(int(pid), signal.SIGKILL)
