@@ -82,8 +82,6 @@ def this_claim() -> str:
     return f"{socket.gethostname()}/{os.getpid()}/{_proc_start(os.getpid())}"
 
 
-
-
 def _number(text: str | None) -> float:
     try:
         return float(text or 0)

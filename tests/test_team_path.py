@@ -33,6 +33,8 @@ pytestmark = pytest.mark.slow
 # A sparse stage of seconds (the smoke preset's takes ~0.1 s): 150 epochs of 16-sample batches after the
 # pre-training's checkpoint, so a poll of the server sees the trial running before it ends.
 LONG = ("--set", "train.post_epochs=150", "--set", "train.batch_size=16")
+# Cells whose trials checkpoint at the end of their pre-training (RigL's first checkpoint is its last).
+PRETRAINED = "full,base"
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +119,7 @@ def test_driver_killed_at_40_percent_then_rerun(server, tmp_path, marker, again)
     the same command, plainly or with --resume: the orphan continues in its run from its newest
     checkpoint, the FINISHED runs stay as they were."""
     experiment = f"team-kill-{again}"
-    argv = team_argv(tmp_path, server, experiment, "full,base,rigl", "0.1,0.05", *LONG, "--pack", "1",
+    argv = team_argv(tmp_path, server, experiment, PRETRAINED, "0.1,0.05,0.01", *LONG, "--pack", "1",
                      "--max-concurrent", "1")
     proc = sweep(argv, marker, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_checkpointed(proc, server.url, experiment, finished_at_least=2)
@@ -161,7 +163,7 @@ def test_trial_worker_killed_is_retried_in_its_run(server, tmp_path, marker):
     Ray retries the trial from that checkpoint, which continues the same run; the sweep succeeds.
     The sparse stage takes seconds (``LONG``), so that the trial still runs when the kill comes."""
     experiment = "team-worker"
-    argv = team_argv(tmp_path, server, experiment, "base,rigl", "0.1", *LONG)
+    argv = team_argv(tmp_path, server, experiment, PRETRAINED, "0.1", *LONG)
     proc = sweep(argv, marker, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     victim = wait_for_checkpointed(proc, server.url, experiment)[0]
     host, pid, _ = victim.data.tags["claimed_by"].rsplit("/", 2)
