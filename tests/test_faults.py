@@ -328,6 +328,18 @@ def test_server_claim_two_trials_continue_one_orphan(store, live_claims_of, no_l
     assert run.data.params["claim.2"].rsplit("@", 1)[0] == live_claims_of[3] and claims.claim_generation(run) == 2
 
 
+def test_server_claim_on_another_host_lives_by_its_time(store):
+    """A claim param of another host is live for ``LEASE_S`` after it was taken (its tags, heartbeat
+    included, come after it); a KILLED run taken again after it ended counts as open meanwhile."""
+    c = tracking.client(store[0])
+    fresh, stale, retaken = (make_run(store, "k_host", status) for status in ("RUNNING", "RUNNING", "KILLED"))
+    c.log_param(fresh, "claim.1", f"elsewhere/7/7@{time.time():.3f}")
+    c.log_param(stale, "claim.1", f"elsewhere/7/7@{time.time() - claims.LEASE_S - 1:.3f}")
+    c.log_param(retaken, "claim.1", f"elsewhere/7/7@{time.time() + 1:.3f}")
+    assert [claims.claim_alive(c.get_run(r)) for r in (fresh, stale, retaken)] == [True, False, True]
+    assert claims.current_claim(c.get_run(fresh))[0] == "elsewhere/7/7"
+
+
 # ---- 6, 7: unwritable paths, corrupt database ----------------------------------------------------------
 def test_unwritable_storage_path_fails_before_ray_and_store(tmp_path, capsys):
     from sweeps import optuna_search
