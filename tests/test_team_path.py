@@ -2,8 +2,8 @@
 command on loopback, PostgreSQL as the backend store, artifacts served by the server), on the
 PostgreSQL that .ci/run starts (skipped without $SWEEPS_TEST_POSTGRES_URI). The faults of
 tests/test_faults.py against that server, where claims are not locked but arbitrated by the server
-(sweeps/claims.py): two drivers of one sweep at once, a driver killed with SIGKILL at ~40 % of a
-trial then re-run plainly or with --resume, Ctrl-C then a re-run, a trial's worker process killed.
+(sweeps/claims.py): two drivers of one sweep at once, a driver killed with SIGKILL at ~40 % of the
+sweep then re-run plainly or with --resume, Ctrl-C then a re-run, a trial's worker process killed.
 Each ends with one FINISHED run per run_key and none RUNNING. Then the analysis and the report read
 the runs back over HTTP, their artifacts proxied (``mlflow-artifacts:``).
 
@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cluster_harness import clean_env, kill_marked, running_mlflow_on_postgres
+from cluster_harness import Proc, clean_env, kill_marked, running_mlflow_on_postgres, start
 from test_faults import (LIMIT_S, ROOT, assert_drivers_shared, assert_one_finished_run_per_key,
                          assert_rerun_continued, newest_epoch, sweep_argv)
 
@@ -55,9 +55,10 @@ def team_argv(tmp_path, server, experiment, cells="full,base,rigl", densities="0
     return sweep_argv(tmp_path, cells, densities, "--experiment", experiment, "--no-report", *extra, uri=server.url)
 
 
-def sweep(argv, marker, **popen) -> subprocess.Popen:
-    """A sweep driver in a session of its own (``os.killpg`` reaches its Ray runtime too)."""
-    return subprocess.Popen(argv, cwd=ROOT, env=clean_env(marker), start_new_session=True, text=True, **popen)
+def sweep(argv, marker, log: Path) -> Proc:
+    """A sweep driver in a session of its own (``os.killpg`` reaches its Ray runtime too), its output
+    in ``log`` (a pipe nobody reads while the test polls the server could fill and stall it)."""
+    return start(argv, log, clean_env(marker), ROOT)
 
 
 def checkpointed(uri: str, experiment: str) -> tuple[int, list]:
@@ -96,11 +97,12 @@ def two_drivers(server, tmp_path_factory):
     tmp, m = tmp_path_factory.mktemp("two"), uuid.uuid4().hex
     argv = team_argv(tmp, server, "team-two", "base,rigl")
     try:
-        procs = [sweep(argv, m, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
-        outs = [p.communicate(timeout=LIMIT_S)[0] for p in procs]
+        procs = [sweep(argv, m, tmp / f"driver{i}.log") for i in range(2)]
+        for p in procs:
+            p.popen.wait(timeout=LIMIT_S)
     finally:
         kill_marked(m)
-    return procs, outs, "team-two"
+    return [p.popen for p in procs], [p.log.read_text(errors="replace") for p in procs], "team-two"
 
 
 def test_two_drivers_at_once_share_the_run_keys(server, two_drivers):
@@ -121,7 +123,7 @@ def test_driver_killed_at_40_percent_then_rerun(server, tmp_path, marker, again)
     experiment = f"team-kill-{again}"
     argv = team_argv(tmp_path, server, experiment, PRETRAINED, "0.1,0.05,0.01", *LONG, "--pack", "1",
                      "--max-concurrent", "1")
-    proc = sweep(argv, marker, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = sweep(argv, marker, tmp_path / "driver.log").popen
     wait_for_checkpointed(proc, server.url, experiment, finished_at_least=2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
@@ -140,19 +142,17 @@ def test_ctrl_c_then_rerun(server, tmp_path, marker):
     the interrupted runs."""
     experiment = "team-sigint"
     argv = team_argv(tmp_path, server, experiment, "full,base,rigl", "0.1,0.05", *LONG)
-    proc = sweep(argv, marker, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("  done "):
-            proc.send_signal(signal.SIGINT)
-            break
-    rest, _ = proc.communicate(timeout=LIMIT_S)
-    assert proc.returncode == 1, "".join(lines) + rest
-    assert "unfinished: continue with --resume" in rest, "".join(lines) + rest
+    driver = sweep(argv, marker, tmp_path / "driver.log")
+    deadline = time.time() + LIMIT_S
+    while "\n  done " not in "\n" + driver.tail(10**7) and driver.popen.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    driver.popen.send_signal(signal.SIGINT)
+    driver.popen.wait(timeout=LIMIT_S)
+    assert driver.popen.returncode == 1, driver.tail()
+    assert "unfinished: continue with --resume" in driver.tail(), driver.tail()
     assert not tracking.search(server.url, experiment, "attributes.status = 'RUNNING'")
     before = finished(server.url, experiment)
-    assert before, "".join(lines) + rest
+    assert before, driver.tail()
     rerun(argv, marker)
     runs = {r.info.run_id: r for r in assert_one_finished_run_per_key(server.url, 6, experiment)}
     assert all(runs[run_id].info.end_time == end for run_id, end in before.items())  # never trained again
@@ -164,13 +164,12 @@ def test_trial_worker_killed_is_retried_in_its_run(server, tmp_path, marker):
     The sparse stage takes seconds (``LONG``), so that the trial still runs when the kill comes."""
     experiment = "team-worker"
     argv = team_argv(tmp_path, server, experiment, PRETRAINED, "0.1", *LONG)
-    proc = sweep(argv, marker, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    victim = wait_for_checkpointed(proc, server.url, experiment)[0]
+    driver = sweep(argv, marker, tmp_path / "driver.log")
+    victim = wait_for_checkpointed(driver.popen, server.url, experiment)[0]
     host, pid, _ = victim.data.tags["claimed_by"].rsplit("/", 2)
     assert host == socket.gethostname()
     os.kill(int(pid), signal.SIGKILL)
-    out, _ = proc.communicate(timeout=LIMIT_S)
-    assert proc.returncode == 0, out[-4000:]
+    assert driver.popen.wait(timeout=LIMIT_S) == 0, driver.tail()
     runs = {r.info.run_id: r for r in assert_one_finished_run_per_key(server.url, 2, experiment)}
     tags = runs[victim.info.run_id].data.tags
     assert tags["retries"] == "1" and tags["claimed_by"] != victim.data.tags["claimed_by"], tags
@@ -190,9 +189,13 @@ def test_analysis_report_over_http_with_proxied_artifacts(server, two_drivers, t
                           capture_output=True, text=True, timeout=LIMIT_S)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "ignored params" not in done.stderr, done.stderr[-2000:]  # the claims are no config keys
+    # the trials' layer_density.json, logged by the sweeps through the server, came back through it
+    assert "no per-layer density plot" not in done.stderr and (out / "layer_density.png").is_file(), done.stderr
     assert (out / "index.html").is_file() and (out / "table.md").is_file()
     c = tracking.client(server.url)
     exp = c.get_experiment_by_name(experiment)
+    trials = c.search_runs([exp.experiment_id], "tags.cell != 'analysis'")
+    assert trials and all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in trials)
     (report,) = c.search_runs([exp.experiment_id], "tags.cell = 'analysis'")
     assert report.info.status == "FINISHED" and report.info.artifact_uri.startswith("mlflow-artifacts:")
     logged = {a.path for a in c.list_artifacts(report.info.run_id)}
