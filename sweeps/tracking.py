@@ -1,7 +1,8 @@
 """MLflow: one run per trial (the store itself, experiments and reading runs back: ``runstore``).
 
 Every trial (every copy of a packed trial, ``sweeps/pack_trial.py``) is one run:
-params = the flat config, metrics ``epoch/<key>`` and ``trainer/<key>`` (step = global epoch),
+params = the flat config (on a tracking server also ``claim.<n>``: ``claims.py``),
+metrics ``epoch/<key>`` and ``trainer/<key>`` (step = global epoch),
 ``prune/<key>`` (step = pruning round) and ``final/<key>`` (once, at the end; ``runstore`` says why), tags
 (run_key, sweep, cell, trial_id, provenance; ``pack_size`` for a copy of a packed trial, ``pretraining_shared_by``
 for a run whose pre-training was trained once for several, ``sparse_core/prefix.py``) and ``layer_density.json``. A trial finds its run
