@@ -3,7 +3,8 @@ command on loopback, PostgreSQL as the backend store, artifacts served by the se
 PostgreSQL that .ci/run starts (skipped without $SWEEPS_TEST_POSTGRES_URI). The faults of
 tests/test_faults.py against that server, where claims are not locked but arbitrated by the server
 (sweeps/claims.py): two drivers of one sweep at once, a driver killed with SIGKILL at ~40 % of the
-sweep then re-run plainly or with --resume, Ctrl-C then a re-run, a trial's worker process killed.
+sweep then re-run plainly, with --resume or by two drivers at once, Ctrl-C then a re-run, a trial's
+worker process killed.
 Each ends with one FINISHED run per run_key and none RUNNING. Then the analysis and the report read
 the runs back over HTTP, their artifacts proxied (``mlflow-artifacts:``).
 
@@ -114,12 +115,13 @@ def test_two_drivers_at_once_share_the_run_keys(server, two_drivers):
 
 
 # ---- a killed driver, Ctrl-C, a killed trial worker -----------------------------------------------------
-@pytest.mark.parametrize("again", ["plain", "resume"])
+@pytest.mark.parametrize("again", ["plain", "resume", "twice-at-once"])
 def test_driver_killed_at_40_percent_then_rerun(server, tmp_path, marker, again):
     """SIGKILL on the driver's process group at ~40 % of the sweep (six trials, one at a time: two
     FINISHED, the third past the checkpoint of its pre-training, in a sparse stage of seconds), then
-    the same command, plainly or with --resume: the orphan continues in its run from its newest
-    checkpoint, the FINISHED runs stay as they were."""
+    the same command, plainly, with --resume, or plainly by two drivers at once (both find the
+    orphan: one takes it): the orphan continues in its run from its newest checkpoint, once, and
+    the FINISHED runs stay as they were."""
     experiment = f"team-kill-{again}"
     argv = team_argv(tmp_path, server, experiment, PRETRAINED, "0.1,0.05,0.01", *LONG, "--pack", "1",
                      "--max-concurrent", "1")
@@ -132,7 +134,13 @@ def test_driver_killed_at_40_percent_then_rerun(server, tmp_path, marker, again)
                for r in checkpointed(server.url, experiment)[1]}
     assert orphans, "the kill should have left a RUNNING run with a checkpoint"
     before = finished(server.url, experiment)
-    rerun(argv, marker, *(["--resume"] if again == "resume" else []))
+    if again == "twice-at-once":
+        drivers = [sweep(argv, marker, tmp_path / f"again{i}.log") for i in range(2)]
+        for d in drivers:
+            d.popen.wait(timeout=LIMIT_S)
+        assert_drivers_shared([d.popen for d in drivers], [d.tail(10**7) for d in drivers])
+    else:
+        rerun(argv, marker, *(["--resume"] if again == "resume" else []))
     assert_rerun_continued(server.url, 6, before, orphans, experiment)
 
 
