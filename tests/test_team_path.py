@@ -4,9 +4,8 @@ PostgreSQL that .ci/run starts (skipped without $SWEEPS_TEST_POSTGRES_URI). The 
 tests/test_faults.py against that server, where claims are not locked but arbitrated by the server
 (sweeps/claims.py): two drivers of one sweep at once, a driver killed with SIGKILL at ~40 % of the
 sweep then re-run plainly, with --resume or by two drivers at once, Ctrl-C then a re-run, a trial's
-worker process killed.
-Each ends with one FINISHED run per run_key and none RUNNING. Then the analysis and the report read
-the runs back over HTTP, their artifacts proxied (``mlflow-artifacts:``).
+worker process killed. Each ends with one FINISHED run per run_key and none RUNNING. Then the
+analysis and the report read the runs back over HTTP, their artifacts proxied (``mlflow-artifacts:``).
 
 One server for the module; each test has an experiment of its own. Every sweep runs with a marker
 in its environment: whatever is left of it is killed by pid afterwards (tests/cluster_harness.py).
