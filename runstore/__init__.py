@@ -45,6 +45,8 @@ FINAL_PREFIX = "final/"  # once, at the end (step = number of epochs): the resul
 PRUNE_PREFIX = "prune/"  # per pruning round (step = round): right after pruning
 TRAINER_PREFIX = "trainer/"  # per epoch, the rest: learning rate, density, mask and soft-schedule state, seconds
 CURVES = ("train_loss", "val_acc", "val_loss", "test_acc", "test_loss")  # the epoch/ keys
+# A run's claims on a tracking server (sweeps/claims.py): params ``claim.<n>``, not config keys.
+CLAIM_PARAM = "claim."
 SEARCH_CELL = "optuna"  # the cell tag of Optuna search trials (their tuned knobs differ run to run)
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -336,11 +338,11 @@ def parse_bool(text: Any) -> bool | None:
 
 def typed_config(params: dict[str, str]) -> tuple[dict | None, list[str]]:
     """(the run's flat sparse_core config, typed, defaults filled in; param keys that are not config
-    keys). None when no param is a config key or the values do not parse."""
+    keys, claims aside). None when no param is a config key or the values do not parse."""
     from sparse_core.config import FIELD_TYPES, from_flat
 
     known = {k: v for k, v in params.items() if k in FIELD_TYPES}
-    extra = sorted(set(params) - set(known))
+    extra = sorted(k for k in set(params) - set(known) if not k.startswith(CLAIM_PARAM))
     if not known:
         return None, extra
     try:

@@ -1,7 +1,8 @@
 """MLflow: one run per trial (the store itself, experiments and reading runs back: ``runstore``).
 
 Every trial (every copy of a packed trial, ``sweeps/pack_trial.py``) is one run:
-params = the flat config, metrics ``epoch/<key>`` and ``trainer/<key>`` (step = global epoch),
+params = the flat config (on a tracking server also ``claim.<n>``: ``claims.py``),
+metrics ``epoch/<key>`` and ``trainer/<key>`` (step = global epoch),
 ``prune/<key>`` (step = pruning round) and ``final/<key>`` (once, at the end; ``runstore`` says why), tags
 (run_key, sweep, cell, trial_id, provenance; ``pack_size`` for a copy of a packed trial, ``pretraining_shared_by``
 for a run whose pre-training was trained once for several, ``sparse_core/prefix.py``) and ``layer_density.json``. A trial finds its run
@@ -27,7 +28,8 @@ from runstore import (CURVES, DEFAULT_TRACKING_URI, EPOCH_PREFIX, FINAL_PREFIX, 
                       TrackingError, check_reachable, client,  # noqa: F401
                       experiment_id, final_metrics, load_runs, resolve_tracking_uri, search, sqlite_path, unwritable)
 
-from .claims import OPEN_STATUSES, claim_alive, runs_of_key, store_lock, this_claim
+from .claims import (OPEN_STATUSES, arbitrate, claim_alive, claim_generation, current_claim, runs_of_key, store_lock,
+                     take, this_claim)
 
 # Per-epoch keys from sparse_core.train that are bookkeeping, not measurements.
 _NOT_METRICS = {"epoch", "epochs", "round", "stage_epoch", "stage", "stage_end", "last_prune"}
@@ -138,9 +140,9 @@ class TrialRun(RunLog):
     (``skip = "claimed"``). Otherwise the trial's own earlier run (a Ray retry, ``--resume``) or an
     orphan of the same run_key (its driver was killed; an interrupted sweep; a run that FAILED) is continued, with its
     ``retries`` tag counting the restarts, else a new run is created. On SQLite the check and the
-    claim happen under ``store_lock``; elsewhere the claim is re-checked after it is written and the
-    oldest claim wins. ``claim``: the process that trains the run (``claims.this_claim`` of the trial's
-    process; default this process).
+    claim happen under ``store_lock``; on a tracking server the store arbitrates (``claims.take``,
+    ``claims.arbitrate``: write-once ``claim.<n>`` params) and the loser skips. ``claim``: the process
+    that trains the run (``claims.this_claim`` of the trial's process; default this process).
     """
 
     def __init__(self, uri: str, experiment_id: str, *, sweep: str, cell: str, flat: dict, run_key: str,
@@ -167,7 +169,7 @@ class TrialRun(RunLog):
                 return self
             mine = [r for r in runs if self.trial_id and r.data.tags.get("trial_id") == self.trial_id]
             others = [r for r in runs if not (self.trial_id and r.data.tags.get("trial_id") == self.trial_id)]
-            live = [r for r in others if r.data.tags.get("claimed_by") != self._claim and claim_alive(r)]
+            live = [r for r in others if current_claim(r)[0] != self._claim and claim_alive(r)]
             if live:
                 self.skip, self.other = "claimed", live[0]
                 return self
@@ -176,15 +178,17 @@ class TrialRun(RunLog):
             orphans = [r for r in others if r.info.status in OPEN_STATUSES + ("KILLED", "FAILED")]
             chosen = mine[-1] if mine else (orphans[-1] if orphans else None)
             if chosen is not None:
+                if not (locked or self._take(chosen)):
+                    return self
                 self._reopen(chosen, resumed_at_epoch)
             else:
                 self._create()
+                if not (locked or self._arbitrate()):
+                    return self
             for r in orphans + mine:
                 if r.info.run_id != self.run_id and r.info.status in OPEN_STATUSES:  # never left RUNNING
                     _retry(self.client.set_tag, r.info.run_id, "superseded_by", self.run_id)
                     _retry(self.client.set_terminated, r.info.run_id, "KILLED")
-        if not locked:
-            self._recheck(created=chosen is None)
         return self
 
     @property
@@ -241,16 +245,26 @@ class TrialRun(RunLog):
         old = self.client.get_run(self.run_id).data.tags.get("resumed_at_epoch")
         _retry(self.client.set_tag, self.run_id, "resumed_at_epoch", str(epoch) if not old else f"{old},{epoch}")
 
-    def _recheck(self, created: bool) -> None:
-        """Optimistic claim (no lock): of the live claims on this run_key the oldest run wins."""
+    def _take(self, run) -> bool:
+        """Without a lock (a tracking server): take the run's next claim generation (``claims.take``);
+        False, with ``skip = "claimed"``, when another trial took it first."""
+        if _retry(take, self.client, run.info.run_id, claim_generation(run) + 1, self._claim):
+            return True
+        self.skip, self.other = "claimed", run
+        return False
+
+    def _arbitrate(self) -> bool:
+        """Without a lock, after creating a run: ``claims.arbitrate`` among the runs of this run_key
+        created at the same moment. False when another creator wins: this run is deleted and
+        ``skip = "claimed"`` (or ``"finished"`` if one finished meanwhile)."""
         runs = _retry(runs_of_key, self.client, self.experiment_id, self.run_key)
-        contenders = [r for r in runs if r.info.run_id == self.run_id or claim_alive(r)]
-        if contenders and contenders[0].info.run_id != self.run_id:
-            if created:
-                _retry(self.client.delete_run, self.run_id)
-            else:
-                _retry(self.client.set_terminated, self.run_id, "KILLED")
-            self.skip, self.other, self.run_id = "claimed", contenders[0], None
+        done = [r for r in runs if r.info.status == "FINISHED"]
+        rival = done[-1] if done else _retry(arbitrate, self.client, runs, self._claim)
+        if rival is None:
+            return True
+        _retry(self.client.delete_run, self.run_id)
+        self.skip, self.other, self.run_id = "finished" if done else "claimed", rival, None
+        return False
 
     def set_checkpoint_dir(self, location: str) -> None:
         """Where this trial's checkpoints are (tag ``checkpoint_dir``): a later sweep continuing this

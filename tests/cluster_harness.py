@@ -19,9 +19,10 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from docker_spec import (RAY_CLI, ROOT, SWEEP_SCRIPT, compose_unescape, env_of, get_opt, replace_opt, service,
@@ -95,7 +96,8 @@ def kill_marked(marker: str) -> None:
 
 
 def clean_env(marker: str, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "MLFLOW_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "MLFLOW_", "SWEEPS_TEST_"))}
     env[MARKER_VAR] = marker
     env.update(extra)
     return env
@@ -214,6 +216,67 @@ def postgres_bin(name: str) -> str | None:
         return found
     candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
     return str(candidates[-1]) if candidates else None
+
+
+# ============================================================================= PostgreSQL (CI's)
+
+POSTGRES_URI_VAR = "SWEEPS_TEST_POSTGRES_URI"  # postgresql+psycopg://user@host:port/db, no password
+POSTGRES_PASSWORD_FILE_VAR = "SWEEPS_TEST_POSTGRES_PASSWORD_FILE"  # a file holding the password
+
+
+@dataclass
+class Postgres:
+    """A running PostgreSQL server that the tests may create databases in (.ci/run starts one)."""
+    host: str
+    port: int
+    user: str
+    database: str
+    password: str = field(repr=False)
+
+    def backend(self, database: str | None = None) -> str:
+        """compose's backend URI form: the driver named, no password (the server gets PGPASSWORD)."""
+        return f"postgresql+psycopg://{self.user}@{self.host}:{self.port}/{database or self.database}"
+
+    def connect(self, database: str | None = None):
+        import psycopg
+
+        return psycopg.connect(host=self.host, port=self.port, user=self.user, password=self.password,
+                               dbname=database or self.database, autocommit=True, connect_timeout=30)
+
+
+def postgres_from_env() -> Postgres | None:
+    """The server named by $SWEEPS_TEST_POSTGRES_URI (None without it). With it, psycopg must be
+    installed (the test extra): CI fails rather than skip."""
+    uri = os.environ.get(POSTGRES_URI_VAR)
+    if not uri:
+        return None
+    import psycopg  # noqa: F401
+
+    parts = urllib.parse.urlsplit(uri)
+    pwfile = os.environ.get(POSTGRES_PASSWORD_FILE_VAR)
+    password = Path(pwfile).read_text().strip() if pwfile else ""
+    return Postgres(parts.hostname, parts.port or 5432, parts.username or "postgres", parts.path.lstrip("/"), password)
+
+
+@contextlib.contextmanager
+def postgres_database(pg: Postgres, prefix: str):
+    """A new, empty database on ``pg`` (dropped afterwards); yields its backend URI."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with pg.connect() as con:
+        con.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield pg.backend(name)
+    finally:
+        with pg.connect() as con:
+            con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def running_mlflow_on_postgres(pg: Postgres, workdir: Path, prefix: str):
+    """compose's `mlflow server` on a new database of ``pg``, the password given as PGPASSWORD only
+    (as compose does): nothing else started here sees it."""
+    with postgres_database(pg, prefix) as backend, running_mlflow(backend, workdir, {"PGPASSWORD": pg.password}) as s:
+        yield s
 
 
 # ============================================================================= Ray head + worker

@@ -6,6 +6,7 @@
   Subprocesses inherit the cleaned environment.
 - ``ray_runtime``: one local Ray runtime for the whole session (through ``launch.connect``, so the
   tests get what a local sweep gets), started by the first test that asks for it.
+- ``postgres``: the PostgreSQL server ``.ci/run`` starts for the slow suite; skips without one.
 - ``torch_one_thread``: torch on one thread for the test (tiny models: extra threads only spin,
   and on a loaded machine they cost 10x).
 - ``sweep_store`` (a SQLite MLflow store and Tune storage in a temporary dir) and ``smoke_sweep``
@@ -40,6 +41,18 @@ def ray_runtime():
     yield
     if started:
         launch.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The PostgreSQL server that ``bash .ci/run`` starts for the slow suite (``cluster_harness.Postgres``,
+    named by $SWEEPS_TEST_POSTGRES_URI and $SWEEPS_TEST_POSTGRES_PASSWORD_FILE); skips without it."""
+    from cluster_harness import POSTGRES_URI_VAR, postgres_from_env
+
+    pg = postgres_from_env()
+    if pg is None:
+        pytest.skip(f"no PostgreSQL for the tests: {POSTGRES_URI_VAR} is not set (bash .ci/run starts one)")
+    return pg
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """The docker stack's own commands, run here on loopback: the exact `mlflow server` command of
-compose.yaml (against SQLite, and against a throwaway PostgreSQL when one is installed) and the
+compose.yaml (against SQLite, and against the throw-away PostgreSQL that .ci/run starts) and the
 exact `ray start` commands of the head and the worker (token auth on, two nodes on 127.0.0.1),
 with only addresses, ports, paths and resources changed (tests/cluster_harness.py). The slow
 tests start the two-node cluster, and run the smoke sweep against that server and through
@@ -8,8 +8,8 @@ tests start the two-node cluster, and run the smoke sweep against that server an
 
 from __future__ import annotations
 
+import importlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,10 +19,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cluster_harness import (WORKER_CPUS, clean_env, free_port, healthcheck_argv, http_get, kill_marked,
+from cluster_harness import (WORKER_CPUS, clean_env, healthcheck_argv, http_get, kill_marked,
                              log_and_read_back, postgres_bin, require_sweep_script, running_mlflow,
                              running_ray_cluster, start, stop, finished_runs)
-from docker_spec import PG_DRIVER_PACKAGES, RAY_CLI, ROOT, SWEEP_SCRIPT, backend_driver, env_of, get_opt, service
+from docker_spec import RAY_CLI, ROOT, SWEEP_SCRIPT, backend_driver, env_of, get_opt, service
 
 
 # ============================================================================= MLflow server
@@ -50,56 +50,26 @@ def test_compose_mlflow_server_command_serves_runs_and_artifacts(mlflow_server, 
 
 
 @pytest.mark.slow
-def test_compose_mlflow_server_command_on_postgres(tmp_path):
-    """The same command against a real PostgreSQL, the password given only as PGPASSWORD."""
-    tools = {name: postgres_bin(name) for name in ("initdb", "pg_ctl", "createdb", "psql", "pg_isready")}
-    missing = [n for n, path in tools.items() if path is None]
-    if missing:
-        pytest.skip(f"PostgreSQL binaries not installed ({', '.join(missing)}); e.g. apt-get install postgresql")
-    driver = backend_driver()
-    pytest.importorskip(driver, reason=f"{driver} not installed (the image installs {PG_DRIVER_PACKAGES.get(driver)})")
-    as_postgres: list[str] = []
-    base = Path(tempfile.mkdtemp(prefix="pgdt", dir="/tmp"))
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(base, "postgres")
-    password, port, marker = "pw-" + uuid.uuid4().hex, free_port(), uuid.uuid4().hex
-    pwfile, data = base / "pw", base / "data"
-    pwfile.write_text(password + "\n")
-    if as_postgres:
-        shutil.chown(pwfile, "postgres")
-    env = clean_env(marker, PGPASSWORD=password)
-    run = lambda argv, **kw: subprocess.run(as_postgres + argv, env=env, capture_output=True, text=True,  # noqa: E731
-                                            timeout=120, **kw)
+def test_compose_mlflow_server_command_on_postgres(postgres, tmp_path):
+    """The same command against a real PostgreSQL (the one .ci/run starts), the password given only
+    as PGPASSWORD: compose's backend URI with only the host and port changed."""
     pg = service("postgres")
     user, db = env_of(pg)["POSTGRES_USER"], env_of(pg)["POSTGRES_DB"]
-    try:
-        r = run([tools["initdb"], "-D", str(data), "-U", user, "--auth=scram-sha-256", f"--pwfile={pwfile}"])
-        assert r.returncode == 0, r.stdout + r.stderr
-        r = run([tools["pg_ctl"], "-D", str(data), "-l", str(base / "pg.log"), "-w", "start", "-o",
-                 f"-p {port} -k {base} -c listen_addresses=127.0.0.1"])
-        assert r.returncode == 0, r.stdout + r.stderr
-        r = run([tools["createdb"], "-h", "127.0.0.1", "-p", str(port), "-U", user, db])
-        assert r.returncode == 0, r.stderr
-        # compose's health check (pg_isready), pointed at this port.
-        hc = healthcheck_argv(pg, "5432", port)
-        hc = [tools["pg_isready"] if a == "pg_isready" else a for a in hc] + [f"--port={port}"]
-        assert subprocess.run(hc, capture_output=True, timeout=30).returncode == 0
-        # compose's backend URI with only the host:port changed; no password in it.
-        backend = get_opt(service("mlflow")["command"], "--backend-store-uri").replace("@postgres:5432/",
-                                                                                     f"@127.0.0.1:{port}/")
-        with running_mlflow(backend, tmp_path, {"PGPASSWORD": password}) as server:
-            run_id = log_and_read_back(server, tmp_path)
-        r = run([tools["psql"], "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", db, "-tAc",
-                 f"select status from runs where run_uuid = '{run_id}'"])
-        assert r.stdout.strip() == "FINISHED", r.stdout + r.stderr
-    finally:
-        if (data / "postmaster.pid").exists():
-            run([tools["pg_ctl"], "-D", str(data), "-m", "immediate", "stop"])
-        kill_marked(marker)
-        shutil.rmtree(base, ignore_errors=True)
+    assert (postgres.user, postgres.database) == (user, db), "the test server's user and database are compose's"
+    # compose's health check (pg_isready), pointed at this port.
+    hc = healthcheck_argv(pg, "5432", postgres.port)
+    pg_isready = postgres_bin("pg_isready")
+    assert pg_isready, "pg_isready is not installed (Debian: apt-get install postgresql-client)"
+    hc = [pg_isready if a == "pg_isready" else a for a in hc] + [f"--port={postgres.port}"]
+    assert subprocess.run(hc, capture_output=True, timeout=30).returncode == 0
+    importlib.import_module(backend_driver())  # the driver compose's URI names is installed (the test extra)
+    backend = get_opt(service("mlflow")["command"], "--backend-store-uri")
+    backend = backend.replace("@postgres:5432/", f"@{postgres.host}:{postgres.port}/")
+    assert backend == postgres.backend() and postgres.password not in backend
+    with running_mlflow(backend, tmp_path, {"PGPASSWORD": postgres.password}) as server:
+        run_id = log_and_read_back(server, tmp_path)
+    with postgres.connect() as con:
+        assert con.execute("select status from runs where run_uuid = %s", (run_id,)).fetchone() == ("FINISHED",)
 
 
 # ============================================================================= Ray head + worker (slow)

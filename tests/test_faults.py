@@ -8,6 +8,7 @@ SIGKILL and then re-run plainly or with ``--resume``, and two drivers started to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runstore import EPOCH_PREFIX, unwritable
+from runstore import EPOCH_PREFIX, typed_config, unwritable
 from sparse_core.checkpoint import CheckpointError, load_state
 from sweeps import claims, tracking
 
@@ -228,9 +229,9 @@ def store(tmp_path_factory):
     return uri, exp
 
 
-def trial_run(store, key, trial_id="t_00000"):
+def trial_run(store, key, trial_id="t_00000", claim=None):
     uri, exp = store
-    return tracking.TrialRun(uri, exp, sweep="s", cell="c", flat=FLAT, run_key=key, trial_id=trial_id)
+    return tracking.TrialRun(uri, exp, sweep="s", cell="c", flat=FLAT, run_key=key, trial_id=trial_id, claim=claim)
 
 
 def make_run(store, key, status, claimed_by=None, heartbeat=None, trial_id="old_00000"):
@@ -336,18 +337,102 @@ def test_sweep_counts_come_from_the_store_not_tunes_view(store):
                                                                     "unfinished": 1}
 
 
-def test_optimistic_claim_the_older_run_wins(store, live_process):
-    """Without a lock (a tracking server), a claim written at the same time as another loses to the older."""
-    first = make_run(store, "k_race", "RUNNING", claimed_by=live_process)
-    time.sleep(0.01)
-    t = trial_run(store, "k_race", trial_id="late_00000")
-    t._create()
-    mine = t.run_id
-    t._recheck(created=True)
-    assert t.skip == "claimed" and t.other.info.run_id == first and t.run_id is None
+@pytest.fixture
+def live_claims_of(live_process):
+    """Claims of 3 more live processes beside ``live_process``'s (each a different trial process)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) for _ in range(3)]
+    yield [live_process] + [f"{socket.gethostname()}/{p.pid}/{claims._proc_start(p.pid)}" for p in procs]
+    for p in procs:
+        p.kill(), p.wait()
+
+
+@pytest.fixture
+def no_lock(monkeypatch):
+    """``TrialRun.open`` as on a tracking server: no lock, the store arbitrates (``claims.take``)."""
+    @contextlib.contextmanager
+    def unlocked(uri):
+        yield False
+
+    monkeypatch.setattr(tracking, "store_lock", unlocked)
+
+
+def test_server_claim_the_creator_seen_by_the_other_wins(store, live_claims_of, no_lock, monkeypatch):
+    """Two trials create a run for one run_key at once. A's search ran before B's run existed, so A
+    saw only its own run; B's run sorts first (its client's clock is behind). "Oldest wins" let both
+    train; with write-once claims B cannot take A's run, so A trains and B deletes its run."""
+    a = trial_run(store, "k_race", "a_00000", claim=live_claims_of[0])
+    a._create()
+    assert a._arbitrate() and a.skip is None
+    b = trial_run(store, "k_race", "b_00000", claim=live_claims_of[1])
+    b._create()
     c = tracking.client(store[0])
-    assert c.get_run(mine).info.lifecycle_stage == "deleted"
-    assert [r.info.run_id for r in c.search_runs([store[1]], "tags.run_key = 'k_race'")] == [first]
+    mine, theirs = c.get_run(b.run_id), c.get_run(a.run_id)
+    monkeypatch.setattr(tracking, "runs_of_key", lambda *args: [mine, theirs])  # B's run first, as by its clock
+    assert not b._arbitrate()
+    assert b.skip == "claimed" and b.other.info.run_id == a.run_id and b.run_id is None
+    assert c.get_run(mine.info.run_id).info.lifecycle_stage == "deleted"
+    assert [r.info.run_id for r in c.search_runs([store[1]], "tags.run_key = 'k_race'")] == [a.run_id]
+    params = c.get_run(a.run_id).data.params
+    assert params["claim.1"].rsplit("@", 1)[0] == live_claims_of[0]
+    assert typed_config(params)[1] == []  # a claim is no config key: the analysis reads past it silently
+
+
+def test_server_claim_concurrent_opens_one_trains(store, live_claims_of, no_lock):
+    """Four trials of one run_key open at the same moment (threads, no lock): one trains, three skip."""
+    import threading
+
+    barrier, got = threading.Barrier(4), {}
+
+    def open_one(i):
+        t = trial_run(store, "k_four", f"t{i}_00000", claim=live_claims_of[i])
+        barrier.wait()
+        got[i] = t.open()
+
+    threads = [threading.Thread(target=open_one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(str(t.skip) for t in got.values()) == ["None", "claimed", "claimed", "claimed"]
+    (winner,) = [t for t in got.values() if t.skip is None]
+    runs = tracking.client(store[0]).search_runs([store[1]], "tags.run_key = 'k_four'")
+    assert [r.info.run_id for r in runs] == [winner.run_id]  # the losers' runs are deleted
+    assert all(t.other_id and t.run_id is None for t in got.values() if t.skip)  # lost to a run it could not take
+
+
+def test_server_claim_two_trials_continue_one_orphan(store, live_claims_of, no_lock):
+    """An interrupted run (KILLED), found by two trials at once: one takes its next generation and
+    continues it, the other skips. Between taking it and setting it RUNNING, it already counts as live."""
+    c = tracking.client(store[0])
+    orphan_id = make_run(store, "k_cont", "KILLED", claimed_by=dead_claim())
+    seen = c.get_run(orphan_id)  # what both read before either wrote
+    a = trial_run(store, "k_cont", "a_00000", claim=live_claims_of[0])
+    b = trial_run(store, "k_cont", "b_00000", claim=live_claims_of[1])
+    assert a._take(seen) and not b._take(seen)
+    assert b.skip == "claimed" and b.other_id == orphan_id
+    taken = c.get_run(orphan_id)
+    assert taken.info.status == "KILLED" and claims.claim_alive(taken)  # taken, not yet RUNNING
+    assert trial_run(store, "k_cont", "c_00000", claim=live_claims_of[2]).open().skip == "claimed"
+    a._reopen(taken, None)
+    run = c.get_run(orphan_id)
+    assert run.info.status == "RUNNING" and run.data.tags["claimed_by"] == live_claims_of[0]
+    c.set_terminated(orphan_id, "KILLED")  # interrupted again: the next trial takes generation 2
+    later = trial_run(store, "k_cont", "d_00000", claim=live_claims_of[3]).open()
+    assert later.run_id == orphan_id and later.skip is None
+    run = c.get_run(orphan_id)
+    assert run.data.params["claim.2"].rsplit("@", 1)[0] == live_claims_of[3] and claims.claim_generation(run) == 2
+
+
+def test_server_claim_on_another_host_lives_by_its_time(store):
+    """A claim param of another host is live for ``LEASE_S`` after it was taken (its tags, heartbeat
+    included, come after it); a KILLED run taken again after it ended counts as open meanwhile."""
+    c = tracking.client(store[0])
+    fresh, stale, retaken = (make_run(store, "k_host", status) for status in ("RUNNING", "RUNNING", "KILLED"))
+    c.log_param(fresh, "claim.1", f"elsewhere/7/7@{time.time():.3f}")
+    c.log_param(stale, "claim.1", f"elsewhere/7/7@{time.time() - claims.LEASE_S - 1:.3f}")
+    c.log_param(retaken, "claim.1", f"elsewhere/7/7@{time.time() + 1:.3f}")
+    assert [claims.claim_alive(c.get_run(r)) for r in (fresh, stale, retaken)] == [True, False, True]
+    assert claims.current_claim(c.get_run(fresh))[0] == "elsewhere/7/7"
 
 
 # ---- 6, 7: unwritable paths, corrupt database ----------------------------------------------------------
@@ -404,9 +489,10 @@ def test_analysis_unwritable_out_before_loading(tmp_path, store, command, out, c
 
 
 # ---- slow: a killed driver, two drivers at once ---------------------------------------------------------
-def sweep_argv(tmp_path, cells="full,base,rigl", densities="0.1,0.05", *extra):
+def sweep_argv(tmp_path, cells="full,base,rigl", densities="0.1,0.05", *extra, uri=None):
+    """The smoke sweep of these tests (1 + 4 epochs a trial), on ``uri`` (default: a new SQLite store in tmp_path)."""
     return [sys.executable, "sweeps/ablation_grid.py", "--preset", "smoke", "--cells", cells, "--densities", densities,
-            "--set", "train.post_epochs=4", "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db",
+            "--set", "train.post_epochs=4", "--mlflow-uri", uri or f"sqlite:///{tmp_path}/mlflow.db",
             "--storage-path", str(tmp_path / "ray"), *extra]
 
 
@@ -434,8 +520,8 @@ def newest_epoch(trial_dir: str, key: str) -> int:  # of run_key's state.pt, or 
     return max(epochs)
 
 
-def assert_one_finished_run_per_key(uri: str, n_keys: int) -> list:
-    all_runs = [r for r in tracking.search(uri, "sparsity-sweep") if "run_key" in r.data.tags]  # not the report's
+def assert_one_finished_run_per_key(uri: str, n_keys: int, experiment: str = "sparsity-sweep") -> list:
+    all_runs = [r for r in tracking.search(uri, experiment) if "run_key" in r.data.tags]  # not the report's
     keys = [r.data.tags["run_key"] for r in all_runs]
     assert len(set(keys)) == n_keys and len(keys) == n_keys, sorted(keys)  # one run per run_key
     assert {r.info.status for r in all_runs} == {"FINISHED"}  # none RUNNING
@@ -445,6 +531,29 @@ def assert_one_finished_run_per_key(uri: str, n_keys: int) -> list:
         steps = [m.step for m in c.get_metric_history(r.info.run_id, key)]
         assert steps == sorted(set(steps)) and steps == list(range(1, len(steps) + 1)), steps
     return all_runs
+
+
+def assert_rerun_continued(uri: str, n_keys: int, finished_before: dict, orphans: dict,
+                           experiment: str = "sparsity-sweep") -> None:
+    """After a killed driver's re-run: one FINISHED run per run_key, the runs FINISHED before the kill
+    (run_id -> end_time) untouched, the orphans (run_id -> newest checkpoint's epoch) continued in the
+    same run from that checkpoint."""
+    all_runs = {r.info.run_id: r for r in assert_one_finished_run_per_key(uri, n_keys, experiment)}
+    for run_id, end_time in finished_before.items():  # never re-run
+        assert all_runs[run_id].info.end_time == end_time and "retries" not in all_runs[run_id].data.tags
+    for run_id, epoch in orphans.items():  # continued in the same run, from the newest checkpoint
+        tags = all_runs[run_id].data.tags
+        assert tags["retries"] == "1" and tags["resumed_at_epoch"].split(",")[0] == str(epoch), (tags, epoch)
+
+
+def assert_drivers_shared(procs, outs) -> None:
+    """Two drivers of one sweep both succeeded, without a traceback, and between them trained each
+    run_key once: the other's trials were skipped (claimed or FINISHED)."""
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+        driver_lines = [line for line in out.splitlines() if "pid=" not in line]  # not Ray's worker logs
+        assert not any(line.startswith("Traceback") for line in driver_lines), out[-4000:]  # e.g. alembic's
+    assert any("trained nothing" in out or "skipping" in out for out in outs), outs[0][-2000:] + outs[1][-2000:]
 
 
 @pytest.mark.slow
@@ -478,12 +587,7 @@ def test_driver_killed_then_rerun(tmp_path, rerun):
                           capture_output=True, text=True, timeout=LIMIT_S)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert ("its search state was never written" in done.stdout) == (rerun == "resume-torn"), done.stdout[-4000:]
-    all_runs = {r.info.run_id: r for r in assert_one_finished_run_per_key(uri, 6)}
-    for run_id, end_time in finished_before.items():  # never re-run
-        assert all_runs[run_id].info.end_time == end_time and "retries" not in all_runs[run_id].data.tags
-    for run_id, epoch in orphans.items():  # continued in the same run, from the newest checkpoint
-        tags = all_runs[run_id].data.tags
-        assert tags["retries"] == "1" and tags["resumed_at_epoch"].split(",")[0] == str(epoch), (tags, epoch)
+    assert_rerun_continued(uri, 6, finished_before, orphans)
 
 
 @pytest.mark.slow
@@ -494,12 +598,7 @@ def test_two_drivers_on_a_new_store(tmp_path):
     procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=LIMIT_S)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
-        driver_lines = [line for line in out.splitlines() if "pid=" not in line]  # not Ray's worker logs
-        assert not any(line.startswith("Traceback") for line in driver_lines), out[-4000:]  # e.g. alembic's
-    # between them each run_key was trained once: the rest were skipped (claimed or FINISHED)
-    assert any("trained nothing" in out or "skipping" in out for out in outs), outs[0][-2000:] + outs[1][-2000:]
+    assert_drivers_shared(procs, outs)
     assert_one_finished_run_per_key(f"sqlite:///{tmp_path}/mlflow.db", 4)
 
 
