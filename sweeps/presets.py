@@ -56,6 +56,7 @@ PRESETS: dict[str, Preset] = {
             densities=(0.1, 0.01),
             seeds=(0,),
             synflow_rounds=2,  # enough to exercise the iterative schedule
+            cell_overrides={"rigl": {"rigl.delta_t": 5}},  # 33 steps in all: RigL's 100 would give no update
             gpus_per_trial=0.1,  # if there is a GPU at all, share it widely
         ),
         Preset(

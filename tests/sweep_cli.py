@@ -27,3 +27,16 @@ def runs(uri: str, experiment: str, status: str | None = None) -> list:
 def grid_args(store, experiment, *extra):
     return ["--preset", "smoke", "--mlflow-uri", store["uri"], "--storage-path", store["storage"],
             "--experiment", experiment, *extra]
+
+
+# A sweep script's main run in a fresh process: its exit code, whether it imported Ray, and its seconds.
+TIMED_MAIN = """
+import sys, time
+from sweeps import {module} as m
+t = time.time()
+try:
+    code = m.main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+print(f"RESULT ray_imported={{'ray' in sys.modules}} seconds={{time.time() - t:.2f}} code={{code}}", file=sys.stderr)
+"""

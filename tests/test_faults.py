@@ -25,6 +25,8 @@ from runstore import EPOCH_PREFIX, typed_config, unwritable
 from sparse_core.checkpoint import CheckpointError, load_state
 from sweeps import claims, tracking
 
+from sweep_cli import TIMED_MAIN
+
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT_S = 900  # subprocess time limit: the machine is shared and busy
 TINY = ["model.width=8", "model.depth=1", "train.pre_epochs=1", "train.post_epochs=1", "prune.density=0.5"]
@@ -603,16 +605,7 @@ def test_two_drivers_on_a_new_store(tmp_path):
 
 
 # ---- start-up failures: one line, exit 2, in seconds, before Ray ----------------------------------------
-_STARTUP = """
-import sys, time
-from sweeps import ablation_grid as m
-t = time.time()
-try:
-    code = m.main(sys.argv[1:])
-except SystemExit as e:
-    code = e.code
-print(f"RESULT ray_imported={'ray' in sys.modules} seconds={time.time() - t:.2f} code={code}", file=sys.stderr)
-"""
+_STARTUP = TIMED_MAIN.format(module="ablation_grid")
 
 
 def _store_file(tmp_path: Path, kind: str) -> str:

@@ -30,7 +30,8 @@ def by_key(uri: str, experiment: str) -> dict:
 
 def smoke_trials(cells, densities=SMOKE.densities, seeds=(0,)):
     base = options.base_overrides(SMOKE.base, [], None)
-    return designs.trials("leave-one-out", base, densities, seeds, SMOKE.synflow_rounds, list(cells))[0]
+    return designs.trials("leave-one-out", base, densities, seeds, SMOKE.synflow_rounds, list(cells),
+                          SMOKE.cell_overrides)[0]
 
 
 def stable_finals(run) -> dict:

@@ -21,7 +21,7 @@ import pytest
 
 import runstore
 from sparse_core.config import FIELD_TYPES, from_flat, run_key, to_flat
-from sweep_cli import grid_args, run_cli, runs
+from sweep_cli import TIMED_MAIN, grid_args, run_cli, runs
 from sweeps import ablation_grid, designs, optuna_search, options, presets, summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,16 +106,7 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
 
 
 # ---- bad input fails fast, before Ray and before MLflow -----------------------------------------
-_WRAPPER = """
-import sys, time
-from sweeps import {module} as m
-t = time.time()
-try:
-    code = m.main(sys.argv[1:])
-except SystemExit as e:
-    code = e.code
-print(f"RESULT ray_imported={{'ray' in sys.modules}} seconds={{time.time() - t:.2f}} code={{code}}", file=sys.stderr)
-"""
+_WRAPPER = TIMED_MAIN
 
 
 @pytest.mark.parametrize("module,extra,message", [
@@ -147,8 +138,9 @@ def test_smoke_sweep_one_finished_run_per_trial(smoke_sweep, store):
     assert smoke_sweep["code"] == 0, smoke_sweep["out"]
     out = smoke_sweep["out"]
     assert f"{SMOKE_TRIALS} trials ({SMOKE_TRIALS} launched, {SMOKE_TRIALS} trained, 0 skipped, 0 failed)" in out
-    expected, _ = designs.trials("leave-one-out", options.base_overrides(
-        presets.get("smoke").base, [], None), presets.get("smoke").densities, (0,), presets.get("smoke").synflow_rounds)
+    smoke = presets.get("smoke")
+    expected, _ = designs.trials("leave-one-out", options.base_overrides(smoke.base, [], None), smoke.densities, (0,),
+                                 smoke.synflow_rounds, cell_overrides=smoke.cell_overrides)
     finished = runs(store["uri"], "smoke", "FINISHED")
     assert len(finished) == len(runs(store["uri"], "smoke")) == SMOKE_TRIALS
     by_key = {r.data.tags["run_key"]: r for r in finished}
