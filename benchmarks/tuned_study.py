@@ -14,7 +14,7 @@ Runs as a plain process pool (no Ray, no MLflow: what is studied is the methods,
 machinery); results append to ``<out>/searches.jsonl`` and ``<out>/confirm.jsonl`` (a re-run skips what
 is there), tables to ``<out>/table_tuned.md`` and ``<out>/tuning.md``.
 
-    python benchmarks/tuned_study.py --trials 12 --workers 2     # ~15 min on 2 CPU cores
+    python benchmarks/tuned_study.py --trials 12 --workers 2     # 5-10 min on 2 CPU cores
 """
 
 from __future__ import annotations
