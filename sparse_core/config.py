@@ -83,7 +83,7 @@ class InitConfig:
 @dataclass(frozen=True)
 class MaskConfig:
     kind: str = "none"  # learned mask during pre-training: none | sigmoid (continuous sparsification) | hardconcrete (L0, Louizos et al.) | gates (Srinivas et al.)
-    init: float = 0.0  # sigmoid: initial mask score s0 (m = sigmoid(beta s) / sigmoid(s0) starts at exactly 1; p = 0.5 at 0, where the sigmoid is steepest)
+    init: float = 0.0  # sigmoid: initial mask score s0, jittered by N(0, 0.01^2) (m = sigmoid(beta s) / sigmoid(s0) starts at 1; p = 0.5 at 0, where the sigmoid is steepest)
     gate_init: float = 1.0  # gates: initial gate value in [0, 1] (1 = every weight starts switched on)
     beta_final: float = 300.0  # sigmoid: temperature beta rises geometrically from 1 to this over the pre-training steps
     target: bool = True  # sigmoid, hardconcrete: steer the mask's density to prune.density over pre-training (augmented Lagrangian, multiplier by dual ascent); false = constant L1 pressure lambda_l1 * sum(p)
