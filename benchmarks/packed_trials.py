@@ -34,7 +34,7 @@ from timing import ROOT, apply_threads, print_header, print_table, ratio_of  # a
 import torch  # noqa: E402
 
 from sparse_core.config import Config  # noqa: E402
-from sparse_core.packed import run_packed  # noqa: E402
+from sparse_core.runner import run_packed  # noqa: E402
 from sparse_core.train import run  # noqa: E402
 
 LAPTOP = {"data.name": "digits", "train.latency_rounds": 0, "train.device": "cpu"}  # preset laptop's base = defaults

@@ -9,7 +9,7 @@ tests against the best baseline by validation accuracy) and ``analysis.plots`` b
 sweep would log. Used for the README's results when the sweep machinery itself is not what is studied.
 
 With ``--pack K`` (default 1) the trials of a cell that differ only in seed and density train as packs
-of up to K copies (``sparse_core.packed.run_packed``, grouped as ``ablation_grid.py --pack`` groups them);
+of up to K copies (``sparse_core.runner.run_packed``, grouped as ``ablation_grid.py --pack`` groups them);
 every copy's result equals its single run, so the table does not depend on K, only the time does.
 
     python benchmarks/study_plain.py --preset digits-study --densities 0.1,0.03,0.01,0.003 --workers 2
@@ -35,7 +35,7 @@ def _pack(items):
 
     torch.set_num_threads(1)
     from sparse_core.config import from_flat
-    from sparse_core.packed import run_packed
+    from sparse_core.runner import run_packed
 
     started = time.process_time()
     results = run_packed([from_flat(flat) for _, flat in items])

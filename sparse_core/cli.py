@@ -15,7 +15,8 @@ import math
 import os
 import sys
 
-from .config import describe, from_flat, parse_overrides, validate_names
+from .checks import validate_names
+from .config import describe, from_flat, parse_overrides
 
 
 def _help_epilog() -> str:
@@ -79,7 +80,7 @@ def _check_limits(parser, cfg) -> None:
         parser.error(str(e))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="python -m sparse_core", description="Run one pruning pipeline (or RigL) and print the result as JSON.",
         epilog=_help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,41 +92,79 @@ def main(argv: list[str] | None = None) -> int:
                              "runs side by side slow each other down many times over)")
     parser.add_argument("--export", metavar="PATH", help="write the final model here in compact sparse form "
                         "(safetensors; sparse_core.export.load rebuilds it)")
+    return parser
+
+
+def _unwritable_export(path: str) -> str | None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        return (f"--export {path}: cannot write a file there ({parent} must be a writable directory); "
+                f"pass another path")
+    return None
+
+
+def _resume_state(path: str | None, cfg):
+    """The checkpoint's state to resume from (None: start afresh), checked before any training: a bad file is
+    reported (``CheckpointError``), never overwritten."""
+    from .checkpoint import CheckpointError, load_state
+
+    if not path:
+        return None
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.lexists(path):
+        state = load_state(path, cfg)  # content checked against cfg too
+        print(f"resuming from {path} (step {state['step_idx']})", file=sys.stderr)
+        return state
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--checkpoint {path}: cannot write in {parent} (not a writable directory); "
+                              f"pass another path")
+    return None
+
+
+def _report(result: dict, trainer, args) -> None:
+    """The closing lines on stderr (the chance warning even with --quiet) and the JSON result on stdout."""
+    from .metrics import at_chance, chance_accuracy
+
+    result.pop("history")
+    result["at_chance"] = at_chance(result["test_acc"], trainer.data.y_test, trainer.data.num_classes)
+    if result["at_chance"]:  # shown even with --quiet: the run trained nothing worth reading
+        chance = chance_accuracy(trainer.data.y_test, trainer.data.num_classes)
+        print(f"warning: test accuracy {100 * result['test_acc']:.2f} % is at chance (one constant guess scores "
+              f"{100 * chance:.2f} %): the network learned nothing; look for a diverging loss above and check the "
+              f"settings (result: \"at_chance\": true)", file=sys.stderr)
+    if not args.quiet:
+        print(f"done: test acc {result['test_acc']:.4f}, val acc {result['val_acc']:.4f} (best val "
+              f"{result['best_val_acc']:.4f} at epoch {result['best_val_epoch']}) at density "
+              f"{result['density']:.4f} in {result['seconds']:.1f}s; run_key {result['run_key']}", file=sys.stderr)
+    if args.export and not args.quiet:
+        print(f"exported {args.export}: {result['model_bytes_sparse']:,} bytes (dense state dict "
+              f"{result['model_bytes_dense']:,})", file=sys.stderr)
+    print(json.dumps(_json_safe(result)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
         cfg = from_flat(parse_overrides(args.overrides))
         validate_names(cfg)
     except ValueError as e:
         parser.error(str(e))
-
     _check_threads(parser, args.threads)
-    if args.export:
-        parent = os.path.dirname(os.path.abspath(args.export))
-        if os.path.isdir(args.export) or not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-            print(f"error: --export {args.export}: cannot write a file there ({parent} must be a writable "
-                  f"directory); pass another path", file=sys.stderr)
-            return 2
+    if args.export and _unwritable_export(args.export):
+        print(f"error: {_unwritable_export(args.export)}", file=sys.stderr)
+        return 2
 
     from .train import Trainer  # torch is imported after the argument checks, so a typo fails fast
 
-    from .checkpoint import CheckpointError, load_state, save_state
+    from .checkpoint import CheckpointError, save_state
 
     _check_limits(parser, cfg)
-
-    state = None
-    if args.checkpoint:
-        parent = os.path.dirname(os.path.abspath(args.checkpoint))
-        try:  # before any training: a bad file is reported, never overwritten
-            if os.path.lexists(args.checkpoint):
-                state = load_state(args.checkpoint, cfg)  # content checked against cfg too
-            elif not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-                raise CheckpointError(f"--checkpoint {args.checkpoint}: cannot write in {parent} (not a writable "
-                                      f"directory); pass another path")
-        except CheckpointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if state is not None:
-            print(f"resuming from {args.checkpoint} (step {state['step_idx']})", file=sys.stderr)
+    try:
+        state = _resume_state(args.checkpoint, cfg)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     def log(metrics: dict, checkpoint) -> None:
         if not args.quiet:
@@ -151,23 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result.pop("history")
-    from .metrics import at_chance, chance_accuracy
-
-    result["at_chance"] = at_chance(result["test_acc"], trainer.data.y_test, trainer.data.num_classes)
-    if result["at_chance"]:  # shown even with --quiet: the run trained nothing worth reading
-        chance = chance_accuracy(trainer.data.y_test, trainer.data.num_classes)
-        print(f"warning: test accuracy {100 * result['test_acc']:.2f} % is at chance (one constant guess scores "
-              f"{100 * chance:.2f} %): the network learned nothing; look for a diverging loss above and check the "
-              f"settings (result: \"at_chance\": true)", file=sys.stderr)
-    if not args.quiet:
-        print(f"done: test acc {result['test_acc']:.4f}, val acc {result['val_acc']:.4f} (best val "
-              f"{result['best_val_acc']:.4f} at epoch {result['best_val_epoch']}) at density "
-              f"{result['density']:.4f} in {result['seconds']:.1f}s; run_key {result['run_key']}", file=sys.stderr)
-    if args.export and not args.quiet:
-        print(f"exported {args.export}: {result['model_bytes_sparse']:,} bytes (dense state dict "
-              f"{result['model_bytes_dense']:,})", file=sys.stderr)
-    print(json.dumps(_json_safe(result)))
+    _report(result, trainer, args)
     return 0
 
 

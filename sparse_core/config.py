@@ -26,9 +26,9 @@ def _check(key: str, value: Any, ok: bool, what: str) -> None:
         raise ValueError(f"{key}={value!r} is not valid; it must be {what}")
 
 
-# Names checked against the registries lazily (registries import torch; config must not need
-# to, so that sweeps can validate a grid cheaply). ``validate_names`` does that check.
-_NAMED = {
+# Names checked against the registries (registries import torch; config must not need to, so that sweeps can
+# validate a grid cheaply): ``sparse_core.checks.validate_names`` does that check.
+REGISTRY_KEYS = {
     "data.name": "datasets",
     "model.name": "models",
     "init.name": "inits",
@@ -329,22 +329,6 @@ def from_flat(flat: Mapping[str, Any]) -> Config:
         if f.name in sections:
             kwargs[f.name] = f.default_factory(**sections[f.name])  # type: ignore[misc]
     return Config(**kwargs)
-
-
-def validate_names(cfg: Config) -> None:
-    """Check every registry-backed name (dataset, model, init, pruner, scope, mask kind) and the rules that
-    need a registry (post-prune tricks that each replace the loss)."""
-    from . import registry  # imports torch-backed modules; kept out of plain config parsing
-
-    flat = cfg.to_flat()
-    for key, reg_name in _NAMED.items():
-        registry.REGISTRIES[reg_name].check(key, flat[key])
-    from .post_prune import loss_of
-
-    loss_of(flat)  # at most one switched-on post-prune trick may replace the loss
-    starts = ["random"] + [n for n in registry.PRUNERS.names() if n != "mask"]
-    if cfg.rigl.start not in starts:
-        raise ValueError(f"rigl.start={cfg.rigl.start!r} is not valid; choose one of {', '.join(starts)}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

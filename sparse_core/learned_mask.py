@@ -35,6 +35,7 @@ sum(g) + lambda_bin * sum(g * (1 - g))`` pushes gates to be sparse and binary (n
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -216,8 +217,9 @@ def beta_at(step: int, total: int, cfg: MaskConfig) -> float:
     return float(cfg.beta_final ** (min(step, total - 1) / (total - 1)))
 
 
+@functools.lru_cache(maxsize=None)
 def start_density(cfg: MaskConfig) -> float:
-    """The expected density of a fresh mask (where the target schedule starts)."""
+    """The expected density of a fresh mask (where the target schedule starts; read every step, so cached)."""
     kind = get(cfg)
     return float(kind.keep_prob(kind.init_score(torch.zeros(1, dtype=torch.float64)), 1.0))
 

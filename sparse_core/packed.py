@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import learned_mask
 from .config import Config
-from .data import load, train_batches
+from .data import train_batches
 from .masks import prunable_layers, set_masks
 from .optim import CopyOptimizer, PackedOptimizer, per_copy
 from .plan import PruneStep, TrainEpoch, cubic, lr_factor
@@ -79,6 +79,9 @@ class Pack:
             self.dual = torch.stack([t.mask_dual for t in copies])
             for k, t in enumerate(copies):  # each copy's multipliers are a view of the stack
                 t.mask_dual = self.dual[k]
+        # each copy's lowest keep probability of a steered mask (learned_mask.RESIDUE x its density)
+        self.floor = None if self.dual is None else per_copy(
+            [learned_mask.RESIDUE * t.cfg.prune.density for t in copies], self.dual)
         if self.lead.segment is not None and self.lead.opt_saved is not None:  # restored mid-segment
             self._make_optimizer(self.lead.segment[0])
             for k, t in enumerate(copies):
@@ -251,10 +254,8 @@ class Pack:
         for c in self.copies:
             c.seg_step += 1
         if learned:
-            floor = None if targets is None else per_copy([learned_mask.RESIDUE * c.cfg.prune.density
-                                                           for c in self.copies], self.dual)
             for kind, score, beta in self._scores():
-                kind.after_step(score, beta, floor)
+                kind.after_step(score, beta, self.floor)
         self.enforce()
         if update:
             self._per_copy_masks(self._rigl_update)
@@ -345,43 +346,3 @@ class Pack:
         if until is not None:
             return []
         return [self.failed[k] if k in self.failed else c.result() for k, c in enumerate(self.copies)]
-
-
-def run_packed(cfgs: list[Config], logs: list | None = None, states: list[dict | None] | None = None,
-               export_paths: list[str | None] | None = None, share_prefix: bool = True
-               ) -> list[dict[str, Any] | BaseException]:
-    """Run ``cfgs`` as packed copies, one pack per ``pack_key`` and plan position; per copy,
-    ``train.run``'s result (the same masks and accuracy as its single run) or the exception that ended
-    that copy alone. ``share_prefix``: runs that differ only in what acts from pruning on train their
-    pre-training once (sparse_core/prefix.py); their results are unchanged."""
-    from . import prefix
-    from .export import figures
-    from .plan import total_epochs
-    from .train import Trainer, resolve_device
-
-    n = len(cfgs)
-    logs, states, export_paths = logs or [None] * n, list(states or [None] * n), export_paths or [None] * n
-    datas: dict[str, Any] = {}
-
-    def data_of(cfg: Config):
-        key = repr((cfg.data, cfg.train.device))
-        if key not in datas:
-            datas[key] = load(cfg.data).to(resolve_device(cfg.train.device))
-        return datas[key]
-
-    shared = prefix.share(cfgs, states, data_of) if share_prefix else {}
-    trainers = [Trainer(c, log, data=data_of(c)) for c, log in zip(cfgs, logs)]
-    for i, (t, s) in enumerate(zip(trainers, states)):
-        if s is not None:
-            t.load_state_dict(s)
-        for metrics in shared.get(i, ((), 0))[0]:  # the shared pre-training epochs, as this run's own (no state)
-            t.log({**metrics, "epochs": total_epochs(t.cfg)}, None)
-    results: list = [None] * n
-    for group in sorted({(t.step_idx, pack_key(t.cfg)) for t in trainers}):
-        members = [i for i, t in enumerate(trainers) if (t.step_idx, pack_key(t.cfg)) == group]
-        for i, out in zip(members, Pack([trainers[i] for i in members]).run()):
-            results[i] = out
-            if isinstance(out, dict):
-                out.update(figures(trainers[i], export_paths[i]), pack_size=len(members),
-                           prefix_shared_by=shared.get(i, ((), 1))[1])
-    return results

@@ -25,7 +25,9 @@ from typing import Callable
 
 from . import learned_mask
 from .config import Config
+from .packed import Pack, config_hash, pack_key
 from .plan import TrainEpoch, build
+from .train import Trainer
 
 # Read only from the first pruning step on (tests/test_prefix.py checks each one).
 POST_FORK = ("prune.pruner", "prune.scope", "prune.rounds", "prune.gradual_epochs", "prune.gradual_every",
@@ -56,8 +58,6 @@ def prefix_key(cfg: Config) -> str | None:
     """Equal for runs with the same pre-training (12 hex chars); None for a run that shares none."""
     if not fork_point(cfg):
         return None
-    from .packed import config_hash
-
     return config_hash(cfg, set(POST_FORK) | ({"prune.density"} if density_free(cfg) else set()))
 
 
@@ -67,8 +67,6 @@ def family_key(cfg: Config) -> str | None:
     and one density share their pre-training (the sweeps group a family's cells into one trial)."""
     if not fork_point(cfg):
         return None
-    from .packed import config_hash
-
     return config_hash(cfg, set(POST_FORK) | {"prune.density"})
 
 
@@ -78,9 +76,6 @@ def share(cfgs: list[Config], states: list[dict | None], data_of: Callable) -> d
     log entries (to hand to its log) and the number of runs that shared them. Pre-trainings that can
     share a pack (one per density of a steered mask, one per seed) train as one. A pre-training that
     diverges is left to each run to find alone."""
-    from .packed import Pack, pack_key
-    from .train import Trainer
-
     groups: dict[str, list[int]] = defaultdict(list)
     for i, cfg in enumerate(cfgs):
         key = prefix_key(cfg) if states[i] is None else None

@@ -24,8 +24,10 @@ import torch
 import torch.nn as nn
 
 from . import connectivity, learned_mask, pruners, rescale, state
-from .config import Config, run_key, validate_names
+from .checks import validate_names
+from .config import Config, run_key
 from .data import TensorData, class_balanced_subset, load
+from .export import figures
 from .init import initialise
 from .masks import count, get_masks, prunable_weights, set_masks
 from .metrics import density_summary, evaluate, flops
@@ -164,8 +166,9 @@ class Trainer:
         return out[0]
 
     def epoch_begin(self, step: TrainEpoch, total: int) -> SoftSchedule | None:
-        """Per-copy set-up of a training epoch: the soft schedules, the mask temperature and target."""
-        cfg, stage, epoch = self.cfg, step.stage, step.epoch
+        """Per-copy set-up of a training epoch: the soft schedules (a learned mask's temperature and target
+        follow the steps: ``Pack.step``)."""
+        cfg, stage = self.cfg, step.stage
         soft = SoftSchedule(self.model, cfg.post, total) if stage in ("post", "rigl") else None
         self.model.train()
         return soft
@@ -381,8 +384,6 @@ def run(cfg: Config, log: Log | None = None, state: dict | None = None, export_p
     """Run the whole pipeline for ``cfg``; ``state`` (from a checkpoint) continues a run. The result
     carries the model's measured size and latency (``export.figures``); ``export_path`` also writes the
     compact model there."""
-    from .export import figures
-
     trainer = Trainer(cfg, log)
     if state is not None:
         trainer.load_state_dict(state)

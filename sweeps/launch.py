@@ -18,7 +18,8 @@ import ray
 from ray import tune
 
 from . import packing, relay, tracking
-from .trainable import FAULT_ENOSPC_ENV, resources, train_trial
+from .trainable import resources, train_trial
+from .trial_state import FAULT_ENOSPC_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 _relay: relay.Relay | None = None  # a local runtime's MLflow relay (connect)

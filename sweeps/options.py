@@ -15,7 +15,8 @@ from runstore import unwritable
 from sparse_core import data as sparse_data
 from sparse_core import limits
 from sparse_core.cli import OneLineParser  # noqa: F401 - the sweep scripts' parser: every error one line
-from sparse_core.config import from_flat, parse_overrides, validate_names
+from sparse_core.checks import validate_names
+from sparse_core.config import from_flat, parse_overrides
 
 from . import claims, tracking
 

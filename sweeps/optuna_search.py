@@ -138,6 +138,12 @@ def main(argv=None) -> int:
         if started_ray:
             launch.shutdown()
 
+    return summarize(results, sweep, started, knobs, args, uri, exp_id)
+
+
+def summarize(results, sweep: str, started: float, knobs, args, uri: str, exp_id: str) -> int:
+    """The search's closing lines: its counts, the best trial by validation accuracy and its settings as
+    ``--set`` overrides for the grid, the UI link; the exit code (1 if a trial failed or none completed)."""
     complete = [r for r in results if r.metrics and r.metrics.get("final")]
     failed = sum(1 for r in results if r.error is not None)
     seconds = sum(r.metrics.get("time_total_s", 0.0) for r in results if r.metrics)

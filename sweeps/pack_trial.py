@@ -1,4 +1,4 @@
-"""A packed Tune trial: several configs trained together by ``sparse_core.packed.run_packed``, each
+"""A packed Tune trial: several configs trained together by ``sparse_core.runner.run_packed``, each
 copy its own MLflow run (``sweeps/packing.py`` forms the packs; ``sweeps/trainable.py`` dispatches here).
 
 Config ``{"trials": [{"cell", "flat"}, ...], "meta": {...}}``. Per copy, exactly as a single trial:
@@ -41,8 +41,8 @@ from sparse_core.plan import build as build_plan
 from sparse_core.train import total_epochs
 
 from . import relay, tracking
-from .trainable import (_REPORTED, CHECKPOINT_EVERY_S, CHECKPOINT_FILE, _location, _newest_state, copy_file, setup,
-                        write_checkpoint)
+from .trial_state import (CHECKPOINT_EVERY_S, CHECKPOINT_FILE, REPORTED, copy_file, location, newest_state, setup,
+                          write_checkpoint)
 
 
 class _Copy:
@@ -100,7 +100,7 @@ class _Pack:
                         "density": metrics["density"], "seconds": metrics["seconds"]}
         else:
             c.epoch = metrics["epoch"]
-            c.report = {k: metrics[k] for k in _REPORTED if k in metrics}
+            c.report = {k: metrics[k] for k in REPORTED if k in metrics}
         c.stage = stage
         now = time.monotonic()
         if metrics["stage_end"] or now - self.last_sync >= CHECKPOINT_EVERY_S:
@@ -116,7 +116,7 @@ class _Pack:
 
     def report(self) -> dict:
         live = [c for c in self.copies if c.error is None]
-        out = {k: _mean(c.report.get(k) for c in live) for k in _REPORTED}
+        out = {k: _mean(c.report.get(k) for c in live) for k in REPORTED}
         slowest = min(live, key=lambda c: c.epoch, default=None)
         out.update(epoch=slowest.epoch if slowest else 0, epochs=max((c.epochs for c in self.copies), default=0),
                    stage=slowest.stage if slowest else "", copies=len(self.copies))
@@ -137,7 +137,7 @@ class _Pack:
             c.snapped = False
             # only where the copy's state is in it: an epoch of a shared pre-training has none of its own yet
             if saved is not None and c.error is None and c.snapshot is not None:
-                c.mlrun.set_checkpoint_dir(_location(saved))
+                c.mlrun.set_checkpoint_dir(location(saved))
         self.due = False
         self.last_sync = self.last_report = time.monotonic()
 
@@ -187,7 +187,7 @@ def train_pack(config: dict) -> None:
         if c.mlrun.skip:  # FINISHED already, or claimed by a live trial of another sweep on this store
             continue
         try:
-            c.state = _newest_state(checkpoint, c.mlrun.checkpoint_dir, (copy_file(c.key), CHECKPOINT_FILE), c.cfg)
+            c.state = newest_state(checkpoint, c.mlrun.checkpoint_dir, (copy_file(c.key), CHECKPOINT_FILE), c.cfg)
         except CheckpointError as e:  # never a silent start from scratch: this copy fails, the rest train
             c.error = e
             c.mlrun.fail(e)
@@ -204,7 +204,7 @@ def train_pack(config: dict) -> None:
 
 
 def _train(train: list[_Copy], meta: dict) -> None:
-    from sparse_core.packed import run_packed
+    from sparse_core.runner import run_packed
 
     pack = _Pack(train, float(meta.get("report_every_s", 0.0)))
     try:

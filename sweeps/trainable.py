@@ -6,7 +6,7 @@
 becomes a ``Config``, every epoch is logged to MLflow and reported to Tune, with checkpoints of
 the trainer's full state (``torch.save``d, loaded by ``sparse_core.checkpoint.load_state``), and a
 retried, resumed or re-run trial continues its run_key's MLflow run from the newest checkpoint
-(``_newest_state``). A trial whose run_key is FINISHED, or claimed by a live trial of another
+(``trial_state.newest_state``). A trial whose run_key is FINISHED, or claimed by a live trial of another
 sweep, reports ``skipped`` and trains nothing (``tracking.TrialRun.open``).
 
 The subtle point is cost. A checkpoint, with the MLflow write of the buffered epochs before it,
@@ -23,110 +23,23 @@ which have no scheduler, use 1 s.
 
 from __future__ import annotations
 
-import errno
-import logging
 import math
 import os
-import posixpath
-import re
 import tempfile
 import time
 
-import torch
 from ray import tune
 
-import sparse_core
-from sparse_core.checkpoint import CheckpointError, load_state
+from sparse_core.checkpoint import CheckpointError
 from sparse_core.config import from_flat, run_key, to_flat
 from sparse_core.train import run as run_pipeline, total_epochs
 
 from . import relay, tracking
-
-CHECKPOINT_FILE = "state.pt"
-# Scalars passed to Tune (schedulers, searchers, progress); MLflow gets every metric.
-_REPORTED = ("val_acc", "val_loss", "test_acc", "test_loss", "train_loss", "density", "seconds")
-CHECKPOINT_EVERY_S = 10.0  # wall seconds between checkpoints inside a stage (stage ends always checkpoint)
-# TESTING ONLY: "N" makes every checkpoint write from a trial process's Nth on fail as on a full disk (ENOSPC).
-FAULT_ENOSPC_ENV = "SWEEPS_FAULT_ENOSPC_AT"
-_checkpoint_writes = 0
-
-
-def write_checkpoint(path: str, state: dict | None = None, data: bytes | None = None) -> None:
-    """A trial's checkpoint file: ``state`` (``torch.save``d) or its bytes already serialised."""
-    global _checkpoint_writes
-    _checkpoint_writes += 1
-    at = os.environ.get(FAULT_ENOSPC_ENV)
-    if at and _checkpoint_writes >= int(at):
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by {FAULT_ENOSPC_ENV})", path)
-    if data is None:
-        torch.save(state, path)
-    else:
-        with open(path, "wb") as f:
-            f.write(data)
-
+from .trial_state import (CHECKPOINT_EVERY_S, CHECKPOINT_FILE, REPORTED, copy_file, location, newest_state, setup,
+                          write_checkpoint)
 
 def resources(cpus: float, gpus: float) -> dict:
     return {"cpu": cpus, "gpu": gpus}
-
-
-def _location(checkpoint: tune.Checkpoint) -> str:
-    """The trial dir holding ``checkpoint``, as a path or URI that ``pyarrow.fs`` opens again."""
-    parent = posixpath.dirname(checkpoint.path.rstrip("/"))
-    kind = checkpoint.filesystem.type_name
-    return parent if kind == "local" else f"{kind}://{parent}"
-
-
-def copy_file(key: str) -> str:
-    """The checkpoint file of one copy of a packed trial (``state_<run_key>.pt``)."""
-    return f"state_{key}.pt"
-
-
-def _newest_state(checkpoint: tune.Checkpoint | None, run_dir: str | None,
-                  names: tuple[str, ...] = (CHECKPOINT_FILE,), cfg=None) -> dict | None:
-    """The newest loadable trainer state among the checkpoints next to Tune's ``checkpoint`` and in
-    ``run_dir`` (the trial dir recorded in the MLflow run this trial continues). ``names``: the state's
-    file names in a checkpoint dir, first found wins (a run_key's state is ``state.pt`` in a single
-    trial's dir, ``state_<run_key>.pt`` in a packed one's: a run may continue in either shape).
-
-    Tune's own pick can be stale: a driver killed between two snapshots of its experiment state
-    restores a trial from an older checkpoint (or from one already deleted) though newer ones exist.
-    A damaged checkpoint (the crash hit its copy), or with ``cfg`` one whose content is not a state of
-    ``cfg``'s run (``sparse_core.checkpoint.check_state``), is passed over; if none loads, the trial
-    fails with the loader's one-line reason rather than silently starting again.
-    """
-    import pyarrow.fs as pafs
-
-    places = [_location(checkpoint)] if checkpoint is not None else []
-    places += [run_dir] if run_dir and run_dir not in places else []
-    found = []  # (mtime, dir name, filesystem, dir path, file name)
-    for place in places:
-        try:
-            fs, base = pafs.FileSystem.from_uri(place)
-            for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
-                if info.type == pafs.FileType.Directory and re.fullmatch(r"checkpoint_\d+", info.base_name):
-                    for name in names:
-                        state_file = fs.get_file_info(f"{info.path}/{name}")
-                        if state_file.type == pafs.FileType.File:
-                            found.append((state_file.mtime_ns or 0, info.base_name, fs, info.path, name))
-                            break
-        except (OSError, ValueError, pafs.ArrowException) as e:  # e.g. the old trial dir is gone
-            logging.getLogger(__name__).warning("cannot list checkpoints in %s: %s", place, e)
-    if not found and checkpoint is not None:  # Tune's checkpoint outside a trial dir's checkpoint_N layout
-        fs = checkpoint.filesystem
-        there = [n for n in names if fs.get_file_info(f"{checkpoint.path}/{n}").type == pafs.FileType.File]
-        if there or names[0] == CHECKPOINT_FILE:  # a single trial's checkpoint without its file: an error
-            found.append((0, "", fs, checkpoint.path, (there or names)[0]))
-    errors = []
-    for _, _, fs, path, name in sorted(found, key=lambda f: f[:2], reverse=True):
-        try:
-            with tune.Checkpoint(path, filesystem=fs).as_directory() as d:
-                return load_state(os.path.join(d, name), cfg)
-        except (CheckpointError, OSError) as e:
-            logging.getLogger(__name__).warning("skipping checkpoint %s: %s", path, e)
-            errors.append(e)
-    if errors:
-        raise CheckpointError(f"no usable checkpoint for this trial: {errors[0]}")
-    return None
 
 
 def _report_skipped(mlrun, cfg) -> None:
@@ -137,16 +50,6 @@ def _report_skipped(mlrun, cfg) -> None:
                  "val_acc": metrics.get("val_acc", math.nan), "test_acc": metrics.get("test_acc", math.nan),
                  "best_val_acc": metrics.get("best_val_acc", math.nan), "density": metrics.get("density", math.nan),
                  "seconds": 0.0, "run_key": mlrun.run_key, "mlflow_run_id": mlrun.other_id})
-
-
-def setup(meta: dict) -> dict:
-    """Per-process settings of a trial (threads, log level); returns the provenance tags of its runs."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
-    torch.set_num_threads(max(1, int(meta.get("cpus", 1))))
-    tags = {"sparse_core_version": sparse_core.__version__}
-    if meta.get("git_commit"):
-        tags["git_commit"] = meta["git_commit"]
-    return tags
 
 
 def train_trial(config: dict) -> None:
@@ -164,8 +67,8 @@ def train_trial(config: dict) -> None:
         _report_skipped(mlrun, cfg)
         return
     try:
-        state = _newest_state(tune.get_checkpoint(), mlrun.checkpoint_dir, (CHECKPOINT_FILE, copy_file(mlrun.run_key)),
-                              cfg)
+        state = newest_state(tune.get_checkpoint(), mlrun.checkpoint_dir, (CHECKPOINT_FILE, copy_file(mlrun.run_key)),
+                             cfg)
     except CheckpointError as e:
         mlrun.fail(e)
         raise
@@ -186,7 +89,7 @@ def train_trial(config: dict) -> None:
                       "density": metrics["density"], "seconds": metrics["seconds"]}
         else:
             epoch = metrics["epoch"]
-            report = {k: metrics[k] for k in _REPORTED if k in metrics}
+            report = {k: metrics[k] for k in REPORTED if k in metrics}
         report.update(epoch=epoch, epochs=total_epochs(cfg), stage=stage)
         now = time.monotonic()
         if not metrics["stage_end"] and now - last_sync < CHECKPOINT_EVERY_S:
@@ -200,11 +103,22 @@ def train_trial(config: dict) -> None:
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
         saved = tune.get_checkpoint()  # the persisted copy: its trial dir goes into the run, once
         if saved is not None:
-            mlrun.set_checkpoint_dir(_location(saved))
+            mlrun.set_checkpoint_dir(location(saved))
         last_sync = last_report = time.monotonic()
 
+    result = _train_and_finish(mlrun, cfg, log, state, meta)
+    tune.report({"final": 1, "epoch": result["epochs"], "epochs": result["epochs"], "stage": "final",
+                 "val_acc": result["val_acc"], "test_acc": result["test_acc"], "best_val_acc": result["best_val_acc"],
+                 "density": result["density"], "seconds": result["seconds"],
+                 "n_collapsed_layers": len(result["collapsed_layers"]), "run_key": result["run_key"],
+                 "mlflow_run_id": mlrun.run_id})
+
+
+def _train_and_finish(mlrun, cfg, log, state: dict | None, meta: dict) -> dict:
+    """Train the run (from ``state`` when it continues) and close its MLflow run: FINISHED with the result
+    (and, with ``meta["export"]``, the compact model as an artifact), or failed with the error."""
     try:
-        with tempfile.TemporaryDirectory() as d:  # meta["export"]: the compact model as an artifact
+        with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, tracking.EXPORT_ARTIFACT) if meta.get("export") else None
             result = run_pipeline(cfg, log, state, export_path=path)
             if path:
@@ -213,8 +127,4 @@ def train_trial(config: dict) -> None:
     except BaseException as e:
         mlrun.fail(e)
         raise
-    tune.report({"final": 1, "epoch": result["epochs"], "epochs": result["epochs"], "stage": "final",
-                 "val_acc": result["val_acc"], "test_acc": result["test_acc"], "best_val_acc": result["best_val_acc"],
-                 "density": result["density"], "seconds": result["seconds"],
-                 "n_collapsed_layers": len(result["collapsed_layers"]), "run_key": result["run_key"],
-                 "mlflow_run_id": mlrun.run_id})
+    return result

@@ -1,6 +1,7 @@
 import pytest
 
-from sparse_core.config import Config, from_flat, parse_overrides, run_key, to_flat, validate_names
+from sparse_core.checks import validate_names
+from sparse_core.config import Config, from_flat, parse_overrides, run_key, to_flat
 
 
 def test_flat_round_trip_and_string_parsing():

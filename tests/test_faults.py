@@ -197,7 +197,7 @@ def test_trainable_resumes_from_the_newest_loadable_checkpoint(tmp_path, real_ch
     """Tune's pick (checkpoint_000001) is stale; the newest (000003) is damaged: 000002 is used."""
     from ray import tune
 
-    from sweeps.trainable import CHECKPOINT_FILE, _newest_state
+    from sweeps.trial_state import CHECKPOINT_FILE, newest_state as _newest_state
 
     state = load_state(real_checkpoint)
     trial = tmp_path / "trial"
@@ -769,7 +769,7 @@ def test_a_full_disk_stops_the_sweep_in_one_line_and_the_rerun_completes(tmp_pat
 
 
 def _full_then_rerun(argv, uri: str, disk: str, full_dir: Path | None) -> None:
-    from sweeps.trainable import FAULT_ENOSPC_ENV
+    from sweeps.trial_state import FAULT_ENOSPC_ENV
 
     fault = {FAULT_ENOSPC_ENV: "2"} if disk == "injected" else {}
     full = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S, env={**os.environ, **fault})

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sparse_core.config import Config
-from sparse_core.packed import PACKABLE, Pack, pack_key, run_packed
+from sparse_core.packed import PACKABLE, Pack, pack_key
+from sparse_core.runner import run_packed
 from sparse_core.train import Trainer, TrainingDiverged, run
 
 # width 13: no layer (64x13, 13x13, 13x10) and no batch of activations (last batch 13 x 13) is a multiple of

@@ -295,7 +295,7 @@ def test_a_wrong_content_state_fails_its_copy_alone(monkeypatch, sweep_store, tm
     from ray import tune as real_tune
 
     from sweeps import claims, pack_trial, tracking
-    from sweeps.trainable import copy_file
+    from sweeps.trial_state import copy_file
 
     trials = smoke_trials(["base"], densities=(0.1, 0.05, 0.02, 0.01))
     with claims.store_lock(sweep_store["uri"]):

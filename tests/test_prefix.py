@@ -9,7 +9,8 @@ import torch
 
 from sparse_core import prefix
 from sparse_core.config import Config
-from sparse_core.packed import Pack, run_packed
+from sparse_core.packed import Pack
+from sparse_core.runner import run_packed
 from sparse_core.train import Trainer
 
 TINY = {"data.name": "digits", "model.width": 13, "model.depth": 2, "train.batch_size": 128,
