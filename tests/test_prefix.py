@@ -142,7 +142,10 @@ def test_pre_trainings_per_density_train_as_one_pack_and_runs_end_as_their_own(m
             sizes.append(len(copies))
             super().__init__(copies)
 
-    monkeypatch.setattr(packed, "Pack", Recorded)
+    from sparse_core import runner
+
+    monkeypatch.setattr(prefix, "Pack", Recorded)  # the shared pre-trainings' packs
+    monkeypatch.setattr(runner, "Pack", Recorded)  # the runs' own packs
     logs_shared, logs_alone = [[] for _ in cfgs], [[] for _ in cfgs]
 
     def recorder(store):
