@@ -4,29 +4,30 @@ Every kind maps a score tensor (one score per prunable weight) to what multiplie
 forward pass, and to a keep probability p in [0, 1] (its share of the expected density).
 
 ``sigmoid`` (continuous sparsification, Savarese et al. 2020, as in their code): m = sigmoid(beta s) /
-sigmoid(s0). The scores start at ``mask.init`` = s0 = 0, where the sigmoid is steepest, and the rescale
-makes the mask start at exactly 1 (without it a 6-layer net would start at 1/64 of its signal); beta
-rises geometrically from 1 to ``mask.beta_final`` over pre-training, so m ends binary (0 or 1/sigmoid(s0)).
-p = sigmoid(beta s). Starting the scores high instead (s = 3, m = 0.95) saturates the sigmoid as beta
-grows: no gradient reaches them and the mask never moves.
+sigmoid(s0). The scores start at ``mask.init`` = s0 = 0 (jittered, ``INIT_JITTER``), where the sigmoid is
+steepest, and the rescale makes the mask start at 1 (without it a 6-layer net would start at 1/64 of its
+signal); beta rises geometrically from 1 to ``mask.beta_final`` over the pre-training steps, so m ends
+binary. p = sigmoid(beta s). Starting the scores high instead (s = 3, m = 0.95) saturates the sigmoid as
+beta grows: no gradient reaches them and the mask never moves.
 
 ``hardconcrete`` (L0 regularisation, Louizos et al. 2018): stochastic gates z = min(1, max(0, sigmoid((log u
 - log(1 - u) + log_alpha) / 2/3) * 1.2 - 0.1)), u ~ U(0, 1) drawn from the run's own ``mask`` generator every
 step; evaluation, pruning and the fold use the deterministic gate min(1, max(0, sigmoid(log_alpha) * 1.2 -
 0.1)). log_alpha starts at 3 (the gates start open: deterministic gate 1; at 0, Louizos' "drop rate 0.5",
-the sampled gates of a 6-layer MLP were too noisy to learn at all) and stays in [-10, log 100] (CoFiPruning
-bounds it above at log 100; below, -10 leaves a keep probability of 2e-4). p = P(z != 0) =
-sigmoid(log_alpha - 2/3 log(0.1 / 1.1)).
+the sampled gates of a 6-layer MLP were too noisy to learn at all) and stays at most log 100 (CoFiPruning's
+bound). p = P(z != 0) = sigmoid(log_alpha - 2/3 log(0.1 / 1.1)).
 
-Density is controlled, not guessed (``mask.target``, both kinds above): a target density falls
-geometrically from the mask's initial expected density to ``prune.density`` over the first
-``mask.warmup`` of pre-training and is held there; the loss adds lambda1 (d - t) + lambda2 (d - t)^2 on
-the expected density d = mean p, and after every step both multipliers take a step of dual ascent
-(lambda1 += ``mask.dual_lr`` (d - t), lambda2 += ``mask.dual_lr`` (d - t)^2), as CoFiPruning does for its L0
-masks. The penalty acts on d, so each score feels lambda * dp/ds / n whatever the layer: no per-network
-pressure to guess. Under ZerO most weights start at exactly 0 and their scores get no gradient from the
-task loss (dL/ds = dL/d(w m) w dm/ds); the density term still reaches them (dd/ds does not involve w), so
-their masks close first, unless the weight itself leaves 0 (dL/dw = dL/d(w m) m, with m = 1 at the start).
+Density is controlled, not guessed (``mask.target``, both kinds above): a target t falls geometrically from
+the mask's initial expected density to ``prune.density`` over the first ``mask.warmup`` of pre-training and
+is held there. The loss adds the augmented Lagrangian lambda (d - t) + rho / (2 t) (d - t)^2 (``mask.rho``),
+whose d has the value of the hard density (the share with p > 0.5) and the gradient of the expected density
+(mean p); after every step lambda takes a step of dual ascent, lambda += ``mask.dual_lr`` (d - t) / t. The
+penalty acts on d, so each score feels the same pressure whatever its layer: no per-network weight to guess.
+After every step the scores are clamped where the density term can still move them (``SIGMOID_LOGITS``,
+``HC_LOG_ALPHA``, and a floor of ``RESIDUE`` x the target on a pruned weight's p). Under ZerO most weights
+start at exactly 0 and their scores get no gradient from the task loss (dL/ds = dL/d(w m) w dm/ds); the
+density term still reaches them (dd/ds does not involve w), so their masks close first, unless the weight
+itself leaves 0 (dL/dw = dL/d(w m) m, with m = 1 at the start). docs/learned_mask.md: how and why.
 
 ``gates`` (Srinivas et al. 2016): a gate g in [0, 1] per weight, clipped after every step, the forward
 pass uses the binary gate (g > 0.5) with a straight-through gradient, and the penalty ``lambda_l1 *
