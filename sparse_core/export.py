@@ -13,7 +13,9 @@ four encodings is smallest *for that layer*, measured by serialising each candid
   wide layers at low density, where a uint16/uint8 column index beats a uint32 flat index.
 
 Biases and BatchNorm tensors are stored dense. The safetensors metadata (string -> string) holds
-one JSON entry, ``sparse_core``: format version, the whole flat config, input shape, classes and,
+one JSON entry, ``sparse_core``: format version, the flat config of the run's identity (what
+``run_key`` hashes: not where it ran or how it was tested, so one run_key always writes the same
+bytes), input shape, classes and,
 per prunable layer, its shape, kept count and encoding. ``load(path)`` rebuilds the plain
 ``nn.Module`` (``models.build(..., plain=True)``, what ``train.plain_model`` gives) with the exact
 weights, so it reproduces the run's test accuracy on the device the run used. Nothing is ever
@@ -34,7 +36,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from .config import Config, from_flat, run_key
+from .config import NOT_IDENTITY, Config, from_flat, run_key
 from .masks import get_masks, prunable_layers
 from .models import build
 
@@ -137,7 +139,8 @@ def to_bytes(model: nn.Module, masks: dict[str, torch.Tensor] | None, cfg: Confi
             layers[name] = {"shape": list(value.shape), "kept": int(masks[name].sum()), "encoding": encoding}
         else:
             tensors[name] = value
-    header = {"format": FORMAT, "version": VERSION, "run_key": run_key(cfg), "config": cfg.to_flat(),
+    header = {"format": FORMAT, "version": VERSION, "run_key": run_key(cfg),
+              "config": {k: v for k, v in cfg.to_flat().items() if k not in NOT_IDENTITY},
               "in_shape": list(in_shape), "num_classes": int(num_classes), "layers": layers}
     return st_save(tensors, metadata={META_KEY: json.dumps(header, separators=(",", ":"))})
 

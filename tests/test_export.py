@@ -56,7 +56,8 @@ def test_digits_export_is_small_and_reloads_to_the_runs_exact_accuracy(digits_ru
     acc, loss = evaluate(model, data.x_test, data.y_test, cfg.train.eval_batch_size)
     assert acc == result["test_acc"] and loss == pytest.approx(result["test_loss"], rel=1e-6)
     header = export.read_header(path)
-    assert from_flat(header["config"]) == cfg and header["run_key"] == run_key(cfg) == result["run_key"]
+    assert from_flat(header["config"]) == cfg.replace(**{"train.device": "auto"})  # where it ran is not kept
+    assert header["run_key"] == run_key(cfg) == result["run_key"]
     assert sum(layer["kept"] for layer in header["layers"].values()) == result["kept_weights"]
     assert sum(int((w != 0).sum()) for w in (layer.weight for layer in prunable_layers(model).values())) \
         <= result["kept_weights"]
@@ -163,6 +164,18 @@ def test_latency_rounds_is_not_part_of_a_runs_identity():
     assert run_key(cfg) == run_key(from_flat({}))  # the new field's default renames no old run
     with pytest.raises(ValueError, match="train.latency_rounds"):
         cfg.replace(**{"train.latency_rounds": -1})
+
+
+def test_an_exports_bytes_depend_on_the_runs_identity_only():
+    """Two runs with one run_key write the same file: where and how a run was tested is not in its header."""
+    model = build(ModelConfig(width=16, depth=2), (1, 8, 8), 10, plain=True)
+    masks = {name: torch.ones_like(layer.weight) for name, layer in prunable_layers(model).items()}
+    cfg = Config()
+    blobs = {export.to_bytes(model, masks, c, (1, 8, 8), 10) for c in (
+        cfg, cfg.replace(**{"train.fail_at_epoch": 12345, "train.device": "cpu", "data.dir": "/a/much/longer/path",
+                            "train.eval_batch_size": 7, "train.latency_rounds": 0, "data.download": True}))}
+    assert len(blobs) == 1
+    assert len({export.to_bytes(model, masks, cfg.replace(seed=12345), (1, 8, 8), 10)} | blobs) == 2
 
 
 def test_load_refuses_other_and_damaged_files(tmp_path, digits_run):
