@@ -121,6 +121,27 @@ def test_digits_study_tiny_tunes_sweeps_and_analyses(tmp_path):
             assert params[key] == from_flat({key: expected[key]}).to_flat()[key], (cell, key)
 
 
+def test_roofline_tiny_counts_work_below_the_machines_matmul_rate():
+    """The FLOP count is the dense-equivalent work: a count 10x too high would put the trainers above
+    the sgemm roofline, one 10x too low far below the K=1 floor it reaches here."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "roofline.py"), "--tiny"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| pack K=")]
+    assert [r[1] for r in rows] == ["1", "2"]
+    for r in rows:
+        of_sgemm, of_bmm = float(r[4]), float(r[5].strip(" |"))
+        assert 0.01 < of_sgemm < 1.2 and 0.01 < of_bmm < 1.5, r
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from roofline import executed_flop
+
+    run = {"data_sizes": {"train": 10, "val": 3, "test": 2}, "prunable_weights": 100,
+           "history": [{"stage": "pre"}] * 4 + [{"stage": "post"}] * 6}
+    per_epoch = 100 * (6 * 10 + 2 * 5)
+    assert executed_flop(run) == 10 * per_epoch
+    assert executed_flop({**run, "prefix_shared_by": 4}) == 7 * per_epoch  # a shared pre-training counts once
+
+
 def test_sparse_latency_tiny_reports_finite_ratios_per_density_and_batch():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sparse_latency.py"), "--tiny"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
