@@ -24,9 +24,9 @@ import pandas as pd
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from runstore import SEARCH_CELL, TRAINER_PREFIX, final_metrics, parse_bool, search_ids, typed_config
+from runstore import SEARCH_CELL, TRAINER_PREFIX, final_metrics, search_ids, typed_config
 from runstore import client as store_client
-from sparse_core.config import FIELD_TYPES
+from sparse_core.config import FIELD_TYPES, parse_bool
 
 log = logging.getLogger("analysis")
 

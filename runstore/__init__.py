@@ -25,7 +25,7 @@ import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -48,7 +48,6 @@ CURVES = ("train_loss", "val_acc", "val_loss", "test_acc", "test_loss")  # the e
 # A run's claims on a tracking server (sweeps/claims.py): params ``claim.<n>``, not config keys.
 CLAIM_PARAM = "claim."
 SEARCH_CELL = "optuna"  # the cell tag of Optuna search trials (their tuned knobs differ run to run)
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 class TrackingError(RuntimeError):
@@ -328,12 +327,6 @@ def search(uri: str, experiment: str, filter_string: str = "") -> list:
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
     return [] if exp is None else search_ids(c, [exp.experiment_id], filter_string)
-
-
-def parse_bool(text: Any) -> bool | None:
-    """``true/1/yes/on`` -> True, ``false/0/no/off`` -> False (any case), else None."""
-    low = str(text).strip().lower()
-    return True if low in _TRUE else False if low in _FALSE else None
 
 
 def typed_config(params: dict[str, str]) -> tuple[dict | None, list[str]]:

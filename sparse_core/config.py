@@ -277,15 +277,16 @@ def to_flat(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def _field_types() -> dict[str, type]:
-    types: dict[str, type] = {}
-    defaults = Config()
-    for key, value in to_flat(defaults).items():
-        types[key] = type(value)
-    return types
+FIELD_TYPES = {key: type(value) for key, value in to_flat(Config()).items()}
 
 
-FIELD_TYPES = _field_types()
+def parse_bool(value: Any) -> bool | None:
+    """``true/1/yes/on`` -> True, ``false/0/no/off`` -> False (strings in any case, bools, the numbers 0 and 1),
+    anything else None: the one reading of a boolean (CLI, MLflow params, analysis filters)."""
+    if isinstance(value, str):
+        low = value.strip().lower()
+        return True if low in ("true", "1", "yes", "on") else False if low in ("false", "0", "no", "off") else None
+    return bool(value) if isinstance(value, (int, float)) and value in (0, 1) else None
 
 
 def _parse(key: str, value: Any, typ: type) -> Any:
@@ -296,13 +297,9 @@ def _parse(key: str, value: Any, typ: type) -> Any:
     if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
         return value
     if typ is bool:
-        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
-            return False
-        if isinstance(value, (int, float)) and value in (0, 1):
-            return bool(value)
-        raise ValueError(f"{key}={value!r} is not valid; it must be true or false")
+        if parse_bool(value) is None:
+            raise ValueError(f"{key}={value!r} is not valid; it must be true or false")
+        return parse_bool(value)
     try:
         if typ is int:
             if isinstance(value, float) and value.is_integer():
