@@ -24,13 +24,13 @@ import pandas as pd
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from runstore import SEARCH_CELL, TRAINER_PREFIX, final_metrics, parse_bool, search_ids, typed_config
+from runstore import RUN_TAGS, SEARCH_CELL, TRAINER_PREFIX, run_rows, search_ids
 from runstore import client as store_client
-from sparse_core.config import FIELD_TYPES
+from sparse_core.config import FIELD_TYPES, parse_bool
 
 log = logging.getLogger("analysis")
 
-TAGS = ("cell", "run_key", "sweep", "collapsed_layers", "sparse_core_version", "git_commit")
+TAGS = RUN_TAGS  # the tags a row carries (runstore.run_row)
 ANALYSIS_CELL = "analysis"  # the `cell` tag of the run that holds the report (never a trial)
 LAYER_DENSITY_ARTIFACT = "layer_density.json"
 
@@ -73,38 +73,18 @@ def load_runs(uri: str, experiments: Sequence[str], statuses: Sequence[str] = ("
     client = store_client(uri)
     ids = experiment_ids(client, experiments)
     names = {v: k for k, v in ids.items()}
-    runs = search_ids(client, ids.values(), order_by=["attributes.start_time DESC"])
     wanted = {s.upper() for s in statuses}
     left_out: Counter = Counter()
     extra_keys: set[str] = set()
-    rows, seen, artifact_uris = [], set(), {}
-    for run in runs:
-        tags = run.data.tags
-        if tags.get("cell") == ANALYSIS_CELL:
-            continue  # the report's own run: not a trial, and not worth a message
-        if tags.get("cell") == SEARCH_CELL and not include_search:
-            left_out[f"Optuna search runs (cell {SEARCH_CELL!r}; --include-search to use them)"] += 1
-            continue
-        if run.info.status not in wanted:
-            left_out[run.info.status] += 1
-            continue
-        config, extra = typed_config(run.data.params)
-        if config is None:
-            left_out["params not a valid sparse_core config"] += 1
-            continue
-        extra_keys.update(extra)
-        key = tags.get("run_key") or run.info.run_id
-        if key in seen:  # newest first, so the older copy of the same config (and seed) goes
-            left_out["duplicate run_key (kept the newest)"] += 1
-            continue
-        seen.add(key)
-        row = {**config, **final_metrics(run.data.metrics)}
-        row.update({t: tags.get(t, "") for t in TAGS})  # the tag wins over a same-named per-round metric
-        row["cell"] = row["cell"] or "(no cell tag)"
-        row.update(run_id=run.info.run_id, experiment=names[run.info.experiment_id], status=run.info.status,
-                   start_time=run.info.start_time)
-        rows.append(row)
-        artifact_uris[run.info.run_id] = run.info.artifact_uri
+    skip = {ANALYSIS_CELL: None}  # the report's own run: not a trial, and not worth a message
+    if not include_search:
+        skip[SEARCH_CELL] = f"Optuna search runs (cell {SEARCH_CELL!r}; --include-search to use them)"
+    found = run_rows(search_ids(client, ids.values(), order_by=["attributes.start_time DESC"]), wanted, skip,
+                     newest_per_key=True, left_out=left_out, extra_keys=extra_keys)
+    rows = [{**{k: v for k, v in row.items() if k not in ("status", "start_time")},
+             "cell": row["cell"] or "(no cell tag)", "experiment": names[run.info.experiment_id],
+             "status": row["status"], "start_time": row["start_time"]} for run, row in found]
+    artifact_uris = {run.info.run_id: run.info.artifact_uri for run, _ in found}
     where = ", ".join(repr(n) for n in ids)
     summary = f"loaded {len(rows)} run(s) from {where} (status {', '.join(sorted(wanted))})"
     if left_out:

@@ -14,7 +14,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,31 +23,11 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from sparse_core.latency import interleaved  # noqa: E402,F401 - the benchmarks' interleaved blocks (one implementation)
+
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
-def interleaved(variants: dict[str, Callable[[], None]], rounds: int, block: int, warmup: int,
-                sync: Callable[[], None]) -> dict[str, list[float]]:
-    """Seconds per call of each variant, one value per block of ``block`` calls, ``rounds``
-    blocks each; the order of the variants reverses every round (A B, B A, ...)."""
-    names = list(variants)
-    for name in names:
-        for _ in range(warmup):
-            variants[name]()
-    sync()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            fn = variants[name]
-            sync()
-            start = time.perf_counter()
-            for _ in range(block):
-                fn()
-            sync()
-            times[name].append((time.perf_counter() - start) / block)
-    return times
 
 
 @dataclass

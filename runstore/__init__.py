@@ -24,8 +24,9 @@ import os
 import socket
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -48,7 +49,6 @@ CURVES = ("train_loss", "val_acc", "val_loss", "test_acc", "test_loss")  # the e
 # A run's claims on a tracking server (sweeps/claims.py): params ``claim.<n>``, not config keys.
 CLAIM_PARAM = "claim."
 SEARCH_CELL = "optuna"  # the cell tag of Optuna search trials (their tuned knobs differ run to run)
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 class TrackingError(RuntimeError):
@@ -330,12 +330,6 @@ def search(uri: str, experiment: str, filter_string: str = "") -> list:
     return [] if exp is None else search_ids(c, [exp.experiment_id], filter_string)
 
 
-def parse_bool(text: Any) -> bool | None:
-    """``true/1/yes/on`` -> True, ``false/0/no/off`` -> False (any case), else None."""
-    low = str(text).strip().lower()
-    return True if low in _TRUE else False if low in _FALSE else None
-
-
 def typed_config(params: dict[str, str]) -> tuple[dict | None, list[str]]:
     """(the run's flat sparse_core config, typed, defaults filled in; param keys that are not config
     keys, claims aside). None when no param is a config key or the values do not parse."""
@@ -359,17 +353,43 @@ def final_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def run_row(run) -> dict | None:
-    """One flat row: the typed config, the final metrics, run_id, status, tags sweep/cell/run_key/
-    collapsed_layers; None if the params are not a sparse_core config."""
-    config, _ = typed_config(run.data.params)
+RUN_TAGS = ("cell", "run_key", "sweep", "collapsed_layers", "sparse_core_version", "git_commit")  # a row's tags
+
+
+def run_row(run, extra_keys: set | None = None) -> dict | None:
+    """A flat row (typed config, final metrics, ``RUN_TAGS`` over same-named metrics, run_id, status, start_time),
+    None if the params are not a sparse_core config; param keys that are not config keys go into ``extra_keys``."""
+    config, extra = typed_config(run.data.params)
     if config is None:
         return None
+    if extra_keys is not None:
+        extra_keys.update(extra)
     tags = run.data.tags
     row = {**config, **final_metrics(run.data.metrics)}
-    row.update({t: tags.get(t, "") for t in ("sweep", "cell", "run_key", "collapsed_layers")})
-    row.update(run_id=run.info.run_id, status=run.info.status)
+    row.update({t: tags.get(t, "") for t in RUN_TAGS})
+    row.update(run_id=run.info.run_id, status=run.info.status, start_time=run.info.start_time)
     return row
+
+
+def run_rows(runs: Iterable, statuses: Iterable[str] | None = None, skip_cells: dict[str, str | None] | None = None,
+             newest_per_key: bool = False, left_out: Counter | None = None, extra_keys: set | None = None) -> list:
+    """(run, ``run_row``) of ``runs`` (newest first), leaving out, counted in ``left_out`` by reason: a cell in
+    ``skip_cells`` (reason None: uncounted), a status not in ``statuses``, params not a config, a run_key seen."""
+    left_out, out, seen = Counter() if left_out is None else left_out, [], set()
+    for run in runs:
+        cell = run.data.tags.get("cell")
+        if cell in (skip_cells or {}):
+            left_out.update([skip_cells[cell]] if skip_cells[cell] else [])
+        elif statuses is not None and run.info.status not in statuses:
+            left_out[run.info.status] += 1
+        elif (row := run_row(run, extra_keys)) is None:
+            left_out["params not a valid sparse_core config"] += 1
+        elif newest_per_key and (row["run_key"] or row["run_id"]) in seen:
+            left_out["duplicate run_key (kept the newest)"] += 1
+        else:
+            seen.add(row["run_key"] or row["run_id"])
+            out.append((run, row))
+    return out
 
 
 def load_runs(uri: str, experiment: str, sweep: str | None = None, status: str | None = "FINISHED") -> list[dict]:
@@ -377,5 +397,4 @@ def load_runs(uri: str, experiment: str, sweep: str | None = None, status: str |
     clauses = [f"attributes.status = '{status}'"] if status else []
     if sweep:
         clauses.append(f"tags.sweep = '{sweep}'")
-    rows = (run_row(r) for r in search(uri, experiment, " and ".join(clauses)))
-    return [r for r in rows if r is not None]
+    return [row for _, row in run_rows(search(uri, experiment, " and ".join(clauses)))]

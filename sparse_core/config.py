@@ -15,10 +15,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-
-def _choice(key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+from .fields import PACK, PLACE, POST, PRE, Role, check_choices, flat_fields, keys_where, knob, registry_keys
+from .fields import require_decided
 
 
 def _check(key: str, value: Any, ok: bool, what: str) -> None:
@@ -26,29 +24,22 @@ def _check(key: str, value: Any, ok: bool, what: str) -> None:
         raise ValueError(f"{key}={value!r} is not valid; it must be {what}")
 
 
-# Names checked against the registries (registries import torch; config must not need to, so that sweeps can
-# validate a grid cheaply): ``sparse_core.checks.validate_names`` does that check.
-REGISTRY_KEYS = {
-    "data.name": "datasets",
-    "model.name": "models",
-    "init.name": "inits",
-    "prune.pruner": "pruners",
-    "prune.scope": "scopes",
-    "mask.kind": "mask_kinds",
-}
-
-
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"  # dataset: digits (bundled, no download) | mnist | cifar10 | synthetic
-    dir: str = "data"  # where mnist/cifar10 live (torchvision layout: <dir>/MNIST/raw, <dir>/cifar-10-batches-py)
-    download: bool = False  # allow torchvision to download mnist/cifar10 into `dir` (needs internet)
-    augment: bool = True  # random crop (pad 4) + horizontal flip for cifar10; ignored for the others
-    synthetic_train: int = 512  # synthetic: number of training samples
-    synthetic_test: int = 256  # synthetic: number of test samples
-    synthetic_shape: str = "1x8x8"  # synthetic: CxHxW of one input
-    synthetic_classes: int = 10  # synthetic: number of classes
-    val_size: int = -1  # validation images carved from the training set by a fixed permutation (never moves with seed or method); -1 = the data set's standard: digits 144 of 1,437, mnist 5,000 (55k/5k), cifar10 5,000 (45k/5k), synthetic (or a set too small for its standard) 10 %
+    name: str = knob("digits", "dataset: digits (bundled, no download) | mnist | cifar10 | synthetic",
+                               PRE, registry="datasets")
+    dir: str = knob("data", "where mnist/cifar10 live (torchvision layout: <dir>/MNIST/raw, <dir>/cifar-10-batches-py)",
+                            PLACE)
+    download: bool = knob(False, "allow torchvision to download mnist/cifar10 into `dir` (needs internet)", PLACE)
+    augment: bool = knob(True, "random crop (pad 4) + horizontal flip for cifar10; ignored for the others", PRE)
+    synthetic_train: int = knob(512, "synthetic: number of training samples", PRE)
+    synthetic_test: int = knob(256, "synthetic: number of test samples", PRE)
+    synthetic_shape: str = knob("1x8x8", "synthetic: CxHxW of one input", PRE)
+    synthetic_classes: int = knob(10, "synthetic: number of classes", PRE)
+    val_size: int = knob(-1, "validation images carved from the training set by a fixed permutation (never moves with "
+                             "seed or method); -1 = the data set's standard: digits 144 of 1,437, mnist 5,000 "
+                             "(55k/5k), cifar10 5,000 (45k/5k), synthetic (or a set too small for its standard) 10 %",
+                             PRE)
 
     def __post_init__(self):
         _check("data.val_size", self.val_size, self.val_size == -1 or self.val_size >= 1,
@@ -63,10 +54,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "mlp"  # architecture: mlp | vgg16
-    width: int = 100  # mlp: units per hidden layer
-    depth: int = 5  # mlp: number of hidden layers
-    width_mult: float = 1.0  # vgg16: channel multiplier (0.25 = a quarter of every layer's channels)
+    name: str = knob("mlp", "architecture: mlp | vgg16", PRE, registry="models")
+    width: int = knob(100, "mlp: units per hidden layer", PRE)
+    depth: int = knob(5, "mlp: number of hidden layers", PRE)
+    width_mult: float = knob(1.0, "vgg16: channel multiplier (0.25 = a quarter of every layer's channels)", PRE)
 
     def __post_init__(self):
         _check("model.width", self.width, 1 <= self.width <= 65536, "in [1, 65536]")
@@ -76,23 +67,37 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class InitConfig:
-    name: str = "kaiming"  # weight init: kaiming (Kaiming-normal) | zero (ZerO, deterministic Hadamard/identity)
-    sparse_scale: bool = True  # kaiming weights that start sparse (RigL, pruning at init, prune.reinit) are scaled by 1/sqrt(layer density) to keep the dense activation variance (Evci et al. 2022)
+    name: str = knob("kaiming", "weight init: kaiming (Kaiming-normal) | zero (ZerO, deterministic Hadamard/identity)",
+                                PRE, registry="inits")
+    sparse_scale: bool = knob(True, "kaiming weights that start sparse (RigL, pruning at init, prune.reinit) are "
+                                    "scaled by 1/sqrt(layer density) to keep the dense activation variance (Evci et "
+                                    "al. 2022)", PRE)
 
 
 @dataclass(frozen=True)
 class MaskConfig:
-    kind: str = "none"  # learned mask during pre-training: none | sigmoid (continuous sparsification) | hardconcrete (L0, Louizos et al.) | gates (Srinivas et al.)
-    init: float = 0.0  # sigmoid: initial mask score s0, jittered by N(0, 0.01^2) (m = sigmoid(beta s) / sigmoid(s0) starts at 1; p = 0.5 at 0, where the sigmoid is steepest)
-    gate_init: float = 1.0  # gates: initial gate value in [0, 1] (1 = every weight starts switched on)
-    beta_final: float = 300.0  # sigmoid: temperature beta rises geometrically from 1 to this over the pre-training steps
-    target: bool = True  # sigmoid, hardconcrete: steer the mask's density to prune.density over pre-training (augmented Lagrangian, multiplier by dual ascent); false = constant L1 pressure lambda_l1 * sum(p)
-    warmup: float = 0.3  # sigmoid, hardconcrete: fraction of pre-training over which the target density falls geometrically from the mask's initial expected density to prune.density (held after)
-    dual_lr: float = 1.0  # sigmoid, hardconcrete: dual-ascent step of the multiplier per optimizer step, relative to the target (lambda += dual_lr (d - t) / t)
-    rho: float = 1500.0  # sigmoid, hardconcrete: weight of the augmented Lagrangian's quadratic term rho / (2 t) (d - t)^2 (d, t: density and target, fractions)
-    lambda_l1: float = 1e-4  # gates, and sigmoid/hardconcrete with target=false: L1 pressure on each mask entry (the loss adds lambda * sum(p))
-    lambda_bin: float = 1e-4  # gates: weight of the binarity penalty sum(g * (1 - g))
-    lr: float = 0.1  # learning rate of the mask scores (own parameter group, the weights' optimizer and momentum, no weight decay)
+    kind: str = knob("none", "learned mask during pre-training: none | sigmoid (continuous sparsification) | "
+                             "hardconcrete (L0, Louizos et al.) | gates (Srinivas et al.)", PRE, registry="mask_kinds")
+    init: float = knob(0.0, "sigmoid: initial mask score s0, jittered by N(0, 0.01^2) (m = sigmoid(beta s) / "
+                            "sigmoid(s0) starts at 1; p = 0.5 at 0, where the sigmoid is steepest)", PRE)
+    gate_init: float = knob(1.0, "gates: initial gate value in [0, 1] (1 = every weight starts switched on)", PRE)
+    beta_final: float = knob(300.0, "sigmoid: temperature beta rises geometrically from 1 to this over the "
+                                    "pre-training steps", PRE)
+    target: bool = knob(True, "sigmoid, hardconcrete: steer the mask's density to prune.density over pre-training "
+                              "(augmented Lagrangian, multiplier by dual ascent); false = constant L1 pressure "
+                              "lambda_l1 * sum(p)", PRE)
+    warmup: float = knob(0.3, "sigmoid, hardconcrete: fraction of pre-training over which the target density falls "
+                              "geometrically from the mask's initial expected density to prune.density (held after)",
+                              PRE)
+    dual_lr: float = knob(1.0, "sigmoid, hardconcrete: dual-ascent step of the multiplier per optimizer step, relative "
+                               "to the target (lambda += dual_lr (d - t) / t)", PRE)
+    rho: float = knob(1500.0, "sigmoid, hardconcrete: weight of the augmented Lagrangian's quadratic term rho / (2 t) "
+                              "(d - t)^2 (d, t: density and target, fractions)", PRE)
+    lambda_l1: float = knob(1e-4, "gates, and sigmoid/hardconcrete with target=false: L1 pressure on each mask entry "
+                                  "(the loss adds lambda * sum(p))", PRE)
+    lambda_bin: float = knob(1e-4, "gates: weight of the binarity penalty sum(g * (1 - g))", PRE)
+    lr: float = knob(0.1, "learning rate of the mask scores (own parameter group, the weights' optimizer and momentum, "
+                          "no weight decay)", PACK)
 
     def __post_init__(self):
         _check("mask.init", self.init, -20 <= self.init <= 20, "in [-20, 20]")
@@ -108,19 +113,28 @@ class MaskConfig:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    density: float = 0.1  # fraction of prunable weights KEPT (0.01 = 1 % remain); 1.0 = no pruning
-    pruner: str = "magnitude"  # score: magnitude | random | mask | snip | grasp | synflow
-    scope: str = "global"  # how scores become masks: global (one threshold) | layerwise | erk
-    rounds: int = 1  # 1 = one-shot; n > 1 = iterative, density_k = density^(k/n)
-    gradual_epochs: int = 0  # GMP (Zhu & Gupta 2017): epochs after pre-training in which the mask is re-pruned every gradual_every steps on the cubic schedule from 1 to density (0 = off)
-    gradual_every: int = 10  # gradual: optimizer steps between pruning steps
-    rescale: str = "auto"  # after pruning a trained network: auto (the pruner's registered choice: data for random, none for the rest, as measured) | none | sqrt (kept weights x sqrt(kept before / kept after)) | data (per layer, restore the pre-activation std of the unpruned network on the scoring batch)
-    round_epochs: int = 0  # training epochs between iterative rounds (iterative magnitude pruning)
-    rewind_epoch: int = -1  # after each round rewind kept weights to their value after this pre-training epoch (-1 = no rewind, 0 = init)
-    samples_per_class: int = 10  # snip/grasp: scoring batch = this many training samples per class (fixed, seeded)
-    grasp_temperature: float = 200.0  # grasp: softmax temperature of the Hessian-gradient product
-    shuffle: bool = False  # sanity control: permute each layer's mask after pruning (same per-layer counts)
-    reinit: bool = False  # sanity control: re-initialise kept weights after pruning (with init.name)
+    density: float = knob(0.1, "fraction of prunable weights KEPT (0.01 = 1 % remain); 1.0 = no pruning", PACK)
+    pruner: str = knob("magnitude", "score: magnitude | random | mask | snip | grasp | synflow",
+                                    POST, registry="pruners")
+    scope: str = knob("global", "how scores become masks: global (one threshold) | layerwise | erk",
+                                POST, registry="scopes")
+    rounds: int = knob(1, "1 = one-shot; n > 1 = iterative, density_k = density^(k/n)", POST)
+    gradual_epochs: int = knob(0, "GMP (Zhu & Gupta 2017): epochs after pre-training in which the mask is re-pruned "
+                                  "every gradual_every steps on the cubic schedule from 1 to density (0 = off)", POST)
+    gradual_every: int = knob(10, "gradual: optimizer steps between pruning steps", POST)
+    rescale: str = knob("auto", "after pruning a trained network: auto (the pruner's registered choice: data for "
+                                "random, none for the rest, as measured) | none | sqrt (kept weights x sqrt(kept "
+                                "before / kept after)) | data (per layer, restore the pre-activation std of the "
+                                "unpruned network on the scoring batch)",
+                                POST, choices=("auto", "none", "sqrt", "data"))
+    round_epochs: int = knob(0, "training epochs between iterative rounds (iterative magnitude pruning)", POST)
+    rewind_epoch: int = knob(-1, "after each round rewind kept weights to their value after this pre-training epoch "
+                                 "(-1 = no rewind, 0 = init)", PRE)
+    samples_per_class: int = knob(10, "snip/grasp: scoring batch = this many training samples per class (fixed, "
+                                      "seeded)", POST)
+    grasp_temperature: float = knob(200.0, "grasp: softmax temperature of the Hessian-gradient product", POST)
+    shuffle: bool = knob(False, "sanity control: permute each layer's mask after pruning (same per-layer counts)", POST)
+    reinit: bool = knob(False, "sanity control: re-initialise kept weights after pruning (with init.name)", POST)
 
     def __post_init__(self):
         _check("prune.density", self.density, 0 < self.density <= 1, "in (0, 1] (the fraction of weights kept)")
@@ -131,17 +145,21 @@ class PruneConfig:
         _check("prune.grasp_temperature", self.grasp_temperature, self.grasp_temperature > 0, "> 0")
         _check("prune.gradual_epochs", self.gradual_epochs, self.gradual_epochs >= 0, ">= 0")
         _check("prune.gradual_every", self.gradual_every, self.gradual_every >= 1, ">= 1")
-        _choice("prune.rescale", self.rescale, ("auto", "none", "sqrt", "data"))
+        check_choices("prune", self)
 
 
 @dataclass(frozen=True)
 class PostConfig:
-    label_smoothing: bool = False  # post-training loss uses label smoothing (1-a on the true class, a/(C-1) elsewhere)
-    smoothing: float = 0.1  # a, the smoothing mass
-    soft_activation: bool = False  # activation blends SiLU -> ReLU over the first soft_fraction of post-training
-    soft_skip: bool = False  # decaying identity skips alpha*P(x) on every hidden layer, gone after soft_fraction
-    soft_fraction: float = 0.5  # fraction of post-training over which the soft schedules run (then plain network)
-    skip_alpha0: float = 1.0  # initial skip weight alpha, decays linearly to 0
+    label_smoothing: bool = knob(False, "post-training loss uses label smoothing (1-a on the true class, a/(C-1) "
+                                        "elsewhere)", POST)
+    smoothing: float = knob(0.1, "a, the smoothing mass", POST)
+    soft_activation: bool = knob(False, "activation blends SiLU -> ReLU over the first soft_fraction of post-training",
+                                        POST)
+    soft_skip: bool = knob(False, "decaying identity skips alpha*P(x) on every hidden layer, gone after soft_fraction",
+                                  POST)
+    soft_fraction: float = knob(0.5, "fraction of post-training over which the soft schedules run (then plain network)",
+                                     POST)
+    skip_alpha0: float = knob(1.0, "initial skip weight alpha, decays linearly to 0", POST)
 
     def __post_init__(self):
         _check("post.smoothing", self.smoothing, 0 <= self.smoothing < 1, "in [0, 1)")
@@ -151,43 +169,50 @@ class PostConfig:
 
 @dataclass(frozen=True)
 class RiglConfig:
-    delta_t: int = 100  # optimizer steps between mask updates
-    alpha: float = 0.3  # initial drop fraction; f(t) = alpha/2 * (1 + cos(pi t / T_end))
-    end_fraction: float = 0.75  # mask updates stop after this fraction of training steps
-    distribution: str = "erk"  # per-layer density of the random sparse start: erk | uniform
-    start: str = "random"  # the sparse start: random (per rigl.distribution) | a pruner scoring the network at init (snip, synflow, grasp, magnitude: prune.scope, prune.rounds rounds)
-    start_density: float = 0.0  # GraNet-style gradual start: begin at this density (> prune.density) and prune by magnitude to prune.density on a cubic schedule over the drop/grow updates; 0 = start at prune.density
+    delta_t: int = knob(100, "optimizer steps between mask updates", POST)
+    alpha: float = knob(0.3, "initial drop fraction; f(t) = alpha/2 * (1 + cos(pi t / T_end))", POST)
+    end_fraction: float = knob(0.75, "mask updates stop after this fraction of training steps", POST)
+    distribution: str = knob("erk", "per-layer density of the random sparse start: erk | uniform",
+                                    POST, choices=("erk", "uniform"))
+    start: str = knob("random", "the sparse start: random (per rigl.distribution) | a pruner scoring the network at "
+                                "init (snip, synflow, grasp, magnitude: prune.scope, prune.rounds rounds)", PRE)
+    start_density: float = knob(0.0, "GraNet-style gradual start: begin at this density (> prune.density) and prune by "
+                                     "magnitude to prune.density on a cubic schedule over the drop/grow updates; 0 = "
+                                     "start at prune.density", PRE)
 
     def __post_init__(self):
         _check("rigl.delta_t", self.delta_t, self.delta_t >= 1, ">= 1")
         _check("rigl.alpha", self.alpha, 0 < self.alpha < 1, "in (0, 1)")
         _check("rigl.end_fraction", self.end_fraction, 0 < self.end_fraction <= 1, "in (0, 1]")
-        _choice("rigl.distribution", self.distribution, ("erk", "uniform"))
+        check_choices("rigl", self)
         _check("rigl.start_density", self.start_density, 0 <= self.start_density <= 1, "0 (off) or in (0, 1]")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    method: str = "prune"  # prune (init -> pre-train -> prune -> post-train) | rigl (dynamic sparse from the start)
-    pre_epochs: int = 10  # dense (or learned-mask) epochs before pruning
-    post_epochs: int = 20  # epochs after pruning with the mask fixed
-    optimizer: str = "sgd"  # sgd (with momentum) | adam
-    lr: float = 0.05  # peak learning rate of every training stage
-    momentum: float = 0.9  # sgd momentum
-    weight_decay: float = 5e-4  # L2 weight decay (not applied to mask scores)
-    schedule: str = "cosine"  # per-stage lr schedule: cosine (to 0) | constant | step (x0.1 at 50 % and 75 %)
-    batch_size: int = 64  # training batch size
-    eval_batch_size: int = 1024  # batch size for evaluation and scoring
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    amp: bool = False  # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = False  # channels-last memory format for conv models on CUDA
-    fail_at_epoch: int = -1  # TESTING ONLY: raise when global epoch k >= 2 starts, in a run not resumed from a checkpoint (-1 = never)
-    latency_rounds: int = 5  # timed rounds of the CPU inference latency (dense vs sparse) measured after every run; 0 = skip it (never changes accuracy)
+    method: str = knob("prune", "prune (init -> pre-train -> prune -> post-train) | rigl (dynamic sparse from the "
+                                "start)", PRE, choices=("prune", "rigl"))
+    pre_epochs: int = knob(10, "dense (or learned-mask) epochs before pruning", PRE)
+    post_epochs: int = knob(20, "epochs after pruning with the mask fixed", POST)
+    optimizer: str = knob("sgd", "sgd (with momentum) | adam", PRE, choices=("sgd", "adam"))
+    lr: float = knob(0.05, "peak learning rate of every training stage", PACK)
+    momentum: float = knob(0.9, "sgd momentum", PRE)
+    weight_decay: float = knob(5e-4, "L2 weight decay (not applied to mask scores)", PACK)
+    schedule: str = knob("cosine", "per-stage lr schedule: cosine (to 0) | constant | step (x0.1 at 50 % and 75 %)",
+                                   PRE, choices=("cosine", "constant", "step"))
+    batch_size: int = knob(64, "training batch size", PRE)
+    eval_batch_size: int = knob(1024, "batch size for evaluation and scoring", PLACE)
+    device: str = knob("auto", "auto (cuda if available) | cpu | cuda | cuda:N", PLACE)
+    amp: bool = knob(False, "bf16 autocast on CUDA (ignored on CPU)", PRE)
+    channels_last: bool = knob(False, "channels-last memory format for conv models on CUDA", PRE)
+    fail_at_epoch: int = knob(-1, "TESTING ONLY: raise when global epoch k >= 2 starts, in a run not resumed from a "
+                                  "checkpoint (-1 = never)", PLACE)
+    latency_rounds: int = knob(5, "timed rounds of the CPU inference latency (dense vs sparse) measured after every "
+                                  "run; 0 = skip it (never changes accuracy)",
+                                  Role(identity=False, packable=False, post_fork=True))
 
     def __post_init__(self):
-        _choice("train.method", self.method, ("prune", "rigl"))
-        _choice("train.optimizer", self.optimizer, ("sgd", "adam"))
-        _choice("train.schedule", self.schedule, ("cosine", "constant", "step"))
+        check_choices("train", self)
         _check("train.pre_epochs", self.pre_epochs, 0 <= self.pre_epochs <= 100_000, "in [0, 100000]")
         _check("train.post_epochs", self.post_epochs, 0 <= self.post_epochs <= 100_000, "in [0, 100000]")
         _check("train.lr", self.lr, self.lr > 0, "> 0")
@@ -212,7 +237,7 @@ class Config:
     post: PostConfig = field(default_factory=PostConfig)
     rigl: RiglConfig = field(default_factory=RiglConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = 0  # the one seed every generator (data order, init, pruning, rigl) derives from
+    seed: int = knob(0, "the one seed every generator (data order, init, pruning, rigl) derives from", PACK)
 
     def __post_init__(self):
         """Every rule that ties two fields together lives here, so a sweep's pre-flight (which builds a
@@ -252,15 +277,16 @@ def to_flat(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def _field_types() -> dict[str, type]:
-    types: dict[str, type] = {}
-    defaults = Config()
-    for key, value in to_flat(defaults).items():
-        types[key] = type(value)
-    return types
+FIELD_TYPES = {key: type(value) for key, value in to_flat(Config()).items()}
 
 
-FIELD_TYPES = _field_types()
+def parse_bool(value: Any) -> bool | None:
+    """``true/1/yes/on`` -> True, ``false/0/no/off`` -> False (strings in any case, bools, the numbers 0 and 1),
+    anything else None: the one reading of a boolean (CLI, MLflow params, analysis filters)."""
+    if isinstance(value, str):
+        low = value.strip().lower()
+        return True if low in ("true", "1", "yes", "on") else False if low in ("false", "0", "no", "off") else None
+    return bool(value) if isinstance(value, (int, float)) and value in (0, 1) else None
 
 
 def _parse(key: str, value: Any, typ: type) -> Any:
@@ -271,13 +297,9 @@ def _parse(key: str, value: Any, typ: type) -> Any:
     if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
         return value
     if typ is bool:
-        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
-            return False
-        if isinstance(value, (int, float)) and value in (0, 1):
-            return bool(value)
-        raise ValueError(f"{key}={value!r} is not valid; it must be true or false")
+        if parse_bool(value) is None:
+            raise ValueError(f"{key}={value!r} is not valid; it must be true or false")
+        return parse_bool(value)
     try:
         if typ is int:
             if isinstance(value, float) and value.is_integer():
@@ -342,9 +364,14 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
-# Keys that never change a result (where it runs, how it is tested): left out of run_key.
-NOT_IDENTITY = ("train.device", "train.eval_batch_size", "train.fail_at_epoch", "data.dir", "data.download",
-                "train.latency_rounds")
+# The lists the rest of the code reads, derived from the fields' declarations above (``sparse_core.fields``).
+require_decided(Config)  # a field without a role or help stops the import, naming it
+NOT_IDENTITY = keys_where(Config, lambda r: not r.identity)  # never change a result: left out of run_key
+PACKABLE = keys_where(Config, lambda r: r.packable)  # copies of one pack may differ in these (packed.pack_key)
+POST_FORK = keys_where(Config, lambda r: r.post_fork)  # read only from the first pruning step on (prefix.prefix_key)
+# Names checked against the registries (registries import torch; config must not need to, so that sweeps can
+# validate a grid cheaply): ``sparse_core.checks.validate_names`` does that check.
+REGISTRY_KEYS = registry_keys(Config)
 
 
 # Bumped when the same settings stop meaning the same experiment. 2: the validation split (training
@@ -365,24 +392,5 @@ def run_key(cfg: Config) -> str:
 
 
 def describe() -> list[tuple[str, Any, str]]:
-    """(key, default, meaning) for every flat key, from the field comments above."""
-    import inspect
-    import re
-
-    comments: dict[str, str] = {}
-    for cls in (DataConfig, ModelConfig, InitConfig, MaskConfig, PruneConfig, PostConfig, RiglConfig,
-                TrainConfig, Config):
-        for line in inspect.getsource(cls).splitlines():
-            m = re.match(r"\s+(\w+): [\w\[\], ]+ = .*?#\s*(.*)$", line)
-            if m:
-                comments[f"{cls.__name__}.{m.group(1)}"] = m.group(2)
-    section_cls = {f.name: f.default_factory for f in fields(Config) if f.default_factory is not dataclasses.MISSING}
-    out = []
-    for key, default in to_flat(Config()).items():
-        if "." in key:
-            section, name = key.split(".", 1)
-            meaning = comments.get(f"{section_cls[section].__name__}.{name}", "")
-        else:
-            meaning = comments.get(f"Config.{key}", "")
-        out.append((key, default, meaning))
-    return out
+    """(key, default, help) for every flat key, from the fields' declarations."""
+    return [(key, f.default, f.metadata["help"]) for key, f in flat_fields(Config)]

@@ -5,8 +5,8 @@ matrix and a layer is ``addmm(bias, W_csr, h)`` with the activations kept as (fe
 so a CSR x dense product needs no transposes between layers. Convolutions have no sparse path
 here: their dense time is measured and the sparse figures are NaN (``sparse_path`` says so).
 
-Timing: after a warm-up, dense and sparse run in alternating blocks (A B, B A, ...) of enough
-calls to last about ``BLOCK_S``; a round's ratio is sparse block / dense block, the ratio reported
+Timing (``interleaved``, which the benchmarks use too): after a warm-up, dense and sparse run in
+alternating blocks (A B, B A, ...) of enough calls to last about ``BLOCK_S``; a round's ratio is sparse block / dense block, the ratio reported
 is the median over rounds and each latency the median per-call time. Both in one process, on the
 threads torch has (``latency_threads``), under ``torch.inference_mode``.
 """
@@ -65,11 +65,31 @@ def batch_of(x: torch.Tensor, size: int) -> torch.Tensor:
     return (x.repeat(reps, *([1] * (x.dim() - 1))) if reps > 1 else x)[:size].contiguous()
 
 
-def _per_call(fn: Callable[[], object], calls: int) -> float:
+def _per_call(fn: Callable[[], object], calls: int, sync: Callable[[], None] = lambda: None) -> float:
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+    sync()
     return (time.perf_counter() - start) / calls
+
+
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int, block: int | dict[str, int],
+                warmup: int = 0, sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds per call of each variant, one value per block of ``block`` calls (or ``block[name]``), ``rounds``
+    blocks each, after ``warmup`` calls of each; the order of the variants reverses every round (A B, B A, ...).
+    ``sync`` waits for the device (``torch.cuda.synchronize`` on CUDA) around every block."""
+    names = list(variants)
+    blocks = block if isinstance(block, dict) else dict.fromkeys(names, block)
+    for name in names:
+        for _ in range(warmup):
+            variants[name]()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            sync()
+            times[name].append(_per_call(variants[name], blocks[name], sync))
+    return times
 
 
 def timed_pair(dense: Callable[[], object], sparse: Callable[[], object] | None, rounds: int) -> dict:
@@ -79,10 +99,7 @@ def timed_pair(dense: Callable[[], object], sparse: Callable[[], object] | None,
     for name, fn in fns.items():
         fn()  # warm-up (allocations, CSR kernels' first call)
         calls[name] = max(1, math.ceil(BLOCK_S / max(_per_call(fn, 1), 1e-7)))
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(rounds):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            times[name].append(_per_call(fns[name], calls[name]))
+    times = interleaved(fns, rounds, calls)
     out = {name: statistics.median(t) for name, t in times.items()}
     if sparse is not None:
         out["ratio"] = statistics.median(s / d for s, d in zip(times["sparse"], times["dense"]))

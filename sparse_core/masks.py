@@ -61,6 +61,21 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(m, PRUNABLE_TYPES)}
 
 
+def hooked_eval_forward(model: nn.Module, x: torch.Tensor, hook) -> None:
+    """One eval-mode forward pass of ``x`` with ``hook(layer, output, name)`` on every prunable layer (its return
+    value, if not None, replaces the layer's output); the hooks are removed and the model's mode restored."""
+    hooks = [layer.register_forward_hook(lambda m, i, o, name=name: hook(m, o, name))
+             for name, layer in prunable_layers(model).items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: layer.weight for name, layer in prunable_layers(model).items()}
 

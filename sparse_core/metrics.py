@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import eval_batches
-from .masks import count, layer_density, prunable_layers
+from .masks import count, hooked_eval_forward, layer_density
 
 
 @torch.no_grad()
@@ -50,23 +50,13 @@ def flops(model: nn.Module, in_shape: tuple[int, ...], masks: dict[str, torch.Te
     forward hooks instead of its dispatch mode keeps ``torch._dynamo`` (1.5 s of imports) out of a run.
     Sparse: each layer's FLOPs scaled by its density (a zero weight's multiply-adds are skipped).
     """
-    layers = prunable_layers(model)
-    per_layer: dict[str, int] = {}
-    hooks = []
-    for name, layer in layers.items():
-        def hook(mod, inp, out, name=name):
-            per_layer[name] = 2 * out.numel() * (mod.weight[0].numel())  # out elems x fan-in MACs
-        hooks.append(layer.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
+    per_layer: dict[str, int] = {}  # out elements x fan-in multiply-adds, 2 FLOPs each
+
+    def hook(layer, out, name):
+        per_layer[name] = 2 * out.numel() * (layer.weight[0].numel())
+
     param = next(model.parameters())
-    x = torch.zeros((1, *in_shape), device=param.device, dtype=param.dtype)
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    hooked_eval_forward(model, torch.zeros((1, *in_shape), device=param.device, dtype=param.dtype), hook)
     dense = sum(per_layer.values())
     removed = sum(per_layer[n] * (1.0 - float(masks[n].float().mean())) for n in per_layer)
     return dense, int(round(dense - removed))

@@ -30,15 +30,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import learned_mask
-from .config import Config
+from .config import PACKABLE, Config  # PACKABLE: declared per field (sparse_core/config.py)
 from .data import train_batches
 from .masks import prunable_layers, set_masks
 from .optim import CopyOptimizer, PackedOptimizer, per_copy
 from .plan import PruneStep, TrainEpoch, cubic, lr_factor
 from .post_prune import SoftSchedule
-
-# Values that change numbers but not the computation graph or the plan's shape.
-PACKABLE = ("seed", "prune.density", "train.lr", "train.weight_decay", "mask.lr")
 
 
 def config_hash(cfg: Config, leave_out: set | tuple = (), **extra) -> str:

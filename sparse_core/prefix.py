@@ -24,17 +24,10 @@ from collections import defaultdict
 from typing import Callable
 
 from . import learned_mask
-from .config import Config
+from .config import POST_FORK, Config  # POST_FORK: declared per field (sparse_core/config.py)
 from .packed import Pack, config_hash, pack_key
 from .plan import TrainEpoch, build
 from .train import Trainer
-
-# Read only from the first pruning step on (tests/test_prefix.py checks each one).
-POST_FORK = ("prune.pruner", "prune.scope", "prune.rounds", "prune.gradual_epochs", "prune.gradual_every",
-             "prune.rescale", "prune.round_epochs", "prune.samples_per_class", "prune.grasp_temperature",
-             "prune.shuffle", "prune.reinit", "post.label_smoothing", "post.smoothing", "post.soft_activation",
-             "post.soft_skip", "post.soft_fraction", "post.skip_alpha0", "train.post_epochs", "train.latency_rounds",
-             "rigl.delta_t", "rigl.alpha", "rigl.end_fraction", "rigl.distribution")
 
 
 def fork_point(cfg: Config) -> int:

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .masks import prunable_layers
+from .masks import hooked_eval_forward, prunable_layers
 
 
 def _bias(layer: nn.Module, out: torch.Tensor) -> torch.Tensor | float:
@@ -25,26 +25,11 @@ def _bias(layer: nn.Module, out: torch.Tensor) -> torch.Tensor | float:
     return layer.bias.view(1, -1, *([1] * (out.dim() - 2)))
 
 
-def _eval_forward(model: nn.Module, x: torch.Tensor, hook) -> None:
-    """One eval-mode forward pass of ``x`` with ``hook(layer, output, name)`` on every prunable layer
-    (its return value, if not None, replaces the layer's output); the model's mode is restored."""
-    hooks = [layer.register_forward_hook(lambda m, i, o, name=name: hook(m, o, name))
-             for name, layer in prunable_layers(model).items()]
-    was_training = model.training
-    model.eval()
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-
-
 @torch.no_grad()
 def linear_std(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     """Std of every prunable layer's linear part (output minus bias) on the batch ``x``, eval mode."""
     out: dict[str, float] = {}
-    _eval_forward(model, x, lambda m, o, name: out.__setitem__(name, float((o - _bias(m, o)).std())))
+    hooked_eval_forward(model, x, lambda m, o, name: out.__setitem__(name, float((o - _bias(m, o)).std())))
     return out
 
 
@@ -61,7 +46,7 @@ def recalibrate(model: nn.Module, x: torch.Tensor, reference: dict[str, float]) 
         scales[name] = s
         return (o - bias) * s + bias  # what the next layer sees: the corrected signal
 
-    _eval_forward(model, x, hook)
+    hooked_eval_forward(model, x, hook)
     layers = prunable_layers(model)
     for name, s in scales.items():
         layers[name].weight.mul_(s)

@@ -16,7 +16,7 @@ from sparse_core import data as sparse_data
 from sparse_core import limits
 from sparse_core.cli import OneLineParser  # noqa: F401 - the sweep scripts' parser: every error one line
 from sparse_core.checks import validate_names
-from sparse_core.config import from_flat, parse_overrides
+from sparse_core.config import REGISTRY_KEYS, from_flat, parse_overrides
 
 from . import claims, tracking
 
@@ -134,8 +134,8 @@ def check_trials(flats) -> None:
     for flat in flats:
         cfg = from_flat(flat)
         limits.check(cfg)  # every trial (a density that keeps no weight); the model's size is computed once
-        sig = (cfg.data.name, cfg.data.dir, cfg.data.download, cfg.model.name, cfg.init.name, cfg.prune.pruner,
-               cfg.prune.scope, cfg.mask.kind)
+        typed = cfg.to_flat()
+        sig = tuple(typed[k] for k in (*REGISTRY_KEYS, "data.dir", "data.download"))  # registry names, data files
         if sig in seen:
             continue
         seen.add(sig)

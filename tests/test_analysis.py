@@ -425,3 +425,11 @@ def test_effective_density_is_a_column_the_table_and_the_plot_can_use(store, tmp
     _check_png(files[0])
     with pytest.raises(AnalysisError, match="--x 'nope' is not a column"):
         plots.accuracy_vs_density(df, str(tmp_path / "x"), x="nope")
+
+
+def test_a_boolean_filter_reads_booleans_as_the_config_does():
+    df = pd.DataFrame({"post.soft_skip": [True, False, True], "run_id": ["a", "b", "c"]})
+    assert list(apply_filters(df, ["post.soft_skip=Yes"])["run_id"]) == ["a", "c"]
+    assert list(apply_filters(df, ["post.soft_skip=0"])["run_id"]) == ["b"]
+    with pytest.raises(AnalysisError, match=r"post\.soft_skip=maybe: post\.soft_skip is true or false"):
+        apply_filters(df, ["post.soft_skip=maybe"])

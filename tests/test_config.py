@@ -60,3 +60,17 @@ def test_overrides_need_an_equals_sign():
     assert parse_overrides(["a.b=1", "c = x"]) == {"a.b": "1", "c": "x"}
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["prune.density"])
+
+
+def test_one_boolean_reading_for_cli_params_and_filters():
+    from sparse_core.config import parse_bool
+
+    for text in ("true", " TRUE ", "1", "yes", "On", True, 1, 1.0):
+        assert parse_bool(text) is True, text
+    for text in ("false", "0", "NO", "off", False, 0, 0.0):
+        assert parse_bool(text) is False, text
+    for text in ("maybe", "", "2", 2, 0.5, None):
+        assert parse_bool(text) is None, text
+    assert from_flat({"post.soft_skip": "Yes"}).post.soft_skip is True  # the config parser reads it the same way
+    with pytest.raises(ValueError, match=r"post\.soft_skip='maybe' is not valid; it must be true or false"):
+        from_flat({"post.soft_skip": "maybe"})

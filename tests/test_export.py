@@ -299,3 +299,16 @@ def test_sweep_export_logs_each_trials_model_as_an_artifact(tmp_path):
         acc, _ = evaluate(export.load(path), data.x_test, data.y_test, cfg.train.eval_batch_size)
         assert acc == pytest.approx(r.data.metrics[prefix + "test_acc"], abs=1e-12)
         assert r.data.tags["sparse_path"] == latency.SPARSE_PATH
+
+
+def test_interleaved_blocks_alternate_and_count_every_call():
+    """The one timing loop (sparse_core.latency.interleaved; benchmarks/timing.py re-exports it)."""
+    import benchmarks.timing as bench_timing
+
+    assert bench_timing.interleaved is latency.interleaved
+    log = []
+    variants = {"a": lambda: log.append("a"), "b": lambda: log.append("b")}
+    times = latency.interleaved(variants, rounds=3, block={"a": 2, "b": 1}, warmup=1, sync=lambda: log.append("|"))
+    assert "".join(log) == "ab|" + "|aa|" + "|b|" + "|b|" + "|aa|" + "|aa|" + "|b|"
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3} and all(t >= 0 for v in times.values() for t in v)
+    assert set(latency.timed_pair(lambda: None, lambda: None, rounds=2)) == {"dense", "sparse", "ratio"}

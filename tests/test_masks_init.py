@@ -127,3 +127,27 @@ def test_enforce_zeroes_weights_and_optimizer_state_directly():
     for name, mask in pack.masks.items():
         for t in (pack.stacks[name], pack.opt.buffers[name]["momentum_buffer"]):
             assert torch.equal(t, mask), name  # 1 where kept, 0 where pruned
+
+
+def test_hooked_eval_forward_sees_every_prunable_layer_and_leaves_no_trace():
+    import torch.nn as nn
+
+    from sparse_core.masks import hooked_eval_forward, prunable_layers
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Dropout(0.5), nn.Linear(3, 2)).train()
+    x = torch.ones(5, 4)
+    seen = {}
+    hooked_eval_forward(model, x, lambda m, o, name: seen.__setitem__(name, (m.training, tuple(o.shape))))
+    assert seen == {"0.weight": (False, (5, 3)), "3.weight": (False, (5, 2))}  # eval mode: dropout off
+    assert model.training and all(not layer._forward_hooks for layer in prunable_layers(model).values())
+    outs = []  # a hook's return value replaces the layer's output: the next layer sees it
+
+    def zero_first(m, o, name):
+        outs.append(o)
+        return torch.zeros_like(o) if name == "0.weight" else None
+
+    hooked_eval_forward(model, x, zero_first)
+    assert torch.equal(outs[1], model[3].bias.expand(5, 2))
+    with pytest.raises(RuntimeError, match="boom"):
+        hooked_eval_forward(model, x, lambda m, o, name: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert model.training and all(not layer._forward_hooks for layer in prunable_layers(model).values())

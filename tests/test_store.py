@@ -204,6 +204,24 @@ def test_search_runs_are_left_out_of_the_grid_table_unless_asked(uri):
     assert sorted(df["cell"]) == ["base", "base", "optuna", "optuna", "optuna"]
 
 
+# ---- one reader of runs: runstore.run_rows, under analysis.load_runs and runstore.load_runs ---------
+def test_analysis_and_runstore_read_the_same_rows(uri):
+    c = MlflowClient(uri)
+    exp_id = runstore.experiment_id(uri, "rows")
+    _fake_run(c, exp_id, {**TINY, "seed": 0}, "base", {"final/test_acc": 0.5})
+    newer = _fake_run(c, exp_id, {**TINY, "seed": 0}, "base", {"final/test_acc": 0.7})  # same run_key, newer
+    _fake_run(c, exp_id, {**TINY, "seed": 1}, "base", {"final/test_acc": 0.6}, status="FAILED", sweep="t")
+    df = load_runs(uri, ["rows"])
+    assert list(df["run_id"]) == [newer] and df.attrs["left_out"] == {
+        "FAILED": 1, "duplicate run_key (kept the newest)": 1}
+    plain = runstore.load_runs(uri, "rows")  # no de-duplication here: both FINISHED copies, newest first
+    assert [r["test_acc"] for r in plain] == [0.7, 0.5]
+    assert {k: plain[0][k] for k in df.columns if k != "experiment"} == \
+        {k: v for k, v in df.iloc[0].to_dict().items() if k != "experiment"}
+    assert [r["seed"] for r in runstore.load_runs(uri, "rows", sweep="t", status=None)] == [1]
+    assert runstore.load_runs(uri, "no-such-experiment") == []
+
+
 # ---- the end-of-sweep summary picks by validation -----------------------------------------------
 def test_sweep_summary_picks_the_best_cell_by_validation_in_percent(uri):
     c = MlflowClient(uri)
