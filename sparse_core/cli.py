@@ -121,14 +121,14 @@ def _resume_state(path: str | None, cfg):
     return None
 
 
-def _report(result: dict, trainer, args) -> None:
+def _report(result: dict, data, args) -> None:
     """The closing lines on stderr (the chance warning even with --quiet) and the JSON result on stdout."""
     from .metrics import at_chance, chance_accuracy
 
     result.pop("history")
-    result["at_chance"] = at_chance(result["test_acc"], trainer.data.y_test, trainer.data.num_classes)
+    result["at_chance"] = at_chance(result["test_acc"], data.y_test, data.num_classes)
     if result["at_chance"]:  # shown even with --quiet: the run trained nothing worth reading
-        chance = chance_accuracy(trainer.data.y_test, trainer.data.num_classes)
+        chance = chance_accuracy(data.y_test, data.num_classes)
         print(f"warning: test accuracy {100 * result['test_acc']:.2f} % is at chance (one constant guess scores "
               f"{100 * chance:.2f} %): the network learned nothing; look for a diverging loss above and check the "
               f"settings (result: \"at_chance\": true)", file=sys.stderr)
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_unwritable_export(args.export)}", file=sys.stderr)
         return 2
 
-    from .train import Trainer  # torch is imported after the argument checks, so a typo fails fast
+    from .train import run  # torch is imported after the argument checks, so a typo fails fast
 
     from .checkpoint import CheckpointError, save_state
 
@@ -176,22 +176,27 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     try:
-        trainer = Trainer(cfg, log)
-        sizes = trainer.data.sizes
-        if not args.quiet:
-            print(f"data {cfg.data.name}: {sizes['train']} train / {sizes['val']} validation / {sizes['test']} test "
-                  f"images ({sum(sizes.values())} in all); selection reads validation only", file=sys.stderr)
-        if state is not None:
-            trainer.load_state_dict(state)
-        result = trainer.run()
-        from .export import figures
-
-        result.update(figures(trainer, args.export))  # sizes, CPU latencies; the file if --export
+        data = _load_data(cfg, args.quiet)
+        result = run(cfg, log, state, args.export, data=data)  # with sizes, CPU latencies; the file if --export
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _report(result, trainer, args)
+    _report(result, data, args)
     return 0
+
+
+def _load_data(cfg, quiet: bool):
+    """The run's data set on its device, announced on stderr."""
+    from .data import load
+    from .run_state import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    data = load(cfg.data).to(device)
+    sizes = data.sizes
+    if not quiet:
+        print(f"data {cfg.data.name}: {sizes['train']} train / {sizes['val']} validation / {sizes['test']} test "
+              f"images ({sum(sizes.values())} in all); selection reads validation only", file=sys.stderr)
+    return data
 
 
 def exit_now(code: int) -> None:
