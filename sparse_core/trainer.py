@@ -7,7 +7,7 @@ one tensor with a leading copy dimension and re-points each copy's parameters at
 copy's own module (what evaluation, the pruners, rescaling, RigL, export and checkpoints use)
 always sees the current weights, and the hot loop runs once for all K copies: per step, each copy's
 batch from its own data generator, one packed forward (``model.packed_forward``: ``baddbmm`` per
-linear layer, grouped convolutions), per-copy losses, one backward and an optimizer step with each
+linear layer, grouped convolutions; else ``models.derived_packed_forward``), per-copy losses, one backward and an optimizer step with each
 copy's learning rate and weight decay, masks re-applied to all copies at once. What a method adds
 (a learned mask, RigL, gradual pruning, the post-pruning schedules) it adds through the declared
 hook points of ``hooks.py``. Every step that is not per-batch (pruning, evaluation, the result)
@@ -22,6 +22,7 @@ positions train in separate packs.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Callable
 
 import torch
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 
 from . import hooks as method_hooks
 from .data import train_batches
-from .masks import prunable_layers
+from .masks import masked_weight, prunable_layers
+from .models import derived_packed_forward
 from .optim import CopyOptimizer, PackedOptimizer
 from .packed import PACKABLE, pack_key
 from .plan import PruneStep, TrainEpoch, lr_factor
@@ -48,8 +50,8 @@ class Trainer:
             raise ValueError("copies of a pack must be at the same plan step")
         self.copies, self.k, self.lead = copies, len(copies), copies[0]
         self.model = self.lead.model
-        if not hasattr(self.model, "packed_forward"):
-            raise ValueError(f"model.name={self.lead.cfg.model.name!r} has no packed_forward")
+        # the model's own fast path, else the packed forward derived from its forward
+        self.forward = getattr(self.model, "packed_forward", None) or partial(derived_packed_forward, self.model)
         self.layers = prunable_layers(self.model)  # lead's layers: mask scores, beta, structure
         self.stacks: dict[str, torch.Tensor] = {}
         self.failed: dict[int, BaseException] = {}
@@ -136,14 +138,11 @@ class Trainer:
     def _weight(self, prefix: str) -> torch.Tensor:
         """The stacked effective weight of a prunable layer: w * m(score) * mask (the ``masked_weight``
         of every copy at once)."""
-        w = self.stacks[f"{prefix}.weight"]
-        layer = self.layers[f"{prefix}.weight"]
-        if layer.mask_score is not None:
-            w = w * layer.mask_kind.forward_mask(self.stacks[f"{prefix}.mask_score"], layer.mask_beta,
-                                                 self.noise.get(prefix))
-        if self.masks is not None and not self.bypass:
-            w = w * self.masks[f"{prefix}.weight"]
-        return w
+        name = f"{prefix}.weight"
+        layer = self.layers[name]
+        score = self.stacks[f"{prefix}.mask_score"] if layer.mask_score is not None else None
+        mask = self.masks[name] if self.masks is not None and not self.bypass else None
+        return masked_weight(self.stacks[name], mask, layer.mask_kind, score, layer.mask_beta, self.noise.get(prefix))
 
     # ---- segments and steps -----------------------------------------------------------------
     def _make_optimizer(self, stage: str) -> None:
@@ -193,7 +192,7 @@ class Trainer:
             h.before_step(self, stage)
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=lead.amp):
-                logits = self.model.packed_forward(x, self._weight, self.stacks.get, lead.channels_last)
+                logits = self.forward(x, self._weight, self.stacks.get, lead.channels_last)
             losses = self._loss(logits, y, stage)
             for h in active:
                 losses = h.loss(self, stage, losses)
