@@ -213,7 +213,8 @@ def build(cfg: ModelConfig, in_shape, num_classes: int, plain: bool = False, uni
     return MODELS.get(cfg.name, "model.name")(cfg, tuple(in_shape), num_classes, plain, unit_grad_at_zero)
 
 
-def derived_packed_forward(model: nn.Module, x: torch.Tensor, weight, param, channels_last: bool = False) -> torch.Tensor:
+def derived_packed_forward(model: nn.Module, x: torch.Tensor, weight, param,
+                           channels_last: bool = False) -> torch.Tensor:
     """The packed forward of any model, derived from its one ``forward``: ``vmap`` over the copies of
     ``functional_call`` with each copy's slice of the stacks; a prunable layer's weight is its stacked
     effective weight ``weight(prefix)`` (``masks.effective_weights``). A model may define its own

@@ -7,8 +7,9 @@ one tensor with a leading copy dimension and re-points each copy's parameters at
 copy's own module (what evaluation, the pruners, rescaling, RigL, export and checkpoints use)
 always sees the current weights, and the hot loop runs once for all K copies: per step, each copy's
 batch from its own data generator, one packed forward (``model.packed_forward``: ``baddbmm`` per
-linear layer, grouped convolutions; else ``models.derived_packed_forward``), per-copy losses, one backward and an optimizer step with each
-copy's learning rate and weight decay, masks re-applied to all copies at once. What a method adds
+linear layer, grouped convolutions; else ``models.derived_packed_forward``), per-copy losses, one
+backward and an optimizer step with each copy's learning rate and weight decay, masks re-applied to
+all copies at once. What a method adds
 (a learned mask, RigL, gradual pruning, the post-pruning schedules) it adds through the declared
 hook points of ``hooks.py``. Every step that is not per-batch (pruning, evaluation, the result)
 runs per copy on the copy's own module, with the same functions as a single run.
@@ -63,7 +64,8 @@ class Trainer:
         self.noise: dict[str, torch.Tensor] = {}  # set by a hook before a step: a stochastic mask's U(0, 1) draws
         self.hooks = method_hooks.for_pack(self)
         self.soft = next(h for h in self.hooks if isinstance(h, method_hooks.SoftSchedules))
-        self.active: list = []  # the hooks of the current segment's stage
+        # per step point, the hooks of the current segment's stage that act there
+        self.active: dict[str, list] = {"before_step": [], "loss": [], "after_step": []}
         if self.lead.segment is not None and self.lead.opt_saved is not None:  # restored mid-segment
             self._make_optimizer(self.lead.segment[0])
             for k, t in enumerate(copies):
@@ -163,7 +165,9 @@ class Trainer:
         """A new optimizer and LR schedule (and RigL, or the gradual steps) for a training segment, unless
         it is already running (a restored run keeps its loaded optimizer state)."""
         lead = self.lead
-        self.active = [h for h in self.hooks if h.active(stage)]
+        active = [h for h in self.hooks if h.active(stage)]
+        self.active = {point: [h for h in active if getattr(type(h), point) is not getattr(method_hooks.Hook, point)]
+                       for point in ("before_step", "loss", "after_step")}  # only the hooks that act there
         if lead.segment != (stage, rnd) or lead.opt is None or self.opt is None:
             for c in self.copies:
                 c.begin_segment(stage, rnd, total_steps)
@@ -188,13 +192,13 @@ class Trainer:
         lead, active = self.lead, self.active
         if soft is not None:
             self.soft.soft = soft
-        for h in active:
+        for h in active["before_step"]:
             h.before_step(self, stage)
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=lead.amp):
                 logits = self.forward(x, self._weight, self.stacks.get, lead.channels_last)
             losses = self._loss(logits, y, stage)
-            for h in active:
+            for h in active["loss"]:
                 losses = h.loss(self, stage, losses)
         finally:
             self.bypass = False
@@ -206,7 +210,7 @@ class Trainer:
         for c in self.copies:
             c.seg_step += 1
         self.enforce()
-        for h in active:
+        for h in active["after_step"]:
             h.after_step(self, stage)
         return losses.detach()
 

@@ -23,7 +23,7 @@ def test_masked_weight_stays_exactly_zero_through_training(optimizer):
     from sparse_core.config import Config
     from sparse_core.trainer import Trainer as Loop
     from sparse_core.plan import PruneStep
-    from sparse_core.train import RunState, fit
+    from sparse_core.train import RunState
 
     flat = {"data.name": "digits", "model.width": 32, "model.depth": 2, "train.optimizer": optimizer,
             "train.lr": 0.1 if optimizer == "sgd" else 1e-2, "train.weight_decay": 5e-3, "prune.pruner": "random"}
@@ -111,7 +111,7 @@ def test_enforce_zeroes_weights_and_optimizer_state_directly():
     from sparse_core.config import Config
     from sparse_core.trainer import Trainer as Loop
     from sparse_core.plan import PruneStep
-    from sparse_core.train import RunState, fit
+    from sparse_core.train import RunState
 
     trainers = [RunState(Config().replace(**{"data.name": "digits", "model.width": 16, "model.depth": 2}, seed=s))
                 for s in range(2)]

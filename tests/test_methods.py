@@ -115,7 +115,7 @@ def test_rigl_keeps_per_layer_density_regrows_and_starts_grown_weights_at_zero()
     """RigL through the trainer's step (a pack of two copies): update steps see the dense gradient,
     per-layer counts never change, and grown weights start at exactly 0 with zero momentum."""
     from sparse_core.trainer import Trainer as Loop
-    from sparse_core.train import RunState, fit
+    from sparse_core.train import RunState
 
     flat = {"data.name": "digits", "model.width": 32, "model.depth": 2, "train.method": "rigl",
             "rigl.delta_t": 1, "rigl.alpha": 0.3, "prune.density": 0.1}

@@ -11,7 +11,7 @@ from sparse_core.config import Config
 from sparse_core.packed import PACKABLE, pack_key
 from sparse_core.trainer import Trainer as Loop
 from sparse_core.runner import run_packed
-from sparse_core.train import RunState, TrainingDiverged, fit, run
+from sparse_core.train import RunState, TrainingDiverged, run
 
 # width 13: no layer (64x13, 13x13, 13x10) and no batch of activations (last batch 13 x 13) is a multiple of
 # the CPU vector width, so copy k of a pack sits at other positions of every elementwise kernel than a single
