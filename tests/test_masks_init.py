@@ -106,7 +106,7 @@ def test_kaiming_is_seeded_by_its_generator():
 
 
 def test_enforce_zeroes_weights_and_optimizer_state_directly():
-    """``Pack.enforce`` after a step taken with a dense gradient (RigL's update step): every pruned weight
+    """``Trainer.enforce`` after a step taken with a dense gradient (RigL's update step): every pruned weight
     and momentum entry back to 0, every kept one untouched."""
     from sparse_core.config import Config
     from sparse_core.trainer import Trainer as Loop
