@@ -122,23 +122,25 @@ def _resume_state(path: str | None, cfg):
 
 
 def _report(result: dict, data, args) -> None:
-    """The closing lines on stderr (the chance warning even with --quiet) and the JSON result on stdout."""
+    """The closing lines on stderr (the chance warning even with --quiet) and the JSON result on stdout
+    (the result without its history, plus ``at_chance``)."""
     from .metrics import at_chance, chance_accuracy
+    from .results import RunResult
 
     result.pop("history")
-    result["at_chance"] = at_chance(result["test_acc"], data.y_test, data.num_classes)
+    r = RunResult.from_dict(result)  # read through the typed result; printed as it came (keys in their order)
+    result["at_chance"] = at_chance(r.test_acc, data.y_test, data.num_classes)
     if result["at_chance"]:  # shown even with --quiet: the run trained nothing worth reading
         chance = chance_accuracy(data.y_test, data.num_classes)
-        print(f"warning: test accuracy {100 * result['test_acc']:.2f} % is at chance (one constant guess scores "
+        print(f"warning: test accuracy {100 * r.test_acc:.2f} % is at chance (one constant guess scores "
               f"{100 * chance:.2f} %): the network learned nothing; look for a diverging loss above and check the "
               f"settings (result: \"at_chance\": true)", file=sys.stderr)
     if not args.quiet:
-        print(f"done: test acc {result['test_acc']:.4f}, val acc {result['val_acc']:.4f} (best val "
-              f"{result['best_val_acc']:.4f} at epoch {result['best_val_epoch']}) at density "
-              f"{result['density']:.4f} in {result['seconds']:.1f}s; run_key {result['run_key']}", file=sys.stderr)
+        print(f"done: test acc {r.test_acc:.4f}, val acc {r.val_acc:.4f} (best val {r.best_val_acc:.4f} at epoch "
+              f"{r.best_val_epoch}) at density {r.density:.4f} in {r.seconds:.1f}s; run_key {r.run_key}", file=sys.stderr)
     if args.export and not args.quiet:
-        print(f"exported {args.export}: {result['model_bytes_sparse']:,} bytes (dense state dict "
-              f"{result['model_bytes_dense']:,})", file=sys.stderr)
+        print(f"exported {args.export}: {r.extra['model_bytes_sparse']:,} bytes (dense state dict "
+              f"{r.extra['model_bytes_dense']:,})", file=sys.stderr)
     print(json.dumps(_json_safe(result)))
 
 
