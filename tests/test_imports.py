@@ -1,6 +1,7 @@
-"""The import graph of the project's packages, read from the source: every ``import`` and ``from ...
-import`` statement, at module level or inside a function, counts. No module imports itself through
-others (no cycle), the packages keep their layering, and the trainer's modules keep their seam."""
+"""The structure of the project's packages: sparse_core's module and function sizes, and the import
+graph read from the source (every ``import`` and ``from ... import`` statement, at module level or
+inside a function, counts): no module imports itself through others (no cycle), the packages keep
+their layering, and the trainer's modules keep their seam."""
 
 from __future__ import annotations
 
@@ -110,3 +111,12 @@ def test_the_trainer_seam_points_one_way():
         for module, edges in graph.items():
             if module.split(".")[0] == pkg:
                 assert not {e for e in edges if e.split(".")[0] in ("sweeps", "analysis")}, module
+
+
+def test_no_sparse_core_module_over_400_lines_nor_function_over_60():
+    for path in sorted((ROOT / "sparse_core").rglob("*.py")):
+        source = path.read_text()
+        assert source.count("\n") <= 400, path.name
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno + 1 <= 60, f"{path.name}:{node.name}"
