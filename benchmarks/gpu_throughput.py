@@ -2,7 +2,7 @@
 
 Rows: per precision/layout setting (fp32; bf16 autocast; bf16 autocast + channels-last, i.e. the
 trainer's ``train.amp`` and ``train.channels_last``), the plain model in a hand-written loop and
-the trainer's step path (``step_overhead.SparseStep``, i.e. ``Trainer.train_step``: masked layers, ``Pack.enforce`` after each
+the trainer's step path (``step_overhead.SparseStep``, i.e. ``Trainer.step``: masked layers, ``Trainer.enforce`` after each
 step) at density 1.0 and 0.01, all three interleaved block by block. Images/s = batch / median
 step time; an epoch is 50,000 images at that rate (steps only: the data path is in data_path.py).
 "ratio" is the sparse step time over the plain step time of the same setting and round; "vs fp32"
@@ -36,9 +36,8 @@ from timing import (  # also puts the repo root on sys.path
     add_common_args, apply_threads, interleaved, median_ms, paired_ratio, print_header, print_table, synchronizer)
 
 from sparse_core.config import Config, ModelConfig
-from sparse_core.packed import Pack
 from sparse_core.plan import PruneStep
-from sparse_core.train import Trainer
+from sparse_core.train import RunState, Trainer
 
 EPOCH_IMAGES = 50_000  # CIFAR-10's training set
 SETTINGS = {"fp32": (False, False), "bf16": (True, False), "bf16+channels_last": (True, True)}  # (amp, channels_last)
@@ -54,10 +53,10 @@ def packed(device: torch.device, ks: list[int], steps: int, tiny: bool) -> None:
     sync = synchronizer(device)
     rows, base = [], None
     for k in ks:
-        trainers = [Trainer(Config().replace(**flat, seed=s)) for s in range(k)]
+        trainers = [RunState(Config().replace(**flat, seed=s)) for s in range(k)]
         for t in trainers:
             t.prune(PruneStep(0, 0.01, True))
-        pack = Pack(trainers)
+        pack = Trainer(trainers)
         pack.begin_segment("post", 0, 10 * steps)
         for t in trainers:
             t.model.train()

@@ -1,16 +1,16 @@
 """What the sparse trainer's training step costs over a plain PyTorch loop.
 
-Candidate: the trainer's own per-batch step, ``Trainer.train_step``, in the post-pruning stage
-(masked layers computing ``weight * mask`` in forward, ``Pack.enforce`` after every step, the
+Candidate: the trainer's own per-batch step, ``Trainer.step`` with K = 1, in the post-pruning stage
+(masked layers computing ``weight * mask`` in forward, ``Trainer.enforce`` after every step, the
 soft-schedule update, the per-step LR schedule). Baseline: the same architecture built from
 plain ``nn`` layers (``build(..., plain=True)``) with the same weights, optimizer (SGD, momentum,
 weight decay), per-step cosine schedule, data and batch size, in the loop one would write by hand.
 Both run on pre-made batches, so only the step is timed. A second table times whole epochs:
-the real ``Trainer.train_epoch`` (batching, steps, end-of-epoch evaluation) against a plain loop
+the real ``Trainer.train_epoch`` of a pack of one (batching, steps, end-of-epoch evaluation) against a plain loop
 over the same tensors doing the same work.
 
 Density 1.0 is what the trainer runs before pruning or for a dense run: masked layers with no
-mask installed and no ``Pack.enforce``. Density 0.01 uses magnitude scores -> global mask.
+mask installed and no ``Trainer.enforce``. Density 0.01 uses magnitude scores -> global mask.
 
 Timing: each variant runs in blocks of steps; blocks alternate (A B B A ...) so drift on a
 shared machine hits both alike; a round's ratio is candidate block / baseline block of that
@@ -39,7 +39,7 @@ from sparse_core.config import Config, ModelConfig, TrainConfig
 from sparse_core.models import build
 from sparse_core.post_prune import SoftSchedule
 from sparse_core.plan import PruneStep, TrainEpoch
-from sparse_core.train import Trainer, lr_factor
+from sparse_core.train import RunState, Trainer, lr_factor
 
 TARGET = 1.10  # sparse step time / plain step time must stay at or below this
 NUM_CLASSES = 10
@@ -63,11 +63,11 @@ def make_batches(case: Case, device: torch.device, count: int = 4) -> list[tuple
 
 
 def sparse_trainer(case: Case, density: float, device: torch.device, amp: bool = False,
-                   channels_last: bool = False) -> Trainer:
-    """A Trainer for ``case`` (masked layers, Kaiming init); below density 1 pruned by its own
+                   channels_last: bool = False) -> RunState:
+    """A run for ``case`` (masked layers, Kaiming init); below density 1 pruned by its own
     magnitude/global pruning step."""
     cfg = trainer_config(case, density, device, case.batch, case.batch)
-    trainer = Trainer(cfg.replace(**{"train.amp": amp, "train.channels_last": channels_last}))
+    trainer = RunState(cfg.replace(**{"train.amp": amp, "train.channels_last": channels_last}))
     if density < 1.0:
         trainer.prune(PruneStep(0, density, last=True))
     return trainer
@@ -89,12 +89,13 @@ def optimizer(model: nn.Module, t: TrainConfig) -> tuple[torch.optim.Optimizer, 
 
 
 class SparseStep:
-    """The trainer's own per-batch step, ``Trainer.train_step``, in the post-pruning stage (fixed
-    mask, default post settings): masked forward, loss, backward, step, schedule, ``Pack.enforce``."""
+    """The trainer's own per-batch step, ``Trainer.step`` of a pack of one, in the post-pruning stage (fixed
+    mask, default post settings): masked forward, loss, backward, step, schedule, ``Trainer.enforce``."""
 
-    def __init__(self, trainer: Trainer, batches):
+    def __init__(self, trainer: RunState, batches):
         self.trainer, self.batches, self.i = trainer, batches, 0
-        trainer.begin_segment("post", 0, SCHEDULE_STEPS)
+        self.loop = Trainer([trainer])
+        self.loop.begin_segment("post", 0, SCHEDULE_STEPS)
         self.soft = SoftSchedule(trainer.model, trainer.cfg.post, SCHEDULE_STEPS)
         self.loss_sum = torch.zeros((), device=trainer.device)
         trainer.model.train()
@@ -106,7 +107,7 @@ class SparseStep:
     def __call__(self) -> None:
         x, y = self.batches[self.i % len(self.batches)]
         self.i += 1
-        self.loss_sum += self.trainer.train_step(x, y, "post", self.soft)
+        self.loss_sum += self.loop.step(x.unsqueeze(0), y.unsqueeze(0), "post", self.soft)[0]
 
 
 class PlainStep:
@@ -170,17 +171,17 @@ def epoch_pair(case: Case, density: float, device: torch.device, n_train: int, n
     """(trainer epoch, plain epoch, n_train): ``Trainer.train_epoch`` itself against a plain loop
     over the same tensors: shuffled index batches, the step, then one evaluation pass over the
     validation and one over the test split (as the trainer evaluates both every epoch)."""
-    trainer = Trainer(trainer_config(case, density, device, n_train, n_test))
+    trainer = RunState(trainer_config(case, density, device, n_train, n_test))
     if density < 1.0:
         trainer.prune(PruneStep(0, density, last=True))  # the trainer's own magnitude/global pruning step
-    data = trainer.data
+    data, loop = trainer.data, Trainer([trainer])
     model = plain_twin(case, trainer.model, device)
     opt, sched = optimizer(model, trainer.cfg.train)
     g = torch.Generator().manual_seed(1)
     bs, ebs = trainer.cfg.train.batch_size, trainer.cfg.train.eval_batch_size
 
     def trainer_epoch() -> None:
-        trainer.train_epoch(TrainEpoch("post", 0, 0, SCHEDULE_STEPS // 1000))
+        loop.train_epoch(TrainEpoch("post", 0, 0, SCHEDULE_STEPS // 1000))
 
     def plain_epoch() -> None:
         model.train()

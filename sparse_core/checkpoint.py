@@ -29,7 +29,8 @@ import torch
 
 from .config import Config, from_flat, run_key
 from .plan import build as build_plan, total_epochs
-from .train import GENERATORS, STATE_FORMAT
+from .run_state import FORMAT as STATE_FORMAT
+from .run_state import GENERATORS
 
 # Input shape and classes of each data set, to build a model's shapes without loading its data.
 _DATA_SHAPES = {"digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10)}

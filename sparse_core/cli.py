@@ -121,24 +121,26 @@ def _resume_state(path: str | None, cfg):
     return None
 
 
-def _report(result: dict, trainer, args) -> None:
-    """The closing lines on stderr (the chance warning even with --quiet) and the JSON result on stdout."""
+def _report(result: dict, data, args) -> None:
+    """The closing lines on stderr (the chance warning even with --quiet) and the JSON result on stdout
+    (the result without its history, plus ``at_chance``)."""
     from .metrics import at_chance, chance_accuracy
+    from .results import RunResult
 
     result.pop("history")
-    result["at_chance"] = at_chance(result["test_acc"], trainer.data.y_test, trainer.data.num_classes)
+    r = RunResult.from_dict(result)  # read through the typed result; printed as it came (keys in their order)
+    result["at_chance"] = at_chance(r.test_acc, data.y_test, data.num_classes)
     if result["at_chance"]:  # shown even with --quiet: the run trained nothing worth reading
-        chance = chance_accuracy(trainer.data.y_test, trainer.data.num_classes)
-        print(f"warning: test accuracy {100 * result['test_acc']:.2f} % is at chance (one constant guess scores "
+        chance = chance_accuracy(data.y_test, data.num_classes)
+        print(f"warning: test accuracy {100 * r.test_acc:.2f} % is at chance (one constant guess scores "
               f"{100 * chance:.2f} %): the network learned nothing; look for a diverging loss above and check the "
               f"settings (result: \"at_chance\": true)", file=sys.stderr)
     if not args.quiet:
-        print(f"done: test acc {result['test_acc']:.4f}, val acc {result['val_acc']:.4f} (best val "
-              f"{result['best_val_acc']:.4f} at epoch {result['best_val_epoch']}) at density "
-              f"{result['density']:.4f} in {result['seconds']:.1f}s; run_key {result['run_key']}", file=sys.stderr)
+        print(f"done: test acc {r.test_acc:.4f}, val acc {r.val_acc:.4f} (best val {r.best_val_acc:.4f} at epoch "
+              f"{r.best_val_epoch}) at density {r.density:.4f} in {r.seconds:.1f}s; run_key {r.run_key}", file=sys.stderr)
     if args.export and not args.quiet:
-        print(f"exported {args.export}: {result['model_bytes_sparse']:,} bytes (dense state dict "
-              f"{result['model_bytes_dense']:,})", file=sys.stderr)
+        print(f"exported {args.export}: {r.extra['model_bytes_sparse']:,} bytes (dense state dict "
+              f"{r.extra['model_bytes_dense']:,})", file=sys.stderr)
     print(json.dumps(_json_safe(result)))
 
 
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_unwritable_export(args.export)}", file=sys.stderr)
         return 2
 
-    from .train import Trainer  # torch is imported after the argument checks, so a typo fails fast
+    from .train import run  # torch is imported after the argument checks, so a typo fails fast
 
     from .checkpoint import CheckpointError, save_state
 
@@ -176,22 +178,27 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     try:
-        trainer = Trainer(cfg, log)
-        sizes = trainer.data.sizes
-        if not args.quiet:
-            print(f"data {cfg.data.name}: {sizes['train']} train / {sizes['val']} validation / {sizes['test']} test "
-                  f"images ({sum(sizes.values())} in all); selection reads validation only", file=sys.stderr)
-        if state is not None:
-            trainer.load_state_dict(state)
-        result = trainer.run()
-        from .export import figures
-
-        result.update(figures(trainer, args.export))  # sizes, CPU latencies; the file if --export
+        data = _load_data(cfg, args.quiet)
+        result = run(cfg, log, state, args.export, data=data)  # with sizes, CPU latencies; the file if --export
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _report(result, trainer, args)
+    _report(result, data, args)
     return 0
+
+
+def _load_data(cfg, quiet: bool):
+    """The run's data set on its device, announced on stderr."""
+    from .data import load
+    from .run_state import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    data = load(cfg.data).to(device)
+    sizes = data.sizes
+    if not quiet:
+        print(f"data {cfg.data.name}: {sizes['train']} train / {sizes['val']} validation / {sizes['test']} test "
+              f"images ({sum(sizes.values())} in all); selection reads validation only", file=sys.stderr)
+    return data
 
 
 def exit_now(code: int) -> None:

@@ -26,6 +26,8 @@ def effective(masks: dict[str, torch.Tensor]) -> dict | None:
     """{"effective_density", "effective_weights", "effective_units": {layer: active units}} of the chain of
     ``masks`` (in forward order), or None when the layers do not form a chain."""
     names = list(masks)
+    if any(m.dim() < 2 for m in masks.values()):  # a declared prunable layer that is not a unit-to-unit map
+        return None
     adj = [_adjacency(masks[n]) for n in names]
     if any(a.shape[1] != b.shape[0] for a, b in zip(adj[1:], adj[:-1])):
         return None

@@ -8,6 +8,7 @@ into the plain architecture. Masks travel as bool tensors keyed by parameter nam
 
 from __future__ import annotations
 
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -26,12 +27,38 @@ class _Masked:
         self.mask_score = None
 
     def masked_weight(self) -> torch.Tensor:
-        w = self.weight
-        if self.mask_score is not None:
-            w = w * self.mask_kind.forward_mask(self.mask_score, self.mask_beta)
-        if self.weight_mask is not None:
-            w = w * self.weight_mask
-        return w
+        if _EFFECTIVE.on:  # the weight handed in is already the effective one (a derived packed forward)
+            return self.weight
+        return masked_weight(self.weight, self.weight_mask, self.mask_kind, self.mask_score, self.mask_beta)
+
+
+class _Effective:
+    on = False
+
+
+_EFFECTIVE = _Effective()
+
+
+@contextlib.contextmanager
+def effective_weights():
+    """Within: a masked layer's ``weight`` is taken as its effective weight (``masked_weight`` of the
+    stacked weights, computed once by the trainer), not masked again."""
+    _EFFECTIVE.on = True
+    try:
+        yield
+    finally:
+        _EFFECTIVE.on = False
+
+
+def masked_weight(w: torch.Tensor, mask: torch.Tensor | None, kind=None, score: torch.Tensor | None = None,
+                  beta: float = 1.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The effective weight of a prunable layer: w * m(score) (a learned mask, ``noise`` its draws) * mask.
+    The one place it is computed: a layer's forward and the trainer's packed forward (stacked copies) use it."""
+    if score is not None:
+        w = w * kind.forward_mask(score, beta, noise)
+    if mask is not None:
+        w = w * mask
+    return w
 
 
 class MaskedLinear(nn.Linear, _Masked):
@@ -55,10 +82,20 @@ class MaskedConv2d(nn.Conv2d, _Masked):
 PRUNABLE_TYPES = (nn.Linear, nn.Conv2d)
 
 
+def declared_prunable(model: nn.Module) -> list[str]:
+    """The names of the model's prunable layers: what ``model.prunable_layers()`` declares (a layer of
+    any type with a ``weight`` and, to be pruned, the masked-layer slots of ``_Masked``), by default
+    every Linear/Conv layer."""
+    declare = getattr(model, "prunable_layers", None)
+    if declare is not None:
+        return list(declare())
+    return [name for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
+
+
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Weight-parameter name -> layer, for every Linear/Conv layer (the prunable weights)."""
-    return {f"{name}.weight" if name else "weight": m for name, m in model.named_modules()
-            if isinstance(m, PRUNABLE_TYPES)}
+    """Weight-parameter name -> layer, for every layer the model declares prunable (``declared_prunable``)."""
+    modules = dict(model.named_modules())
+    return {f"{name}.weight" if name else "weight": modules[name] for name in declared_prunable(model)}
 
 
 def hooked_eval_forward(model: nn.Module, x: torch.Tensor, hook) -> None:

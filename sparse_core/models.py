@@ -17,9 +17,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call, vmap
 
 from .config import ModelConfig
-from .masks import MaskedConv2d, MaskedLinear
+from .masks import MaskedConv2d, MaskedLinear, declared_prunable, effective_weights
 from .registry import MODELS
 
 
@@ -210,6 +211,23 @@ def vgg16(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, plain: 
 
 def build(cfg: ModelConfig, in_shape, num_classes: int, plain: bool = False, unit_grad_at_zero: bool = False) -> nn.Module:
     return MODELS.get(cfg.name, "model.name")(cfg, tuple(in_shape), num_classes, plain, unit_grad_at_zero)
+
+
+def derived_packed_forward(model: nn.Module, x: torch.Tensor, weight, param,
+                           channels_last: bool = False) -> torch.Tensor:
+    """The packed forward of any model, derived from its one ``forward``: ``vmap`` over the copies of
+    ``functional_call`` with each copy's slice of the stacks; a prunable layer's weight is its stacked
+    effective weight ``weight(prefix)`` (``masks.effective_weights``). A model may define its own
+    ``packed_forward(x, weight, param, channels_last)`` as a fast path (the MLP's and VGG's), checked
+    against this one in tests/test_model_contract.py."""
+    prunable = {f"{n}.weight" if n else "weight" for n in declared_prunable(model)}
+    tensors = {}
+    for name, _ in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.rpartition(".")[2] in ("weight_mask", "mask_score"):
+            continue
+        tensors[name] = weight(name[:-len(".weight")]) if name in prunable else param(name)
+    with effective_weights():
+        return vmap(lambda t, xk: functional_call(model, t, (xk,)), randomness="different")(tensors, x)
 
 
 def soft_modules(model: nn.Module) -> tuple[list[Activation], list[Block]]:

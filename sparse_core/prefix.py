@@ -4,7 +4,7 @@ A pruning run's plan starts with ``train.pre_epochs`` epochs of dense (or learne
 Nothing in them reads the ``POST_FORK`` settings (how, where and how far to prune, the post-pruning
 tricks, the epochs after pruning) nor the density, unless ``mask.target`` steers a learned mask towards
 it. So runs of one seed whose configs differ only there reach the same state at the end of
-pre-training, bitwise (``tests/test_prefix.py`` checks every such setting), and ``run_packed`` trains
+pre-training, bitwise (``tests/test_prefix.py`` checks every such setting), and ``runner.run_packed`` trains
 that part once, for one of them, then starts each of the others from a copy of its state with the
 pre-training epochs handed to its own log. Every run's log, history, checkpoints and result are
 those of its own run from scratch; its ``seconds`` count the shared epochs in full. In a leave-one-out
@@ -12,6 +12,7 @@ ablation most cells share one pre-training (the pruner cells, the post-pruning t
 density sweep every density of a cell does. Where a learned mask is steered to the density, the cells
 that differ only after pruning still share one pre-training per density (``family_key``). The shared
 pre-trainings that can share a pack (sparse_core/packed.py: e.g. one per density) train as one pack.
+This module holds the keys; ``runner.share_prefixes`` trains the shared parts.
 
 Not shared: RigL (sparse from the first step), runs with an injected failure (``train.fail_at_epoch``)
 and runs restored from a checkpoint.
@@ -19,15 +20,10 @@ and runs restored from a checkpoint.
 
 from __future__ import annotations
 
-import copy
-from collections import defaultdict
-from typing import Callable
-
 from . import learned_mask
 from .config import POST_FORK, Config  # POST_FORK: declared per field (sparse_core/config.py)
-from .packed import Pack, config_hash, pack_key
+from .packed import config_hash
 from .plan import TrainEpoch, build
-from .train import Trainer
 
 
 def fork_point(cfg: Config) -> int:
@@ -61,40 +57,3 @@ def family_key(cfg: Config) -> str | None:
     if not fork_point(cfg):
         return None
     return config_hash(cfg, set(POST_FORK) | {"prune.density"})
-
-
-def share(cfgs: list[Config], states: list[dict | None], data_of: Callable) -> dict[int, tuple[list[dict], int]]:
-    """Train each pre-training that two or more fresh runs (``states[i] is None``) have in common,
-    once, and set those runs' ``states`` to its end. Returns, per such run, the pre-training epochs'
-    log entries (to hand to its log) and the number of runs that shared them. Pre-trainings that can
-    share a pack (one per density of a steered mask, one per seed) train as one. A pre-training that
-    diverges is left to each run to find alone."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, cfg in enumerate(cfgs):
-        key = prefix_key(cfg) if states[i] is None else None
-        if key is not None:
-            groups[key].append(i)
-    by_pack: dict[str, list[list[int]]] = defaultdict(list)  # the pre-trainings that can train as one pack
-    for members in groups.values():
-        if len(members) >= 2:
-            by_pack[pack_key(cfgs[members[0]])].append(members)
-    out: dict[int, tuple[list[dict], int]] = {}
-    for shared in by_pack.values():
-        entries: list[list[dict]] = [[] for _ in shared]
-        leads = [Trainer(cfgs[members[0]], _recorder(entries[j]), data=data_of(cfgs[members[0]]))
-                 for j, members in enumerate(shared)]
-        pack = Pack(leads)
-        fork = fork_point(leads[0].cfg)
-        pack.run(until=fork)
-        for j, (lead, members) in enumerate(zip(leads, shared)):
-            if j in pack.failed or lead.step_idx < fork:  # diverged: each run finds that alone
-                continue
-            state = lead.state_dict()
-            for i in members:
-                states[i] = {**copy.deepcopy(state), "config": cfgs[i].to_flat()}
-                out[i] = (entries[j], len(members))
-    return out
-
-
-def _recorder(entries: list[dict]) -> Callable:
-    return lambda metrics, _state: entries.append(copy.deepcopy(metrics))

@@ -15,7 +15,8 @@ from sparse_core.masks import count, prunable_layers
 from sparse_core.plan import PruneStep, TrainEpoch, build, cubic, gradual_steps, total_epochs
 from sparse_core.pruning import target_count
 from sparse_core.registry import PRUNERS
-from sparse_core.train import Trainer, run
+from sparse_core.trainer import Trainer as Loop
+from sparse_core.train import RunState, fit, run
 
 SYN = {"data.name": "synthetic", "data.synthetic_train": 640, "data.synthetic_test": 128, "model.width": 32,
        "model.depth": 3, "train.batch_size": 64}
@@ -35,17 +36,17 @@ def test_cubic_schedule_formula():
 def test_gradual_pruning_density_after_every_step_is_the_cubic_schedule_exactly():
     cfg = _cfg(**{"train.pre_epochs": 1, "prune.gradual_epochs": 2, "prune.gradual_every": 3, "train.post_epochs": 1,
                   "prune.density": 0.02})
-    trainer = Trainer(cfg)
+    trainer = RunState(cfg)
     seen = []
-    original = trainer._mask_to
+    original = trainer.mask_to
 
     def record(density):
         original(density)
         seen.append((trainer.seg_step, count(trainer.masks)))
 
-    trainer._mask_to = record
-    result = trainer.run()
-    total = trainer._segment_steps(2)  # the gradual stage's optimizer steps (10 batches x 2 epochs)
+    trainer.mask_to = record
+    result = fit(trainer)
+    total = trainer.segment_steps(2)  # the gradual stage's optimizer steps (10 batches x 2 epochs)
     in_stage, final = seen[:-1], seen[-1]  # the plan's closing prune step re-scores at the final density
     assert [s for s, _ in in_stage] == gradual_steps(total, 3)  # pruned on exactly these steps, nowhere else
     for step, (kept, n) in in_stage:
@@ -68,20 +69,21 @@ def test_gradual_and_exponential_rounds_are_exclusive_and_the_plan_says_where_st
 
 
 # ---- rescale after pruning a trained network ------------------------------------------------------
-def _trained(rescale_kind: str, pruner: str = "random", density: float = 0.1) -> Trainer:
+def _trained(rescale_kind: str, pruner: str = "random", density: float = 0.1) -> RunState:
     cfg = Config().replace(**{"train.pre_epochs": 2, "train.post_epochs": 0, "prune.pruner": pruner,
                               "prune.density": density, "prune.rescale": rescale_kind})
-    trainer = Trainer(cfg)
+    trainer = RunState(cfg)
+    loop = Loop([trainer])
     for step in trainer.plan:
         if isinstance(step, TrainEpoch):
-            trainer.history.append(trainer.train_epoch(step))
+            trainer.history.append(loop.train_epoch(step)[0])
     return trainer
 
 
 def _std_ratios(kind: str) -> dict[str, float]:
     """Per layer: std of the linear part after pruning to 10 % at random / before, on the scoring batch."""
     trainer = _trained(kind)
-    x = trainer._scoring_batch()[0]
+    x = trainer.scoring_batch()[0]
     dense = rescale.linear_std(trainer.model, x)
     trainer.prune(PruneStep(0, 0.1, True))
     sparse = rescale.linear_std(trainer.model, x)

@@ -13,7 +13,7 @@ from sparse_core import learned_mask
 from sparse_core.config import Config, MaskConfig
 from sparse_core.learned_mask import HC_GAMMA, HC_TEMPERATURE, HC_ZETA
 from sparse_core.masks import count
-from sparse_core.train import Trainer, run
+from sparse_core.train import RunState, fit, run
 
 SYN = {"data.name": "synthetic", "data.synthetic_train": 256, "data.synthetic_test": 64, "model.width": 16,
        "model.depth": 2, "train.batch_size": 64, "train.latency_rounds": 0}
@@ -27,7 +27,7 @@ def _cfg(**kw) -> Config:
 @pytest.mark.parametrize("s0", [0.0, -1.5, 2.0])
 def test_sigmoid_mask_is_rescaled_to_start_at_exactly_one_where_the_sigmoid_is_steep(s0):
     cfg = MaskConfig(kind="sigmoid", init=s0)
-    model = Trainer(_cfg()).model
+    model = RunState(_cfg()).model
     learned_mask.attach(model, cfg)  # no generator: every score exactly s0
     learned_mask.set_beta(model, 1.0)
     values = torch.cat([v.flatten() for v in learned_mask.values(model).values()])
@@ -41,7 +41,7 @@ def test_sigmoid_mask_is_rescaled_to_start_at_exactly_one_where_the_sigmoid_is_s
 def test_a_run_jitters_its_scores_from_its_own_mask_generator(kind):
     """Ties broken: N(start, 0.01^2) (log_alpha units for hard-concrete), the same for the same seed."""
     cfg = _cfg(**{"mask.kind": kind, "prune.pruner": "mask"})
-    scores = [torch.cat([p.detach().flatten() for p in learned_mask.score_params(Trainer(c).model)])
+    scores = [torch.cat([p.detach().flatten() for p in learned_mask.score_params(RunState(c).model)])
               for c in (cfg, cfg, cfg.replace(seed=1))]
     assert torch.equal(scores[0], scores[1]) and not torch.equal(scores[0], scores[2])
     mk = learned_mask.get(cfg.mask)
@@ -130,7 +130,7 @@ def test_scores_are_clamped_where_the_density_term_can_still_move_them(kind):
 
 
 def test_mask_stats_closed_form_on_a_hand_set_mask():
-    model = Trainer(_cfg(**{"mask.kind": "sigmoid", "prune.pruner": "mask"})).model
+    model = RunState(_cfg(**{"mask.kind": "sigmoid", "prune.pruner": "mask"})).model
     learned_mask.set_beta(model, 1.0)
     layers = [l for l in model.modules() if getattr(l, "mask_score", None) is not None]
     probs = []
@@ -158,8 +158,8 @@ def test_pruning_a_learned_mask_keeps_exactly_the_density_and_logs_the_overlap(k
     cfg = _cfg(**{"mask.kind": kind, "prune.pruner": "mask", "prune.scope": scope, "prune.density": 0.05,
                   "train.pre_epochs": 2, "train.post_epochs": 1})
     seen = []
-    t = Trainer(cfg, lambda m, c: seen.append(m))
-    result = t.run()
+    t = RunState(cfg, lambda m, c: seen.append(m))
+    result = fit(t)
     kept, total = count(t.masks)
     assert result["density"] == kept / total and abs(kept - round(0.05 * total)) <= len(t.masks)
     prune = [m for m in seen if m["stage"] == "prune"][0]
@@ -189,9 +189,9 @@ def test_a_copy_restored_mid_pre_training_continues_with_its_multiplier():
     states = []
     full = run(cfg, lambda m, c: states.append(c()) if c and m.get("stage") == "pre" and len(states) < 1 else None)
     assert float(states[0]["mask_dual"]) != 0.0
-    resumed = Trainer(cfg)
+    resumed = RunState(cfg)
     resumed.load_state_dict(states[0])
-    out = resumed.run()
+    out = fit(resumed)
     assert out["test_acc"] == full["test_acc"] and repr(out["history"]) == repr(full["history"])  # nan-safe
 
 

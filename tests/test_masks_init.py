@@ -21,16 +21,16 @@ def test_masked_weight_stays_exactly_zero_through_training(optimizer):
     """The trainer's own step (a pack of three copies, each its own mask): after 60 post-pruning steps
     with momentum/Adam state and weight decay, every pruned weight and its optimizer state is exactly 0."""
     from sparse_core.config import Config
-    from sparse_core.packed import Pack
+    from sparse_core.trainer import Trainer as Loop
     from sparse_core.plan import PruneStep
-    from sparse_core.train import Trainer
+    from sparse_core.train import RunState
 
     flat = {"data.name": "digits", "model.width": 32, "model.depth": 2, "train.optimizer": optimizer,
             "train.lr": 0.1 if optimizer == "sgd" else 1e-2, "train.weight_decay": 5e-3, "prune.pruner": "random"}
-    trainers = [Trainer(Config().replace(**flat, seed=s)) for s in range(3)]
+    trainers = [RunState(Config().replace(**flat, seed=s)) for s in range(3)]
     for t in trainers:
         t.prune(PruneStep(0, 0.1, True))
-    pack = Pack(trainers)
+    pack = Loop(trainers)
     pack.begin_segment("post", 0, 60)
     batches = pack.batches()
     for _ in range(60):
@@ -106,18 +106,18 @@ def test_kaiming_is_seeded_by_its_generator():
 
 
 def test_enforce_zeroes_weights_and_optimizer_state_directly():
-    """``Pack.enforce`` after a step taken with a dense gradient (RigL's update step): every pruned weight
+    """``Trainer.enforce`` after a step taken with a dense gradient (RigL's update step): every pruned weight
     and momentum entry back to 0, every kept one untouched."""
     from sparse_core.config import Config
-    from sparse_core.packed import Pack
+    from sparse_core.trainer import Trainer as Loop
     from sparse_core.plan import PruneStep
-    from sparse_core.train import Trainer
+    from sparse_core.train import RunState
 
-    trainers = [Trainer(Config().replace(**{"data.name": "digits", "model.width": 16, "model.depth": 2}, seed=s))
+    trainers = [RunState(Config().replace(**{"data.name": "digits", "model.width": 16, "model.depth": 2}, seed=s))
                 for s in range(2)]
     for t in trainers:
         t.prune(PruneStep(0, 0.1, True))
-    pack = Pack(trainers)
+    pack = Loop(trainers)
     pack.begin_segment("post", 0, 10)
     with torch.no_grad():
         for name in pack.masks:

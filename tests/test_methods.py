@@ -5,7 +5,7 @@ import torch
 from sparse_core.config import Config, ModelConfig, PostConfig
 from sparse_core.models import build, match_width
 from sparse_core.post_prune import SoftSchedule, smoothed_cross_entropy, smoothed_targets, soft_state
-from sparse_core.train import Trainer, plain_model
+from sparse_core.train import RunState, fit, plain_model
 
 FAST = {"train.pre_epochs": 1, "train.post_epochs": 2}
 
@@ -19,14 +19,14 @@ def test_learned_mask_density_falls_under_strong_l1_and_stays_one_without(kind):
     strong = {"mask.kind": kind, "prune.pruner": "mask", "train.pre_epochs": 4, "mask.lambda_l1": 5e-3,
               "mask.lr": 0.5, "mask.init": 0.2, "mask.target": False}  # constant L1 pressure, no density control
     seen = []
-    Trainer(_cfg(**strong), lambda m, c: seen.append(m)).run()
+    fit(RunState(_cfg(**strong), lambda m, c: seen.append(m)))
     pre = [m for m in seen if m["stage"] == "pre"]
     assert pre[-1]["mask_below_half"] > pre[0]["mask_below_half"] + 0.2
     assert pre[-1]["mask_below_half"] > 0.3
     assert {"mask_below_half_zero_init", "mask_below_half_nonzero_init", "mask_mean"} <= set(pre[0])
     # no learned mask: nothing masked before pruning, density 1 throughout pre-training
     seen = []
-    Trainer(_cfg(**{"train.pre_epochs": 3}), lambda m, c: seen.append(m)).run()
+    fit(RunState(_cfg(**{"train.pre_epochs": 3}), lambda m, c: seen.append(m)))
     assert all(m["density"] == 1.0 and "mask_mean" not in m for m in seen if m["stage"] == "pre")
 
 
@@ -35,7 +35,7 @@ def test_learned_mask_split_shows_zero_init_weights_are_switched_off():
     cfg = _cfg(**{"init.name": "zero", "mask.kind": "sigmoid", "prune.pruner": "mask", "train.pre_epochs": 3,
                   "prune.density": 0.05})
     seen = []
-    Trainer(cfg, lambda m, c: seen.append(m)).run()
+    fit(RunState(cfg, lambda m, c: seen.append(m)))
     last = [m for m in seen if m["stage"] == "pre"][-1]
     assert last["mask_below_half_zero_init"] > last["mask_below_half_nonzero_init"]
 
@@ -97,8 +97,8 @@ def test_all_post_prune_tricks_end_as_the_plain_network():
     cfg = _cfg(**{"post.label_smoothing": True, "post.soft_activation": True, "post.soft_skip": True,
                   "prune.density": 0.2, "train.post_epochs": 3})
     seen = []
-    trainer = Trainer(cfg, lambda m, c: seen.append(m))
-    result = trainer.run()
+    trainer = RunState(cfg, lambda m, c: seen.append(m))
+    result = fit(trainer)
     post = [m for m in seen if m["stage"] == "post"]
     assert post[0]["skip_alpha"] > 0 and post[0]["soft_t"] < 1
     assert post[-1]["skip_alpha"] == 0.0 and post[-1]["soft_t"] == 1.0
@@ -114,15 +114,15 @@ def test_all_post_prune_tricks_end_as_the_plain_network():
 def test_rigl_keeps_per_layer_density_regrows_and_starts_grown_weights_at_zero():
     """RigL through the trainer's step (a pack of two copies): update steps see the dense gradient,
     per-layer counts never change, and grown weights start at exactly 0 with zero momentum."""
-    from sparse_core.packed import Pack
-    from sparse_core.train import Trainer
+    from sparse_core.trainer import Trainer as Loop
+    from sparse_core.train import RunState
 
     flat = {"data.name": "digits", "model.width": 32, "model.depth": 2, "train.method": "rigl",
             "rigl.delta_t": 1, "rigl.alpha": 0.3, "prune.density": 0.1}
-    trainers = [Trainer(_cfg(**flat).replace(seed=s)) for s in range(2)]
+    trainers = [RunState(_cfg(**flat).replace(seed=s)) for s in range(2)]
     for t in trainers:
         t.rigl_init()
-    pack = Pack(trainers)
+    pack = Loop(trainers)
     pack.begin_segment("rigl", 0, 40)
     batches = pack.batches()
     grown_any = False
@@ -150,18 +150,18 @@ def test_rigl_keeps_per_layer_density_regrows_and_starts_grown_weights_at_zero()
 def test_rigl_through_the_trainer_keeps_density_and_stops_updating():
     cfg = _cfg(**{"train.method": "rigl", "prune.density": 0.1, "rigl.delta_t": 5})
     seen = []
-    trainer = Trainer(cfg, lambda m, c: seen.append(m))
-    result = trainer.run()
+    trainer = RunState(cfg, lambda m, c: seen.append(m))
+    result = fit(trainer)
     assert result["density"] == pytest.approx(0.1, abs=1e-4) and result["rigl_regrown"] > 0
     assert all(m["density"] == pytest.approx(0.1, abs=1e-4) for m in seen)
     assert result["epochs"] == 3  # pre + post budget
 
 
 def test_shuffle_control_through_the_trainer():  # prune.reinit: tests/test_pipeline_controls.py
-    base = Trainer(_cfg(**{"prune.density": 0.1}))
-    base.run()
-    shuffled = Trainer(_cfg(**{"prune.density": 0.1, "prune.shuffle": True}))
-    shuffled.run()
+    base = RunState(_cfg(**{"prune.density": 0.1}))
+    fit(base)
+    shuffled = RunState(_cfg(**{"prune.density": 0.1, "prune.shuffle": True}))
+    fit(shuffled)
     for n, m in base.masks.items():
         assert int(m.sum()) == int(shuffled.masks[n].sum())
     assert any(not torch.equal(m, shuffled.masks[n]) for n, m in base.masks.items())

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from sparse_core.config import Config
-from sparse_core.packed import PACKABLE, Pack, pack_key
+from sparse_core.packed import PACKABLE, pack_key
+from sparse_core.trainer import Trainer as Loop
 from sparse_core.runner import run_packed
-from sparse_core.train import Trainer, TrainingDiverged, run
+from sparse_core.train import RunState, TrainingDiverged, run
 
 # width 13: no layer (64x13, 13x13, 13x10) and no batch of activations (last batch 13 x 13) is a multiple of
 # the CPU vector width, so copy k of a pack sits at other positions of every elementwise kernel than a single
@@ -168,14 +169,14 @@ def test_pack_key_separates_graphs_and_names_what_may_differ():
     mixed = run_packed([base, base.replace(**{"model.width": 17}), base.replace(seed=1)])  # two packs
     assert [r["pack_size"] for r in mixed] == [2, 1, 2]
     with pytest.raises(ValueError, match="differ in more than"):
-        Pack([Trainer(base), Trainer(base.replace(**{"post.soft_skip": True}))])
+        Loop([RunState(base), RunState(base.replace(**{"post.soft_skip": True}))])
 
 
 def test_copy_parameters_are_slices_of_the_stacks():
     """The copies' own modules (evaluation, pruners, export) see the packed weights without copying."""
     cfgs = _configs({})
-    trainers = [Trainer(c) for c in cfgs]
-    pack = Pack(trainers)
+    trainers = [RunState(c) for c in cfgs]
+    pack = Loop(trainers)
     for k, t in enumerate(trainers):
         for name, p in t.model.named_parameters():
             assert p.data_ptr() == pack.stacks[name][k].data_ptr()
@@ -190,7 +191,7 @@ def test_packed_vgg_gradients_equal_the_single_copy_in_float64():
     torch.set_default_dtype(torch.float64)
     try:
         cfg = _configs(CASES["vgg_synthetic"])[0].replace(**{"post.soft_skip": False})
-        one, three = Pack([Trainer(cfg)]), Pack([Trainer(cfg) for _ in range(3)])
+        one, three = Loop([RunState(cfg)]), Loop([RunState(cfg) for _ in range(3)])
         x, y = one.lead.data.x_train[:16].double(), one.lead.data.y_train[:16]
         for pack in (one, three):
             pack.begin_segment("pre", 0, 10)

@@ -20,17 +20,17 @@ from sparse_core.init import initialise
 from sparse_core.masks import prunable_layers
 from sparse_core.models import build
 from sparse_core.pruning import masks_from_scores
-from sparse_core.train import Trainer, derive_seed
+from sparse_core.train import RunState, derive_seed, fit
 
 SMALL = {"model.width": 32, "model.depth": 3, "train.post_epochs": 0}
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny MLPs (tests/conftest.py)
 
 
-def states_by_step(flat: dict) -> tuple[Trainer, list[tuple[dict, dict]]]:
+def states_by_step(flat: dict) -> tuple[RunState, list[tuple[dict, dict]]]:
     """Run a trainer; return it and (metrics, full state) after every step of its plan."""
     seen = []
-    trainer = Trainer(Config().replace(**flat), lambda metrics, checkpoint: seen.append((metrics, checkpoint())))
-    trainer.run()
+    trainer = RunState(Config().replace(**flat), lambda metrics, checkpoint: seen.append((metrics, checkpoint())))
+    fit(trainer)
     return trainer, seen
 
 
@@ -69,7 +69,7 @@ def test_without_rewind_kept_weights_stay_trained():
 
 # ---- re-initialisation --------------------------------------------------------------------------
 
-def fresh_kaiming(trainer: Trainer, stream: str) -> dict[str, torch.Tensor]:
+def fresh_kaiming(trainer: RunState, stream: str) -> dict[str, torch.Tensor]:
     """An independent Kaiming init of the trainer's architecture from the generator named ``stream``."""
     cfg = trainer.cfg
     model = build(cfg.model, trainer.data.in_shape, trainer.data.num_classes)
@@ -97,7 +97,7 @@ def test_reinit_redraws_kept_weights_from_the_init_and_keeps_the_trained_masks(s
 
 # ---- sparse-aware init scaling ----------------------------------------------------------------------
 
-def preactivation_std(trainer: Trainer) -> list[float]:
+def preactivation_std(trainer: RunState) -> list[float]:
     """Std of every prunable layer's output on 512 training inputs, in order."""
     out: list[float] = []
     model = trainer.model.eval()
@@ -120,14 +120,14 @@ def test_sparse_scale_keeps_the_dense_preactivation_std_and_off_it_vanishes(meth
     restores the dense init's std per layer (prune.rescale's data path), which for SynFlow, whose
     kept weights are the large ones, is far below 1/sqrt(density)."""
     at_init = {"train.pre_epochs": 0, "train.post_epochs": 0, "prune.pruner": "random", "train.method": method}
-    dense = Trainer(Config().replace(**at_init, **{"prune.density": 1.0}))
-    dense.run()
+    dense = RunState(Config().replace(**at_init, **{"prune.density": 1.0}))
+    fit(dense)
     reference = preactivation_std(dense)
     init_weights = {n: layer.weight.detach().clone() for n, layer in prunable_layers(dense.model).items()}
     ratios = {}
     for scale in (True, False):
-        sparse = Trainer(Config().replace(**at_init, **{"prune.density": 0.1, "init.sparse_scale": scale}))
-        sparse.run()
+        sparse = RunState(Config().replace(**at_init, **{"prune.density": 0.1, "init.sparse_scale": scale}))
+        fit(sparse)
         ratios[scale] = [s / r for s, r in zip(preactivation_std(sparse), reference)]
         for n, mask in sparse.masks.items():  # the same init (same seed), kept weights x one factor per layer
             kept, init = sparse.model.get_parameter(n).detach()[mask], init_weights[n][mask]

@@ -9,9 +9,9 @@ import torch
 
 from sparse_core import prefix
 from sparse_core.config import Config
-from sparse_core.packed import Pack
+from sparse_core.trainer import Trainer as Loop
 from sparse_core.runner import run_packed
-from sparse_core.train import Trainer
+from sparse_core.train import RunState, fit
 
 TINY = {"data.name": "digits", "model.width": 13, "model.depth": 2, "train.batch_size": 128,
         "train.pre_epochs": 2, "train.post_epochs": 2, "train.latency_rounds": 0, "train.device": "cpu",
@@ -29,8 +29,8 @@ BASES = {"dense": {}, "sigmoid_untargeted": {"mask.kind": "sigmoid", "mask.targe
 
 
 def _at_fork(flat: dict) -> dict:
-    t = Trainer(Config().replace(**flat))
-    Pack([t]).run(until=prefix.fork_point(t.cfg))
+    t = RunState(Config().replace(**flat))
+    Loop([t]).run(until=prefix.fork_point(t.cfg))
     return t.state_dict()
 
 
@@ -119,8 +119,8 @@ def test_runs_that_share_pre_training_end_as_their_own_runs_do():
     # trains by itself: a pack of 3 and a pack of 1 round differently in the last bit (sparse_core/packed.py),
     # hence the 1e-5 on losses, as in tests/test_packed.py. Accuracies, masks and densities are equal.
     _assert_same_runs(shared, alone, logs_shared, logs_alone)
-    single = Trainer(cfgs[3])  # and a run from scratch on its own, outside any pack
-    single_result = single.run()
+    single = RunState(cfgs[3])  # and a run from scratch on its own, outside any pack
+    single_result = fit(single)
     assert single_result["test_acc"] == shared[3]["test_acc"] and single_result["val_acc"] == shared[3]["val_acc"]
 
 
@@ -128,7 +128,7 @@ def test_pre_trainings_per_density_train_as_one_pack_and_runs_end_as_their_own(m
     """A sigmoid mask steered to the density: runs that differ only after pruning share one pre-training
     per density, those pre-trainings train together as one pack (they differ in the density only), and
     every run ends as its own run does."""
-    from sparse_core import packed
+    from sparse_core import trainer
 
     steered = {**TINY, "mask.kind": "sigmoid", "mask.target": True, "prune.pruner": "mask"}
     extras = [{}, {"post.label_smoothing": True}, {"prune.density": 0.03},
@@ -137,15 +137,14 @@ def test_pre_trainings_per_density_train_as_one_pack_and_runs_end_as_their_own(m
     assert len({prefix.family_key(c) for c in cfgs}) == 1 and len({prefix.prefix_key(c) for c in cfgs}) == 2
     sizes = []
 
-    class Recorded(packed.Pack):
+    class Recorded(trainer.Trainer):
         def __init__(self, copies):
             sizes.append(len(copies))
             super().__init__(copies)
 
     from sparse_core import runner
 
-    monkeypatch.setattr(prefix, "Pack", Recorded)  # the shared pre-trainings' packs
-    monkeypatch.setattr(runner, "Pack", Recorded)  # the runs' own packs
+    monkeypatch.setattr(runner, "Trainer", Recorded)  # the shared pre-trainings' packs and the runs' own
     logs_shared, logs_alone = [[] for _ in cfgs], [[] for _ in cfgs]
 
     def recorder(store):

@@ -15,7 +15,7 @@ from sparse_core import post_prune
 from sparse_core.config import Config
 from sparse_core.models import build
 from sparse_core.registry import INITS, MASK_KINDS, TRICKS
-from sparse_core.train import Trainer, plain_model, run
+from sparse_core.train import RunState, fit, plain_model, run
 
 SYN = {"data.name": "synthetic", "data.synthetic_train": 256, "data.synthetic_test": 128, "model.width": 16,
        "model.depth": 2, "train.batch_size": 64, "train.pre_epochs": 1, "train.post_epochs": 2, "prune.density": 0.2}
@@ -47,8 +47,8 @@ def test_every_mask_kind_trains_reports_and_is_folded_into_a_plain_network(kind)
 @pytest.mark.parametrize("name", TRICKS.names())
 def test_every_post_prune_trick_changes_training_and_ends_as_the_plain_network(name):
     trick = TRICKS.get(name)
-    on = Trainer(_cfg(**{trick.switch: True}))
-    result = on.run()
+    on = RunState(_cfg(**{trick.switch: True}))
+    result = fit(on)
     off = run(_cfg())
     assert on.history != off["history"]  # it does something
     state = {k: v.cpu() for k, v in on.model.state_dict().items()}
@@ -64,7 +64,7 @@ def test_two_tricks_that_each_replace_the_loss_are_refused_before_training():
     TRICKS.register("toy_loss")(post_prune.Trick(switch="post.soft_skip", loss=lambda logits, y, cfg: logits.sum(1)))
     try:
         with pytest.raises(ValueError, match="label_smoothing, toy_loss each replace the loss"):
-            Trainer(_cfg(**{"post.label_smoothing": True, "post.soft_skip": True}))
+            RunState(_cfg(**{"post.label_smoothing": True, "post.soft_skip": True}))
     finally:
         TRICKS.unregister("toy_loss")
 

@@ -9,7 +9,7 @@ import torch
 from sparse_core.config import Config, RiglConfig
 from sparse_core.masks import count
 from sparse_core.rigl import RigL
-from sparse_core.train import Trainer, run
+from sparse_core.train import RunState, fit, run
 
 FAST = {"train.pre_epochs": 0, "train.post_epochs": 4, "train.latency_rounds": 0, "prune.density": 0.05}
 
@@ -37,9 +37,9 @@ def test_a_gradual_start_without_updates_is_refused():
 @pytest.mark.parametrize("pruner", ["synflow", "snip", "magnitude"])
 def test_a_pruner_start_is_the_mask_pruning_at_init_keeps(pruner):
     flat = {"prune.pruner": pruner, "prune.rounds": 3 if pruner == "synflow" else 1}
-    rigl = Trainer(_cfg(**{"train.method": "rigl", "rigl.start": pruner, "prune.rounds": flat["prune.rounds"]}))
+    rigl = RunState(_cfg(**{"train.method": "rigl", "rigl.start": pruner, "prune.rounds": flat["prune.rounds"]}))
     rigl.rigl_init()
-    at_init = Trainer(_cfg(**flat))
+    at_init = RunState(_cfg(**flat))
     for step in at_init.plan[:flat["prune.rounds"]]:
         at_init.prune(step)
     assert rigl.masks.keys() == at_init.masks.keys()
@@ -50,8 +50,8 @@ def test_a_pruner_start_is_the_mask_pruning_at_init_keeps(pruner):
 def test_the_gradual_start_trains_from_denser_to_exactly_the_target():
     cfg = _cfg(**{"train.method": "rigl", "rigl.start_density": 0.3, "rigl.delta_t": 5, "train.post_epochs": 3})
     seen = []
-    t = Trainer(cfg, lambda m, c: seen.append(m))
-    result = t.run()
+    t = RunState(cfg, lambda m, c: seen.append(m))
+    result = fit(t)
     start = [m for m in seen if m["stage"] == "rigl_init"][0]
     assert start["density"] == pytest.approx(0.3, abs=1e-3)
     kept, total = count(t.masks)

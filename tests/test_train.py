@@ -11,7 +11,7 @@ import torch
 
 from sparse_core.config import Config, DataConfig
 from sparse_core.data import TensorData, crop_flip, load, train_batches
-from sparse_core.train import InjectedFailure, Trainer, run
+from sparse_core.train import InjectedFailure, RunState, fit, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = {"train.pre_epochs": 2, "train.post_epochs": 2, "prune.density": 0.05}
@@ -24,20 +24,20 @@ def _cli(*args, cwd=ROOT, timeout=900):  # generous: the machine is shared and b
 
 def test_same_config_twice_gives_identical_masks_and_accuracy():
     cfg = Config().replace(**FAST, **{"prune.pruner": "snip", "post.soft_skip": True})
-    a, b = Trainer(cfg), Trainer(cfg)
-    ra, rb = a.run(), b.run()
+    a, b = RunState(cfg), RunState(cfg)
+    ra, rb = fit(a), fit(b)
     assert ra["test_acc"] == rb["test_acc"] and ra["history"] == rb["history"]
     assert all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
-    other = Trainer(cfg.replace(seed=1))
-    other.run()
+    other = RunState(cfg.replace(seed=1))
+    fit(other)
     assert any(not torch.equal(a.masks[n], other.masks[n]) for n in a.masks)
 
 
 def test_changing_the_pruner_does_not_change_the_data_order():
     seen = {}
     for pruner in ("magnitude", "random"):
-        t = Trainer(Config().replace(**FAST, **{"prune.pruner": pruner}))
-        t.run()
+        t = RunState(Config().replace(**FAST, **{"prune.pruner": pruner}))
+        fit(t)
         seen[pruner] = t.gen["data"].get_state()
     assert torch.equal(seen["magnitude"], seen["random"])
 
@@ -115,7 +115,7 @@ def test_cli_help_lists_every_key_and_bad_input_fails_fast():
 
 def test_flops_match_torch_flop_counter_and_hand_count():
     from sparse_core.metrics import flops
-    t = Trainer(Config().replace(**{"model.name": "vgg16", "model.width_mult": 0.125, "data.name": "synthetic",
+    t = RunState(Config().replace(**{"model.name": "vgg16", "model.width_mult": 0.125, "data.name": "synthetic",
                                     "data.synthetic_shape": "3x32x32"}))
     dense, sparse = flops(t.model, (3, 32, 32), {n: torch.ones_like(w, dtype=torch.bool)
                                                  for n, w in t.model.named_parameters() if n.endswith("layer.weight")
@@ -136,7 +136,7 @@ def test_flops_match_torch_flop_counter_and_hand_count():
     with counter, torch.no_grad():
         t.model.eval()(torch.zeros(1, 3, 32, 32))
     assert counter.get_total_flops() == dense
-    mlp = Trainer(Config().replace(**{"data.name": "synthetic"}))
+    mlp = RunState(Config().replace(**{"data.name": "synthetic"}))
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         mlp.model.eval()(torch.zeros(1, 1, 8, 8))
