@@ -24,7 +24,7 @@ import pandas as pd
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from runstore import SEARCH_CELL, TRAINER_PREFIX, final_metrics, parse_bool, search_ids, typed_config
+from runstore import ROLE_TAG, SEARCH_CELL, SWEEP_ROLE, TRAINER_PREFIX, final_metrics, parse_bool, search_ids, typed_config
 from runstore import client as store_client
 from sparse_core.config import FIELD_TYPES
 
@@ -82,6 +82,8 @@ def load_runs(uri: str, experiments: Sequence[str], statuses: Sequence[str] = ("
         tags = run.data.tags
         if tags.get("cell") == ANALYSIS_CELL:
             continue  # the report's own run: not a trial, and not worth a message
+        if tags.get(ROLE_TAG) == SWEEP_ROLE:
+            continue  # a sweep's parent run: its summary, not a trial
         if tags.get("cell") == SEARCH_CELL and not include_search:
             left_out[f"Optuna search runs (cell {SEARCH_CELL!r}; --include-search to use them)"] += 1
             continue
@@ -98,7 +100,7 @@ def load_runs(uri: str, experiments: Sequence[str], statuses: Sequence[str] = ("
             left_out["duplicate run_key (kept the newest)"] += 1
             continue
         seen.add(key)
-        row = {**config, **final_metrics(run.data.metrics)}
+        row = {**config, **final_metrics(run.data.metrics, tags)}
         row.update({t: tags.get(t, "") for t in TAGS})  # the tag wins over a same-named per-round metric
         row["cell"] = row["cell"] or "(no cell tag)"
         row.update(run_id=run.info.run_id, experiment=names[run.info.experiment_id], status=run.info.status,

@@ -34,14 +34,42 @@ GENAI_KINDS = ("genai_development", "genai_development_inferred")
 UI_QUERY = "workflowType=machine_learning"  # the UI's workflow switch, set by the link itself
 STUDY_VIEW = "study"  # ?viewStateShareKey= of the runs-table view below
 VIEW_TAG = "mlflow.sharedViewState." + STUDY_VIEW
-_VIEW = json.dumps({  # column ids as the UI writes them: <type>.`<key>`
-    "selectedColumns": ["tags.`cell`", "params.`prune.density`", "params.`seed`", "metrics.`final/val_acc`",
-                        "metrics.`final/test_acc`", "metrics.`final/n_collapsed_layers`"],
-    "orderByKey": "metrics.`final/val_acc`", "orderByAsc": False})
+GROUP_BY = {"aggregateFunction": "average",  # the runs table's "Group by", seeds averaged in each group
+            "groupByKeys": [{"mode": "tag", "groupByData": "cell"}, {"mode": "param", "groupByData": "prune.density"}]}
+_VIEW_STATE = {  # column ids as the UI writes them: <type>.`<key>`
+    "selectedColumns": ["tags.`cell`", "params.`prune.density`", "metrics.`final/val_acc`",
+                        "metrics.`final/test_acc`", "metrics.`final/n_collapsed_layers`", "tags.`at_chance`"],
+    "orderByKey": "metrics.`final/val_acc`", "orderByAsc": False, "groupBy": GROUP_BY, "groupsExpanded": {},
+    "useGroupedValuesInCharts": True}
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting: a trial's run is a child of its sweep's run
+ROLE_TAG, SWEEP_ROLE = "role", "sweep"  # the sweep's own (parent) run: tags role=sweep, sweep=<name>
+
+
+def group_id(cell: str, density: float | str) -> str:
+    """The runs table's id of the (cell, density) group (``groupsExpanded`` keys): ``tag.cell.<cell>,
+    param.prune.density.<param value>``."""
+    return f"tag.cell.{cell},param.prune.density.{density}"
+
+
+def study_view(collapsed: Iterable[str] = (), current: str | None = None) -> str:
+    """The view's JSON, with the groups ``collapsed`` (``group_id``s) added to those ``current`` (the
+    experiment's view tag) has collapsed: one row per cell and density, the seeds averaged."""
+    state = dict(_VIEW_STATE)
+    try:
+        old = json.loads(current).get("groupsExpanded", {}) if current else {}
+    except (ValueError, AttributeError):
+        old = {}
+    state["groupsExpanded"] = {**(old if isinstance(old, dict) else {}), **{g: False for g in collapsed}}
+    return json.dumps(state, sort_keys=True)
+
+
 # Metric names: MLflow 3.17 charts a run in one section per ``prefix/``, sections sorted by name, and
 # puts unprefixed metrics last, so the per-epoch curves get the prefix that sorts first.
 EPOCH_PREFIX = "epoch/"  # per training epoch (step = global epoch): the accuracy and loss curves
 FINAL_PREFIX = "final/"  # once, at the end (step = number of epochs): the results
+# Every result is a tag ``final/<key>`` (full precision, never charted); these are also metrics, rounded
+# to 4 decimals, which the runs table shows, sorts and averages (the run's page charts each as one dot).
+FINAL_AS_METRICS = ("val_acc", "test_acc", "n_collapsed_layers")
 PRUNE_PREFIX = "prune/"  # per pruning round (step = round): right after pruning
 TRAINER_PREFIX = "trainer/"  # per epoch, the rest: learning rate, density, mask and soft-schedule state, seconds
 CURVES = ("train_loss", "val_acc", "val_loss", "test_acc", "test_loss")  # the epoch/ keys
@@ -261,8 +289,19 @@ def mark_training_experiment(c, exp) -> None:
     tags = exp.tags or {}
     if tags.get(EXPERIMENT_KIND_TAG) in (None, "", *GENAI_KINDS):
         c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    if tags.get(VIEW_TAG) != _VIEW:
-        c.set_experiment_tag(exp.experiment_id, VIEW_TAG, _VIEW)
+    view = study_view(current=tags.get(VIEW_TAG))
+    if tags.get(VIEW_TAG) != view:
+        c.set_experiment_tag(exp.experiment_id, VIEW_TAG, view)
+
+
+def collapse_groups(uri: str, exp_id: str, groups: Iterable[tuple[str, float | str]]) -> None:
+    """Show these (cell, density) groups collapsed in the experiment's runs-table view (one averaged row
+    each); groups of earlier sweeps stay as they were."""
+    c = client(uri)
+    current = c.get_experiment(exp_id).tags.get(VIEW_TAG)
+    view = study_view((group_id(cell, d) for cell, d in groups), current)
+    if view != current:
+        c.set_experiment_tag(exp_id, VIEW_TAG, view)
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -282,7 +321,7 @@ def experiment_id(uri: str, name: str) -> str:
         location = Path(os.path.dirname(path), "mlartifacts", safe).as_uri()
     try:
         return c.create_experiment(name, artifact_location=location,
-                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, VIEW_TAG: _VIEW})
+                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, VIEW_TAG: study_view()})
     except Exception:  # created concurrently by another process
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -351,11 +390,19 @@ def typed_config(params: dict[str, str]) -> tuple[dict | None, list[str]]:
         return None, extra
 
 
-def final_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """MLflow's latest value of each metric with ``final/`` stripped: ``final/test_acc`` becomes
-    ``test_acc`` and wins over the per-epoch ``test_acc`` (runs without the prefix read as logged)."""
+def final_metrics(metrics: dict[str, float], tags: dict[str, str] | None = None) -> dict[str, float]:
+    """A run's results by plain key: MLflow's latest value of each metric, ``final/<key>`` metrics and
+    ``final/<key>`` tags (the results that are not charted: ``FINAL_AS_METRICS``) with the prefix
+    stripped, so ``final/test_acc`` wins over the per-epoch ``test_acc`` (runs without the prefix read
+    as logged, runs with every result as a metric read the same)."""
     out = {k: float(v) for k, v in metrics.items() if not k.startswith(FINAL_PREFIX)}
     out.update({k[len(FINAL_PREFIX):]: float(v) for k, v in metrics.items() if k.startswith(FINAL_PREFIX)})
+    for k, v in (tags or {}).items():
+        if k.startswith(FINAL_PREFIX):
+            try:
+                out[k[len(FINAL_PREFIX):]] = float(v)
+            except ValueError:
+                pass
     return out
 
 
@@ -366,7 +413,7 @@ def run_row(run) -> dict | None:
     if config is None:
         return None
     tags = run.data.tags
-    row = {**config, **final_metrics(run.data.metrics)}
+    row = {**config, **final_metrics(run.data.metrics, tags)}
     row.update({t: tags.get(t, "") for t in ("sweep", "cell", "run_key", "collapsed_layers")})
     row.update(run_id=run.info.run_id, status=run.info.status)
     return row
