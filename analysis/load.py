@@ -24,7 +24,8 @@ import pandas as pd
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from runstore import ROLE_TAG, SEARCH_CELL, SWEEP_ROLE, TRAINER_PREFIX, final_metrics, parse_bool, search_ids, typed_config
+from runstore import (ROLE_TAG, SEARCH_CELL, SWEEP_ROLE, TRAINER_PREFIX, final_metrics, parse_bool, search_ids,
+                      typed_config)
 from runstore import client as store_client
 from sparse_core.config import FIELD_TYPES
 

@@ -2,7 +2,8 @@
 
 Shared by ``sweeps`` (which writes one run per trial) and ``analysis`` (which reads them); it
 imports neither, nor Ray. One naming rule lives here: per-epoch accuracy and loss are ``epoch/<key>``,
-values logged once at the end ``final/<key>``, per pruning round ``prune/<key>`` and the other
+results once at the end ``final/<key>`` (tags; three of them also metrics: ``FINAL_AS_METRICS``),
+per pruning round ``prune/<key>`` and the other
 per-epoch values ``trainer/<key>`` (MLflow charts one section per prefix, in name order, so a run's
 page shows the curves first and the final values next); readers take ``final/`` as the plain key,
 and runs logged before the prefixes read the same.
@@ -13,8 +14,9 @@ overview unless told otherwise: its experiment page takes the kind from the work
 the experiment tag ``mlflow.experimentKind`` is what the UI's kind selector writes and reads.
 Every experiment made or written to here carries ``custom_model_development`` and every link we
 print carries ``workflowType=machine_learning``, plus ``viewStateShareKey=study``: a view of the
-runs table (config and final-metric columns, best validation accuracy first) stored as the
-experiment tag ``mlflow.sharedViewState.study``, which is how the UI's "share view" works.
+runs table stored as the experiment tag ``mlflow.sharedViewState.study``, which is how the UI's
+"share view" works: runs grouped by cell and density (``GROUP_BY``, the seeds averaged), a sweep's
+groups collapsed (``collapse_groups``), best validation accuracy first.
 """
 
 from __future__ import annotations

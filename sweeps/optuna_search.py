@@ -123,7 +123,9 @@ def main(argv=None) -> int:
                 "num_samples": args.num_samples, "sampler_seed": args.sampler_seed, "asha": args.asha,
                 "set": " ".join(args.set) or "(none)", "optuna_study": study[1], "optuna_storage": study[0]}
     parent = sweep_run.open_parent(uri, exp_id, sweep, settings)
-    results = _tune(args, preset, cfg, fixed, knobs, sweep, uri, exp_id, storage, study, todo, parent) if todo else []
+    # a continued study seeds TPE past its first draws (the same seed would propose the trials it has again)
+    results = _tune(args, preset, cfg, fixed, knobs, sweep, uri, exp_id, storage, study, todo, parent,
+                    args.sampler_seed + done) if todo else []
     code, lines = summarize(results, sweep, started, knobs, args, uri, exp_id) if todo else \
         (0, [f"sweep {sweep!r}: the study already has {done} of {args.num_samples} trials; nothing to run"])
     if not todo:
@@ -134,8 +136,8 @@ def main(argv=None) -> int:
     return code
 
 
-def _tune(args, preset, cfg, fixed, knobs, sweep, uri, exp_id, storage, study, todo: int, parent: str):
-    """The search's ``todo`` trials through Ray Tune; Tune's results."""
+def _tune(args, preset, cfg, fixed, knobs, sweep, uri, exp_id, storage, study, todo: int, parent: str, seed: int):
+    """The search's ``todo`` trials through Ray Tune, TPE seeded with ``seed``; Tune's results."""
     from ray import tune
 
     from sweeps import launch
@@ -153,7 +155,7 @@ def _tune(args, preset, cfg, fixed, knobs, sweep, uri, exp_id, storage, study, t
                 "git_commit": tracking.git_commit(launch.ROOT), "parent_run_id": parent}
         space = {"trial": {"cell": CELL, "flat": flat_space}, "meta": meta}
         concurrent = args.max_concurrent or max(1, int(launch.cluster_cpus() // cpus))
-        tune_cfg = search_config(cfg, todo, args.sampler_seed, concurrent, args.asha, study=study,
+        tune_cfg = search_config(cfg, todo, seed, concurrent, args.asha, study=study,
                                  trial_dirname_creator=launch.trial_dirname)
         name = f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}"
         progress = launch.Progress(todo, uri, exp_id)

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from runstore import (CURVES, DEFAULT_TRACKING_URI, EPOCH_PREFIX, FINAL_AS_METRICS, FINAL_PREFIX, PARENT_TAG, PRUNE_PREFIX, TRAINER_PREFIX,
+from runstore import (CURVES, DEFAULT_TRACKING_URI, EPOCH_PREFIX, FINAL_AS_METRICS, FINAL_PREFIX, PARENT_TAG,
+                      PRUNE_PREFIX, TRAINER_PREFIX,
                       TrackingError, check_reachable, client,  # noqa: F401
                       experiment_id, final_metrics, load_runs, resolve_tracking_uri, search, sqlite_path, unwritable)
 
