@@ -98,6 +98,7 @@ def test_our_link_opens_the_runs_table_in_headless_chromium(tmp_path):
         ours = _dom(url, str(tmp_path / "p1"))
         assert "matching run" in ours and "final/val_acc" in ours and "full d=0.01 s=0" in ours, ours[-3000:]
         assert "Detect Issues" not in ours
+        assert "Group: cell" in ours and "(average)" in ours  # grouped by cell and density, seeds averaged
         # the control: the same experiment without the switch opens the GenAI overview
         plain = _dom(f"http://127.0.0.1:{port}/#/experiments/{exp_id}", str(tmp_path / "p2"))
         assert "Detect Issues" in plain or "Traces" in plain, plain[-3000:]
