@@ -51,7 +51,7 @@ def prepare(storage: str, name: str) -> int:
     done = 0
     for t in study.get_trials(deepcopy=False):
         if t.state == optuna.trial.TrialState.RUNNING:
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         done += t.state.name in DONE
     return done
 

@@ -295,6 +295,27 @@ def test_optuna_search_continues_its_study_counting_the_earlier_trials(smoke_swe
     assert len(runs(store["uri"], "optuna")) == len(before) + 1
 
 
+def test_an_optuna_study_left_running_by_a_killed_driver_is_continued(tmp_path):
+    import optuna
+
+    from sweeps import optuna_store
+
+    storage = optuna_store.storage_url(f"sqlite:///{tmp_path}/mlflow.db")
+    assert storage == f"sqlite:///{tmp_path}/optuna.db"
+    assert optuna_store.storage_url("http://127.0.0.1:5000", str(tmp_path / "s.db")) == f"sqlite:///{tmp_path}/s.db"
+    name = optuna_store.study_name("optuna-x", {"seed": 0}, ["train.lr"], 0)
+    assert name != optuna_store.study_name("optuna-x", {"seed": 1}, ["train.lr"], 0)  # another search, another study
+    assert optuna_store.prepare(storage, name) == 0  # no study yet
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    for value in (0.5, 0.7):
+        trial = study.ask()
+        study.tell(trial, value)
+    study.ask()  # the killed driver's trial: RUNNING for ever
+    assert optuna_store.prepare(storage, name) == 2
+    states = [t.state.name for t in optuna.load_study(study_name=name, storage=storage).trials]
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]
+
+
 def test_optuna_search_has_its_own_experiment_by_default():
     _, args = optuna_search.parse_args([])
     assert args.experiment == f"{options.DEFAULT_EXPERIMENT}-optuna" != ablation_grid.parse_args([])[1].experiment
