@@ -2,7 +2,8 @@
 
 Shared by ``sweeps`` (which writes one run per trial) and ``analysis`` (which reads them); it
 imports neither, nor Ray. One naming rule lives here: per-epoch accuracy and loss are ``epoch/<key>``,
-values logged once at the end ``final/<key>``, per pruning round ``prune/<key>`` and the other
+results once at the end ``final/<key>`` (tags; three of them also metrics: ``FINAL_AS_METRICS``),
+per pruning round ``prune/<key>`` and the other
 per-epoch values ``trainer/<key>`` (MLflow charts one section per prefix, in name order, so a run's
 page shows the curves first and the final values next); readers take ``final/`` as the plain key,
 and runs logged before the prefixes read the same.
@@ -13,8 +14,9 @@ overview unless told otherwise: its experiment page takes the kind from the work
 the experiment tag ``mlflow.experimentKind`` is what the UI's kind selector writes and reads.
 Every experiment made or written to here carries ``custom_model_development`` and every link we
 print carries ``workflowType=machine_learning``, plus ``viewStateShareKey=study``: a view of the
-runs table (config and final-metric columns, best validation accuracy first) stored as the
-experiment tag ``mlflow.sharedViewState.study``, which is how the UI's "share view" works.
+runs table stored as the experiment tag ``mlflow.sharedViewState.study``, which is how the UI's
+"share view" works: runs grouped by cell and density (``GROUP_BY``, the seeds averaged), a sweep's
+groups collapsed (``collapse_groups``), best validation accuracy first.
 """
 
 from __future__ import annotations
@@ -35,14 +37,42 @@ GENAI_KINDS = ("genai_development", "genai_development_inferred")
 UI_QUERY = "workflowType=machine_learning"  # the UI's workflow switch, set by the link itself
 STUDY_VIEW = "study"  # ?viewStateShareKey= of the runs-table view below
 VIEW_TAG = "mlflow.sharedViewState." + STUDY_VIEW
-_VIEW = json.dumps({  # column ids as the UI writes them: <type>.`<key>`
-    "selectedColumns": ["tags.`cell`", "params.`prune.density`", "params.`seed`", "metrics.`final/val_acc`",
-                        "metrics.`final/test_acc`", "metrics.`final/n_collapsed_layers`"],
-    "orderByKey": "metrics.`final/val_acc`", "orderByAsc": False})
+GROUP_BY = {"aggregateFunction": "average",  # the runs table's "Group by", seeds averaged in each group
+            "groupByKeys": [{"mode": "tag", "groupByData": "cell"}, {"mode": "param", "groupByData": "prune.density"}]}
+_VIEW_STATE = {  # column ids as the UI writes them: <type>.`<key>`
+    "selectedColumns": ["tags.`cell`", "params.`prune.density`", "metrics.`final/val_acc`",
+                        "metrics.`final/test_acc`", "metrics.`final/n_collapsed_layers`", "tags.`at_chance`"],
+    "orderByKey": "metrics.`final/val_acc`", "orderByAsc": False, "groupBy": GROUP_BY, "groupsExpanded": {},
+    "useGroupedValuesInCharts": True}
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting: a trial's run is a child of its sweep's run
+ROLE_TAG, SWEEP_ROLE = "role", "sweep"  # the sweep's own (parent) run: tags role=sweep, sweep=<name>
+
+
+def group_id(cell: str, density: float | str) -> str:
+    """The runs table's id of the (cell, density) group (``groupsExpanded`` keys): ``tag.cell.<cell>,
+    param.prune.density.<param value>``."""
+    return f"tag.cell.{cell},param.prune.density.{density}"
+
+
+def study_view(collapsed: Iterable[str] = (), current: str | None = None) -> str:
+    """The view's JSON, with the groups ``collapsed`` (``group_id``s) added to those ``current`` (the
+    experiment's view tag) has collapsed: one row per cell and density, the seeds averaged."""
+    state = dict(_VIEW_STATE)
+    try:
+        old = json.loads(current).get("groupsExpanded", {}) if current else {}
+    except (ValueError, AttributeError):
+        old = {}
+    state["groupsExpanded"] = {**(old if isinstance(old, dict) else {}), **{g: False for g in collapsed}}
+    return json.dumps(state, sort_keys=True)
+
+
 # Metric names: MLflow 3.17 charts a run in one section per ``prefix/``, sections sorted by name, and
 # puts unprefixed metrics last, so the per-epoch curves get the prefix that sorts first.
 EPOCH_PREFIX = "epoch/"  # per training epoch (step = global epoch): the accuracy and loss curves
 FINAL_PREFIX = "final/"  # once, at the end (step = number of epochs): the results
+# Every result is a tag ``final/<key>`` (full precision, never charted); these are also metrics, rounded
+# to 4 decimals, which the runs table shows, sorts and averages (the run's page charts each as one dot).
+FINAL_AS_METRICS = ("val_acc", "test_acc", "n_collapsed_layers")
 PRUNE_PREFIX = "prune/"  # per pruning round (step = round): right after pruning
 TRAINER_PREFIX = "trainer/"  # per epoch, the rest: learning rate, density, mask and soft-schedule state, seconds
 CURVES = ("train_loss", "val_acc", "val_loss", "test_acc", "test_loss")  # the epoch/ keys
@@ -261,8 +291,19 @@ def mark_training_experiment(c, exp) -> None:
     tags = exp.tags or {}
     if tags.get(EXPERIMENT_KIND_TAG) in (None, "", *GENAI_KINDS):
         c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    if tags.get(VIEW_TAG) != _VIEW:
-        c.set_experiment_tag(exp.experiment_id, VIEW_TAG, _VIEW)
+    view = study_view(current=tags.get(VIEW_TAG))
+    if tags.get(VIEW_TAG) != view:
+        c.set_experiment_tag(exp.experiment_id, VIEW_TAG, view)
+
+
+def collapse_groups(uri: str, exp_id: str, groups: Iterable[tuple[str, float | str]]) -> None:
+    """Show these (cell, density) groups collapsed in the experiment's runs-table view (one averaged row
+    each); groups of earlier sweeps stay as they were."""
+    c = client(uri)
+    current = c.get_experiment(exp_id).tags.get(VIEW_TAG)
+    view = study_view((group_id(cell, d) for cell, d in groups), current)
+    if view != current:
+        c.set_experiment_tag(exp_id, VIEW_TAG, view)
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -282,7 +323,7 @@ def experiment_id(uri: str, name: str) -> str:
         location = Path(os.path.dirname(path), "mlartifacts", safe).as_uri()
     try:
         return c.create_experiment(name, artifact_location=location,
-                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, VIEW_TAG: _VIEW})
+                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, VIEW_TAG: study_view()})
     except Exception:  # created concurrently by another process
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -345,11 +386,19 @@ def typed_config(params: dict[str, str]) -> tuple[dict | None, list[str]]:
         return None, extra
 
 
-def final_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """MLflow's latest value of each metric with ``final/`` stripped: ``final/test_acc`` becomes
-    ``test_acc`` and wins over the per-epoch ``test_acc`` (runs without the prefix read as logged)."""
+def final_metrics(metrics: dict[str, float], tags: dict[str, str] | None = None) -> dict[str, float]:
+    """A run's results by plain key: MLflow's latest value of each metric, ``final/<key>`` metrics and
+    ``final/<key>`` tags (the results that are not charted: ``FINAL_AS_METRICS``) with the prefix
+    stripped, so ``final/test_acc`` wins over the per-epoch ``test_acc`` (runs without the prefix read
+    as logged, runs with every result as a metric read the same)."""
     out = {k: float(v) for k, v in metrics.items() if not k.startswith(FINAL_PREFIX)}
     out.update({k[len(FINAL_PREFIX):]: float(v) for k, v in metrics.items() if k.startswith(FINAL_PREFIX)})
+    for k, v in (tags or {}).items():
+        if k.startswith(FINAL_PREFIX):
+            try:
+                out[k[len(FINAL_PREFIX):]] = float(v)
+            except ValueError:
+                pass
     return out
 
 
@@ -365,7 +414,7 @@ def run_row(run, extra_keys: set | None = None) -> dict | None:
     if extra_keys is not None:
         extra_keys.update(extra)
     tags = run.data.tags
-    row = {**config, **final_metrics(run.data.metrics)}
+    row = {**config, **final_metrics(run.data.metrics, tags)}
     row.update({t: tags.get(t, "") for t in RUN_TAGS})
     row.update(run_id=run.info.run_id, status=run.info.status, start_time=run.info.start_time)
     return row
@@ -373,11 +422,14 @@ def run_row(run, extra_keys: set | None = None) -> dict | None:
 
 def run_rows(runs: Iterable, statuses: Iterable[str] | None = None, skip_cells: dict[str, str | None] | None = None,
              newest_per_key: bool = False, left_out: Counter | None = None, extra_keys: set | None = None) -> list:
-    """(run, ``run_row``) of ``runs`` (newest first), leaving out, counted in ``left_out`` by reason: a cell in
+    """(run, ``run_row``) of ``runs`` (newest first), leaving out a sweep's parent run and, counted in ``left_out``
+    by reason: a cell in
     ``skip_cells`` (reason None: uncounted), a status not in ``statuses``, params not a config, a run_key seen."""
     left_out, out, seen = Counter() if left_out is None else left_out, [], set()
     for run in runs:
         cell = run.data.tags.get("cell")
+        if run.data.tags.get(ROLE_TAG) == SWEEP_ROLE:
+            continue  # a sweep's parent run: its summary, not a trial
         if cell in (skip_cells or {}):
             left_out.update([skip_cells[cell]] if skip_cells[cell] else [])
         elif statuses is not None and run.info.status not in statuses:

@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the re
 
 from sparse_core.cli import exit_now  # noqa: E402
 from sparse_core.config import parse_overrides  # noqa: E402
-from sweeps import claims, designs, options, packing, presets, relay, tracking  # noqa: E402
+from sweeps import claims, designs, options, packing, presets, relay, sweep_run, tracking  # noqa: E402
 
 # A grid has no scheduler: one Tune report per second (plus stage ends) keeps the progress line
 # live without a driver round-trip per epoch (see sweeps/trainable.py).
@@ -135,6 +135,7 @@ def main(argv=None) -> int:
     uri, exp_id, storage = options.targets(parser, args)
     print(f"sweep {sweep!r}: {len(trials)} trials | MLflow {uri} experiment {args.experiment!r} | "
           f"Tune storage {storage}", flush=True)
+    parent = _open_parent(args, sweep, trials, uri, exp_id)
 
     path = _resume_path(args, sweep, storage) if args.resume else None
     if path:  # Tune restores the trials; each skips itself if its run_key is FINISHED meanwhile
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
 
     tally = {"launched": 0, "tune_trials": 0, "seconds": 0.0, "failed": 0, "unfinished": 0, "idle_keys": {}}
     if todo:
-        tally = _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path)
+        tally = _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path, parent)
     else:
         print("nothing to run: every trial is FINISHED")
     n = _counts(uri, args.experiment, todo, tally, skipped)
@@ -166,8 +167,24 @@ def main(argv=None) -> int:
     print(f"sweep {sweep!r}: {len(trials)} trials ({launched} launched, {n['trained']} trained, {n['skipped']} skipped, "
           f"{n['failed']} failed{left}){packs} | wall {wall:.1f}s | sum of trial times {trial_seconds:.1f}s | "
           f"wall/sum {ratio}", flush=True)
-    _summarise(args, sweep, trials, uri, exp_id, report=not tally.get("stopped"))  # no report onto a full disk
-    return 1 if n["failed"] or n["unfinished"] else 0
+    text, folder = _summarise(args, sweep, trials, uri, exp_id, report=not tally.get("stopped"))  # not onto a full disk
+    failed = bool(n["failed"] or n["unfinished"])
+    try:
+        sweep_run.close_parent(uri, parent, {"trials": len(trials), "launched": launched, **n, "wall_s": wall},
+                               text, folder, failed)
+    except Exception as e:  # noqa: BLE001 - the sweep's results are in the store; its parent's summary is extra
+        print(f"note: could not write the summary to the sweep's run {parent}: {str(e)[:200]}", flush=True)
+    return 1 if failed else 0
+
+
+def _open_parent(args, sweep: str, trials, uri: str, exp_id: str) -> str:
+    """The sweep's parent run (``sweep_run.open_parent``), with this invocation's settings."""
+    settings = {"preset": args.preset, "design": args.design, "cells": args.cells or "(all)",
+                "densities": ",".join(sorted({f"{t.density:g}" for t in trials}, key=float)),
+                "seeds": ",".join(sorted({str(t.seed) for t in trials}, key=int)), "trials": len(trials),
+                "set": " ".join(args.set) or "(none)", "pack": args.pack if args.pack is not None else "(default)"}
+    groups = sorted({(t.cell, t.flat["prune.density"]) for t in trials})
+    return sweep_run.open_parent(uri, exp_id, sweep, settings, groups)
 
 
 def _counts(uri: str, experiment: str, todo, tally: dict, skipped: int) -> dict:
@@ -195,8 +212,9 @@ def _counts(uri: str, experiment: str, todo, tally: dict, skipped: int) -> dict:
             "unfinished": len(keys) - trained - failed}
 
 
-def _summarise(args, sweep, trials, uri, exp_id, report: bool = True) -> None:
-    """The end-of-sweep summary (sweeps/summary.py) and, unless --no-report, the report beside the store."""
+def _summarise(args, sweep, trials, uri, exp_id, report: bool = True) -> tuple[list[str], str | None]:
+    """The end-of-sweep summary (sweeps/summary.py) and, unless --no-report, the report beside the store;
+    returns the summary's lines and the report's folder (None: no report)."""
     from sweeps import summary
 
     table = summary.rows(trials, uri, args.experiment)
@@ -205,8 +223,10 @@ def _summarise(args, sweep, trials, uri, exp_id, report: bool = True) -> None:
         print(f"writing the report to {summary.report_dir(uri, sweep)} ...", flush=True)
         files, _, error = summary.write_report(uri, args.experiment, sweep, summary.report_dir(uri, sweep))
         folder = summary.report_dir(uri, sweep) if files else None
-    print("\n".join(summary.lines(table, uri=uri, exp_id=exp_id, experiment=args.experiment, sweep=sweep,
-                                  report=folder, report_error=error)), flush=True)
+    text = summary.lines(table, uri=uri, exp_id=exp_id, experiment=args.experiment, sweep=sweep, report=folder,
+                         report_error=error)
+    print("\n".join(text), flush=True)
+    return text, folder
 
 
 def _tally(results, runs: int = 0) -> dict:
@@ -259,7 +279,7 @@ def _resume_path(args, sweep: str, storage: str) -> str | None:
     return path
 
 
-def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | None) -> dict:
+def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | None, parent: str | None = None) -> dict:
     """Run the trials through Tune (restoring the Tune run at ``path`` if given); returns ``_tally``'s
     counts."""
     from ray import tune
@@ -275,7 +295,7 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | No
         cpus = launch.require_cpus(args.cpus_per_trial or preset.cpus_per_trial)
         meta = {"sweep": sweep, "tracking_uri": uri, "experiment_id": exp_id, "cpus": cpus,
                 "git_commit": tracking.git_commit(launch.ROOT), "report_every_s": REPORT_EVERY_S,
-                "export": args.export}
+                "export": args.export, "parent_run_id": parent}
         progress = launch.Progress(len(todo), uri, exp_id)
         if path:
             print(f"resuming {path}", flush=True)
@@ -296,7 +316,7 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | No
             print(f"launching {packing.describe(packed, len(todo))} ({cpus:g} CPU, {gpus:g} GPU each)", flush=True)
         elif args.pack is not None:
             print("note: --pack is ignored with --resume (the restored run keeps its packs)", flush=True)
-        tally = _tally(launch.fit(tuner, relay.Scope.of(uri, exp_id, sweep, todo, storage)), progress.runs)
+        tally = _tally(launch.fit(tuner, relay.Scope.of(uri, exp_id, sweep, todo, storage, parent)), progress.runs)
         idle = tally["idle"]
         if idle:  # see TrialRun.open: a FINISHED run_key is never trained again, nor one claimed elsewhere
             print(f"{len(idle)} of {tally['launched']} trials trained nothing: {idle.count('finished')} already "

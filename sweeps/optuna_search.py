@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from sparse_core.cli import exit_now  # noqa: E402
 from sparse_core.config import from_flat, run_key, to_flat  # noqa: E402
 from sparse_core.registry import TRICKS  # noqa: E402
 from runstore import SEARCH_CELL, ui_link  # noqa: E402
-from sweeps import designs, options, presets, relay, tracking  # noqa: E402
+from sweeps import designs, optuna_store, options, presets, relay, sweep_run, tracking  # noqa: E402
 
 # knob -> (distribution, low, high, used when); log-uniform for scale-like knobs.
 SPACE = {
@@ -65,6 +66,10 @@ def parse_args(argv):
     parser.add_argument("--sampler-seed", type=int, default=0, help="TPE sampler seed (default %(default)s)")
     parser.add_argument("--asha", action="store_true",
                         help=f"stop weak trials early (ASHA on {METRIC}; rungs start after pruning)")
+    parser.add_argument("--optuna-storage", metavar="URL",
+                        help="Optuna storage of the study (an RDB URL or a SQLite file path; default: optuna.db beside "
+                             "a SQLite MLflow store, else in the current directory); the same search run again "
+                             "continues its study")
     options.add_common(parser, "optuna-<preset>")
     parser.set_defaults(max_concurrent=None, experiment=f"{options.DEFAULT_EXPERIMENT}-optuna")
     return parser, parser.parse_args(argv)
@@ -107,9 +112,32 @@ def main(argv=None) -> int:
               f"fixed method: {method} prune.density={args.density:g} seed={args.seed}")
         return 0
     uri, exp_id, storage = options.targets(parser, args)
+    study = (optuna_store.storage_url(uri, args.optuna_storage), optuna_store.study_name(sweep, fixed, knobs,
+                                                                                         args.sampler_seed))
+    done = optuna_store.prepare(*study)
+    todo = max(0, args.num_samples - done)
     print(f"sweep {sweep!r}: {args.num_samples} trials, TPE over {space_text} | MLflow {uri} "
-          f"experiment {args.experiment!r}", flush=True)
+          f"experiment {args.experiment!r} | Optuna study {study[1]!r} in {study[0]}"
+          + (f" ({done} done already, {todo} to run)" if done else ""), flush=True)
+    settings = {"preset": args.preset, "density": args.density, "seed": args.seed, "knobs": ",".join(knobs),
+                "num_samples": args.num_samples, "sampler_seed": args.sampler_seed, "asha": args.asha,
+                "set": " ".join(args.set) or "(none)", "optuna_study": study[1], "optuna_storage": study[0]}
+    parent = sweep_run.open_parent(uri, exp_id, sweep, settings)
+    # a continued study seeds TPE past its first draws (the same seed would propose the trials it has again)
+    results = _tune(args, preset, cfg, fixed, knobs, sweep, uri, exp_id, storage, study, todo, parent,
+                    args.sampler_seed + done) if todo else []
+    code, lines = summarize(results, sweep, started, knobs, args, uri, exp_id) if todo else \
+        (0, [f"sweep {sweep!r}: the study already has {done} of {args.num_samples} trials; nothing to run"])
+    if not todo:
+        print(lines[0])
+    folder = _report(uri, sweep, study, lines)
+    sweep_run.close_parent(uri, parent, {"trials": args.num_samples, "launched": len(results), "done_before": done},
+                           lines, folder, bool(code))
+    return code
 
+
+def _tune(args, preset, cfg, fixed, knobs, sweep, uri, exp_id, storage, study, todo: int, parent: str, seed: int):
+    """The search's ``todo`` trials through Ray Tune, TPE seeded with ``seed``; Tune's results."""
     from ray import tune
 
     from sweeps import launch
@@ -124,48 +152,74 @@ def main(argv=None) -> int:
         dist = {"loguniform": tune.loguniform, "uniform": tune.uniform}
         flat_space = {**fixed, **{k: dist[SPACE[k][0]](SPACE[k][1], SPACE[k][2]) for k in knobs}}
         meta = {"sweep": sweep, "tracking_uri": uri, "experiment_id": exp_id, "cpus": cpus,
-                "git_commit": tracking.git_commit(launch.ROOT)}
+                "git_commit": tracking.git_commit(launch.ROOT), "parent_run_id": parent}
         space = {"trial": {"cell": CELL, "flat": flat_space}, "meta": meta}
         concurrent = args.max_concurrent or max(1, int(launch.cluster_cpus() // cpus))
-        tune_cfg = search_config(cfg, args.num_samples, args.sampler_seed, concurrent, args.asha,
+        tune_cfg = search_config(cfg, todo, seed, concurrent, args.asha, study=study,
                                  trial_dirname_creator=launch.trial_dirname)
         name = f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}"
-        progress = launch.Progress(args.num_samples, uri, exp_id)
+        progress = launch.Progress(todo, uri, exp_id)
         tuner = launch.tuner(space, cpus=cpus, gpus=gpus, tune_config=tune_cfg,
                              run_cfg=launch.run_config(name, storage, args.max_failures, [progress]))
-        results = launch.fit(tuner, relay.Scope(uri, exp_id, sweep, trial_set(fixed, knobs), storage))
+        return launch.fit(tuner, relay.Scope(uri, exp_id, sweep, trial_set(fixed, knobs), storage, parent))
     finally:
         if started_ray:
             launch.shutdown()
 
-    return summarize(results, sweep, started, knobs, args, uri, exp_id)
+
+def _report(uri: str, sweep: str, study: tuple[str, str], lines: list[str]) -> str | None:
+    """Optuna's views of the study (``optuna_store.plots``) and the summary in ``reports/<sweep>/``; the
+    folder, or None when nothing could be drawn."""
+    from sweeps.summary import report_dir
+
+    folder = report_dir(uri, sweep)
+    try:
+        files = optuna_store.plots(*study, folder)
+    except Exception as e:  # noqa: BLE001 - the search's results are in MLflow and the study; the plots are extra
+        print(f"note: Optuna's plots were not drawn: {str(e)[:200]}")
+        return None
+    if not files:
+        return None
+    images = "".join(f'<h2>{os.path.basename(f)[7:-4]}</h2><img src="{os.path.basename(f)}">' for f in files)
+    text = "\n".join(lines).replace("&", "&amp;").replace("<", "&lt;")
+    with open(os.path.join(folder, "index.html"), "w") as f:
+        f.write(f"<!doctype html><title>{sweep}</title><h1>Optuna search {sweep}</h1><pre>{text}</pre>{images}")
+    print(f"Optuna's views of the study: {os.path.join(folder, 'index.html')}")
+    return folder
 
 
-def summarize(results, sweep: str, started: float, knobs, args, uri: str, exp_id: str) -> int:
-    """The search's closing lines: its counts, the best trial by validation accuracy and its settings as
-    ``--set`` overrides for the grid, the UI link; the exit code (1 if a trial failed or none completed)."""
+def summarize(results, sweep: str, started: float, knobs, args, uri: str, exp_id: str) -> tuple[int, list[str]]:
+    """The search's closing lines, printed: its counts, the best trial by validation accuracy and its settings
+    as ``--set`` overrides for the grid, the UI link; the exit code (1 if a trial failed or none completed)
+    and the lines."""
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
     complete = [r for r in results if r.metrics and r.metrics.get("final")]
     failed = sum(1 for r in results if r.error is not None)
     seconds = sum(r.metrics.get("time_total_s", 0.0) for r in results if r.metrics)
     wall = time.time() - started
-    print(f"sweep {sweep!r}: {len(results)} trials ({len(complete)} complete, {failed} failed, "
-          f"{len(results) - len(complete) - failed} stopped early) | wall {wall:.1f}s | "
-          f"sum of trial times {seconds:.1f}s")
+    say(f"sweep {sweep!r}: {len(results)} trials ({len(complete)} complete, {failed} failed, "
+        f"{len(results) - len(complete) - failed} stopped early) | wall {wall:.1f}s | "
+        f"sum of trial times {seconds:.1f}s")
     if not complete:
-        print("no trial completed")
-        return 1
+        say("no trial completed")
+        return 1, lines
     best = best_result(complete)
     tuned = {k: best.config["trial"]["flat"][k] for k in knobs}
-    print(f"best by {METRIC}: val {100 * best.metrics[METRIC]:.2f} %, test {100 * best.metrics['test_acc']:.2f} % "
-          f"(mlflow run {best.metrics.get('mlflow_run_id')}, experiment {args.experiment!r}):")
+    say(f"best by {METRIC}: val {100 * best.metrics[METRIC]:.2f} %, test {100 * best.metrics['test_acc']:.2f} % "
+        f"(mlflow run {best.metrics.get('mlflow_run_id')}, experiment {args.experiment!r}):")
     for k, v in tuned.items():
-        print(f"  {k} = {v:.6g}")
+        say(f"  {k} = {v:.6g}")
     extra = [s for s in args.set if s.split("=", 1)[0].strip() not in designs.DESIGN_KEYS]
-    print("for ablation_grid.py: " + " ".join([f"--set {s}" for s in extra]
-                                               + [f"--set {k}={_short(v)}" for k, v in tuned.items()]))
+    say("for ablation_grid.py: " + " ".join([f"--set {s}" for s in extra]
+                                            + [f"--set {k}={_short(v)}" for k, v in tuned.items()]))
     command, url = ui_link(uri, exp_id)
-    print(f"all trials in the MLflow UI: {url}" + (f" (serve it with: {command})" if command else ""))
-    return 1 if failed else 0
+    say(f"all trials in the MLflow UI: {url}" + (f" (serve it with: {command})" if command else ""))
+    return (1 if failed else 0), lines
 
 
 def trial_set(fixed: dict, knobs) -> Callable[[str, dict], tuple[str, dict] | None]:
@@ -185,9 +239,11 @@ def trial_set(fixed: dict, knobs) -> Callable[[str, dict], tuple[str, dict] | No
     return trial
 
 
-def search_config(cfg, num_samples: int, sampler_seed: int, concurrent: int, asha: bool, **kwargs):
+def search_config(cfg, num_samples: int, sampler_seed: int, concurrent: int, asha: bool,
+                  study: tuple[str, str] | None = None, **kwargs):
     """The TuneConfig of the search: seeded TPE (at most ``concurrent`` trials at once) maximising
-    ``METRIC``, with ASHA on the same metric when ``asha`` (rungs start at the first epoch after pruning)."""
+    ``METRIC``, with ASHA on the same metric when ``asha`` (rungs start at the first epoch after pruning);
+    ``study``: (Optuna storage URL, study name) that keeps the trials (``optuna_store``), else in memory."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -196,7 +252,8 @@ def search_config(cfg, num_samples: int, sampler_seed: int, concurrent: int, ash
 
     from sparse_core.train import total_epochs
 
-    search = ConcurrencyLimiter(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sampler_seed)),
+    kept = {"storage": optuna_store.rdb(study[0]), "study_name": study[1]} if study else {}
+    search = ConcurrencyLimiter(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sampler_seed), **kept),
                                 max_concurrent=concurrent)
     scheduler = None
     if asha:

@@ -180,7 +180,8 @@ def train_pack(config: dict) -> None:
     for spec in specs:
         cfg = from_flat(spec["flat"])
         mlrun = relay.trial_run(meta["tracking_uri"], meta["experiment_id"], sweep=meta["sweep"], cell=spec["cell"],
-                                flat=to_flat(cfg), run_key=run_key(cfg), trial_id=trial_id, tags=tags).open()
+                                flat=to_flat(cfg), run_key=run_key(cfg), trial_id=trial_id,
+                                tags=tags, parent_run_id=meta.get("parent_run_id")).open()
         copies.append(_Copy(spec["cell"], cfg, mlrun))
     checkpoint = tune.get_checkpoint()
     for c in copies:

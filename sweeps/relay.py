@@ -86,19 +86,22 @@ class Refused(TrackingError):
 class Scope:
     """What the relay serves while a sweep runs: its store, experiment and sweep, its trial set
     (``trials(run_key, requested flat)`` -> (cell, flat) of that trial, None when it is not one of the
-    sweep's), and the Tune storage its trials' checkpoints live in (None: anywhere)."""
+    sweep's), the Tune storage its trials' checkpoints live in (None: anywhere), and the sweep's parent
+    run (``sweep_run.py``), whose child every run it opens is (None: no parent)."""
 
     uri: str
     experiment_id: str
     sweep: str
     trials: Callable[[str, dict], "tuple[str, dict] | None"]
     storage: str | None = None
+    parent_run_id: str | None = None
 
     @classmethod
-    def of(cls, uri: str, experiment_id: str, sweep: str, trials, storage: str | None = None) -> "Scope":
+    def of(cls, uri: str, experiment_id: str, sweep: str, trials, storage: str | None = None,
+           parent_run_id: str | None = None) -> "Scope":
         """A fixed trial set: objects with ``run_key``, ``cell`` and ``flat`` (``designs.Trial``)."""
         table = {t.run_key: (t.cell, dict(t.flat)) for t in trials}
-        return cls(uri, experiment_id, sweep, lambda key, _flat: table.get(key), storage)
+        return cls(uri, experiment_id, sweep, lambda key, _flat: table.get(key), storage, parent_run_id)
 
 
 def _inside(location: str, storage: str | None) -> bool:
@@ -276,7 +279,8 @@ class Relay:
         self._opened.add((key, claim))
         cell, flat = trial
         run = TrialRun(scope.uri, scope.experiment_id, sweep=scope.sweep, cell=cell, flat=flat, run_key=key,
-                       trial_id=trial_id, tags={k: str(v)[:250] for k, v in tags.items()}, claim=claim).open(resumed)
+                       trial_id=trial_id, tags={k: str(v)[:250] for k, v in tags.items()}, claim=claim,
+                       parent_run_id=scope.parent_run_id).open(resumed)
         handle = None if run.skip else secrets.token_hex(16)  # a skipped run is never written to
         if handle:
             self._runs[handle] = _Open(run, claim)
@@ -599,10 +603,11 @@ def _the_link() -> _Link | None:
 
 class RemoteRun(RunLog):
     """``tracking.TrialRun``'s interface for a trial's process, each store operation run by the relay
-    (which fixes the store, experiment and sweep: ``uri``, ``experiment_id`` and ``sweep`` are not sent)."""
+    (which fixes the store, experiment, sweep and parent run: ``uri``, ``experiment_id``, ``sweep`` and
+    ``parent_run_id`` are not sent)."""
 
     def __init__(self, link: _Link, uri: str, experiment_id: str, *, sweep: str, cell: str, flat: dict,
-                 run_key: str, trial_id: str | None = None, tags: dict | None = None):
+                 run_key: str, trial_id: str | None = None, tags: dict | None = None, parent_run_id: str | None = None):
         super().__init__(run_key)
         self._link, self._handle = link, None
         self._spec = {"run_key": run_key, "flat": flat, "trial_id": trial_id,

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from runstore import (CURVES, DEFAULT_TRACKING_URI, EPOCH_PREFIX, FINAL_PREFIX, PRUNE_PREFIX, TRAINER_PREFIX,
+from runstore import (CURVES, DEFAULT_TRACKING_URI, EPOCH_PREFIX, FINAL_AS_METRICS, FINAL_PREFIX, PARENT_TAG,
+                      PRUNE_PREFIX, TRAINER_PREFIX,
                       TrackingError, check_reachable, client,  # noqa: F401
                       experiment_id, final_metrics, load_runs, resolve_tracking_uri, search, sqlite_path, unwritable)
 
@@ -146,11 +147,14 @@ class TrialRun(RunLog):
     """
 
     def __init__(self, uri: str, experiment_id: str, *, sweep: str, cell: str, flat: dict, run_key: str,
-                 trial_id: str | None = None, tags: dict | None = None, claim: str | None = None):
+                 trial_id: str | None = None, tags: dict | None = None, claim: str | None = None,
+                 parent_run_id: str | None = None):
         super().__init__(run_key)
         self.uri, self.experiment_id = uri, experiment_id
         self.sweep, self.cell, self.flat, self.trial_id = sweep, cell, flat, trial_id
         self.tags = dict(tags or {})
+        if parent_run_id:
+            self.tags[PARENT_TAG] = parent_run_id
         self.client = client(uri)
         self.reused = False
         self.other = None  # the run behind skip
@@ -199,7 +203,7 @@ class TrialRun(RunLog):
     @property
     def other_final(self) -> dict:
         """The run behind ``skip == "finished"``: its final metrics (``runstore.final_metrics``)."""
-        return final_metrics(self.other.data.metrics) if self.skip == "finished" else {}
+        return final_metrics(self.other.data.metrics, self.other.data.tags) if self.skip == "finished" else {}
 
     def _claim_tags(self) -> dict:
         return {"claimed_by": self._claim, "heartbeat": f"{time.time():.0f}"}
@@ -227,6 +231,8 @@ class TrialRun(RunLog):
         tags = {**self._claim_tags(), "retries": str(int(old.get("retries", "0") or 0) + 1)}
         if self.trial_id:
             tags["trial_id"] = self.trial_id
+        if PARENT_TAG in self.tags and PARENT_TAG not in old:  # a run from before sweeps had a run
+            tags[PARENT_TAG] = self.tags[PARENT_TAG]
         if "error" in old:  # the error that made Ray retry: keep it, but not as 'error'
             tags["retried_after"] = old["error"]
         _retry(self.client.log_batch, self.run_id, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
@@ -293,14 +299,19 @@ class TrialRun(RunLog):
             tags, batch_tags = None, [RunTag(k, v) for k, v in beat.items()]
 
     def finish(self, result: dict) -> None:
-        """Final metrics (``final/<key>``: charted apart from the per-epoch curves), tags and layer
-        densities; the run ends FINISHED."""
+        """The results: every one as a tag ``final/<key>`` (full precision, not charted: what
+        ``runstore.final_metrics`` reads), and ``FINAL_AS_METRICS`` also as metrics ``final/<key>``, rounded
+        to 4 decimals for the runs table (which shows, sorts and averages them), charted in a section after
+        the per-epoch curves; tags and layer densities; the run ends FINISHED."""
         final = {k: result[k] for k in FINAL_METRICS if k in result}
         final["n_collapsed_layers"] = len(result["collapsed_layers"])
-        self._log({FINAL_PREFIX + k: v for k, v in final.items()}, result["epochs"])
-        tags = {"collapsed_layers": ",".join(result["collapsed_layers"]), "device": result.get("device", ""),
-                "effective_units": ",".join(f"{k.removesuffix('.weight')}:{v}"
-                                            for k, v in result.get("effective_units", {}).items())}
+        # shown rounded (4 decimals: 0.9611, not 0.961111...); the tags keep every value at full precision
+        self._log({FINAL_PREFIX + k: round(v, 4) for k, v in final.items() if k in FINAL_AS_METRICS and _finite(v)},
+                  result["epochs"])
+        tags = {FINAL_PREFIX + k: repr(float(v)) for k, v in final.items() if _finite(v)}
+        tags.update({"collapsed_layers": ",".join(result["collapsed_layers"]), "device": result.get("device", ""),
+                     "effective_units": ",".join(f"{k.removesuffix('.weight')}:{v}"
+                                                 for k, v in result.get("effective_units", {}).items())})
         if "sparse_path" in result:
             tags["sparse_path"] = result["sparse_path"]
         if result.get("prefix_shared_by", 1) > 1:  # its pre-training was trained once for this many runs

@@ -62,7 +62,7 @@ def train_trial(config: dict) -> None:
     cfg = from_flat(trial["flat"])
     mlrun = relay.trial_run(meta["tracking_uri"], meta["experiment_id"], sweep=meta["sweep"], cell=trial["cell"],
                             flat=to_flat(cfg), run_key=run_key(cfg), trial_id=tune.get_context().get_trial_id(),
-                            tags=tags).open()
+                            tags=tags, parent_run_id=meta.get("parent_run_id")).open()
     if mlrun.skip:  # FINISHED already, or claimed by a live trial of another sweep on this store
         _report_skipped(mlrun, cfg)
         return

@@ -19,9 +19,10 @@ def run_cli(main, argv) -> tuple[int, str]:
 
 
 def runs(uri: str, experiment: str, status: str | None = None) -> list:
-    """The trial runs (not the report's run, cell 'analysis') of an experiment."""
+    """The trial runs (not the report's run, cell 'analysis', nor a sweep's parent run) of an experiment."""
     clauses = ["tags.cell != 'analysis'"] + ([f"attributes.status = '{status}'"] if status else [])
-    return runstore.search(uri, experiment, " and ".join(clauses))
+    return [r for r in runstore.search(uri, experiment, " and ".join(clauses))
+            if r.data.tags.get(runstore.ROLE_TAG) != runstore.SWEEP_ROLE]
 
 
 def grid_args(store, experiment, *extra):

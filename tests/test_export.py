@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import runstore
 from sparse_core import export, latency
 from sparse_core.config import Config, ModelConfig, from_flat, run_key
 from sparse_core.data import load as load_data
@@ -251,9 +252,9 @@ def test_figures_reach_mlflow_and_analysis(tmp_path, capsys):
     client = tracking.client(uri)
     for density, (result, run_id) in results.items():
         logged = client.get_run(run_id).data
-        prefix = getattr(tracking, "FINAL_PREFIX", "")  # final metrics are logged as final/<key>
+        finals = runstore.final_metrics(logged.metrics, logged.tags)  # results are tags final/<key>
         for key in FIGURES:
-            assert logged.metrics[prefix + key] == pytest.approx(result[key]), key
+            assert finals[key] == pytest.approx(result[key]), key
         assert logged.tags["sparse_path"] == latency.SPARSE_PATH
         artifact = client.download_artifacts(run_id, tracking.EXPORT_ARTIFACT, str(tmp_path / "dl" / str(density)))
         with open(artifact, "rb") as f, open(str(tmp_path / f"{density}" / tracking.EXPORT_ARTIFACT), "rb") as g:

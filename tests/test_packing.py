@@ -35,7 +35,7 @@ def smoke_trials(cells, densities=SMOKE.densities, seeds=(0,)):
 
 
 def stable_finals(run) -> dict:
-    return {k: v for k, v in run.data.metrics.items() if k.startswith("final/") and not any(u in k for u in UNSTABLE)}
+    return {k: v for k, v in run.data.tags.items() if k.startswith("final/") and not any(u in k for u in UNSTABLE)}
 
 
 def sweep(store, experiment, *extra) -> tuple[int, str]:

@@ -8,6 +8,7 @@ and checks that Ray's logs never hold the token).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -24,7 +25,7 @@ from mlflow import MlflowClient
 import runstore
 from sparse_core.config import from_flat, run_key, to_flat
 from sparse_core.train import run
-from sweeps import relay, tracking
+from sweeps import relay, sweep_run, tracking
 from sweeps.designs import Trial
 
 TINY = {"data.name": "digits", "model.width": 16, "model.depth": 2, "train.pre_epochs": 1, "train.post_epochs": 2,
@@ -90,7 +91,8 @@ def _as_stored(c, run_id: str, tmp: Path) -> dict:
     r = c.get_run(run_id)
     layers = Path(c.download_artifacts(run_id, "layer_density.json", str(tmp))).read_text()
     curves = {k: [(m.step, m.value) for m in c.get_metric_history(run_id, k)] for k in r.data.metrics}
-    tags = {k: v for k, v in r.data.tags.items() if k not in _VOLATILE_TAGS}
+    tags = {k: v for k, v in r.data.tags.items() if k not in _VOLATILE_TAGS
+            and not (k.startswith("final/") and (k.endswith("seconds") or "latency" in k))}  # wall times differ
     return {"status": r.info.status, "params": r.data.params, "tags": tags, "curves": curves,
             "layers": json.loads(layers)}
 
@@ -174,6 +176,8 @@ def test_a_connection_without_the_token_is_refused_and_closed(uri, driver):
 def test_a_request_cannot_name_the_store_or_experiment_and_opens_only_the_sweeps_run_keys(uri, driver, tmp_path):
     cfg, outside = from_flat({**TINY, "seed": 4}), from_flat({**TINY, "seed": 5})
     sc = scope(uri, "scoped", cfg)
+    parent = sweep_run.open_parent(uri, sc.experiment_id, "s", {"preset": "tiny"})
+    sc = dataclasses.replace(sc, parent_run_id=parent)
     driver.start(sc)
     sock, f, _ = raw(driver)
     evil = tmp_path / "evil" / "mlflow.db"
@@ -184,12 +188,18 @@ def test_a_request_cannot_name_the_store_or_experiment_and_opens_only_the_sweeps
         reply = ask(f, {**spec, "run_key": run_key(outside), "flat": outside.to_flat()})
         assert "is not one of the trials of sweep 's'" in reply["error"]
         assert "may not set tag(s) ['run_key']" in ask(f, {**spec, "tags": {"run_key": "x"}})["error"]
+        # the parent run is the driver's: a trial can neither name another nor set MLflow's nesting tag
+        assert "unknown field(s) ['parent_run_id']" in ask(f, {**spec, "parent_run_id": "0" * 32})["error"]
+        assert "may not set tag(s) ['mlflow.parentRunId']" in ask(
+            f, {**spec, "tags": {"mlflow.parentRunId": "0" * 32}})["error"]
         opened = ask(f, spec)["ok"]
         assert f"opened by {relay.this_claim()} already" in ask(f, spec)["error"]  # at most once per claim
     stored = MlflowClient(uri).get_run(opened["run_id"])
     assert stored.info.experiment_id == sc.experiment_id and stored.data.tags["sweep"] == "s"
     assert stored.data.tags["claimed_by"] == relay.this_claim()  # the caller's process, not the request's 'h/1/1'
-    assert [r.data.tags["run_key"] for r in runstore.search(uri, "scoped", "")] == [run_key(cfg)]
+    assert stored.data.tags[runstore.PARENT_TAG] == parent  # a child of the sweep's run
+    assert [r.data.tags["run_key"] for r in runstore.search(uri, "scoped", "") if r.info.run_id != parent] == [
+        run_key(cfg)]
     assert not any(r.data.tags.get("run_key") == run_key(outside) for r in runstore.search(uri, "Default", ""))
 
 

@@ -94,11 +94,13 @@ def test_trial_run_names_metrics_by_prefix_and_analysis_reads_plain_keys(uri):
     result = run(cfg, lambda metrics, _: mlrun.log_step(metrics))
     mlrun.finish(result)
     c = MlflowClient(uri)
-    metrics = c.get_run(mlrun.run_id).data.metrics
+    metrics, tags = c.get_run(mlrun.run_id).data.metrics, c.get_run(mlrun.run_id).data.tags
     assert {k.split("/")[0] for k in metrics} == {"epoch", "final", "prune", "trainer"}  # nothing unprefixed
     assert sorted(k for k in metrics if k.startswith("epoch/")) == [f"epoch/{k}" for k in sorted(runstore.CURVES)]
     assert [m.step for m in c.get_metric_history(mlrun.run_id, "epoch/val_acc")] == [1, 2, 3]
-    assert metrics["final/test_acc"] == result["test_acc"] and metrics["final/val_acc"] == result["val_acc"]
+    assert float(tags["final/test_acc"]) == result["test_acc"] and float(tags["final/val_acc"]) == result["val_acc"]
+    assert metrics["final/test_acc"] == round(result["test_acc"], 4)  # shown rounded in the runs table
+    assert {k for k in metrics if k.startswith("final/")} == {f"final/{k}" for k in runstore.FINAL_AS_METRICS}
     assert metrics["prune/density"] == pytest.approx(0.1, abs=1e-3)
     # an old-style run (final values without the prefix) reads the same
     _fake_run(c, exp_id, {**TINY, "seed": 1}, "base", {"test_acc": 0.5, "val_acc": 0.6, "flops_dense": 10.0})
@@ -159,7 +161,9 @@ def test_finish_writes_final_metrics_and_tags_in_one_batch(uri, monkeypatch, ext
     assert tags["collapsed_layers"] == ",".join(extra["collapsed_layers"])
     assert tags["device"] == extra.get("device", "")
     assert tags.get("sparse_path") == extra.get("sparse_path") and "heartbeat" in tags
-    assert {k: v for k, v in metrics.items() if k.startswith("final/")} == {
+    assert {k: v for k, v in metrics.items() if k.startswith("final/")} == {  # charted: these only
+        "final/test_acc": 0.9, "final/val_acc": 0.8, "final/n_collapsed_layers": float(len(extra["collapsed_layers"]))}
+    assert {k: float(v) for k, v in tags.items() if k.startswith("final/")} == {
         "final/test_acc": 0.9, "final/val_acc": 0.8, "final/density": 0.1, "final/epochs": 3.0,
         "final/n_collapsed_layers": float(len(extra["collapsed_layers"]))}  # NaN is not logged
     assert [m.step for m in c.get_metric_history(mlrun.run_id, "final/test_acc")] == [3]

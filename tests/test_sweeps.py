@@ -156,8 +156,8 @@ def test_smoke_sweep_one_finished_run_per_trial(smoke_sweep, store):
         for k in ("test_acc", "val_acc", "best_val_acc", "test_acc_at_best_val", "density", "density_all",
                   "flops_dense", "flops_sparse", "n_collapsed_layers", "seconds") + (
                 ("pre_val_acc", "pre_test_acc", "prune_val_acc", "prune_test_acc") if t.cell != "rigl" else ()):
-            assert "final/" + k in r.data.metrics, (t.cell, k)  # (RigL has no pre-training: NaN is not logged)
-        assert abs(r.data.metrics["final/density"] - t.density) < 1e-3
+            assert "final/" + k in r.data.tags, (t.cell, k)  # (RigL has no pre-training: NaN is not logged)
+        assert abs(float(r.data.tags["final/density"]) - t.density) < 1e-3
         assert not [k for k in r.data.metrics if "/" not in k]  # every chart in a named section
     c = runstore.client(store["uri"])
     full = by_key[next(t.run_key for t in expected if t.cell == "full")]
@@ -209,6 +209,28 @@ def test_extra_density_launches_only_new_trials(smoke_sweep, store):
     assert {r.data.params["prune.density"] for r in new if r.data.tags["cell"] in ("base", "rigl")} >= {"0.05"}
 
 
+def test_a_sweep_has_one_parent_run_whose_children_are_its_trial_runs(smoke_sweep, store):
+    # the smoke sweep, its re-run and a sweep adding a density (the tests above) share one parent
+    c = runstore.client(store["uri"])
+    exp = c.get_experiment_by_name("smoke")
+    everything = runstore.search_ids(c, [exp.experiment_id])
+    (parent,) = [r for r in everything if r.data.tags.get(runstore.ROLE_TAG) == runstore.SWEEP_ROLE]
+    assert parent.data.tags["sweep"] == "smoke-leave-one-out" and parent.info.status == "FINISHED"
+    trial_runs = runs(store["uri"], "smoke")
+    assert trial_runs and all(r.data.tags[runstore.PARENT_TAG] == parent.info.run_id for r in trial_runs)
+    assert parent.data.metrics["sweep/trials"] == 6 and parent.data.metrics["sweep/trained"] == 2  # the last call
+    assert parent.data.tags["sweep.densities"] == "0.01,0.05,0.1" and parent.data.tags["sweep.cells"] == "base,rigl"
+    summary = c.download_artifacts(parent.info.run_id, "summary.txt", store["storage"] + "-dl")
+    assert "summary of sweep 'smoke-leave-one-out'" in Path(summary).read_text()
+    assert "summary of sweep" in parent.data.tags["mlflow.note.content"]
+    assert "report/index.html" in {f.path for f in c.list_artifacts(parent.info.run_id, "report")}
+    # the runs table's shared view: one averaged row per cell and density of the sweep
+    view = json.loads(exp.tags[runstore.VIEW_TAG])
+    assert view["groupBy"] == runstore.GROUP_BY and view["groupBy"]["aggregateFunction"] == "average"
+    assert view["groupsExpanded"][runstore.group_id("rigl", 0.05)] is False
+    assert view["groupsExpanded"][runstore.group_id("full", 0.1)] is False  # groups of the first sweep stay
+
+
 def test_failed_trial_resumes_from_checkpoint_as_one_run(smoke_sweep, store):
     code, out = run_cli(ablation_grid.main, grid_args(store, "retry", "--cells", "base", "--densities", "0.1",
                                                       "--set", "train.fail_at_epoch=2"))
@@ -224,7 +246,7 @@ def test_failed_trial_resumes_from_checkpoint_as_one_run(smoke_sweep, store):
     # the same config, never interrupted, in the smoke sweep: identical result
     key = run.data.tags["run_key"]
     (plain,) = [r for r in runs(store["uri"], "smoke", "FINISHED") if r.data.tags["run_key"] == key]
-    assert run.data.metrics["final/test_acc"] == plain.data.metrics["final/test_acc"]
+    assert run.data.tags["final/test_acc"] == plain.data.tags["final/test_acc"]
 
 
 def test_optuna_search_logs_runs_and_prints_overrides(smoke_sweep, store):
@@ -242,11 +264,56 @@ def test_optuna_search_logs_runs_and_prints_overrides(smoke_sweep, store):
     assert len(lrs) == 4  # TPE proposed four different learning rates
     # the printed best is the FINISHED run with the highest validation accuracy
     done = [r for r in all_runs if r.info.status == "FINISHED"]
-    top = max(r.data.metrics["final/val_acc"] for r in done)
+    top = max(float(r.data.tags["final/val_acc"]) for r in done)
     picked = next(line for line in out.splitlines() if line.startswith("best by val_acc: "))
     assert f"val {100 * top:.2f} %" in picked  # (ties at the top are possible: any of them)
-    assert any(r.info.run_id in picked for r in done if r.data.metrics["final/val_acc"] == top), picked
+    assert any(r.info.run_id in picked for r in done if float(r.data.tags["final/val_acc"]) == top), picked
     assert "workflowType=machine_learning" in out
+
+
+def test_optuna_search_continues_its_study_counting_the_earlier_trials(smoke_sweep, store):
+    import optuna
+
+    from sweeps import optuna_store
+
+    args = ["--set", "mask.kind=sigmoid", "--set", "prune.pruner=mask", "--set", "post.label_smoothing=true",
+            "--asha", "--max-concurrent", "2"]
+    before = runs(store["uri"], "optuna")  # the search above: 4 trials, its study beside the store
+    code, out = run_cli(optuna_search.main, grid_args(store, "optuna", *args, "--num-samples", "5"))
+    assert code == 0, out
+    assert "(4 done already, 1 to run)" in out and "1 trials (1 complete" in out
+    assert len(runs(store["uri"], "optuna")) == len(before) + 1
+    storage = optuna_store.storage_url(store["uri"])
+    assert storage == "sqlite:///" + os.path.join(os.path.dirname(store["uri"][len("sqlite:///"):]), "optuna.db")
+    (name,) = optuna.get_all_study_names(storage)
+    states = [t.state.name for t in optuna.load_study(study_name=name, storage=storage).trials]
+    assert len(states) == 5 and all(s in optuna_store.DONE for s in states)
+    report = Path(summary.report_dir(store["uri"], "optuna-smoke"))
+    assert {"optuna_history.png", "optuna_parallel.png", "index.html"} <= {f.name for f in report.iterdir()}
+    code, out = run_cli(optuna_search.main, grid_args(store, "optuna", *args, "--num-samples", "5"))
+    assert code == 0 and "the study already has 5 of 5 trials; nothing to run" in out
+    assert len(runs(store["uri"], "optuna")) == len(before) + 1
+
+
+def test_an_optuna_study_left_running_by_a_killed_driver_is_continued(tmp_path):
+    import optuna
+
+    from sweeps import optuna_store
+
+    storage = optuna_store.storage_url(f"sqlite:///{tmp_path}/mlflow.db")
+    assert storage == f"sqlite:///{tmp_path}/optuna.db"
+    assert optuna_store.storage_url("http://127.0.0.1:5000", str(tmp_path / "s.db")) == f"sqlite:///{tmp_path}/s.db"
+    name = optuna_store.study_name("optuna-x", {"seed": 0}, ["train.lr"], 0)
+    assert name != optuna_store.study_name("optuna-x", {"seed": 1}, ["train.lr"], 0)  # another search, another study
+    assert optuna_store.prepare(storage, name) == 0  # no study yet
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    for value in (0.5, 0.7):
+        trial = study.ask()
+        study.tell(trial, value)
+    study.ask()  # the killed driver's trial: RUNNING for ever
+    assert optuna_store.prepare(storage, name) == 2
+    states = [t.state.name for t in optuna.load_study(study_name=name, storage=storage).trials]
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]
 
 
 def test_optuna_search_has_its_own_experiment_by_default():

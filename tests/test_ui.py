@@ -45,6 +45,14 @@ def test_the_installed_ui_reads_the_switches_our_links_set():
     # shared views: ?viewStateShareKey=K reads the experiment tag mlflow.sharedViewState.K
     assert 'U="viewStateShareKey",$="mlflow.sharedViewState."' in js
     assert runstore.VIEW_TAG == "mlflow.sharedViewState." + runstore.STUDY_VIEW
+    # the view's Group by: tag/param keys, an aggregate, groups collapsed by id "<mode>.<key>.<value>,..."
+    assert '"groupBy","groupsExpanded"' in js and 'e.Tag="tag",e.Param="param"' in js
+    assert 'e.Average="average"' in js and "groupByKeys" in js and "aggregateFunction:n,groupByKeys" in js
+    assert 'p=({groupByData:e,mode:t,value:n})=>`${t}.${e}.${n||null}`' in js  # group_id's format
+    assert {k["mode"] for k in runstore.GROUP_BY["groupByKeys"]} <= {"tag", "param"}
+    assert runstore.group_id("full", 0.01) == "tag.cell.full,param.prune.density.0.01"
+    # a trial run nests under its sweep's run by MLflow's tag
+    assert '"mlflow.parentRunId"' in js and runstore.PARENT_TAG == "mlflow.parentRunId"
     # chart sections: named prefixes sorted by name, unprefixed "Model metrics" last
     assert 'e.sort((e,t)=>e.name.localeCompare(t.name))' in js
     assert sorted([runstore.EPOCH_PREFIX, runstore.FINAL_PREFIX, runstore.PRUNE_PREFIX,
@@ -90,6 +98,7 @@ def test_our_link_opens_the_runs_table_in_headless_chromium(tmp_path):
         ours = _dom(url, str(tmp_path / "p1"))
         assert "matching run" in ours and "final/val_acc" in ours and "full d=0.01 s=0" in ours, ours[-3000:]
         assert "Detect Issues" not in ours
+        assert "Group: cell" in ours and "(average)" in ours  # grouped by cell and density, seeds averaged
         # the control: the same experiment without the switch opens the GenAI overview
         plain = _dom(f"http://127.0.0.1:{port}/#/experiments/{exp_id}", str(tmp_path / "p2"))
         assert "Detect Issues" in plain or "Traces" in plain, plain[-3000:]
