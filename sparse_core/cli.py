@@ -123,15 +123,11 @@ def _resume_state(path: str | None, cfg):
 
 def _report(result: dict, trainer, args) -> None:
     """The closing lines on stderr (the chance warning even with --quiet) and the JSON result on stdout."""
-    from .metrics import at_chance, chance_accuracy
-
     result.pop("history")
-    result["at_chance"] = at_chance(result["test_acc"], trainer.data.y_test, trainer.data.num_classes)
     if result["at_chance"]:  # shown even with --quiet: the run trained nothing worth reading
-        chance = chance_accuracy(trainer.data.y_test, trainer.data.num_classes)
         print(f"warning: test accuracy {100 * result['test_acc']:.2f} % is at chance (one constant guess scores "
-              f"{100 * chance:.2f} %): the network learned nothing; look for a diverging loss above and check the "
-              f"settings (result: \"at_chance\": true)", file=sys.stderr)
+              f"{100 * result['chance_acc']:.2f} %): the network learned nothing; look for a diverging loss above and "
+              f"check the settings (result: \"at_chance\": true)", file=sys.stderr)
     if not args.quiet:
         print(f"done: test acc {result['test_acc']:.4f}, val acc {result['val_acc']:.4f} (best val "
               f"{result['best_val_acc']:.4f} at epoch {result['best_val_epoch']}) at density "

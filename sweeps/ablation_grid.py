@@ -47,7 +47,8 @@ def parse_args(argv):
         + "\n\ndesigns: " + ", ".join(designs.DESIGNS) + " (see sweeps/designs.py)")
     parser.add_argument("--preset", default="laptop", choices=list(presets.PRESETS), help="default %(default)s")
     parser.add_argument("--design", default="leave-one-out", choices=designs.DESIGNS, help="default %(default)s")
-    parser.add_argument("--cells", help="only these design cells, comma separated (e.g. full,base,rigl)")
+    parser.add_argument("--cells", help="only these design cells, comma separated (e.g. full,base,rigl; default: the "
+                                        "preset's cells of the design, else all)")
     parser.add_argument("--densities", help="comma separated fractions kept, e.g. 0.1,0.01 (default: the preset's)")
     parser.add_argument("--seeds", help="comma separated seeds, e.g. 0,1,2 (default: the preset's)")
     parser.add_argument("--resume", nargs="?", const="latest", metavar="RUN",
@@ -86,7 +87,8 @@ def plan(parser, args):
     preset = presets.get(args.preset)
     densities = _numbers(parser, args.densities, float, "densities", preset.densities)
     seeds = _numbers(parser, args.seeds, int, "seeds", preset.seeds)
-    cells = [c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else None
+    cells = ([c.strip() for c in args.cells.split(",") if c.strip()] if args.cells
+             else list(preset.cells.get(args.design, ())) or None)
     try:
         base = options.base_overrides(preset.base, args.set, args.data_dir)
         given = set(parse_overrides(args.set))  # a --set key applies to every cell, tuned or not
@@ -199,14 +201,20 @@ def _summarise(args, sweep, trials, uri, exp_id, report: bool = True) -> None:
     """The end-of-sweep summary (sweeps/summary.py) and, unless --no-report, the report beside the store."""
     from sweeps import summary
 
-    table = summary.rows(trials, uri, args.experiment)
+    preset = presets.get(args.preset)
+    chosen = list(dict.fromkeys(t.cell for t in trials))
+    every = [label for label, _ in designs.cells(args.design)]
+    how = "--cells" if args.cells else f"the {preset.name} preset's; the rest run in --preset digits-study"
+    outcome = summary.rows(trials, uri, args.experiment, designs.baselines(args.design),
+                           summary.scope_text(args.design, chosen, every, how))
+    subset = chosen if args.cells else None  # a --cells run reports its own cells, not the sweep's earlier ones
     folder = error = None
-    if report and not args.no_report and any(r["finished"] for r in table):
+    if report and not args.no_report and len(outcome.frame):
         print(f"writing the report to {summary.report_dir(uri, sweep)} ...", flush=True)
-        files, _, error = summary.write_report(uri, args.experiment, sweep, summary.report_dir(uri, sweep))
+        files, _, error = summary.write_report(uri, args.experiment, sweep, summary.report_dir(uri, sweep), subset)
         folder = summary.report_dir(uri, sweep) if files else None
-    print("\n".join(summary.lines(table, uri=uri, exp_id=exp_id, experiment=args.experiment, sweep=sweep,
-                                  report=folder, report_error=error)), flush=True)
+    print("\n".join(summary.lines(outcome, uri=uri, exp_id=exp_id, experiment=args.experiment, sweep=sweep,
+                                  report=folder, report_error=error, cells=subset)), flush=True)
 
 
 def _tally(results, runs: int = 0) -> dict:

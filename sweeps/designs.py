@@ -119,6 +119,16 @@ def cells(design: str, mask_kind: str = "sigmoid", synflow_rounds: int = 100) ->
     raise ValueError(f"--design {design!r} is not known; choose one of {', '.join(DESIGNS)}")
 
 
+def baselines(design: str) -> tuple[str, ...]:
+    """The cells of ``design`` outside the paper's pipeline, among which a summary picks its reference:
+    the plain magnitude ``base``, the other pruners, GMP and RigL (a factorial design has ``base`` only)."""
+    if design == "leave-one-out":
+        return ("base", *(f"pruner={p}" for p in BASELINE_PRUNERS), "gmp", "rigl")
+    if design == "factorial":
+        return ("base",)
+    raise ValueError(f"--design {design!r} is not known; choose one of {', '.join(DESIGNS)}")
+
+
 def rigl_cell(synflow_rounds: int) -> dict:
     """The design's RigL: chosen on validation accuracy at 1 % (digits, seeds 0-1, 30 epochs, rigl.delta_t 20)
     among random / SynFlow starts at the target or GraNet-style from 10 % / 30 %: a SynFlow start (its
