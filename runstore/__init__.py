@@ -291,9 +291,24 @@ def experiment_id(uri: str, name: str) -> str:
         return exp.experiment_id
 
 
-def ui_link(uri: str, exp_id: str | None = None, port: int = 5000) -> tuple[str | None, str]:
+def free_port(preferred: int = 5000) -> int:
+    """``preferred`` if nothing listens on 127.0.0.1 there now, else a port the OS says is free."""
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    return preferred
+
+
+def ui_link(uri: str, exp_id: str | None = None, port: int | None = None) -> tuple[str | None, str]:
     """(command that serves the UI or None when ``uri`` is a server, URL that opens the experiment's
-    runs in the training view)."""
+    runs in the training view); ``port``: default a free one on 127.0.0.1 (5000 when free)."""
+    port = port or free_port()
     path = sqlite_path(uri)
     if path is not None:
         command = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port {port}"

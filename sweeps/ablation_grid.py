@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the re
 
 from sparse_core.cli import exit_now  # noqa: E402
 from sparse_core.config import parse_overrides  # noqa: E402
-from sweeps import claims, designs, options, packing, presets, relay, tracking  # noqa: E402
+from sweeps import claims, designs, options, packing, presets, relay, tracking, tune_store  # noqa: E402
 
 # A grid has no scheduler: one Tune report per second (plus stage ends) keeps the progress line
 # live without a driver round-trip per epoch (see sweeps/trainable.py).
@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     print(f"sweep {sweep!r}: {len(trials)} trials | MLflow {uri} experiment {args.experiment!r} | "
           f"Tune storage {storage}", flush=True)
 
-    path = _resume_path(args, sweep, storage) if args.resume else None
+    trial_set = tune_store.trial_set(trials)  # --resume restores a Tune run of this very set
+    path = _resume_path(args, sweep, storage, trial_set, len(trials)) if args.resume else None
     if path:  # Tune restores the trials; each skips itself if its run_key is FINISHED meanwhile
         todo, skipped = trials, 0
     else:
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
 
     tally = {"launched": 0, "tune_trials": 0, "seconds": 0.0, "failed": 0, "unfinished": 0, "idle_keys": {}}
     if todo:
-        tally = _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path)
+        tally = _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path, (trial_set, len(trials)))
     else:
         print("nothing to run: every trial is FINISHED")
     n = _counts(uri, args.experiment, todo, tally, skipped)
@@ -247,17 +248,17 @@ def _tally(results, runs: int = 0) -> dict:
     return out
 
 
-def _resume_path(args, sweep: str, storage: str) -> str | None:
+def _resume_path(args, sweep: str, storage: str, trial_set: str, n: int) -> str | None:
     """The Tune run --resume restores; None, with a note, when Tune's state of it is incomplete (the
     sweep then runs as a plain re-run does, which is just as safe: FINISHED runs are skipped and
     interrupted ones continue from their newest checkpoint)."""
     from sweeps import launch
 
-    path = (launch.latest_run(storage, sweep) if args.resume == "latest"
+    path = (tune_store.latest_run(storage, sweep, trial_set) if args.resume == "latest"
             else storage.rstrip("/") + "/" + args.resume)
     if path is None or not launch.run_exists(path):
-        raise SystemExit(f"error: no Tune run {'of sweep ' + repr(sweep) if path is None else repr(args.resume)} "
-                         f"to resume under {storage} (run without --resume to start one)")
+        what = f"of sweep {sweep!r} with these {n} trials" if path is None else repr(args.resume)
+        raise SystemExit(f"error: no Tune run {what} to resume under {storage} (run without --resume to start one)")
     problem = launch.restore_problem(path)
     if problem:
         print(f"note: not restoring {path}: {problem} (the driver was killed while Tune saved it); re-running "
@@ -267,9 +268,9 @@ def _resume_path(args, sweep: str, storage: str) -> str | None:
     return path
 
 
-def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | None) -> dict:
-    """Run the trials through Tune (restoring the Tune run at ``path`` if given); returns ``_tally``'s
-    counts."""
+def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | None, trial_set: tuple) -> dict:
+    """Run the trials through Tune (restoring the Tune run at ``path`` if given; a new run records
+    ``trial_set``, (hash, count), beside it); returns ``_tally``'s counts."""
     from ray import tune
 
     started_ray = launch.connect()
@@ -300,11 +301,14 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | No
                                        trial_dirname_creator=launch.trial_dirname)
             tuner = launch.tuner(space, cpus=cpus, gpus=gpus, tune_config=tune_cfg,
                                  run_cfg=launch.run_config(name, storage, args.max_failures, [progress]))
+            tune_store.remember(storage, name, *trial_set)
         if not path:
             print(f"launching {packing.describe(packed, len(todo))} ({cpus:g} CPU, {gpus:g} GPU each)", flush=True)
         elif args.pack is not None:
             print("note: --pack is ignored with --resume (the restored run keeps its packs)", flush=True)
-        tally = _tally(launch.fit(tuner, relay.Scope.of(uri, exp_id, sweep, todo, storage)), progress.runs)
+        results = launch.fit(tuner, relay.Scope.of(uri, exp_id, sweep, todo, storage))
+        tally = _tally(results, progress.runs)
+        tune_store.drop_finished_checkpoints(results)  # resume never trains a finished trial again
         idle = tally["idle"]
         if idle:  # see TrialRun.open: a FINISHED run_key is never trained again, nor one claimed elsewhere
             print(f"{len(idle)} of {tally['launched']} trials trained nothing: {idle.count('finished')} already "
