@@ -336,6 +336,12 @@ def test_report_cli_writes_self_contained_html_and_logs_artifacts(store, tmp_pat
     again = load_runs(store["uri"], ["grid"])  # the analysis run is not a trial
     assert len(again) == len(store["results"]) and "analysis" not in set(again["cell"])
     assert again.attrs["left_out"] == {"FAILED": 1, "RUNNING": 1}
+    assert f"cell ({again['cell'].nunique()}, what this report covers): " in (out / "index.html").read_text()
+    rebuilt = report.build(store["uri"], ["grid"], str(tmp_path / "again"))["run_id"]  # replaces its run
+    (only,) = client.search_runs([grid], "tags.cell = 'analysis'")
+    assert only.info.run_id == rebuilt != runs[0].info.run_id
+    other = report.build(store["uri"], ["grid"], str(tmp_path / "base"), filters=["cell=base"])["run_id"]
+    assert {r.info.run_id for r in client.search_runs([grid], "tags.cell = 'analysis'")} == {rebuilt, other}
 
 
 def test_report_refuses_before_writing_when_an_axis_varies(store, tmp_path):
