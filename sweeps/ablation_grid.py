@@ -206,7 +206,8 @@ def _summarise(args, sweep, trials, uri, exp_id, report: bool = True) -> None:
     chosen = list(dict.fromkeys(t.cell for t in trials))
     every = [label for label, _ in designs.cells(args.design)]
     how = "--cells" if args.cells else f"the {preset.name} preset's; the rest run in --preset digits-study"
-    outcome = summary.rows(trials, uri, args.experiment, designs.baselines(args.design),
+    baselines = [c for c in designs.baselines(args.design) if c in chosen]
+    outcome = summary.rows(trials, uri, args.experiment, baselines,
                            summary.scope_text(args.design, chosen, every, how))
     subset = chosen if args.cells else None  # a --cells run reports its own cells, not the sweep's earlier ones
     folder = error = None

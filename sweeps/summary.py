@@ -159,9 +159,9 @@ def write_report(uri: str, experiment: str, sweep: str, out: str,
 def header(outcome: Outcome, sweep: str) -> list[str]:
     base = ", ".join(outcome.baselines) or "base, gmp, rigl, pruner=*"
     return [f"summary of sweep {sweep!r}" + (f", {outcome.scope}" if outcome.scope else "") + ":",
-            "  test accuracy in %, mean ± half-width of the 95 % CI over FINISHED seeds; reference = the best "
-            f"baseline ({base}) by mean validation accuracy, never a cell at chance; better / worse = paired "
-            "t-test over seeds against it, Holm-corrected per density, p < 0.05 (the report's table)"]
+            "  test accuracy in %: mean ± half-width of the 95 % CI over FINISHED seeds. reference: the best "
+            f"baseline ({base}) by mean validation accuracy, never one at chance. better / worse: paired t-test "
+            "over seeds against it, Holm-corrected per density, p < 0.05, as in the report's table"]
 
 
 def lines(outcome: Outcome, *, uri: str, exp_id: str, experiment: str, sweep: str, report: str | None,
