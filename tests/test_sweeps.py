@@ -144,6 +144,8 @@ _WRAPPER = TIMED_MAIN
 
 @pytest.mark.parametrize("module,extra,message", [
     ("ablation_grid", ["--set", "prune.densty=0.1"], "unknown config key(s): prune.densty"),
+    ("ablation_grid", ["--set", "typo=1"], "unknown config key(s): typo (did you mean train.amp or train.pre_epochs "
+                                           "or train.post_epochs?); every key with its meaning: python -m sparse_core"),
     ("ablation_grid", ["--densities", "0,0.1"], "prune.density=0.0 is not valid"),
     ("ablation_grid", ["--densities", "1.5"], "prune.density=1.5 is not valid"),
     ("ablation_grid", ["--set", "prune.pruner=foo"], "prune.pruner='foo' is not a known pruner"),
@@ -160,10 +162,27 @@ def test_bad_input_fails_fast_without_ray_or_runs(tmp_path, module, extra, messa
     proc = subprocess.run([sys.executable, "-c", _WRAPPER.format(module=module), *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert message in proc.stderr, proc.stderr
+    assert "usage:" not in proc.stderr  # one line; the usage is for --help
     result = proc.stderr.strip().splitlines()[-1]
     assert "ray_imported=False" in result and "code=2" in result, result
     assert float(result.split("seconds=")[1].split()[0]) < 10
     assert not db.exists() and not (tmp_path / "ray").exists()  # no MLflow store, no Tune run
+
+
+def test_laptop_preset_runs_three_paired_seeds_of_cells_that_answer_the_question():
+    preset = presets.get("laptop")
+    assert len(preset.seeds) >= 3
+    code, out = run_cli(ablation_grid.main, ["--dry-run"])
+    assert code == 0, out
+    rows = [line.split() for line in out.splitlines() if line[:4].strip().isdigit() and line[4:6] == "  "]
+    cells = {r[1] for r in rows}
+    assert cells == set(preset.cells["leave-one-out"]) and len(cells) == 11
+    assert {"full", "base", "gmp", "rigl"} <= cells and set(designs.baselines("leave-one-out")) & cells > {"base"}
+    seeds = {}
+    for _, cell, density, seed, *_ in rows:
+        seeds.setdefault((cell, density), set()).add(int(seed))
+    assert len(seeds) == 11 * len(preset.densities) and set(map(frozenset, seeds.values())) == {frozenset({0, 1, 2})}
+    assert f"{len(rows)} trials in " in out and len(rows) == 132
 
 
 # ---- the shared smoke sweep ---------------------------------------------------------------------
