@@ -277,7 +277,7 @@ def layer_density_plot(df: pd.DataFrame, stem: str, density: float | None = None
     return save_figure(fig, stem)
 
 
-def readable_log_axis(axis) -> None:
+def readable_log_axis(axis, percent: bool = False) -> None:
     """Ticks at 1, 2 and 5 times each power of ten inside the axis' current limits (call it after drawing;
     every integer or half multiple where that gives fewer than three ticks), labelled as plain numbers (0.05, not 5×10⁻²): a log axis spanning about a decade otherwise shows one
     label or none."""
@@ -289,5 +289,5 @@ def readable_log_axis(axis) -> None:
         if len(ticks) >= 3:
             break
     axis.set_major_locator(FixedLocator(ticks))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:.4g} %" if percent else f"{v:.4g}"))
     axis.set_minor_locator(NullLocator())

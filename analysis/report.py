@@ -96,11 +96,8 @@ def build(uri: str, experiments: list[str], out: str, metric: str = "test_acc", 
         files += paths
     run_id = None
     client = store_client(uri)
+    tags = _tags(experiments, metric, rows, cols, filters, len(df))
     if log_to_mlflow:
-        tags = {"cell": ANALYSIS_CELL, "analysis.metric": metric, "analysis.rows": rows, "analysis.cols": cols,
-                "analysis.filters": " ".join(filters or []), "analysis.experiments": ",".join(experiments),
-                "analysis.runs": str(len(df)), "sparse_core_version": sparse_core.__version__}
-        tags[SCOPE_TAG] = " | ".join([",".join(experiments), metric, rows, cols, " ".join(sorted(filters or []))])
         run_id = _open_run(client, experiments[0], tags)
     try:
         index = os.path.join(out, "index.html")
@@ -120,6 +117,13 @@ def build(uri: str, experiments: list[str], out: str, metric: str = "test_acc", 
 
 
 SCOPE_TAG = "analysis.scope"  # experiments | metric | rows | cols | filters: one report run per scope
+
+
+def _tags(experiments: list[str], metric: str, rows: str, cols: str, filters, runs: int) -> dict:
+    return {"cell": ANALYSIS_CELL, "analysis.metric": metric, "analysis.rows": rows, "analysis.cols": cols,
+            "analysis.filters": " ".join(filters or []), "analysis.experiments": ",".join(experiments),
+            "analysis.runs": str(runs), "sparse_core_version": sparse_core.__version__,
+            SCOPE_TAG: " | ".join([",".join(experiments), metric, rows, cols, " ".join(sorted(filters or []))])}
 
 
 def _replace_older(client, run_id: str, scope: str) -> None:

@@ -113,9 +113,8 @@ def _pick_reference(data: pd.DataFrame, rows: str, cols: str, col, reference, se
 
 def ablation_table(df: pd.DataFrame, metric: str = "test_acc", rows: str = "cell", cols: str = "prune.density",
                    reference=None, select_metric: str = "val_acc", baseline=is_baseline) -> Table:
-    """Mean and 95 % CI per (row, col) over seeds, and a paired test of each cell against the column's
-    reference row (``reference``, or the best baseline by mean ``select_metric``; ``baseline(label)``
-    says which rows are baselines, e.g. a design's own set)."""
+    """Mean and 95 % CI per (row, col) over seeds, and a paired test of each cell against the column's reference
+    row (``reference``, or the best baseline by mean ``select_metric``; ``baseline(label)``: is it one)."""
     check_metric(df, metric)
     check_key(df, rows, "--rows")
     check_key(df, cols, "--cols")
@@ -139,16 +138,14 @@ def ablation_table(df: pd.DataFrame, metric: str = "test_acc", rows: str = "cell
                       "std": values.std(ddof=1) if len(values) > 1 else math.nan, "n": len(values),
                       "ci_low": lo, "ci_high": hi,
                       "seeds": ";".join(str(s) for s in sorted(g.loc[values.index, SEED])),
-                      "collapsed": bool(g["_collapsed"].any()),
-                      "at_chance": bool(g.loc[values.index, "_chance"].mean() > 0.5) if len(values) else False})
+                      "collapsed": bool(g["_collapsed"].any()), "at_chance": bool(g["_chance"].mean() > 0.5)})
     cells = pd.DataFrame(cells)
     col_order = sorted(cells[cols].unique(), reverse=cols == "prune.density")  # the field reads 10 % -> 0.1 %
     row_order = sorted(cells[rows].unique(), key=str)
     cells = cells.set_index([rows, cols]).reindex(pd.MultiIndex.from_product([row_order, col_order], names=[rows, cols]))
     cells = cells.reset_index()
     cells["n"] = cells["n"].fillna(0).astype(int)
-    cells["collapsed"] = cells["collapsed"].fillna(False).astype(bool)
-    cells["at_chance"] = cells["at_chance"].fillna(False).astype(bool)
+    cells[["collapsed", "at_chance"]] = cells[["collapsed", "at_chance"]].fillna(False).astype(bool)
     cells["metric"] = metric
     refs, p, p_holm, marks = {}, [math.nan] * len(cells), [math.nan] * len(cells), [""] * len(cells)
     for c in col_order:

@@ -30,7 +30,7 @@ from .data import TensorData, class_balanced_subset, load
 from .export import figures
 from .init import initialise
 from .masks import count, get_masks, prunable_weights, set_masks
-from .metrics import at_chance, chance_accuracy, density_summary, evaluate, flops
+from .metrics import chance_marks, density_summary, evaluate, flops
 from .models import build
 from .packed import Pack
 from .plan import PruneStep, TrainEpoch, derive_seed, gradual_steps, lr_factor, total_epochs
@@ -355,19 +355,15 @@ class Trainer:
         final = self._evaluate()
         best = self.best or {"best_val_acc": final["val_acc"], "best_val_epoch": len(self.history),
                              "test_acc_at_best_val": final["test_acc"]}
-        chance = chance_accuracy(self.data.y_test, self.data.num_classes)
         return {
             "run_key": run_key(self.cfg),
             **final,
             **best,
-            "chance_acc": chance,  # the best constant guess on the test set (sparse_core.metrics)
-            "at_chance": at_chance(final["test_acc"], self.data.y_test, self.data.num_classes),
+            **chance_marks(final["test_acc"], self.data.y_test, self.data.num_classes),  # chance_acc, at_chance
             **self.marks,
             "density": summary["density"],
             "density_target": self.cfg.prune.density,
-            "density_all": summary["density_all"],
-            "kept_weights": summary["kept_weights"],
-            "prunable_weights": summary["prunable_weights"],
+            **{k: summary[k] for k in ("density_all", "kept_weights", "prunable_weights")},
             "layer_density": summary["layer_density"],
             **eff,  # effective_density, effective_weights, effective_units (sparse_core/connectivity.py)
             "collapsed_layers": collapsed(masks),
