@@ -16,6 +16,7 @@ import sys
 from mlflow.exceptions import MlflowException
 
 from runstore import TrackingError, check_reachable, resolve_tracking_uri, unwritable
+from sparse_core.cli import OneLineParser
 
 from .load import AnalysisError, apply_filters, load_runs, split_names
 from .table import EXTENSIONS, FORMATS
@@ -42,9 +43,9 @@ def _common() -> argparse.ArgumentParser:
 
 
 def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog="python -m analysis", description="Ablation tables, plots and an HTML report from MLflow runs.")
+    main = OneLineParser(prog="python -m analysis", description="Ablation tables, plots and an HTML report from MLflow runs.")
     sub = main.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("table", parents=[_common()], help="ablation table: mean and 95 % CI over seeds, paired tests against a reference row")
+    t = sub.add_parser("table", parents=[_common()], help="ablation table: mean and 95 %% CI over seeds, paired tests against a reference row")
     t.add_argument("--cols", default="prune.density", help="column that makes the table columns (default: prune.density)")
     t.add_argument("--format", choices=list(FORMATS), help="markdown (default), csv or latex (booktabs)")
     t.add_argument("--out", metavar="FILE", help="write here instead of stdout (format inferred from .md/.csv/.tex)")
@@ -59,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--cols", default="prune.density", help="table columns (default: prune.density)")
     r.add_argument("--out", default="report", metavar="DIR", help="output folder (default: report)")
     r.add_argument("--layer-density", type=float, metavar="D",
-                   help="density for the per-layer plot (default: the lowest below 1)")
+                   help="density for the per-layer plot (default: the lowest below 1, the density the "
+                        "sweep summary leads with)")
     r.add_argument("--no-mlflow-log", action="store_true", help="do not log the files to an 'analysis' MLflow run")
     return main
 

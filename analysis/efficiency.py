@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .load import AnalysisError  # noqa: E402
-from .plots import save_figure  # noqa: E402
+from .plots import readable_log_axis, save_figure  # noqa: E402
 
 log = logging.getLogger("analysis")
 
@@ -105,9 +105,10 @@ def _density_axis(ax, densities: list[float]) -> None:
         ax.set_xlim(10 ** (hi + pad), 10 ** (lo - pad))  # decreasing: sparser to the right
     else:
         ax.invert_xaxis()
-    ax.set_xticks(densities, [f"{d:g}" for d in densities], minor=False)
+    ax.set_xticks(densities, [f"{100 * d:g} %" for d in densities], minor=False)
     ax.minorticks_off()
-    ax.set_xlabel("density (fraction of weights kept)  →  sparser")
+    readable_log_axis(ax.yaxis)
+    ax.set_xlabel("density (% of weights kept)  →  sparser")
     ax.grid(True, which="major", alpha=0.3)
 
 

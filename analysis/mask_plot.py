@@ -12,10 +12,9 @@ from __future__ import annotations
 import pandas as pd
 
 from .load import AnalysisError, metric_histories
-from .plots import DENSITY, save_figure
+from .plots import DENSITY, readable_log_axis, save_figure
 
 import matplotlib.pyplot as plt  # noqa: E402 - after .plots, which selects the file-only backend
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 KEYS = ("mask_soft_density", "mask_hard_density", "mask_target")
 
@@ -68,8 +67,7 @@ def mask_density_plot(hist: pd.DataFrame, stem: str) -> list[str]:
                 ax.plot(mean.index, mean.values, color=colours[group], ls=style, lw=1.6, label=label)
                 ax.fill_between(mean.index, lo.values, hi.values, color=colours[group], alpha=0.12, lw=0)
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:g} %"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        readable_log_axis(ax.yaxis, percent=True)
         ax.set_title(f"density {density:g}", fontsize=10)
         ax.set_xlabel("pre-training epoch")
         ax.grid(True, which="major", alpha=0.3)

@@ -53,12 +53,28 @@ def _legend(ax, title: str) -> None:
               borderaxespad=0, frameon=False)
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
 def _style(i: int) -> tuple:
-    """(colour, line style, marker) for the i-th variant: 20 colours, then new dashes and markers,
-    so 18 ablation cells stay tellable apart."""
+    """(colour, line style, marker) for the i-th variant: ten distinct hues with solid lines, then their
+    light shades dashed, each with its own marker, so 18 ablation cells stay tellable apart."""
     k = i % 20
     colour = plt.get_cmap("tab20")((2 * k) % 20 + k // 10)  # ten distinct hues first, then their light shades
-    return colour, ("-", "--", ":", "-.")[(i // 20) % 4], ("o", "s", "^", "D")[(i // 20) % 4]
+    return colour, ("-", "--", ":", "-.")[(i // 10) % 4], _MARKERS[(i + i // 10) % len(_MARKERS)]
+
+
+def cell_styles(labels) -> dict:
+    """{label: (colour, line style, marker)}, fixed for a whole report: every panel and plot draws a cell
+    alike (labels in sorted order, as the table's rows)."""
+    return {label: _style(i) for i, label in enumerate(sorted(set(labels), key=str))}
+
+
+def chance_level(df: pd.DataFrame, metric: str) -> float | None:
+    """The runs' mean chance accuracy (the best constant guess, ``chance_acc``), None where unknown."""
+    if not is_percent(metric) or "chance_acc" not in df.columns or df["chance_acc"].isna().all():
+        return None
+    return float(df["chance_acc"].mean())
 
 
 def _label(metric: str) -> str:
@@ -110,11 +126,14 @@ def panels(labels: list) -> list[tuple[str, list]]:
     return [(t, m) for t, m in out if m]
 
 
-def _draw(ax, table, rows: str, members: list, scale: float, ref, xmap: dict | None = None) -> None:
+def _draw(ax, table, rows: str, members: list, scale: float, ref, xmap: dict | None = None, styles=None,
+          chance: float | None = None) -> None:
     """``xmap`` {(row, density): x}: draw each point at that x (e.g. its mean effective density) instead of
-    its nominal density; an x of 0 (a disconnected network) has no place on a log axis and is left out."""
+    its nominal density; an x of 0 (a disconnected network) has no place on a log axis and is left out.
+    ``styles``: cell_styles of the report; ``chance``: the chance accuracy, drawn as a line."""
     cells = table.cells[table.cells["n"] > 0]
-    for i, row in enumerate(members):
+    styles = styles or cell_styles(table.row_order)
+    for row in members:
         g = cells[cells[rows] == row].sort_values(DENSITY)
         if g.empty:
             continue
@@ -124,16 +143,24 @@ def _draw(ax, table, rows: str, members: list, scale: float, ref, xmap: dict | N
             x[~(x > 0)] = np.nan
         lo = g["ci_low"].fillna(g["mean"]).to_numpy() * scale
         hi = g["ci_high"].fillna(g["mean"]).to_numpy() * scale
-        color, style, marker = _style(i)
+        color, style, marker = styles[row]
         ax.plot(x, mean, marker=marker, ms=4.5, lw=1.8, ls=style, color=color, label=f"{row}")
         ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
         hit = g["collapsed"].to_numpy()
         if hit.any():
             ax.plot(x[hit], mean[hit], ls="none", marker="x", ms=8, mew=1.8, color="black", zorder=5)
-    if cells[cells[rows].isin(members)]["collapsed"].any():
+        low = g["at_chance"].to_numpy(dtype=bool)
+        if low.any():
+            ax.plot(x[low], mean[low], ls="none", marker="o", ms=10, mfc="none", mec="red", mew=1.3, zorder=5)
+    here = cells[cells[rows].isin(members)]
+    if here["collapsed"].any():
         ax.plot([], [], ls="none", marker="x", ms=8, mew=1.8, color="black", label="layer collapse (any seed)")
+    if here["at_chance"].any():
+        ax.plot([], [], ls="none", marker="o", ms=10, mfc="none", mec="red", mew=1.3, label="at chance (most seeds)")
     if ref is not None:
         ax.axhline(ref[0] * scale, color="0.35", ls="--", lw=1.2, label=ref[1])
+    if chance is not None:
+        ax.axhline(chance * scale, color="red", ls=":", lw=1.2, label=f"chance: one constant guess ({chance * scale:.1f})")
     ax.set_xscale("log")
     if xmap is not None:  # effective densities fall anywhere: decades, labelled in %, sparser to the right
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:g} %"))
@@ -170,9 +197,9 @@ def accuracy_vs_density(df: pd.DataFrame, stem: str, metric: str = "test_acc", r
     scale = 100.0 if is_percent(metric) else 1.0
     groups = panels(table.row_order)
     fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 5.6), sharey=True, squeeze=False)
-    ref = dense_reference(df, metric)
+    ref, styles, chance = dense_reference(df, metric), cell_styles(table.row_order), chance_level(df, metric)
     for ax, (panel_title, members) in zip(axes[0], groups):
-        _draw(ax, table, rows, members, scale, ref, xmap)
+        _draw(ax, table, rows, members, scale, ref, xmap, styles, chance)
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel(("density (% of weights kept)" if xmap is None else f"{x} (mean over seeds)") + "  →  sparser")
     axes[0][0].set_ylabel(_label(metric))
@@ -199,8 +226,9 @@ def pick_density(df: pd.DataFrame, density: float | None) -> float:
 
 
 def layer_density_plot(df: pd.DataFrame, stem: str, density: float | None = None, rows: str = "cell",
-                       uri: str | None = None) -> list[str]:
-    """Kept fraction per prunable layer at one density: one bar series per variant, mean over seeds."""
+                       uri: str | None = None, styles: dict | None = None) -> list[str]:
+    """Kept fraction per prunable layer at one density: one line of markers per variant across the layers
+    (mean over seeds, whiskers min-max), in the report's cell colours (``styles``, cell_styles)."""
     check_key(df, rows, "--rows")
     density = pick_density(df, density)
     sel = df[df[DENSITY] == density]
@@ -211,36 +239,55 @@ def layer_density_plot(df: pd.DataFrame, stem: str, density: float | None = None
     for d in per_run.values():
         layers += [name for name in d if name not in layers]
     variants = [r for r in sorted(sel[rows].unique(), key=str) if sel.loc[sel[rows] == r, "run_id"].isin(per_run).any()]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(layers) + 2.5), 4.2))
-    width = 0.8 / len(variants)
+    styles = styles or cell_styles(df[rows].unique())
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(layers) + 3.0), 4.6))
     x = np.arange(len(layers))
     kept = [v for d in per_run.values() for v in d.values() if v > 0]
     floor = min(kept + [density]) / 3  # the bottom of the log axis, where collapsed layers are marked
     any_collapse = False
+    step = min(0.6 / max(len(variants), 1), 0.08)  # a small sideways shift per variant: no marker hides another
     for i, variant in enumerate(variants):
         ids = [r for r in sel.loc[sel[rows] == variant, "run_id"] if r in per_run]
         frame = pd.DataFrame([per_run[r] for r in ids]).reindex(columns=layers)
         mean, lo, hi = frame.mean(), frame.min(), frame.max()
-        offset = x - 0.4 + width * (i + 0.5)
-        color = _style(i)[0]
+        offset = x + step * (i - (len(variants) - 1) / 2)
+        color, style, marker = styles[variant]
         ok = (mean > 0).to_numpy()
-        ax.bar(offset[ok], mean[ok], width, color=color, label=f"{variant} (n={len(ids)})", alpha=0.85)
-        ax.errorbar(offset[ok], mean[ok], yerr=[(mean - lo)[ok], (hi - mean)[ok]], fmt="none", ecolor="0.2", lw=0.8)
+        ax.plot(offset[ok], mean[ok], ls=style, lw=1.2, marker=marker, ms=6, color=color, alpha=0.9,
+                label=f"{variant} (n={len(ids)})")
+        ax.errorbar(offset[ok], mean[ok], yerr=[(mean - lo)[ok], (hi - mean)[ok]], fmt="none", ecolor=color, lw=0.8)
         zero = (frame == 0).any().to_numpy()
         if zero.any():
             any_collapse = True
-            ax.plot(offset[zero], [floor * 1.15] * int(zero.sum()), ls="none", marker="x", ms=9, mew=2, color="red")
+            ax.plot(offset[zero], [floor * 1.15] * int(zero.sum()), ls="none", marker="x", ms=8, mew=2, color=color)
     if any_collapse:
-        ax.plot([], [], ls="none", marker="x", ms=8, mew=2, color="red", label="collapsed (0 kept, any seed)")
+        ax.plot([], [], ls="none", marker="x", ms=8, mew=2, color="0.2", label="collapsed (0 kept, any seed)")
     ax.axhline(density, color="0.35", ls="--", lw=1.2, label=f"target density {density:g}")
     ax.set_yscale("log")
     ax.set_ylim(bottom=floor)
+    readable_log_axis(ax.yaxis)
     ax.set_xticks(x)
     ax.set_xticklabels([name.removesuffix(".weight") for name in layers], rotation=30, ha="right", fontsize=8)
     ax.set_xlabel("prunable layer (input → output)")
     ax.set_ylabel("layer density (fraction kept)")
-    ax.set_title(f"per-layer density at density {density:g}; bars: mean over seeds, whiskers: min–max", fontsize=10)
+    ax.set_title(f"per-layer density at density {100 * density:g} %; markers: mean over seeds, whiskers: min–max; "
+                 f"×: collapsed", fontsize=10)
     ax.grid(True, axis="y", which="major", alpha=0.3)
     _legend(ax, rows)
     return save_figure(fig, stem)
 
+
+def readable_log_axis(axis, percent: bool = False) -> None:
+    """Ticks at 1, 2 and 5 times each power of ten inside the axis' current limits (call it after drawing;
+    every integer or half multiple where that gives fewer than three ticks), labelled as plain numbers (0.05, not 5×10⁻²): a log axis spanning about a decade otherwise shows one
+    label or none."""
+    lo, hi = sorted(axis.get_view_interval())
+    first = math.floor(math.log10(lo)) if lo > 0 else -6
+    for mantissas in ((1, 2, 5), range(1, 10), [m / 10 for m in range(10, 100, 5)]):  # finer until 3 ticks show
+        ticks = [m * 10.0 ** k for k in range(first, math.ceil(math.log10(hi)) + 1) for m in mantissas]
+        ticks = [t for t in ticks if lo <= t <= hi]
+        if len(ticks) >= 3:
+            break
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:.4g} %" if percent else f"{v:.4g}"))
+    axis.set_minor_locator(NullLocator())

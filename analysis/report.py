@@ -78,8 +78,10 @@ def build(uri: str, experiments: list[str], out: str, metric: str = "test_acc", 
     else:
         log.info("no accuracy-vs-density plot: the columns are %s, not %s", cols, plots.DENSITY)
     try:
-        paths = plots.layer_density_plot(df, os.path.join(out, "layer_density"), density, rows, uri)
-        figures.append(_figure(out, paths, f"per-layer density at density {density:g}, one series per {rows}"))
+        paths = plots.layer_density_plot(df, os.path.join(out, "layer_density"), density, rows, uri,
+                                         plots.cell_styles(table.row_order))  # the accuracy plot's colours
+        figures.append(_figure(out, paths, f"per-layer density at density {100 * density:g} % (--layer-density; "
+                                             f"default the lowest, where the summary starts), one series per {rows}"))
         files += paths
     except AnalysisError as e:  # no layer_density.json artifacts: the rest of the report still stands
         log.warning("no per-layer density plot: %s", e)
@@ -94,10 +96,8 @@ def build(uri: str, experiments: list[str], out: str, metric: str = "test_acc", 
         files += paths
     run_id = None
     client = store_client(uri)
+    tags = _tags(experiments, metric, rows, cols, filters, len(df))
     if log_to_mlflow:
-        tags = {"cell": ANALYSIS_CELL, "analysis.metric": metric, "analysis.rows": rows, "analysis.cols": cols,
-                "analysis.filters": " ".join(filters or []), "analysis.experiments": ",".join(experiments),
-                "analysis.runs": str(len(df)), "sparse_core_version": sparse_core.__version__}
         run_id = _open_run(client, experiments[0], tags)
     try:
         index = os.path.join(out, "index.html")
@@ -107,12 +107,34 @@ def build(uri: str, experiments: list[str], out: str, metric: str = "test_acc", 
         if run_id is not None:
             client.log_artifacts(run_id, out)
             client.set_terminated(run_id)
+            _replace_older(client, run_id, tags[SCOPE_TAG])
             log.info("logged %d files to run %s (name 'analysis') in experiment %r", len(files), run_id, experiments[0])
     except BaseException as e:  # interrupted (Ctrl-C, SIGTERM) or failed: the report's run never stays RUNNING
         if run_id is not None:
             _end_run(client, run_id, "FAILED" if isinstance(e, Exception) else "KILLED", f"{type(e).__name__}: {e}")
         raise
     return {"files": files, "run_id": run_id}
+
+
+SCOPE_TAG = "analysis.scope"  # experiments | metric | rows | cols | filters: one report run per scope
+
+
+def _tags(experiments: list[str], metric: str, rows: str, cols: str, filters, runs: int) -> dict:
+    return {"cell": ANALYSIS_CELL, "analysis.metric": metric, "analysis.rows": rows, "analysis.cols": cols,
+            "analysis.filters": " ".join(filters or []), "analysis.experiments": ",".join(experiments),
+            "analysis.runs": str(runs), "sparse_core_version": sparse_core.__version__,
+            SCOPE_TAG: " | ".join([",".join(experiments), metric, rows, cols, " ".join(sorted(filters or []))])}
+
+
+def _replace_older(client, run_id: str, scope: str) -> None:
+    """Delete the earlier finished report runs of the same scope: a rebuilt report replaces its run."""
+    exp_id = client.get_run(run_id).info.experiment_id
+    old = client.search_runs([exp_id], f"tags.cell = '{ANALYSIS_CELL}' and attributes.status != 'RUNNING'",
+                             max_results=1000)
+    for run in old:
+        if run.info.run_id != run_id and run.data.tags.get(SCOPE_TAG) == scope:
+            client.delete_run(run.info.run_id)
+            log.info("deleted the earlier report run %s of the same scope", run.info.run_id)
 
 
 STALE_ELSEWHERE_S = 3600.0  # a RUNNING report run made on another host counts as abandoned after this
@@ -147,6 +169,7 @@ def _page(df: pd.DataFrame, table: Table, figures: list[str], files: list[str], 
     meta = [f"experiment(s): {', '.join(experiments)}", f"tracking URI: {uri}", f"runs: {len(df)}"
             + (" (left out: " + ", ".join(f"{n} {k}" for k, n in sorted(left.items())) + ")" if left else ""),
             f"filters: {' '.join(filters) if filters else 'none'}",
+            f"{table.rows} ({len(table.row_order)}, what this report covers): {', '.join(map(str, table.row_order))}",
             f"generated {dt.datetime.now().isoformat(timespec='seconds')} by sparse_core {sparse_core.__version__}"]
     if run_id:
         meta.append(f"MLflow run: {run_id} (name 'analysis')")

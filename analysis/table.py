@@ -80,6 +80,7 @@ class Table:
 
 
 BETTER, WORSE, REF = "▲", "▼", "ref"
+CHANCE = "chance"  # the mark of a cell whose seeds mostly ended at chance (never a reference)
 
 
 def is_baseline(label) -> bool:
@@ -92,14 +93,18 @@ def _per_seed(g: pd.DataFrame, metric: str) -> dict[int, float]:
     return {int(s): float(v) for s, v in zip(g[SEED], g[metric]) if pd.notna(v)}
 
 
-def _pick_reference(data: pd.DataFrame, rows: str, cols: str, col, reference, select: str) -> object:
+def _pick_reference(data: pd.DataFrame, rows: str, cols: str, col, reference, select: str,
+                    baseline=is_baseline) -> object:
     """The given reference row, else the baseline (any row if none is a baseline) with the best mean of
-    ``select`` (validation accuracy) in this column: the comparator is never chosen on test data."""
+    ``select`` (validation accuracy) in this column: the comparator is never chosen on test data, nor
+    among cells at chance (None when every candidate is)."""
     here = data[data[cols] == col]
     if reference is not None:
         return reference if (here[rows] == reference).any() else None
-    candidates = here[here[rows].map(is_baseline)]
+    candidates = here[here[rows].map(baseline)]
     candidates = candidates if len(candidates) else here
+    chance = candidates.groupby(rows)["_chance"].mean() > 0.5
+    candidates = candidates[~candidates[rows].map(chance).astype(bool)] if len(candidates) else candidates
     means = candidates.groupby(rows)[select].mean().dropna()
     if means.empty:
         return None
@@ -107,9 +112,9 @@ def _pick_reference(data: pd.DataFrame, rows: str, cols: str, col, reference, se
 
 
 def ablation_table(df: pd.DataFrame, metric: str = "test_acc", rows: str = "cell", cols: str = "prune.density",
-                   reference=None, select_metric: str = "val_acc") -> Table:
-    """Mean and 95 % CI per (row, col) over seeds, and a paired test of each cell against the column's
-    reference row (``reference``, or the best baseline by mean ``select_metric``)."""
+                   reference=None, select_metric: str = "val_acc", baseline=is_baseline) -> Table:
+    """Mean and 95 % CI per (row, col) over seeds, and a paired test of each cell against the column's reference
+    row (``reference``, or the best baseline by mean ``select_metric``; ``baseline(label)``: is it one)."""
     check_metric(df, metric)
     check_key(df, rows, "--rows")
     check_key(df, cols, "--cols")
@@ -124,7 +129,7 @@ def ablation_table(df: pd.DataFrame, metric: str = "test_acc", rows: str = "cell
         select_metric = metric  # runs from before the validation split: say so in the footnote
         how = how or f"the best baseline by mean {metric} (these runs have no validation accuracy)"
     how = how or f"the best baseline by mean {select_metric} (validation), never by test"
-    data = df.assign(_collapsed=collapsed_flags(df))
+    data = df.assign(_collapsed=collapsed_flags(df), _chance=chance_flags(df))
     cells = []
     for (r, c), g in data.groupby([rows, cols], sort=False):
         values = g[metric].dropna()
@@ -133,18 +138,18 @@ def ablation_table(df: pd.DataFrame, metric: str = "test_acc", rows: str = "cell
                       "std": values.std(ddof=1) if len(values) > 1 else math.nan, "n": len(values),
                       "ci_low": lo, "ci_high": hi,
                       "seeds": ";".join(str(s) for s in sorted(g.loc[values.index, SEED])),
-                      "collapsed": bool(g["_collapsed"].any())})
+                      "collapsed": bool(g["_collapsed"].any()), "at_chance": bool(g["_chance"].mean() > 0.5)})
     cells = pd.DataFrame(cells)
     col_order = sorted(cells[cols].unique(), reverse=cols == "prune.density")  # the field reads 10 % -> 0.1 %
     row_order = sorted(cells[rows].unique(), key=str)
     cells = cells.set_index([rows, cols]).reindex(pd.MultiIndex.from_product([row_order, col_order], names=[rows, cols]))
     cells = cells.reset_index()
     cells["n"] = cells["n"].fillna(0).astype(int)
-    cells["collapsed"] = cells["collapsed"].fillna(False).astype(bool)
+    cells[["collapsed", "at_chance"]] = cells[["collapsed", "at_chance"]].fillna(False).astype(bool)
     cells["metric"] = metric
     refs, p, p_holm, marks = {}, [math.nan] * len(cells), [math.nan] * len(cells), [""] * len(cells)
     for c in col_order:
-        ref = _pick_reference(data, rows, cols, c, reference, select_metric)
+        ref = _pick_reference(data, rows, cols, c, reference, select_metric, baseline)
         refs[c] = ref
         idx = [i for i in range(len(cells)) if cells.at[i, cols] == c]
         if ref is None:
@@ -178,6 +183,14 @@ def collapsed_flags(df: pd.DataFrame) -> pd.Series:
     return (n > 0).where(n.notna(), from_tag).astype(bool)
 
 
+def chance_flags(df: pd.DataFrame) -> pd.Series:
+    """True where a run's test accuracy ended at chance (its at_chance metric, sparse_core.metrics.at_chance);
+    False where a run has none (runs logged before the flag)."""
+    if "at_chance" not in df.columns:
+        return pd.Series(False, index=df.index)
+    return (df["at_chance"] > 0.5).where(df["at_chance"].notna(), False).astype(bool)
+
+
 # ---- output --------------------------------------------------------------------------------------
 def col_label(cols: str, value) -> str:
     if cols == "prune.density":
@@ -197,6 +210,7 @@ def cell_parts(table: Table, cell: pd.Series, per_cell_n: bool) -> tuple[str, st
     if cell["n"] > 1 and math.isfinite(cell["ci_high"]):
         text += f" ± {_number(table, cell['ci_high'] - cell['mean'])}"
     mark = f" {cell['mark']}" if cell["mark"] in (BETTER, WORSE) else ""
+    mark += f" ({CHANCE})" if cell.get("at_chance", False) else ""
     suffix = mark + (f" (n={cell['n']})" if per_cell_n else "")
     return text, suffix + (DAGGER if cell["collapsed"] else "")
 
@@ -223,6 +237,9 @@ def notes(table: Table) -> list[str]:
                    f"Unmarked cells are not distinguishable from the reference at this n.")
     if table.cols == "prune.density":
         out.append("Columns: prune.density, the fraction of prunable weights kept.")
+    if table.cells["at_chance"].any():
+        out.append(f"({CHANCE}): at chance: most seeds ended with a test accuracy below 1.5 x that of one constant "
+                   f"guess (sparse_core.metrics.at_chance); never a reference.")
     if table.cells["collapsed"].any():
         out.append(f"{DAGGER}: at least one seed ended with a collapsed layer (no weight left in it).")
     return out
@@ -273,8 +290,11 @@ def to_latex(table: Table) -> str:
         for cell in cells:
             text, suffix = cell_parts(table, cell, per_cell_n)
             text = text.replace("±", r"$\pm$").replace("–", "--")
+            chance = f" ({CHANCE})" in suffix
+            suffix = suffix.replace(f" ({CHANCE})", "")
             suffix = suffix.replace(BETTER, r"$\blacktriangle$").replace(WORSE, r"$\blacktriangledown$")
             suffix = suffix.replace(DAGGER, r"$^\dagger$").replace("(n=", r"\,{\scriptsize(n=").replace(")", ")}")
+            suffix += r"\,{\scriptsize chance}" if chance else ""
             out.append((rf"\textbf{{{text}}}" if cell["mark"] == REF else text) + suffix)
         lines.append(" & ".join([tex_escape(r)] + out) + r" \\")
     lines.append(r"\bottomrule")

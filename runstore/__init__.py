@@ -2,7 +2,7 @@
 
 Shared by ``sweeps`` (which writes one run per trial) and ``analysis`` (which reads them); it
 imports neither, nor Ray. One naming rule lives here: per-epoch accuracy and loss are ``epoch/<key>``,
-results once at the end ``final/<key>`` (tags; three of them also metrics: ``FINAL_AS_METRICS``),
+results once at the end ``final/<key>`` (tags; four of them also metrics: ``FINAL_AS_METRICS``),
 per pruning round ``prune/<key>`` and the other
 per-epoch values ``trainer/<key>`` (MLflow charts one section per prefix, in name order, so a run's
 page shows the curves first and the final values next); readers take ``final/`` as the plain key,
@@ -72,7 +72,7 @@ EPOCH_PREFIX = "epoch/"  # per training epoch (step = global epoch): the accurac
 FINAL_PREFIX = "final/"  # once, at the end (step = number of epochs): the results
 # Every result is a tag ``final/<key>`` (full precision, never charted); these are also metrics, rounded
 # to 4 decimals, which the runs table shows, sorts and averages (the run's page charts each as one dot).
-FINAL_AS_METRICS = ("val_acc", "test_acc", "n_collapsed_layers")
+FINAL_AS_METRICS = ("val_acc", "test_acc", "n_collapsed_layers", "at_chance")  # the runs table averages them (at_chance: the share of seeds)
 PRUNE_PREFIX = "prune/"  # per pruning round (step = round): right after pruning
 TRAINER_PREFIX = "trainer/"  # per epoch, the rest: learning rate, density, mask and soft-schedule state, seconds
 CURVES = ("train_loss", "val_acc", "val_loss", "test_acc", "test_loss")  # the epoch/ keys
@@ -332,9 +332,24 @@ def experiment_id(uri: str, name: str) -> str:
         return exp.experiment_id
 
 
-def ui_link(uri: str, exp_id: str | None = None, port: int = 5000) -> tuple[str | None, str]:
+def free_port(preferred: int = 5000) -> int:
+    """``preferred`` if nothing listens on 127.0.0.1 there now, else a port the OS says is free."""
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    return preferred
+
+
+def ui_link(uri: str, exp_id: str | None = None, port: int | None = None) -> tuple[str | None, str]:
     """(command that serves the UI or None when ``uri`` is a server, URL that opens the experiment's
-    runs in the training view)."""
+    runs in the training view); ``port``: default a free one on 127.0.0.1 (5000 when free)."""
+    port = port or free_port()
     path = sqlite_path(uri)
     if path is not None:
         command = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port {port}"

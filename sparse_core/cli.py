@@ -123,18 +123,15 @@ def _resume_state(path: str | None, cfg):
 
 def _report(result: dict, data, args) -> None:
     """The closing lines on stderr (the chance warning even with --quiet) and the JSON result on stdout
-    (the result without its history, plus ``at_chance``)."""
-    from .metrics import at_chance, chance_accuracy
+    (the result without its history)."""
     from .results import RunResult
 
     result.pop("history")
     r = RunResult.from_dict(result)  # read through the typed result; printed as it came (keys in their order)
-    result["at_chance"] = at_chance(r.test_acc, data.y_test, data.num_classes)
     if result["at_chance"]:  # shown even with --quiet: the run trained nothing worth reading
-        chance = chance_accuracy(data.y_test, data.num_classes)
         print(f"warning: test accuracy {100 * r.test_acc:.2f} % is at chance (one constant guess scores "
-              f"{100 * chance:.2f} %): the network learned nothing; look for a diverging loss above and check the "
-              f"settings (result: \"at_chance\": true)", file=sys.stderr)
+              f"{100 * result['chance_acc']:.2f} %): the network learned nothing; look for a diverging loss above and "
+              f"check the settings (result: \"at_chance\": true)", file=sys.stderr)
     if not args.quiet:
         print(f"done: test acc {r.test_acc:.4f}, val acc {r.val_acc:.4f} (best val {r.best_val_acc:.4f} at epoch "
               f"{r.best_val_epoch}) at density {r.density:.4f} in {r.seconds:.1f}s; run_key {r.run_key}", file=sys.stderr)

@@ -327,16 +327,14 @@ def from_flat(flat: Mapping[str, Any]) -> Config:
     if unknown:
         import difflib
 
-        def closest(key: str) -> str:  # same field name in another section first, then spelling
+        def closest(key: str) -> str:  # same field name in another section first, then spelling: three at most
             same = [k for k in FIELD_TYPES if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
             score = {k: difflib.SequenceMatcher(None, key, k).ratio() for k in FIELD_TYPES}
-            top = max(score.values())  # the best match and any as close (a shared section prefix inflates all)
-            near = same + [k for k in sorted(score, key=score.get, reverse=True)[:3]
-                           if score[k] >= max(0.6, top - 0.05) and k not in same]
-            return f"{key} (did you mean {' or '.join(near[:3])}?)" if near else key
+            near = same + [k for k in sorted(score, key=score.get, reverse=True) if k not in same]
+            return f"{key} (did you mean {' or '.join(near[:3])}?)"
 
-        raise ValueError(f"unknown config key(s): {', '.join(map(closest, unknown))}; valid keys: "
-                         f"{', '.join(FIELD_TYPES)}")
+        raise ValueError(f"unknown config key(s): {', '.join(map(closest, unknown))}; every key with its meaning: "
+                         f"python -m sparse_core --help")
     sections: dict[str, dict[str, Any]] = {}
     top: dict[str, Any] = {}
     for key, value in flat.items():

@@ -76,3 +76,8 @@ def chance_accuracy(y: torch.Tensor, num_classes: int) -> float:
 def at_chance(acc: float, y: torch.Tensor, num_classes: int) -> bool:
     """True when ``acc`` is below ``CHANCE_FACTOR`` x ``chance_accuracy`` (NaN counts as at chance)."""
     return not acc >= CHANCE_FACTOR * chance_accuracy(y, num_classes)
+
+
+def chance_marks(acc: float, y: torch.Tensor, num_classes: int) -> dict:
+    """{"chance_acc": the best constant guess's accuracy on ``y``, "at_chance": at_chance(acc, ...)}."""
+    return {"chance_acc": chance_accuracy(y, num_classes), "at_chance": at_chance(acc, y, num_classes)}

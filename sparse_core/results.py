@@ -85,6 +85,8 @@ class RunResult:
     best_val_acc: float
     best_val_epoch: int
     test_acc_at_best_val: float
+    chance_acc: float  # the best constant guess's test accuracy
+    at_chance: bool  # test accuracy below metrics.CHANCE_FACTOR x chance_acc: the run learned nothing
     density: float
     density_target: float
     density_all: float

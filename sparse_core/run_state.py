@@ -34,7 +34,7 @@ from .config import Config, from_flat, run_key
 from .data import TensorData, load
 from .init import initialise
 from .masks import get_masks, prunable_weights, set_masks
-from .metrics import density_summary, evaluate, flops
+from .metrics import chance_marks, density_summary, evaluate, flops
 from .models import build
 from .plan import TrainEpoch, derive_seed, gradual_steps, total_epochs
 from .plan import build as build_plan
@@ -195,6 +195,7 @@ class RunState(PruneSteps):
                              "test_acc_at_best_val": final["test_acc"]}
         return {
             "run_key": run_key(self.cfg), **final, **best, **self.marks,
+            **chance_marks(final["test_acc"], self.data.y_test, self.data.num_classes),  # chance_acc, at_chance
             "density": summary["density"],
             "density_target": self.cfg.prune.density,
             "density_all": summary["density_all"],

@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: sweeps/ is on sys.path, the re
 
 from sparse_core.cli import exit_now  # noqa: E402
 from sparse_core.config import parse_overrides  # noqa: E402
-from sweeps import claims, designs, options, packing, presets, relay, sweep_run, tracking  # noqa: E402
+from sweeps import claims, designs, options, packing, presets, relay, sweep_run, tracking, tune_store  # noqa: E402
 
 # A grid has no scheduler: one Tune report per second (plus stage ends) keeps the progress line
 # live without a driver round-trip per epoch (see sweeps/trainable.py).
@@ -47,7 +47,8 @@ def parse_args(argv):
         + "\n\ndesigns: " + ", ".join(designs.DESIGNS) + " (see sweeps/designs.py)")
     parser.add_argument("--preset", default="laptop", choices=list(presets.PRESETS), help="default %(default)s")
     parser.add_argument("--design", default="leave-one-out", choices=designs.DESIGNS, help="default %(default)s")
-    parser.add_argument("--cells", help="only these design cells, comma separated (e.g. full,base,rigl)")
+    parser.add_argument("--cells", help="only these design cells, comma separated (e.g. full,base,rigl; default: the "
+                                        "preset's cells of the design, else all)")
     parser.add_argument("--densities", help="comma separated fractions kept, e.g. 0.1,0.01 (default: the preset's)")
     parser.add_argument("--seeds", help="comma separated seeds, e.g. 0,1,2 (default: the preset's)")
     parser.add_argument("--resume", nargs="?", const="latest", metavar="RUN",
@@ -86,7 +87,8 @@ def plan(parser, args):
     preset = presets.get(args.preset)
     densities = _numbers(parser, args.densities, float, "densities", preset.densities)
     seeds = _numbers(parser, args.seeds, int, "seeds", preset.seeds)
-    cells = [c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else None
+    cells = ([c.strip() for c in args.cells.split(",") if c.strip()] if args.cells
+             else list(preset.cells.get(args.design, ())) or None)
     try:
         base = options.base_overrides(preset.base, args.set, args.data_dir)
         given = set(parse_overrides(args.set))  # a --set key applies to every cell, tuned or not
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
           f"Tune storage {storage}", flush=True)
     parent = _open_parent(args, sweep, trials, uri, exp_id)
 
-    path = _resume_path(args, sweep, storage) if args.resume else None
+    trial_set = tune_store.trial_set(trials)  # --resume restores a Tune run of this very set
+    path = _resume_path(args, sweep, storage, trial_set, len(trials)) if args.resume else None
     if path:  # Tune restores the trials; each skips itself if its run_key is FINISHED meanwhile
         todo, skipped = trials, 0
     else:
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
 
     tally = {"launched": 0, "tune_trials": 0, "seconds": 0.0, "failed": 0, "unfinished": 0, "idle_keys": {}}
     if todo:
-        tally = _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path, parent)
+        tally = _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path, (trial_set, len(trials)), parent)
     else:
         print("nothing to run: every trial is FINISHED")
     n = _counts(uri, args.experiment, todo, tally, skipped)
@@ -217,14 +220,21 @@ def _summarise(args, sweep, trials, uri, exp_id, report: bool = True) -> tuple[l
     returns the summary's lines and the report's folder (None: no report)."""
     from sweeps import summary
 
-    table = summary.rows(trials, uri, args.experiment)
+    preset = presets.get(args.preset)
+    chosen = list(dict.fromkeys(t.cell for t in trials))
+    every = [label for label, _ in designs.cells(args.design)]
+    how = "--cells" if args.cells else f"the {preset.name} preset's; the rest run in --preset digits-study"
+    baselines = [c for c in designs.baselines(args.design) if c in chosen]
+    outcome = summary.rows(trials, uri, args.experiment, baselines,
+                           summary.scope_text(args.design, chosen, every, how))
+    subset = chosen if args.cells else None  # a --cells run reports its own cells, not the sweep's earlier ones
     folder = error = None
-    if report and not args.no_report and any(r["finished"] for r in table):
+    if report and not args.no_report and len(outcome.frame):
         print(f"writing the report to {summary.report_dir(uri, sweep)} ...", flush=True)
-        files, _, error = summary.write_report(uri, args.experiment, sweep, summary.report_dir(uri, sweep))
+        files, _, error = summary.write_report(uri, args.experiment, sweep, summary.report_dir(uri, sweep), subset)
         folder = summary.report_dir(uri, sweep) if files else None
-    text = summary.lines(table, uri=uri, exp_id=exp_id, experiment=args.experiment, sweep=sweep, report=folder,
-                         report_error=error)
+    text = summary.lines(outcome, uri=uri, exp_id=exp_id, experiment=args.experiment, sweep=sweep, report=folder,
+                         report_error=error, cells=subset)
     print("\n".join(text), flush=True)
     return text, folder
 
@@ -259,17 +269,17 @@ def _tally(results, runs: int = 0) -> dict:
     return out
 
 
-def _resume_path(args, sweep: str, storage: str) -> str | None:
+def _resume_path(args, sweep: str, storage: str, trial_set: str, n: int) -> str | None:
     """The Tune run --resume restores; None, with a note, when Tune's state of it is incomplete (the
     sweep then runs as a plain re-run does, which is just as safe: FINISHED runs are skipped and
     interrupted ones continue from their newest checkpoint)."""
     from sweeps import launch
 
-    path = (launch.latest_run(storage, sweep) if args.resume == "latest"
+    path = (tune_store.latest_run(storage, sweep, trial_set) if args.resume == "latest"
             else storage.rstrip("/") + "/" + args.resume)
     if path is None or not launch.run_exists(path):
-        raise SystemExit(f"error: no Tune run {'of sweep ' + repr(sweep) if path is None else repr(args.resume)} "
-                         f"to resume under {storage} (run without --resume to start one)")
+        what = f"of sweep {sweep!r} with these {n} trials" if path is None else repr(args.resume)
+        raise SystemExit(f"error: no Tune run {what} to resume under {storage} (run without --resume to start one)")
     problem = launch.restore_problem(path)
     if problem:
         print(f"note: not restoring {path}: {problem} (the driver was killed while Tune saved it); re-running "
@@ -279,9 +289,10 @@ def _resume_path(args, sweep: str, storage: str) -> str | None:
     return path
 
 
-def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | None, parent: str | None = None) -> dict:
-    """Run the trials through Tune (restoring the Tune run at ``path`` if given); returns ``_tally``'s
-    counts."""
+def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | None, trial_set: tuple,
+         parent: str | None = None) -> dict:
+    """Run the trials through Tune (restoring the Tune run at ``path`` if given; a new run records
+    ``trial_set``, (hash, count), beside it) under the sweep's ``parent`` run; returns ``_tally``'s counts."""
     from ray import tune
 
     started_ray = launch.connect()
@@ -312,11 +323,14 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | No
                                        trial_dirname_creator=launch.trial_dirname)
             tuner = launch.tuner(space, cpus=cpus, gpus=gpus, tune_config=tune_cfg,
                                  run_cfg=launch.run_config(name, storage, args.max_failures, [progress]))
+            tune_store.remember(storage, name, *trial_set)
         if not path:
             print(f"launching {packing.describe(packed, len(todo))} ({cpus:g} CPU, {gpus:g} GPU each)", flush=True)
         elif args.pack is not None:
             print("note: --pack is ignored with --resume (the restored run keeps its packs)", flush=True)
-        tally = _tally(launch.fit(tuner, relay.Scope.of(uri, exp_id, sweep, todo, storage, parent)), progress.runs)
+        results = launch.fit(tuner, relay.Scope.of(uri, exp_id, sweep, todo, storage, parent))
+        tally = _tally(results, progress.runs)
+        tune_store.drop_finished_checkpoints(results)  # resume never trains a finished trial again
         idle = tally["idle"]
         if idle:  # see TrialRun.open: a FINISHED run_key is never trained again, nor one claimed elsewhere
             print(f"{len(idle)} of {tally['launched']} trials trained nothing: {idle.count('finished')} already "

@@ -1,6 +1,6 @@
 """Ablation designs: which method variants ("cells") a sweep runs.
 
-The full pipeline of METHOD.md is five components on top of a plain baseline (Kaiming init,
+The full pipeline of the method (docs/method.md) is five components on top of a plain baseline (Kaiming init,
 no mask, magnitude pruning, plain post-training):
 
 - ``zero_init``        ZerO initialisation
@@ -116,6 +116,16 @@ def cells(design: str, mask_kind: str = "sigmoid", synflow_rounds: int = 100) ->
             label = "full" if len(chosen) == len(names) else "+".join(chosen) or "base"
             out.append((label, _with(parts, chosen)))
         return out
+    raise ValueError(f"--design {design!r} is not known; choose one of {', '.join(DESIGNS)}")
+
+
+def baselines(design: str) -> tuple[str, ...]:
+    """The cells of ``design`` outside the paper's pipeline, among which a summary picks its reference:
+    the plain magnitude ``base``, the other pruners, GMP and RigL (a factorial design has ``base`` only)."""
+    if design == "leave-one-out":
+        return ("base", *(f"pruner={p}" for p in BASELINE_PRUNERS), "gmp", "rigl")
+    if design == "factorial":
+        return ("base",)
     raise ValueError(f"--design {design!r} is not known; choose one of {', '.join(DESIGNS)}")
 
 

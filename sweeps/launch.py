@@ -20,6 +20,7 @@ from ray import tune
 from . import packing, relay, tracking
 from .trainable import resources, train_trial
 from .trial_state import FAULT_ENOSPC_ENV
+from .tune_store import fs_of, latest_run  # noqa: F401 - latest_run: --resume's pick, kept here for its callers
 
 ROOT = Path(__file__).resolve().parent.parent
 _relay: relay.Relay | None = None  # a local runtime's MLflow relay (connect)
@@ -34,6 +35,10 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # (result.json: each trial's reports). MLflow has every metric already; the CSV file and the
 # TensorBoard writer (a thread, a protobuf event per report) were driver work for every report.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+
+def _token_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def connect(**local) -> bool:
@@ -59,6 +64,9 @@ def connect(**local) -> bool:
         # Ray pre-starts a worker per CPU for the job's runtime env, but Tune starts its trial actors
         # with one of their own (PL_DISABLE_FORK), so those workers only idle: ~0.85 CPU s each.
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+        # Ray turns token authentication on for a new local runtime and says so in a warning on every sweep:
+        # it stays on, the notice is dropped (an explicitly disabled mode still gets Ray's own warning)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_token_auth_notice)
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
         env_vars = {"PYTHONPATH": path, "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}
         if os.environ.get(FAULT_ENOSPC_ENV):  # fault injection (tests) reaches the trials' processes
@@ -377,10 +385,7 @@ def restore_problem(path: str) -> str | None:
     return None
 
 
-def _fs(path: str):
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+_fs = fs_of
 
 
 def run_exists(path: str) -> bool:
@@ -391,18 +396,3 @@ def run_exists(path: str) -> bool:
         return fs.get_file_info(base).type == pafs.FileType.Directory
     except OSError:
         return False
-
-
-def latest_run(storage_path: str, sweep: str) -> str | None:
-    """Newest ``<sweep>-<timestamp>-<pid>`` Tune run under storage_path, whether Tune can restore it or
-    not (see restore_problem): an older run must not stand in for the one just interrupted."""
-    import pyarrow.fs as pafs
-
-    fs, base = _fs(storage_path)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    except OSError:
-        return None
-    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
-                   and i.base_name.startswith(sweep + "-") and i.base_name[len(sweep) + 1:].replace("-", "").isdigit())
-    return storage_path.rstrip("/") + "/" + names[-1] if names else None

@@ -23,9 +23,10 @@ class Preset:
     cpus_per_trial: float = 1.0  # CPU cores reserved per trial (also torch's intra-op threads)
     gpus_per_trial: float = 0.0  # GPU share per trial when the cluster has GPUs (fractions share a card)
     cell_overrides: dict = field(default_factory=dict)  # fnmatch pattern of cell labels -> flat overrides for those cells only
+    cells: dict = field(default_factory=dict)  # design -> the cells this preset runs when --cells is not given (default all)
 
 
-# The MLP of METHOD.md on MNIST: 784-100x5-10, 119,400 prunable weights.
+# The method's MLP on MNIST: 784-100x5-10, 119,400 prunable weights.
 _MNIST_MLP = {
     "data.name": "mnist",
     "model.name": "mlp",
@@ -38,6 +39,12 @@ _MNIST_MLP = {
 # RigL's drop/grow every 100 steps (its ImageNet default) is 6 updates in a 630-step digits run; every 20
 # steps is 23, a share of training closer to the paper's (chosen with the design's rigl cell, docs/baselines.md)
 _DIGITS_RIGL = {"rigl.delta_t": 20}
+
+# The laptop's cells: those that answer "does the full pipeline beat the strong baselines, and which component
+# carries it" (3 seeds of all 18 take ~3.5 min on 2 cores; these 11 ~2.5 min). The single-component cells
+# (base+<c>) and the random / grasp pruners (at chance below 3 % on this MLP) are left to digits-study.
+_LAPTOP_CELLS = ("full", "full-no_zero_init", "full-no_mask", "full-no_label_smoothing", "full-no_soft_activation",
+                 "full-no_soft_skip", "base", "pruner=snip", "pruner=synflow", "gmp", "rigl")
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -61,7 +68,10 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="laptop",
-            description="digits MLP (64-100x5-10), 10+20 epochs, 4 densities, 1 seed: 72 trials, ~2 min on 2 CPU cores",
+            description="digits MLP (64-100x5-10), 10+20 epochs, 4 densities, 3 paired seeds, 11 of the 18 "
+                        "leave-one-out cells (the full pipeline, each leave-one-out, base, snip, synflow, gmp, rigl; "
+                        "the base+<component> cells and the random and grasp pruners run in digits-study): "
+                        "132 trials, ~2.5 min on 2 CPU cores",
             base={
                 "data.name": "digits",  # bundled with scikit-learn, no download
                 "model.name": "mlp",  # 5 hidden layers of 100 units (the paper's MLP on 8x8 inputs)
@@ -69,10 +79,11 @@ PRESETS: dict[str, Preset] = {
                 "train.post_epochs": 20,  # sparse epochs after pruning
             },
             densities=(0.1, 0.03, 0.01, 0.003),  # 0.003 leaves ~140 of 47,400 weights
-            seeds=(0,),
+            seeds=(0, 1, 2),  # three paired seeds: the fewest that give a CI and a paired test
             synflow_rounds=20,  # 100 rounds cost ~30 s per trial here; 20 keep the schedule's shape
             gpus_per_trial=0.25,
             cell_overrides={"rigl": _DIGITS_RIGL},
+            cells={"leave-one-out": _LAPTOP_CELLS},
         ),
         Preset(
             name="digits-study",
@@ -95,7 +106,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="paper-mnist",
-            description="MLP 784-100x5-10 on MNIST (data.dir), 20+40 epochs, METHOD.md density ladder, 5 seeds",
+            description="MLP 784-100x5-10 on MNIST (data.dir), 20+40 epochs, the method's density ladder (docs/method.md), 5 seeds",
             base=dict(_MNIST_MLP),
             densities=(0.1, 0.01, 0.00562, 0.00316, 0.00178, 0.001),
             seeds=(0, 1, 2, 3, 4),
@@ -105,7 +116,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="paper-cifar",
-            description="VGG-16-BN on CIFAR-10 (data.dir), 40+160 epochs, METHOD.md density ladder, 5 seeds",
+            description="VGG-16-BN on CIFAR-10 (data.dir), 40+160 epochs, the method's density ladder (docs/method.md), 5 seeds",
             base={
                 "data.name": "cifar10",
                 "model.name": "vgg16",  # 13 conv layers, 14,715,584 prunable weights

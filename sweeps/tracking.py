@@ -35,7 +35,7 @@ from .claims import (OPEN_STATUSES, arbitrate, claim_alive, claim_generation, cu
 # Per-epoch keys from sparse_core.train that are bookkeeping, not measurements.
 _NOT_METRICS = {"epoch", "epochs", "round", "stage_epoch", "stage", "stage_end", "last_prune"}
 # Result keys logged once at the end as ``final/<key>`` (step = number of training epochs).
-FINAL_METRICS = ("test_acc", "test_loss", "val_acc", "val_loss", "best_val_acc", "best_val_epoch",
+FINAL_METRICS = ("test_acc", "test_loss", "at_chance", "chance_acc", "val_acc", "val_loss", "best_val_acc", "best_val_epoch",
                  "test_acc_at_best_val", "pre_val_acc", "pre_test_acc", "prune_val_acc", "prune_test_acc",
                  "density", "density_target", "density_all", "kept_weights", "prunable_weights", "flops_dense",
                  "flops_sparse", "rigl_regrown", "seconds", "epochs",
@@ -95,7 +95,10 @@ def final_fields(result: dict) -> dict:
     """What ``finish`` reads of a trial's result (``sparse_core.train.run``'s JSON-able result)."""
     keys = (*FINAL_METRICS, "collapsed_layers", "device", "sparse_path", "prefix_shared_by", "layer_density", "epochs",
             "effective_units")
-    return {k: result[k] for k in keys if k in result}
+    out = {k: result[k] for k in keys if k in result}
+    if "at_chance" in out:  # a metric: 1.0 / 0.0 (sparse_core.metrics.at_chance)
+        out["at_chance"] = float(bool(out["at_chance"]))
+    return out
 
 
 class RunLog:
@@ -305,6 +308,8 @@ class TrialRun(RunLog):
         the per-epoch curves; tags and layer densities; the run ends FINISHED."""
         final = {k: result[k] for k in FINAL_METRICS if k in result}
         final["n_collapsed_layers"] = len(result["collapsed_layers"])
+        if "at_chance" in final:  # 1 / 0 (sparse_core.metrics.at_chance: test accuracy near a constant guess)
+            final["at_chance"] = float(bool(final["at_chance"]))
         # shown rounded (4 decimals: 0.9611, not 0.961111...); the tags keep every value at full precision
         self._log({FINAL_PREFIX + k: round(v, 4) for k, v in final.items() if k in FINAL_AS_METRICS and _finite(v)},
                   result["epochs"])
@@ -312,6 +317,8 @@ class TrialRun(RunLog):
         tags.update({"collapsed_layers": ",".join(result["collapsed_layers"]), "device": result.get("device", ""),
                      "effective_units": ",".join(f"{k.removesuffix('.weight')}:{v}"
                                                  for k, v in result.get("effective_units", {}).items())})
+        if "at_chance" in result:
+            tags["at_chance"] = "true" if result["at_chance"] else "false"
         if "sparse_path" in result:
             tags["sparse_path"] = result["sparse_path"]
         if result.get("prefix_shared_by", 1) > 1:  # its pre-training was trained once for this many runs

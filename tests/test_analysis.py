@@ -144,9 +144,17 @@ def test_table_means_ci_paired_tests_reference_and_collapse(store):
         assert got["n"] == e["n"] == len(SEEDS) and got["collapsed"] == e["collapsed"]
         assert (got["ci_low"], got["ci_high"]) == pytest.approx(ci[key])
     assert exp["collapsed"].any(), "the grid should contain a collapsed layer so the marker is exercised"
-    # the reference is the only baseline, chosen by validation; the other row is tested against it
-    assert table.reference == {d: "base" for d in DENSITIES}
+    # at chance: most seeds' runs logged at_chance = 1; the grid has such cells and others
+    chance = df.groupby(["cell", "prune.density"])["at_chance"].mean() > 0.5
+    assert (cells["at_chance"] == chance.reindex(cells.index)).all() and chance.any() and not chance.all()
+    # the reference is the only baseline, chosen by validation, unless it is at chance (then there is none);
+    # the other row is tested against it
+    assert table.reference == {d: None if chance[("base", d)] else "base" for d in DENSITIES}
+    assert None in table.reference.values() and "base" in table.reference.values()
     for d in DENSITIES:
+        if table.reference[d] is None:
+            assert (cells.xs(d, level=1)["mark"] == "").all() and cells.xs(d, level=1)["p_value"].isna().all()
+            continue
         assert cells.loc[("base", d), "mark"] == "ref" and np.isnan(cells.loc[("base", d), "p_value"])
         got = cells.loc[("base+label_smoothing", d)]
         assert got["p_value"] == pytest.approx(p[d]) and got["p_holm"] == pytest.approx(p[d])  # one test per column
@@ -161,8 +169,9 @@ def test_table_means_ci_paired_tests_reference_and_collapse(store):
         for text, density in zip(texts[1:], table.col_order):
             e, (_, hi) = exp.loc[(cell, density)], ci[(cell, density)]
             assert f"{100 * e['mean']:.2f} ± {100 * (hi - e['mean']):.2f}" in text
-            assert text.startswith("**") == (cell == "base")  # bold: the reference
+            assert text.startswith("**") == (cell == table.reference[density])  # bold: the reference
             assert text.endswith("†") == bool(e["collapsed"])
+            assert ("(chance)" in text) == bool(chance[(cell, density)])
     text = to_markdown(table)
     assert f"n = {len(SEEDS)} seed(s) per cell" in text and "95 % confidence interval" in text
     assert "paired t-test" in text and "Holm" in text and "reference row of each column (base)" in text
@@ -336,6 +345,12 @@ def test_report_cli_writes_self_contained_html_and_logs_artifacts(store, tmp_pat
     again = load_runs(store["uri"], ["grid"])  # the analysis run is not a trial
     assert len(again) == len(store["results"]) and "analysis" not in set(again["cell"])
     assert again.attrs["left_out"] == {"FAILED": 1, "RUNNING": 1}
+    assert f"cell ({again['cell'].nunique()}, what this report covers): " in (out / "index.html").read_text()
+    rebuilt = report.build(store["uri"], ["grid"], str(tmp_path / "again"))["run_id"]  # replaces its run
+    (only,) = client.search_runs([grid], "tags.cell = 'analysis'")
+    assert only.info.run_id == rebuilt != runs[0].info.run_id
+    other = report.build(store["uri"], ["grid"], str(tmp_path / "base"), filters=["cell=base"])["run_id"]
+    assert {r.info.run_id for r in client.search_runs([grid], "tags.cell = 'analysis'")} == {rebuilt, other}
 
 
 def test_report_refuses_before_writing_when_an_axis_varies(store, tmp_path):

@@ -16,7 +16,7 @@ def test_flat_round_trip_and_string_parsing():
     ({"prune.density": 0}, ["prune.density", "(0, 1]"]),
     ({"prune.density": 1.5}, ["prune.density", "1.5"]),
     ({"train.optimizer": "lbfgs"}, ["train.optimizer", "lbfgs", "sgd", "adam"]),
-    ({"prune.nope": 1}, ["unknown", "prune.nope", "prune.density"]),
+    ({"prune.nope": 1}, ["unknown", "prune.nope", "did you mean prune.scope or prune.pruner or prune.rounds?"]),
     ({"post.soft_skip": "maybe"}, ["post.soft_skip", "true or false"]),
     ({"prune.pruner": "mask"}, ["mask.kind"]),
 ])

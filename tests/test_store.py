@@ -77,11 +77,24 @@ def test_new_and_existing_experiments_are_marked_as_model_training(uri):
     assert kinds == {"old": "custom_model_development", "genai": "custom_model_development", "mine": "classification"}
 
 
-def test_ui_link_opens_the_training_view(uri):
-    command, url = runstore.ui_link(uri, "7")
+def test_ui_link_opens_the_training_view_on_a_free_port(uri):
+    import socket
+
+    command, url = runstore.ui_link(uri, "7", port=5000)
     assert command == f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
     assert url == ("http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=study"
                    "&workflowType=machine_learning")
+    with socket.socket() as busy:  # something listens where the UI would go: the command names another port
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        port = runstore.free_port(taken)
+        assert port != taken and port > 0
+        command, url = runstore.ui_link(uri, "7")
+        chosen = int(command.rsplit("--port ", 1)[1])
+        assert url.startswith(f"http://127.0.0.1:{chosen}/#/experiments/7/runs?")
+        with socket.socket() as probe:  # the printed port is free to bind right now
+            probe.bind(("127.0.0.1", chosen))
     command, url = runstore.ui_link("http://10.0.0.5:5000/", "7")
     assert command is None and url.startswith("http://10.0.0.5:5000/#/experiments/7/runs?")
 
@@ -226,32 +239,55 @@ def test_analysis_and_runstore_read_the_same_rows(uri):
     assert runstore.load_runs(uri, "no-such-experiment") == []
 
 
-# ---- the end-of-sweep summary picks by validation -----------------------------------------------
-def test_sweep_summary_picks_the_best_cell_by_validation_in_percent(uri):
+# ---- the end-of-sweep summary: reference by validation, CIs, paired tests, chance named ---------------
+def test_sweep_summary_gives_reference_ci_paired_tests_and_chance_in_percent(uri):
     c = MlflowClient(uri)
     exp_id = runstore.experiment_id(uri, "grid")
     base = {k: v for k, v in TINY.items() if k != "prune.density"}
-    trials, _ = designs.trials("leave-one-out", base, (0.1, 0.01), (0, 1), 2, ["base", "full", "rigl"])
-    # at 10 %: full has the higher val_acc, base the higher test_acc -> full is the pick
-    acc = {("base", 0.1): (0.80, 0.95), ("full", 0.1): (0.90, 0.85), ("rigl", 0.1): (0.70, 0.70),
-           ("base", 0.01): (0.30, 0.20), ("full", 0.01): (0.10, 0.40), ("rigl", 0.01): (0.50, 0.45)}
+    cells = ["full", "base", "gmp", "rigl"]
+    trials, _ = designs.trials("leave-one-out", base, (0.1, 0.01), (0, 1, 2), 2, cells)
+    # (val, test) per seed. At 10 %: gmp has the best baseline val (rigl the best baseline test: never picked);
+    # full is clearly better than gmp on every seed, base clearly worse. At 1 %: base is at chance with the
+    # highest val of all baselines (never the reference), rigl is the reference, gmp is not distinguishable.
+    acc = {("full", 0.1): ((0.90, 0.95), (0.91, 0.96), (0.92, 0.97)),
+           ("gmp", 0.1): ((0.85, 0.80), (0.86, 0.81), (0.87, 0.82)),
+           ("rigl", 0.1): ((0.70, 0.90), (0.71, 0.91), (0.72, 0.92)),
+           ("base", 0.1): ((0.60, 0.50), (0.61, 0.52), (0.62, 0.51)),
+           ("full", 0.01): ((0.50, 0.55), (0.40, 0.30), (0.60, 0.70)),
+           ("gmp", 0.01): ((0.50, 0.60), (0.50, 0.40), (0.50, 0.50)),
+           ("rigl", 0.01): ((0.60, 0.60), (0.60, 0.50), (0.60, 0.55)),
+           ("base", 0.01): ((0.99, 0.10), (0.99, 0.10), (0.99, 0.10))}
     for t in trials:
-        if (t.cell, t.density, t.seed) == ("rigl", 0.01, 1):
+        if (t.cell, t.density, t.seed) == ("full", 0.01, 2):
             continue  # one trial never finished
-        val, test = acc[(t.cell, t.density)]
-        collapsed = 1.0 if t.cell == "full" and t.density == 0.01 and t.seed == 0 else 0.0
-        _fake_run(c, exp_id, t.flat, t.cell, {"final/val_acc": val + t.seed / 100, "final/test_acc": test,
+        val, test = acc[(t.cell, t.density)][t.seed]
+        collapsed = 1.0 if t.cell == "base" and t.density == 0.01 and t.seed == 0 else 0.0
+        chance = 1.0 if t.cell == "base" and t.density == 0.01 else 0.0
+        _fake_run(c, exp_id, t.flat, t.cell, {"final/val_acc": val, "final/test_acc": test, "final/at_chance": chance,
                                                "final/n_collapsed_layers": collapsed}, sweep="grid-s")
-    table = summary.rows(trials, uri, "grid")
-    text = "\n".join(summary.lines(table, uri=uri, exp_id=exp_id, experiment="grid", sweep="grid-s",
-                                   report=None, report_error="no runs"))
-    assert "density 10 %: best full: val 90.50, test 85.00 (2/2 seeds)" in text
-    assert "density 1 %: best rigl: val 50.00, test 45.00 (1/2 seeds); collapsed layers in full (1/2)" in text
-    assert "1 of 12 trials have no FINISHED run" in text
-    assert f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" in text
+    outcome = summary.rows(trials, uri, "grid", designs.baselines("leave-one-out"),
+                           summary.scope_text("leave-one-out", cells, [l for l, _ in designs.cells("leave-one-out")],
+                                              "--cells"))
+    text = "\n".join(summary.lines(outcome, uri=uri, exp_id=exp_id, experiment="grid", sweep="grid-s",
+                                   report=None, report_error="no runs", cells=cells))
+    lines = text.splitlines()
+    assert lines[0] == ("summary of sweep 'grid-s', 4 of the 18 cells of design 'leave-one-out' (--cells): full, base, "
+                        "gmp, rigl:")
+    at = {d: lines.index(next(x for x in lines if x.startswith(f"  density {d}:"))) for d in ("1 %", "10 %")}
+    assert at["1 %"] < at["10 %"]  # the lowest density leads
+    low, high = lines[at["1 %"]:at["10 %"]], lines[at["10 %"]:]
+    assert low[0] == "  density 1 %: reference rigl: test 55.00 ± 12.42, 95 % CI 42.58-67.42, 3/3 seeds"
+    assert "    not distinguishable: gmp, full" in low and not [x for x in low if "better" in x or "worse" in x]
+    assert "    not tested (fewer than 2 paired seeds)" not in text  # full has 2 seeds at 1 %: tested
+    assert "    at chance: base" in low and "    collapsed layers in base (1/3)" in low
+    assert high[0].startswith("  density 10 %: reference gmp: test 81.00 ± 2.48, 95 % CI 78.52-83.48, 3/3 seeds")
+    assert "    better: full 96.00 ± 2.48, rigl 91.00 ± 2.48" in high
+    assert "    worse: base 51.00 ± 2.48" in high
+    assert "1 of 24 trials have no FINISHED run" in text
+    assert f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port " in text
     assert "workflowType=machine_learning" in text and "report:     not written (no runs)" in text
-    assert (f"python -m analysis report --experiment grid --mlflow-uri {uri} --filter sweep=grid-s --out "
-            f"{summary.report_dir(uri, 'grid-s')}") in text
+    assert (f"python -m analysis report --experiment grid --mlflow-uri {uri} --filter sweep=grid-s --filter cell=full "
+            f"--filter cell=base --filter cell=gmp --filter cell=rigl --out {summary.report_dir(uri, 'grid-s')}") in text
     assert summary.report_dir(uri, "grid-s") == str(Path(runstore.sqlite_path(uri)).parent / "reports" / "grid-s")
 
 
@@ -281,4 +317,5 @@ def test_unknown_key_suggests_the_closest_first(key, closest):
         from_flat({key: 1})
     message = str(e.value)
     assert message.startswith(f"unknown config key(s): {key} (did you mean {closest}")
-    assert message.index(closest) < message.index("valid keys:")
+    assert message.count(" or ") <= 2 and "valid keys" not in message  # three suggestions at most, not all keys
+    assert "python -m sparse_core --help" in message

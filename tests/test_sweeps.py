@@ -94,6 +94,39 @@ def test_resume_finds_the_newest_run_and_says_what_tune_could_not_save(tmp_path)
     assert launch.run_exists(str(new)) and not launch.run_exists(str(tmp_path / "s-nope"))
 
 
+def test_resume_restores_the_newest_run_of_the_same_trial_set(tmp_path):
+    """A sweep name run with other --cells (another trial set) never stands in for this set's run."""
+    from sweeps import tune_store
+
+    base = {"data.name": "digits", "train.pre_epochs": 1, "train.post_epochs": 1}
+    whole, _ = designs.trials("leave-one-out", base, (0.1,), (0,), 2)
+    subset, _ = designs.trials("leave-one-out", base, (0.1,), (0,), 2, ["full", "base", "rigl"])
+    assert tune_store.trial_set(whole) == tune_store.trial_set(list(reversed(whole)))  # order does not matter
+    mine, other = tune_store.trial_set(whole), tune_store.trial_set(subset)
+    assert mine != other
+    legacy, run_a, run_b = (tmp_path / f"s-2026110{i}-000000-1" for i in (1, 2, 3))
+    for run in (legacy, run_a, run_b):
+        run.mkdir()
+    tune_store.remember(str(tmp_path), run_a.name, mine, len(whole))
+    tune_store.remember(str(tmp_path), run_b.name, other, len(subset))  # the newest: a --cells run
+    assert json.loads((tmp_path / f"{run_b.name}.trials").read_text()) == {"trial_set": other, "trials": 3}
+    assert tune_store.latest_run(str(tmp_path), "s", mine) == str(run_a)
+    assert tune_store.latest_run(str(tmp_path), "s", other) == str(run_b)
+    assert tune_store.latest_run(str(tmp_path), "s", "0" * 16) == str(legacy)  # a run with no set recorded
+    assert tune_store.latest_run(str(tmp_path), "s") == str(run_b)
+
+
+def test_a_local_runtime_starts_with_token_auth_and_without_its_warning(tmp_path):
+    code = ("import os\nfrom sweeps import launch\nlaunch.connect(num_cpus=1)\n"
+            "print('mode', os.environ.get('RAY_AUTH_MODE'))\nlaunch.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "mode token" in proc.stdout  # token authentication stays on
+    assert "Token authentication" not in proc.stderr and "RAY_AUTH_MODE" not in proc.stderr, proc.stderr
+
+
 def test_tracking_uri_precedence(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -111,6 +144,8 @@ _WRAPPER = TIMED_MAIN
 
 @pytest.mark.parametrize("module,extra,message", [
     ("ablation_grid", ["--set", "prune.densty=0.1"], "unknown config key(s): prune.densty"),
+    ("ablation_grid", ["--set", "typo=1"], "unknown config key(s): typo (did you mean train.amp or train.pre_epochs "
+                                           "or train.post_epochs?); every key with its meaning: python -m sparse_core"),
     ("ablation_grid", ["--densities", "0,0.1"], "prune.density=0.0 is not valid"),
     ("ablation_grid", ["--densities", "1.5"], "prune.density=1.5 is not valid"),
     ("ablation_grid", ["--set", "prune.pruner=foo"], "prune.pruner='foo' is not a known pruner"),
@@ -127,10 +162,27 @@ def test_bad_input_fails_fast_without_ray_or_runs(tmp_path, module, extra, messa
     proc = subprocess.run([sys.executable, "-c", _WRAPPER.format(module=module), *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert message in proc.stderr, proc.stderr
+    assert "usage:" not in proc.stderr  # one line; the usage is for --help
     result = proc.stderr.strip().splitlines()[-1]
     assert "ray_imported=False" in result and "code=2" in result, result
     assert float(result.split("seconds=")[1].split()[0]) < 10
     assert not db.exists() and not (tmp_path / "ray").exists()  # no MLflow store, no Tune run
+
+
+def test_laptop_preset_runs_three_paired_seeds_of_cells_that_answer_the_question():
+    preset = presets.get("laptop")
+    assert len(preset.seeds) >= 3
+    code, out = run_cli(ablation_grid.main, ["--dry-run"])
+    assert code == 0, out
+    rows = [line.split() for line in out.splitlines() if line[:4].strip().isdigit() and line[4:6] == "  "]
+    cells = {r[1] for r in rows}
+    assert cells == set(preset.cells["leave-one-out"]) and len(cells) == 11
+    assert {"full", "base", "gmp", "rigl"} <= cells and set(designs.baselines("leave-one-out")) & cells > {"base"}
+    seeds = {}
+    for _, cell, density, seed, *_ in rows:
+        seeds.setdefault((cell, density), set()).add(int(seed))
+    assert len(seeds) == 11 * len(preset.densities) and set(map(frozenset, seeds.values())) == {frozenset({0, 1, 2})}
+    assert f"{len(rows)} trials in " in out and len(rows) == 132
 
 
 # ---- the shared smoke sweep ---------------------------------------------------------------------
@@ -154,10 +206,14 @@ def test_smoke_sweep_one_finished_run_per_trial(smoke_sweep, store):
         assert tags["sparse_core_version"] and "collapsed_layers" in tags
         assert run_key(from_flat(r.data.params)) == tags["run_key"]
         for k in ("test_acc", "val_acc", "best_val_acc", "test_acc_at_best_val", "density", "density_all",
-                  "flops_dense", "flops_sparse", "n_collapsed_layers", "seconds") + (
+                  "flops_dense", "flops_sparse", "n_collapsed_layers", "seconds", "at_chance", "chance_acc") + (
                 ("pre_val_acc", "pre_test_acc", "prune_val_acc", "prune_test_acc") if t.cell != "rigl" else ()):
             assert "final/" + k in r.data.tags, (t.cell, k)  # (RigL has no pre-training: NaN is not logged)
         assert abs(float(r.data.tags["final/density"]) - t.density) < 1e-3
+        chance = r.data.metrics["final/at_chance"]  # 1 / 0 (a metric: the runs table averages it), as the tags say
+        assert chance in (0.0, 1.0) and tags["at_chance"] == ("true" if chance else "false")
+        assert float(r.data.tags["final/at_chance"]) == chance
+        assert (chance == 1.0) == (float(r.data.tags["final/test_acc"]) < 1.5 * float(r.data.tags["final/chance_acc"]))
         assert not [k for k in r.data.metrics if "/" not in k]  # every chart in a named section
     c = runstore.client(store["uri"])
     full = by_key[next(t.run_key for t in expected if t.cell == "full")]
@@ -168,14 +224,17 @@ def test_smoke_sweep_one_finished_run_per_trial(smoke_sweep, store):
     artifact = c.download_artifacts(full.info.run_id, "layer_density.json", str(store["dir"]))
     layer = json.loads(Path(artifact).read_text())
     assert layer and all(0 <= v <= 1 for v in layer.values())
-    # progress lines, then the summary: one line per density (best by validation, in %), where to look
+    # progress lines, then the summary: one line per density, lowest first (reference by validation, in %,
+    # or none when every baseline is at chance), where to look
     assert out.count("  done ") == SMOKE_TRIALS
     assert "sum of trial times" in out and "wall/sum" in out
     densities = presets.get("smoke").densities
     picks = [line for line in out.splitlines() if line.startswith("  density ")]
-    assert [p.split(":")[0] for p in picks] == [f"  density {100 * d:g} %" for d in sorted(densities, reverse=True)]
-    assert all(": best " in p and ", test " in p for p in picks), picks
-    assert f"mlflow ui --backend-store-uri {store['uri']} --host 127.0.0.1 --port 5000" in out
+    assert [p.split(":")[0] for p in picks] == [f"  density {100 * d:g} %" for d in sorted(densities)]
+    assert all((": reference " in p and "(one seed: no CI, no paired test)" in p) or ": no reference: " in p
+               for p in picks), picks
+    assert "summary of sweep 'smoke-leave-one-out', all 18 cells of design 'leave-one-out':" in out
+    assert f"mlflow ui --backend-store-uri {store['uri']} --host 127.0.0.1 --port " in out
     report = summary.report_dir(store["uri"], "smoke-leave-one-out")
     assert report == str(store["dir"] / "reports" / "smoke-leave-one-out")
     assert f"report:     {report}/index.html" in out and Path(report, "index.html").exists()
@@ -186,6 +245,12 @@ def test_smoke_sweep_one_finished_run_per_trial(smoke_sweep, store):
     trial_dirs = [d for d in Path(store["storage"]).glob("smoke-leave-one-out-*/*") if d.is_dir()]
     assert trial_dirs and all((d / "result.json").exists() for d in trial_dirs), trial_dirs
     assert not [f for d in trial_dirs for f in d.iterdir() if f.name == "progress.csv" or "tfevents" in f.name]
+    # every trial finished: resume needs none of their checkpoints, and none is kept
+    assert not [f for d in trial_dirs for f in d.iterdir() if f.name.startswith("checkpoint_")]
+    from sweeps import tune_store
+
+    sets = [json.loads(p.read_text()) for p in Path(store["storage"]).glob("smoke-leave-one-out-*.trials")]
+    assert {"trial_set": tune_store.trial_set(expected), "trials": SMOKE_TRIALS} in sets  # --resume's trial set
 
 
 def test_rerun_launches_nothing(smoke_sweep, store):
