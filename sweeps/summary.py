@@ -47,7 +47,7 @@ def rows(trials, uri: str, experiment: str, baselines=(), scope: str = "") -> Ou
         seeds[(t.cell, t.density)] = seeds.get((t.cell, t.density), 0) + 1
         run = finished.get(t.run_key)
         if run is not None:
-            m = runstore.final_metrics(run.data.metrics)
+            m = runstore.final_metrics(run.data.metrics, run.data.tags)  # full precision
             out.append({"cell": t.cell, "prune.density": t.density, "seed": t.seed, "val_acc": m.get("val_acc", math.nan),
                         "test_acc": m.get("test_acc", math.nan), "n_collapsed_layers": m.get("n_collapsed_layers", 0.0),
                         "at_chance": m.get("at_chance", math.nan)})
