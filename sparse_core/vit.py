@@ -109,6 +109,10 @@ def _packed_norm(z: torch.Tensor, prefix: str, param, eps: float) -> torch.Tenso
     return torch.addcmul(b.view(shape), F.layer_norm(z, z.shape[-1:], eps=eps), w.view(shape))
 
 
+def _affine(norm: nn.LayerNorm, z: torch.Tensor) -> torch.Tensor:
+    return z * norm.weight + norm.bias
+
+
 class ViT(nn.Module):
     def __init__(self, in_shape: tuple[int, ...], num_classes: int, dim: int, depth: int, heads: int, patch: int,
                  linear):
@@ -127,6 +131,25 @@ class ViT(nn.Module):
         for block in self.blocks:
             z = block(z)
         return self.head(self.norm(z).mean(1))
+
+    def synflow_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network SynFlow scores (``pruners.synflow``, all weights made nonnegative): every LayerNorm its affine
+        part only, the softmax the unnormalised scores q k^T / (sqrt(d_head) T), GELU the identity (what ReLU is on
+        nonnegative signals). Through LayerNorm and softmax the score is degenerate: their outputs do not grow with
+        the weights before them, so q and k (seen only through a softmax of identical all-ones tokens) get ~1/1000
+        of the other layers' score and 1 % by 20 rounds removes them all (docs/vit.md). Here R is a sum over paths
+        of products of |w|, a path through attention crossing one q, one k and one v weight."""
+        n = x.shape[0]
+        z = self.embed(patchify(x, self.patch)).view(n, self.tokens, self.dim) + self.pos
+        for block in self.blocks:
+            _, t, d = z.shape
+            a, heads = block.attn, block.attn.heads
+            h = _affine(block.norm1, z).reshape(n * t, d)
+            q, k, v = (u.reshape(n, t, heads, d // heads).transpose(1, 2) for u in (a.q(h), a.k(h), a.v(h)))
+            s = q @ k.transpose(-1, -2) * ((d // heads) ** -0.5 / t)
+            z = z + a.out((s @ v).transpose(1, 2).reshape(n * t, d)).view(n, t, d)
+            z = z + block.fc2(block.fc1.layer(_affine(block.norm2, z).reshape(n * t, d))).view(n, t, d)
+        return self.head(_affine(self.norm, z).mean(1))
 
     def packed_forward(self, x: torch.Tensor, weight, param, channels_last: bool = False) -> torch.Tensor:
         """x (K, B, C, H, W) -> logits (K, B, classes); ``weight(prefix)`` is a prunable layer's stacked effective

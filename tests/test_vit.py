@@ -18,7 +18,7 @@ from sparse_core.pruners import ScoreInputs, score
 from sparse_core.pruning import collapsed, erk_densities, masks_from_scores, target_count
 from sparse_core.runner import run_packed
 from sparse_core.train import Trainer, run
-from sparse_core.vit import GELUActivation, attend
+from sparse_core.vit import GELUActivation, ViT, attend
 
 # width 12 (3 heads of 4): no layer and no activation batch is a multiple of the CPU vector width, so copy k of a
 # pack sits at other positions of every elementwise kernel than its single run does
@@ -151,9 +151,15 @@ def test_soft_activation_runs_from_silu_to_the_plain_gelu():
     assert torch.allclose(act(x), 0.5 * (F.silu(x) + gelu), atol=1e-6)
 
 
-def test_synflow_scores_every_layer_and_keeps_each_layer_alive():
-    """Data-free SynFlow through LayerNorm and softmax (docs/vit.md): finite, nonnegative, nonzero for every layer,
-    and 1 % by 100 rounds of it leaves every layer some weights."""
+def _qk_over_v(scores: dict[str, torch.Tensor]) -> list[float]:
+    mean = {n: float(s.mean()) for n, s in scores.items()}
+    return [mean[f"blocks.{i}.attn.{p}.weight"] / mean[f"blocks.{i}.attn.v.weight"] for i in range(2) for p in "qk"]
+
+
+def test_synflow_scores_attention_through_its_linearised_network(monkeypatch):
+    """Data-free SynFlow (docs/vit.md): through LayerNorm and softmax, q and k get a few % of v's mean score per
+    weight (all-ones tokens are alike: the softmax barely moves R); through ``synflow_forward`` (LayerNorm affine
+    only, unnormalised attention) every path crosses one q, one k and one v weight: finite, nonzero everywhere."""
     cfg = _cfg()
     t = Trainer(cfg)
     inputs = ScoreInputs(None, None, t.data.in_shape, torch.Generator().manual_seed(0), cfg.prune)
@@ -161,6 +167,9 @@ def test_synflow_scores_every_layer_and_keeps_each_layer_alive():
     assert set(scores) == {f"{n}.weight" for n in LAYERS}
     for name, s in scores.items():
         assert bool(torch.isfinite(s).all()) and bool((s >= 0).all()) and float(s.sum()) > 0, name
+    assert min(_qk_over_v(scores)) > 0.5
+    monkeypatch.delattr(ViT, "synflow_forward")  # the model's own forward: LayerNorm and softmax
+    assert max(_qk_over_v(score("synflow", t.model, inputs))) < 0.1
 
 
 def test_export_round_trips_and_latency_reports_no_sparse_path(tmp_path, torch_one_thread):
