@@ -54,15 +54,19 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = knob("mlp", "architecture: mlp | vgg16", PRE, registry="models")
-    width: int = knob(100, "mlp: units per hidden layer", PRE)
-    depth: int = knob(5, "mlp: number of hidden layers", PRE)
+    name: str = knob("mlp", "architecture: mlp | vgg16 | vit", PRE, registry="models")
+    width: int = knob(100, "mlp: units per hidden layer; vit: embedding width", PRE)
+    depth: int = knob(5, "mlp: number of hidden layers; vit: number of transformer blocks", PRE)
     width_mult: float = knob(1.0, "vgg16: channel multiplier (0.25 = a quarter of every layer's channels)", PRE)
+    heads: int = knob(4, "vit: attention heads (must divide model.width)", PRE)
+    patch: int = knob(0, "vit: patch side in pixels (0 = 2 for images of at most 16 pixels a side, else 4)", PRE)
 
     def __post_init__(self):
         _check("model.width", self.width, 1 <= self.width <= 65536, "in [1, 65536]")
         _check("model.depth", self.depth, 1 <= self.depth <= 1024, "in [1, 1024]")
         _check("model.width_mult", self.width_mult, 0 < self.width_mult <= 4, "in (0, 4]")
+        _check("model.heads", self.heads, 1 <= self.heads <= 1024, "in [1, 1024]")
+        _check("model.patch", self.patch, 0 <= self.patch <= 1024, "0 (auto) or in [1, 1024]")
 
 
 @dataclass(frozen=True)

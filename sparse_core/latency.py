@@ -2,8 +2,9 @@
 
 The sparse path exists for the MLP: every ``nn.Linear`` weight becomes a ``torch.sparse_csr``
 matrix and a layer is ``addmm(bias, W_csr, h)`` with the activations kept as (features, batch),
-so a CSR x dense product needs no transposes between layers. Convolutions have no sparse path
-here: their dense time is measured and the sparse figures are NaN (``sparse_path`` says so).
+so a CSR x dense product needs no transposes between layers. Convolutions and attention (VGG, ViT)
+have no sparse path here: their dense time is measured and the sparse figures are NaN (``sparse_path``
+says so).
 
 Timing (``interleaved``, which the benchmarks use too): after a warm-up, dense and sparse run in
 alternating blocks (A B, B A, ...) of enough calls to last about ``BLOCK_S``; a round's ratio is sparse block / dense block, the ratio reported
@@ -28,7 +29,7 @@ from .models import MLP, Activation
 BATCHES = (1, 256)
 BLOCK_S = 1e-3  # a timed block lasts at least this long (timer and scheduler noise)
 SPARSE_PATH = "torch.sparse_csr addmm per Linear layer"
-NO_SPARSE_PATH = "not implemented for convolutions: dense time only"
+NO_SPARSE_PATH = "not implemented for this model (the MLP alone has one): dense time only"
 
 
 class CSRMLP:

@@ -99,7 +99,8 @@ def grasp(model: nn.Module, inputs: ScoreInputs) -> dict[str, torch.Tensor]:
 @PRUNERS.register("synflow")
 def synflow(model: nn.Module, inputs: ScoreInputs) -> dict[str, torch.Tensor]:
     """SynFlow (Tanaka et al. 2020), data-free: in a float64 copy with every parameter and buffer
-    made non-negative, R = sum(f(1)); score |dR/dw * w|. The original keeps its signs."""
+    made non-negative, R = sum(f(1)); score |dR/dw * w|. The original keeps its signs. A model with a
+    ``synflow_forward`` is scored through it instead of its forward (the ViT: docs/vit.md)."""
     clone = _scoring_copy(model, torch.float64)
     learned_mask.fold(clone)  # score the effective network w * m; |s| would change m
     with torch.no_grad():
@@ -107,7 +108,8 @@ def synflow(model: nn.Module, inputs: ScoreInputs) -> dict[str, torch.Tensor]:
             if t.is_floating_point():
                 t.abs_()
     ones = torch.ones((1, *inputs.in_shape), dtype=torch.float64, device=next(clone.parameters()).device)
-    clone(ones).sum().backward()
+    # a model whose normalisations would make the score degenerate defines the network SynFlow scores (vit.py)
+    getattr(clone, "synflow_forward", clone)(ones).sum().backward()
     return {name: (w.grad * w).detach().abs().float() for name, w in prunable_weights(clone).items()}
 
 

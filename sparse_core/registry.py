@@ -69,7 +69,7 @@ class Registry(Generic[T]):
 
 
 DATASETS: Registry = Registry("dataset", ("sparse_core.data",))
-MODELS: Registry = Registry("model", ("sparse_core.models",))
+MODELS: Registry = Registry("model", ("sparse_core.models", "sparse_core.vit"))
 INITS: Registry = Registry("init", ("sparse_core.init",))
 PRUNERS: Registry = Registry("pruner", ("sparse_core.pruners",))
 SCOPES: Registry = Registry("scope", ("sparse_core.pruning",))

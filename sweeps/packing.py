@@ -26,11 +26,11 @@ from collections import Counter
 from typing import Iterable
 
 DEFAULT_PACK = 8  # copies per Tune trial for MLPs when --pack is not given (the CPU gain levels off near 16)
-PACKED_MODELS = ("mlp",)  # models packed by default; others (VGG-16: one copy fills a GPU share) run one per trial
+PACKED_MODELS = ("mlp", "vit")  # models packed by default; others (VGG-16: one copy fills a GPU share) run one per trial
 
 
 def default_pack(model_name: str) -> int:
-    """``--pack`` when not given: ``DEFAULT_PACK`` for small MLPs, 1 (no packing) for other models."""
+    """``--pack`` when not given: ``DEFAULT_PACK`` for small MLPs and ViTs, 1 (no packing) for other models."""
     return DEFAULT_PACK if model_name in PACKED_MODELS else 1
 
 

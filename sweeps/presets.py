@@ -105,6 +105,26 @@ PRESETS: dict[str, Preset] = {
             # budget, none; a tuned study runs sweeps/optuna_search.py per method with one --num-samples.
         ),
         Preset(
+            name="vit-digits",
+            description="accuracy vs density on a small vision transformer on digits (2x2 patches, 16 tokens, "
+                        "width 64, 2 blocks of 4 heads, 66,432 prunable weights), 10+20 epochs, 4 densities, 5 seeds",
+            base={
+                "data.name": "digits",  # bundled with scikit-learn, no download
+                "model.name": "vit",  # sparse_core/vit.py: every projection a prunable Linear (docs/vit.md)
+                "model.width": 64,  # embedding width; the blocks' MLPs have 128 hidden units
+                "model.depth": 2,  # transformer blocks
+                "model.heads": 4,  # attention heads of 16 dimensions
+                "model.patch": 2,  # 2x2 patches of the 8x8 images: 16 tokens
+                "train.pre_epochs": 10,  # dense / learned-mask epochs before pruning
+                "train.post_epochs": 20,  # sparse epochs after pruning
+            },
+            densities=(0.1, 0.03, 0.01, 0.003),  # 0.003 leaves 199 of 66,432 weights
+            seeds=(0, 1, 2, 3, 4),
+            synflow_rounds=20,  # as the laptop preset: 100 rounds of a ViT cost more than its training here
+            gpus_per_trial=0.25,
+            cell_overrides={"rigl": _DIGITS_RIGL},
+        ),
+        Preset(
             name="paper-mnist",
             description="MLP 784-100x5-10 on MNIST (data.dir), 20+40 epochs, the method's density ladder (docs/method.md), 5 seeds",
             base=dict(_MNIST_MLP),
