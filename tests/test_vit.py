@@ -17,7 +17,7 @@ from sparse_core.models import build, soft_modules
 from sparse_core.pruners import ScoreInputs, score
 from sparse_core.pruning import collapsed, erk_densities, masks_from_scores, target_count
 from sparse_core.runner import run_packed
-from sparse_core.train import Trainer, run
+from sparse_core.train import RunState, fit, run
 from sparse_core.vit import GELUActivation, ViT, attend
 
 # width 12 (3 heads of 4): no layer and no activation batch is a multiple of the CPU vector width, so copy k of a
@@ -126,7 +126,7 @@ def test_each_copy_of_a_pack_equals_its_single_run(case, torch_one_thread):
 
 def test_packed_forward_is_the_modules_forward():
     """Evaluation, the pruners and the hooks use the module's forward, training the packed one: the same function."""
-    t = Trainer(_cfg(**{"mask.kind": "hardconcrete"}))
+    t = RunState(_cfg(**{"mask.kind": "hardconcrete"}))
     model = t.model.eval()
     for block in model.blocks:
         block.fc1.skip_alpha, block.fc1.act.t = 0.5, 0.3
@@ -161,7 +161,7 @@ def test_synflow_scores_attention_through_its_linearised_network(monkeypatch):
     weight (all-ones tokens are alike: the softmax barely moves R); through ``synflow_forward`` (LayerNorm affine
     only, unnormalised attention) every path crosses one q, one k and one v weight: finite, nonzero everywhere."""
     cfg = _cfg()
-    t = Trainer(cfg)
+    t = RunState(cfg)
     inputs = ScoreInputs(None, None, t.data.in_shape, torch.Generator().manual_seed(0), cfg.prune)
     scores = score("synflow", t.model, inputs)
     assert set(scores) == {f"{n}.weight" for n in LAYERS}
@@ -173,8 +173,8 @@ def test_synflow_scores_attention_through_its_linearised_network(monkeypatch):
 
 
 def test_export_round_trips_and_latency_reports_no_sparse_path(tmp_path, torch_one_thread):
-    t = Trainer(_cfg(**{"prune.density": 0.1, "train.latency_rounds": 2}))
-    t.run()
+    t = RunState(_cfg(**{"prune.density": 0.1, "train.latency_rounds": 2}))
+    fit(t)
     path = str(tmp_path / "vit.safetensors")
     figures = export.figures(t, path)
     plain = export.load(path)
@@ -200,9 +200,9 @@ def test_sizes_that_do_not_fit_are_refused_in_one_line(model, shape, needle):
 
 @pytest.mark.parametrize("trick", ["soft_activation", "soft_skip"])
 def test_the_soft_tricks_change_post_training_and_end_as_the_plain_vit(trick, torch_one_thread):
-    plain = Trainer(_cfg(**{"train.post_epochs": 2}))
-    tricked = Trainer(_cfg(**{"train.post_epochs": 2, f"post.{trick}": True}))
-    a, b = plain.run(), tricked.run()
+    plain = RunState(_cfg(**{"train.post_epochs": 2}))
+    tricked = RunState(_cfg(**{"train.post_epochs": 2, f"post.{trick}": True}))
+    a, b = fit(plain), fit(tricked)
     post = lambda r: [m["train_loss"] for m in r["history"] if m["stage"] == "post"]  # noqa: E731
     assert post(a)[0] != post(b)[0]
     acts, blocks = soft_modules(tricked.model)
