@@ -6,7 +6,11 @@ Needs Playwright (``pip install playwright``) and a Chromium (``apt-get install 
 own browser download is not needed). Starts ``mlflow server`` on a free loopback port, opens the
 link a sweep prints (the runs table, grouped by cell and density), the sweep's parent run and the
 metrics tab of one child run, and writes ``mlflow_runs_table.png``, ``mlflow_parent_run.png`` and
-``mlflow_run_charts.png``.
+``mlflow_run_charts.png``; with a fourth argument, the report's ``index.html`` (what
+``reports/<sweep>/`` holds), its first screen as ``report.png``.
+
+    python docs/screenshots/shoot.py sqlite:////abs/path/mlflow.db sparsity-sweep docs/screenshots \
+        /abs/path/reports/laptop-leave-one-out/index.html
 """
 
 from __future__ import annotations
@@ -85,5 +89,22 @@ def shoot(uri: str, experiment: str, out: str) -> list[str]:
     return written
 
 
+def shoot_report(index_html: str, out: str) -> str:
+    """The first screen of the analysis report's page, as ``report.png`` in ``out``."""
+    from playwright.sync_api import sync_playwright
+
+    path = os.path.join(out, "report.png")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1300, "height": 1500})
+        page.goto(Path(index_html).resolve().as_uri())
+        page.wait_for_load_state("load")
+        page.screenshot(path=path)
+        browser.close()
+    return path
+
+
 if __name__ == "__main__":
     print("\n".join(shoot(*sys.argv[1:4])))
+    if len(sys.argv) > 4:
+        print(shoot_report(sys.argv[4], sys.argv[3]))
