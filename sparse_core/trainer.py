@@ -98,6 +98,7 @@ class Trainer:
         per_copy = [prunable_layers(t.model) for t in self.copies]
         live = [layers for k, layers in enumerate(per_copy) if k not in self.failed]
         has = {getattr(layers[n], "weight_mask", None) is not None for layers in live for n in layers}
+        self.zeroed = False  # the masked-out weights and optimizer state are exactly 0 (enforce() makes it so)
         if has == {False}:
             self.masks = None
             return
@@ -119,6 +120,7 @@ class Trainer:
         """Pruned weights and their optimizer state back to exactly 0, for all copies at once."""
         if self.masks is None:
             return
+        self.zeroed = True
         tensors, masks = [], []
         for name, mask in self.masks.items():
             tensors.append(self.stacks[name])
@@ -144,7 +146,8 @@ class Trainer:
         layer = self.layers[name]
         score = self.stacks[f"{prefix}.mask_score"] if layer.mask_score is not None else None
         mask = self.masks[name] if self.masks is not None and not self.bypass else None
-        return masked_weight(self.stacks[name], mask, layer.mask_kind, score, layer.mask_beta, self.noise.get(prefix))
+        return masked_weight(self.stacks[name], mask, layer.mask_kind, score, layer.mask_beta, self.noise.get(prefix),
+                             zeroed=self.zeroed)
 
     # ---- segments and steps -----------------------------------------------------------------
     def _make_optimizer(self, stage: str) -> None:
@@ -194,6 +197,9 @@ class Trainer:
             self.soft.soft = soft
         for h in active["before_step"]:
             h.before_step(self, stage)
+        if not self.zeroed:  # new masks since the last step: zero what they prune before the forward
+            self.enforce()
+        dense = self.bypass  # a dense gradient updates the masked-out weights: enforce() after the step
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=lead.amp):
                 logits = self.forward(x, self._weight, self.stacks.get, lead.channels_last)
@@ -209,7 +215,8 @@ class Trainer:
         self.opt.step(self.stacks, lr_factor(lead.cfg.train.schedule, lead.seg_step, lead.seg_total))
         for c in self.copies:
             c.seg_step += 1
-        self.enforce()
+        if dense:
+            self.enforce()
         for h in active["after_step"]:
             h.after_step(self, stage)
         return losses.detach()
@@ -237,6 +244,7 @@ class Trainer:
         for c in self.copies:
             c.epoch_begin(step, total)
         self.soft.soft = lead.soft
+        self.zeroed = False  # per-copy changes between epochs (pruning, rewinds, restores): enforce once
         loss_sum = torch.zeros(self.k, device=lead.device)
         batches = 0
         for x, y in self.batches():
