@@ -212,7 +212,8 @@ class Trainer:
         for p in self.params:
             p.grad = None
         losses.sum().backward()
-        self.opt.step(self.stacks, lr_factor(lead.cfg.train.schedule, lead.seg_step, lead.seg_total))
+        # the gradients are read after the step only by a dense-gradient step's hook (RigL's update)
+        self.opt.step(self.stacks, lr_factor(lead.cfg.train.schedule, lead.seg_step, lead.seg_total), keep_grads=dense)
         for c in self.copies:
             c.seg_step += 1
         if dense:
