@@ -8,8 +8,11 @@ copy's own module (what evaluation, the pruners, rescaling, RigL, export and che
 always sees the current weights, and the hot loop runs once for all K copies: per step, each copy's
 batch from its own data generator, one packed forward (``model.packed_forward``: ``baddbmm`` per
 linear layer, grouped convolutions; else ``models.derived_packed_forward``), per-copy losses, one
-backward and an optimizer step with each copy's learning rate and weight decay, masks re-applied to
-all copies at once. What a method adds
+backward and an optimizer step with each copy's learning rate and weight decay. Masked-out weights
+and their optimizer state stay exactly 0: the gradient is masked, so a step keeps them 0, and
+``enforce`` zeroes them for all copies at once only where that could fail (new masks, each epoch's
+start, a dense-gradient step); the forward then uses the weights without multiplying by the mask
+(``masks.masked_weight(zeroed=True)``). What a method adds
 (a learned mask, RigL, gradual pruning, the post-pruning schedules) it adds through the declared
 hook points of ``hooks.py``. Every step that is not per-batch (pruning, evaluation, the result)
 runs per copy on the copy's own module, with the same functions as a single run.
@@ -189,8 +192,8 @@ class Trainer:
 
     def step(self, x: torch.Tensor, y: torch.Tensor, stage: str, soft: SoftSchedule | None = None) -> torch.Tensor:
         """One optimizer step of every copy on its batch (x (K, B, ...), y (K, B)): the hooks' before-step
-        point, packed forward, per-copy loss (+ the hooks' penalties), backward, step, masks re-applied,
-        the hooks' after-step point. Returns the detached per-copy losses (no host sync). ``soft``: the
+        point, masks enforced if they changed, packed forward, per-copy loss (+ the hooks' penalties), backward,
+        step (then masks enforced after a dense gradient), the hooks' after-step point. Returns the detached per-copy losses (no host sync). ``soft``: the
         lead's post-pruning schedule of this epoch (``train_epoch`` passes it)."""
         lead, active = self.lead, self.active
         if soft is not None:
