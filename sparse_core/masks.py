@@ -50,12 +50,32 @@ def effective_weights():
         _EFFECTIVE.on = False
 
 
+class _ZeroedMasked(torch.autograd.Function):
+    """``w * mask`` where ``w`` is already exactly 0 wherever ``mask`` is 0: the forward is ``w`` itself
+    (bitwise what the product gives: w * 1 = w, (+-0) * 0 = +-0), the backward ``grad * mask`` (the
+    product's gradient) written in ``w``'s own layout, so the gradient is accumulated without a copy."""
+
+    @staticmethod
+    def forward(ctx, w, mask):
+        ctx.save_for_backward(mask)
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return torch.mul(grad, mask, out=torch.empty_like(mask)), None
+
+
 def masked_weight(w: torch.Tensor, mask: torch.Tensor | None, kind=None, score: torch.Tensor | None = None,
-                  beta: float = 1.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+                  beta: float = 1.0, noise: torch.Tensor | None = None, zeroed: bool = False) -> torch.Tensor:
     """The effective weight of a prunable layer: w * m(score) (a learned mask, ``noise`` its draws) * mask.
-    The one place it is computed: a layer's forward and the trainer's packed forward (stacked copies) use it."""
+    The one place it is computed: a layer's forward and the trainer's packed forward (stacked copies) use it.
+    ``zeroed``: the caller guarantees ``w`` is exactly 0 where ``mask`` is 0 (the trainer's enforced
+    invariant), so the product is ``w`` and only its gradient is masked (``_ZeroedMasked``)."""
     if score is not None:
         w = w * kind.forward_mask(score, beta, noise)
+    elif zeroed and mask is not None:
+        return _ZeroedMasked.apply(w, mask)
     if mask is not None:
         w = w * mask
     return w

@@ -36,7 +36,9 @@ class PackedOptimizer:
         self.buffers = {n: {k: torch.zeros_like(stacks[n]) for k in keys} for g in groups for n in g[0]}
 
     @torch.no_grad()
-    def step(self, stacks: dict[str, torch.Tensor], factor: float) -> None:
+    def step(self, stacks: dict[str, torch.Tensor], factor: float, keep_grads: bool = True) -> None:
+        """One update; ``keep_grads=False``: the weight decay is added into the gradients in place (the
+        same sums, no new tensors; the caller does not read the gradients after the step)."""
         self.steps += 1
         for names, base_lr, wd in self.groups:
             lr = base_lr * factor
@@ -44,7 +46,11 @@ class PackedOptimizer:
             params = [stacks[n] for n in live]
             grads = [p.grad for p in params]
             if wd is not None:  # d = g + wd p
-                grads = torch._foreach_addcmul(grads, params, [_bcast(wd, p) for p in params])
+                wds = [_bcast(wd, p) for p in params]
+                if keep_grads:
+                    grads = torch._foreach_addcmul(grads, params, wds)
+                else:
+                    torch._foreach_addcmul_(grads, params, wds)
             lrs = [_bcast(lr, p) for p in params]
             if self.kind == "adam":
                 for name, p, g, step_lr in zip(live, params, grads, lrs):

@@ -8,8 +8,11 @@ copy's own module (what evaluation, the pruners, rescaling, RigL, export and che
 always sees the current weights, and the hot loop runs once for all K copies: per step, each copy's
 batch from its own data generator, one packed forward (``model.packed_forward``: ``baddbmm`` per
 linear layer, grouped convolutions; else ``models.derived_packed_forward``), per-copy losses, one
-backward and an optimizer step with each copy's learning rate and weight decay, masks re-applied to
-all copies at once. What a method adds
+backward and an optimizer step with each copy's learning rate and weight decay. Masked-out weights
+and their optimizer state stay exactly 0: the gradient is masked, so a step keeps them 0, and
+``enforce`` zeroes them for all copies at once only where that could fail (new masks, each epoch's
+start, a dense-gradient step); the forward then uses the weights without multiplying by the mask
+(``masks.masked_weight(zeroed=True)``). What a method adds
 (a learned mask, RigL, gradual pruning, the post-pruning schedules) it adds through the declared
 hook points of ``hooks.py``. Every step that is not per-batch (pruning, evaluation, the result)
 runs per copy on the copy's own module, with the same functions as a single run.
@@ -98,6 +101,7 @@ class Trainer:
         per_copy = [prunable_layers(t.model) for t in self.copies]
         live = [layers for k, layers in enumerate(per_copy) if k not in self.failed]
         has = {getattr(layers[n], "weight_mask", None) is not None for layers in live for n in layers}
+        self.zeroed = False  # the masked-out weights and optimizer state are exactly 0 (enforce() makes it so)
         if has == {False}:
             self.masks = None
             return
@@ -119,6 +123,7 @@ class Trainer:
         """Pruned weights and their optimizer state back to exactly 0, for all copies at once."""
         if self.masks is None:
             return
+        self.zeroed = True
         tensors, masks = [], []
         for name, mask in self.masks.items():
             tensors.append(self.stacks[name])
@@ -144,7 +149,8 @@ class Trainer:
         layer = self.layers[name]
         score = self.stacks[f"{prefix}.mask_score"] if layer.mask_score is not None else None
         mask = self.masks[name] if self.masks is not None and not self.bypass else None
-        return masked_weight(self.stacks[name], mask, layer.mask_kind, score, layer.mask_beta, self.noise.get(prefix))
+        return masked_weight(self.stacks[name], mask, layer.mask_kind, score, layer.mask_beta, self.noise.get(prefix),
+                             zeroed=self.zeroed)
 
     # ---- segments and steps -----------------------------------------------------------------
     def _make_optimizer(self, stage: str) -> None:
@@ -186,14 +192,17 @@ class Trainer:
 
     def step(self, x: torch.Tensor, y: torch.Tensor, stage: str, soft: SoftSchedule | None = None) -> torch.Tensor:
         """One optimizer step of every copy on its batch (x (K, B, ...), y (K, B)): the hooks' before-step
-        point, packed forward, per-copy loss (+ the hooks' penalties), backward, step, masks re-applied,
-        the hooks' after-step point. Returns the detached per-copy losses (no host sync). ``soft``: the
+        point, masks enforced if they changed, packed forward, per-copy loss (+ the hooks' penalties), backward,
+        step (then masks enforced after a dense gradient), the hooks' after-step point. Returns the detached per-copy losses (no host sync). ``soft``: the
         lead's post-pruning schedule of this epoch (``train_epoch`` passes it)."""
         lead, active = self.lead, self.active
         if soft is not None:
             self.soft.soft = soft
         for h in active["before_step"]:
             h.before_step(self, stage)
+        if not self.zeroed:  # new masks since the last step: zero what they prune before the forward
+            self.enforce()
+        dense = self.bypass  # a dense gradient updates the masked-out weights: enforce() after the step
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=lead.amp):
                 logits = self.forward(x, self._weight, self.stacks.get, lead.channels_last)
@@ -206,10 +215,12 @@ class Trainer:
         for p in self.params:
             p.grad = None
         losses.sum().backward()
-        self.opt.step(self.stacks, lr_factor(lead.cfg.train.schedule, lead.seg_step, lead.seg_total))
+        # the gradients are read after the step only by a dense-gradient step's hook (RigL's update)
+        self.opt.step(self.stacks, lr_factor(lead.cfg.train.schedule, lead.seg_step, lead.seg_total), keep_grads=dense)
         for c in self.copies:
             c.seg_step += 1
-        self.enforce()
+        if dense:
+            self.enforce()
         for h in active["after_step"]:
             h.after_step(self, stage)
         return losses.detach()
@@ -237,6 +248,7 @@ class Trainer:
         for c in self.copies:
             c.epoch_begin(step, total)
         self.soft.soft = lead.soft
+        self.zeroed = False  # per-copy changes between epochs (pruning, rewinds, restores): enforce once
         loss_sum = torch.zeros(self.k, device=lead.device)
         batches = 0
         for x, y in self.batches():
