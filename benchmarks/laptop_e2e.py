@@ -61,9 +61,11 @@ def _finals(uri: str) -> dict[tuple, tuple[float, float]]:
 
     out = {}
     for run in runstore.search(uri, "sparsity-sweep", "attributes.status = 'FINISHED' and tags.cell != 'analysis'"):
-        m, p = run.data.metrics, run.data.params
+        if "cell" not in run.data.tags or run.data.tags.get(runstore.ROLE_TAG) == runstore.SWEEP_ROLE:
+            continue  # the sweep's parent run
+        m, p = runstore.final_metrics(run.data.metrics, run.data.tags), run.data.params  # full precision, any era
         key = (run.data.tags["cell"], float(p["prune.density"]), int(p["seed"]))
-        out[key] = (m.get("final/test_acc", m.get("test_acc")), m.get("final/val_acc", m.get("val_acc")))
+        out[key] = (m.get("test_acc"), m.get("val_acc"))
     return out
 
 

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from procstat import TreeSampler, machine_busy
 from timing import ROOT, linear_fit  # also puts the repo root on sys.path
 
+import runstore  # noqa: E402
+
 WALL_RATIO_TARGET, FIXED_TARGET_S = 0.6, 8.0
 SMALL_CELLS, SMALL_DENSITIES = "full,base,pruner=synflow,rigl", "0.1,0.01"  # 4 cells x 2 densities = 8 trials
 # --tiny: 8 trials with almost nothing to do (16-unit 2-layer MLP, no pre-training, one epoch).
@@ -164,10 +166,9 @@ def run_sweep(name: str, sweep_args: list[str], workdir: str, verbose: bool) -> 
         return res
     by_key = tracking.finished_by_run_key(uri, name)  # the trials' runs (a sweep may log others)
     runs = list(by_key.values())
-    prefix = getattr(tracking, "FINAL_PREFIX", "")  # final metrics may be logged as "final/<key>"
 
-    def final(run, key: str):
-        return run.data.metrics.get(prefix + key, run.data.metrics.get(key))
+    def final(run, key: str):  # the results at full precision (tags; older runs: metrics), as analysis reads them
+        return runstore.final_metrics(run.data.metrics, run.data.tags).get(key)
 
     res.accs = {k: final(r, "test_acc") for k, r in by_key.items()}
     res.trainer_s = sum(final(r, "seconds") or 0.0 for r in runs)

@@ -19,6 +19,8 @@ import sys
 
 import pytest
 
+import runstore
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # script -> the column headers its table must print
@@ -107,7 +109,8 @@ def test_digits_study_tiny_tunes_sweeps_and_analyses(tmp_path):
     from sparse_core.config import Config, from_flat
     from sweeps import presets, tracking
 
-    runs = tracking.search(f"sqlite:///{tmp_path}/mlflow.db", "digits-study")
+    runs = [r for r in tracking.search(f"sqlite:///{tmp_path}/mlflow.db", "digits-study")
+            if r.data.tags.get(runstore.ROLE_TAG) != runstore.SWEEP_ROLE]  # the trials, not the sweep's parent run
     assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
     preset = presets.get("digits-study")
     untuned = {**Config().to_flat(), **preset.base}

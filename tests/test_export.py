@@ -290,15 +290,15 @@ def test_sweep_export_logs_each_trials_model_as_an_artifact(tmp_path):
                 if r.data.tags.get("cell") in ("base", "rigl")]  # not the sweep's report run
     assert len(finished) == 2
     client = tracking.client(uri)
-    prefix = getattr(tracking, "FINAL_PREFIX", "")
     for r in finished:
+        final = runstore.final_metrics(r.data.metrics, r.data.tags)  # the results, at full precision
         path = client.download_artifacts(r.info.run_id, tracking.EXPORT_ARTIFACT, str(tmp_path / r.info.run_id))
-        assert os.path.getsize(path) == r.data.metrics[prefix + "model_bytes_sparse"]
+        assert os.path.getsize(path) == final["model_bytes_sparse"]
         cfg = from_flat(export.read_header(path)["config"])
         assert run_key(cfg) == r.data.tags["run_key"]
         data = load_data(cfg.data)
         acc, _ = evaluate(export.load(path), data.x_test, data.y_test, cfg.train.eval_batch_size)
-        assert acc == pytest.approx(r.data.metrics[prefix + "test_acc"], abs=1e-12)
+        assert acc == pytest.approx(final["test_acc"], abs=1e-12)
         assert r.data.tags["sparse_path"] == latency.SPARSE_PATH
 
 
