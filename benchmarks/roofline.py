@@ -9,7 +9,7 @@ against their mean, so a busy machine slows both alike.
 Measured (CPU seconds of this process, ``time.process_time``):
 - ``pack K``: K copies of one laptop cell (default ``base`` at density 0.01, seeds 0..K-1) trained
   as one pack (``sparse_core.runner.run_packed``, no shared pre-training), K = 1, 8, 32;
-- ``laptop preset``: every trial of the laptop preset (``sweeps.presets``, the leave-one-out design),
+- ``laptop preset``: every trial of the main job (the laptop preset's cells and seeds, ``sweeps.presets``),
   grouped into packs as ``ablation_grid.py --pack 8`` groups them, with shared pre-training, as the
   main job trains them (no Ray, no MLflow: the trainers only).
 
@@ -92,9 +92,10 @@ def laptop_trials(cell: str | None = None, density: float | None = None, seeds=N
     from sweeps import designs, presets
 
     p = presets.get("laptop")
+    cells = [cell] if cell else list(p.cells.get("leave-one-out", ())) or None  # the main job's cells
     trials, _ = designs.trials("leave-one-out", p.base, (density,) if density else p.densities,
-                               tuple(seeds) if seeds is not None else p.seeds, p.synflow_rounds,
-                               [cell] if cell else None, p.cell_overrides)
+                               tuple(seeds) if seeds is not None else p.seeds, p.synflow_rounds, cells,
+                               p.cell_overrides)
     return trials
 
 
