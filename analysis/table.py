@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from sparse_core.config import FIELD_TYPES, NOT_IDENTITY
+from sparse_core.metrics import CHANCE_FACTOR
 
 from . import stats
 from .load import AnalysisError, metric_columns
@@ -97,13 +98,13 @@ def _pick_reference(data: pd.DataFrame, rows: str, cols: str, col, reference, se
                     baseline=is_baseline) -> object:
     """The given reference row, else the baseline (any row if none is a baseline) with the best mean of
     ``select`` (validation accuracy) in this column: the comparator is never chosen on test data, nor
-    among cells at chance (None when every candidate is)."""
+    among cells whose *validation* accuracy is at chance (``val_chance_flags``; None when every candidate is)."""
     here = data[data[cols] == col]
     if reference is not None:
         return reference if (here[rows] == reference).any() else None
     candidates = here[here[rows].map(baseline)]
     candidates = candidates if len(candidates) else here
-    chance = candidates.groupby(rows)["_chance"].mean() > 0.5
+    chance = candidates.groupby(rows)["_val_chance"].mean() > 0.5  # read on validation: test data chooses nothing
     candidates = candidates[~candidates[rows].map(chance).astype(bool)] if len(candidates) else candidates
     means = candidates.groupby(rows)[select].mean().dropna()
     if means.empty:
@@ -129,7 +130,7 @@ def ablation_table(df: pd.DataFrame, metric: str = "test_acc", rows: str = "cell
         select_metric = metric  # runs from before the validation split: say so in the footnote
         how = how or f"the best baseline by mean {metric} (these runs have no validation accuracy)"
     how = how or f"the best baseline by mean {select_metric} (validation), never by test"
-    data = df.assign(_collapsed=collapsed_flags(df), _chance=chance_flags(df))
+    data = df.assign(_collapsed=collapsed_flags(df), _chance=chance_flags(df), _val_chance=val_chance_flags(df))
     cells = []
     for (r, c), g in data.groupby([rows, cols], sort=False):
         values = g[metric].dropna()
@@ -181,6 +182,14 @@ def collapsed_flags(df: pd.DataFrame) -> pd.Series:
         return from_tag
     n = df["n_collapsed_layers"]
     return (n > 0).where(n.notna(), from_tag).astype(bool)
+
+
+def val_chance_flags(df: pd.DataFrame) -> pd.Series:
+    """True where a run's validation accuracy is below ``CHANCE_FACTOR`` x its ``chance_acc`` (one constant
+    guess, the label prior): the chance test the reference's choice reads, never the test accuracy."""
+    if "chance_acc" not in df.columns or "val_acc" not in df.columns:
+        return pd.Series(False, index=df.index)
+    return (df["val_acc"] < CHANCE_FACTOR * df["chance_acc"]).where(df["chance_acc"].notna(), False).astype(bool)
 
 
 def chance_flags(df: pd.DataFrame) -> pd.Series:
@@ -239,7 +248,7 @@ def notes(table: Table) -> list[str]:
         out.append("Columns: prune.density, the fraction of prunable weights kept.")
     if table.cells["at_chance"].any():
         out.append(f"({CHANCE}): at chance: most seeds ended with a test accuracy below 1.5 x that of one constant "
-                   f"guess (sparse_core.metrics.at_chance); never a reference.")
+                   f"guess (sparse_core.metrics.at_chance); a reference is never at chance on validation.")
     if table.cells["collapsed"].any():
         out.append(f"{DAGGER}: at least one seed ended with a collapsed layer (no weight left in it).")
     return out

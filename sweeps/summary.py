@@ -25,7 +25,7 @@ import runstore
 from . import tracking
 
 REPORTS = "reports"  # folder beside the store that holds one report folder per sweep
-_COLUMNS = ("cell", "prune.density", "seed", "val_acc", "test_acc", "n_collapsed_layers", "at_chance")
+_COLUMNS = ("cell", "prune.density", "seed", "val_acc", "test_acc", "n_collapsed_layers", "at_chance", "chance_acc")
 
 
 @dataclass
@@ -50,7 +50,7 @@ def rows(trials, uri: str, experiment: str, baselines=(), scope: str = "") -> Ou
             m = runstore.final_metrics(run.data.metrics, run.data.tags)  # full precision
             out.append({"cell": t.cell, "prune.density": t.density, "seed": t.seed, "val_acc": m.get("val_acc", math.nan),
                         "test_acc": m.get("test_acc", math.nan), "n_collapsed_layers": m.get("n_collapsed_layers", 0.0),
-                        "at_chance": m.get("at_chance", math.nan)})
+                        "at_chance": m.get("at_chance", math.nan), "chance_acc": m.get("chance_acc", math.nan)})
     return Outcome(pd.DataFrame(out, columns=list(_COLUMNS)), len(trials),
                    tuple(sorted({t.density for t in trials})), tuple(baselines), scope, seeds)
 
@@ -160,7 +160,7 @@ def header(outcome: Outcome, sweep: str) -> list[str]:
     base = ", ".join(outcome.baselines) or "base, gmp, rigl, pruner=*"
     return [f"summary of sweep {sweep!r}" + (f", {outcome.scope}" if outcome.scope else "") + ":",
             "  test accuracy in %: mean ± half-width of the 95 % CI over FINISHED seeds. reference: the best "
-            f"baseline ({base}) by mean validation accuracy, never one at chance. better / worse: paired t-test "
+            f"baseline ({base}) by mean validation accuracy, never one at chance on validation. better / worse: paired t-test "
             "over seeds against it, Holm-corrected per density, p < 0.05, as in the report's table"]
 
 
