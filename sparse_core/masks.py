@@ -9,6 +9,7 @@ into the plain architecture. Masks travel as bool tensors keyed by parameter nam
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn as nn
@@ -112,10 +113,19 @@ def declared_prunable(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
 
 
+_PRUNABLE: "weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]]" = weakref.WeakKeyDictionary()
+
+
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Weight-parameter name -> layer, for every layer the model declares prunable (``declared_prunable``)."""
-    modules = dict(model.named_modules())
-    return {f"{name}.weight" if name else "weight": modules[name] for name in declared_prunable(model)}
+    """Weight-parameter name -> layer, for every layer the model declares prunable (``declared_prunable``).
+    Found once per model object and kept while the model lives (models are never restructured; the
+    learned mask asks for them at every training step); a copy of the dict is returned."""
+    found = _PRUNABLE.get(model)
+    if found is None:
+        modules = dict(model.named_modules())
+        found = {f"{name}.weight" if name else "weight": modules[name] for name in declared_prunable(model)}
+        _PRUNABLE[model] = found
+    return dict(found)
 
 
 def hooked_eval_forward(model: nn.Module, x: torch.Tensor, hook) -> None:

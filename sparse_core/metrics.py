@@ -15,7 +15,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
              amp: bool = False) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) in eval mode; restores the model's train/eval mode."""
     was_training = model.training
-    model.eval()
+    if was_training:  # a model already in eval mode (the caller evaluates several sets) is not walked again
+        model.eval()
     correct, loss_sum = 0, 0.0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and x.is_cuda)
     for xb, yb in eval_batches(x, y, batch_size):
@@ -23,9 +24,30 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
             logits = model(xb)
         loss_sum += float(F.cross_entropy(logits.float(), yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
-    model.train(was_training)
+    if was_training:
+        model.train()
     n = max(int(y.shape[0]), 1)
     return correct / n, loss_sum / n
+
+
+@torch.no_grad()
+def evaluate_packed(forward, k: int, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                    amp: bool = False) -> list[tuple[float, float]]:
+    """``evaluate`` of K packed copies at once: ``forward(xs)`` maps the batch repeated per copy (K, B, ...) to
+    logits (K, B, classes), one packed forward per batch instead of one forward per copy. Per copy, the loss
+    is summed as ``evaluate`` sums it (``cross_entropy`` over the copy's own logits, in batch order), so a
+    copy's figures are what its own model gives wherever the packed linear layer computes as the plain one
+    (``tests/test_packed.py`` checks packed and single runs agree)."""
+    correct, loss_sum = torch.zeros(k, dtype=torch.long), [0.0] * k
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and x.is_cuda)
+    for xb, yb in eval_batches(x, y, batch_size):
+        with autocast:
+            logits = forward(xb.unsqueeze(0).expand(k, *xb.shape).contiguous())
+        for i in range(k):
+            loss_sum[i] += float(F.cross_entropy(logits[i].float(), yb, reduction="sum"))
+        correct += (logits.argmax(2) == yb).sum(1).cpu()
+    n = max(int(y.shape[0]), 1)
+    return [(int(c) / n, s / n) for c, s in zip(correct, loss_sum)]
 
 
 def density_summary(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict:

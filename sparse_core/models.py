@@ -35,7 +35,7 @@ class _ReLUUnitGradAtZero(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return grad * (x >= 0).to(grad.dtype)
+        return grad * (x >= 0)  # the bool promotes inside the multiply: no float copy of the mask
 
 
 class Activation(nn.Module):
@@ -103,6 +103,8 @@ def match_last(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class MLP(nn.Module):
+    packed_eval = True  # its packed forward has no train/eval-mode layer: the trainer evaluates copies packed
+
     def __init__(self, in_features: int, num_classes: int, width: int, depth: int, linear, unit_grad: bool):
         super().__init__()
         dims = [in_features] + [width] * depth

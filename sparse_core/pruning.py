@@ -23,14 +23,31 @@ def target_count(numel: int, density: float) -> int:
     return int(round(density * numel))
 
 
+def first_k(flat: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+    """Bool mask of the ``k`` entries of the 1-D ``flat`` that a stable sort (descending with ``largest``,
+    else ascending) puts first: the ``k`` largest (smallest), ties going to the lower index. The same
+    entries as ``torch.sort(flat, descending=largest, stable=True).indices[:k]``, found by one selection
+    (``kthvalue``) and one comparison instead of a sort (a sort of the whole score is most of a pruning
+    step's time); with a NaN, which sort ranks above everything, the sort itself decides."""
+    n = flat.numel()
+    keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if k <= 0:
+        return keep
+    if k >= n:
+        return keep.fill_(True)
+    if bool(torch.isnan(flat).any()):
+        keep[torch.sort(flat, descending=largest, stable=True).indices[:k]] = True
+        return keep
+    kth = torch.kthvalue(flat, n - k + 1 if largest else k).values
+    keep = flat > kth if largest else flat < kth
+    keep[(flat == kth).nonzero().flatten()[:k - int(keep.sum())]] = True
+    return keep
+
+
 def _top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     # NaN ranks last; infinities stay infinite (nan_to_num would make -inf, a pruned weight's score, finite)
     flat = torch.nan_to_num(score.flatten().double(), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    if k > 0:
-        order = torch.sort(flat, descending=True, stable=True).indices
-        keep[order[:k]] = True
-    return keep.view_as(score)
+    return first_k(flat, k).view_as(score)
 
 
 def _apportion(shares: dict[str, float], numels: dict[str, int], total: int) -> dict[str, int]:

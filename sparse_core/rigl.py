@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .config import RiglConfig
 from .masks import prunable_weights, zero_where
-from .pruning import masks_from_scores
+from .pruning import first_k, masks_from_scores
 
 
 def initial_masks(model: nn.Module, density: float, cfg: RiglConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -81,14 +81,10 @@ class RigL:
             flat_mask = mask.flatten()
             # drop: the n active weights of smallest magnitude (inactive ones can't be picked)
             drop_score = torch.where(flat_mask, w.abs().flatten(), torch.full_like(w.flatten(), math.inf))
-            drop = torch.sort(drop_score, stable=True).indices[:n]
-            after_drop = flat_mask.clone()
-            after_drop[drop] = False
+            after_drop = flat_mask & ~first_k(drop_score, n, largest=False)
             # grow: the n weights not active after the drop with the largest |dense gradient|
             grow_score = torch.where(after_drop, torch.full_like(w.flatten(), -math.inf), w.grad.abs().flatten())
-            grow = torch.sort(grow_score, descending=True, stable=True).indices[:n]
-            new = after_drop.clone()
-            new[grow] = True
+            new = after_drop | first_k(grow_score, n)
             newly = new & ~flat_mask
             self.regrown += int(newly.sum())
             # grown weights start at exactly 0 with zero optimizer state (also regrown-just-dropped ones)

@@ -134,28 +134,38 @@ class RunState(PruneSteps):
 
     def evaluate(self) -> dict[str, float]:
         d, bs = self.data, self.cfg.train.eval_batch_size
+        was_training = self.model.training
+        self.model.eval()  # once for both sets
         val_acc, val_loss = evaluate(self.model, d.x_val, d.y_val, bs, self.amp)
         test_acc, test_loss = evaluate(self.model, d.x_test, d.y_test, bs, self.amp)
+        self.model.train(was_training)
         return {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc, "test_loss": test_loss}
 
     def epoch_begin(self, step: TrainEpoch, total: int) -> None:
         """Per-copy set-up of a training epoch: the post-pruning schedules."""
         self.soft = SoftSchedule(self.model, self.cfg.post, total) if step.stage in ("post", "rigl") else None
-        self.model.train()
+        if not self.model.training:  # evaluate() restores the mode: usually nothing to walk
+            self.model.train()
 
-    def epoch_end(self, step: TrainEpoch, loss_sum: float, batches: int, total: int) -> dict:
-        """Per-copy end of a training epoch: divergence check, plain network at the end of the soft
-        schedules, evaluation, the epoch's metrics, the best epoch by validation, rewind point (a
-        method's metrics are its hook's ``epoch_end``)."""
-        cfg, stage, epoch, soft = self.cfg, step.stage, step.epoch, self.soft
+    def settle(self, step: TrainEpoch, loss_sum: float, batches: int, total: int) -> None:
+        """Per-copy end of a training epoch's training: divergence check, the soft schedules' values of the
+        epoch's last step, the plain network at their end. The network is then the one ``epoch_end`` evaluates."""
+        soft = self.soft
         if not math.isfinite(loss_sum):
-            raise TrainingDiverged(f"training diverged: the {stage} loss became non-finite in epoch {epoch + 1} "
-                                   f"(train.lr={cfg.train.lr}); lower train.lr")
+            raise TrainingDiverged(f"training diverged: the {step.stage} loss became non-finite in epoch "
+                                   f"{step.epoch + 1} (train.lr={self.cfg.train.lr}); lower train.lr")
         if soft is not None and batches:
             soft.set(self.seg_step - 1)  # the value of the epoch's last step (the trainer sets its lead's each step)
         if soft is not None and self.seg_step >= total:
             make_plain(self.model)  # the end of post-training is the plain network
-        scores = self.evaluate()
+
+    def epoch_end(self, step: TrainEpoch, loss_sum: float, batches: int, total: int,
+                  scores: dict[str, float] | None = None) -> dict:
+        """Per-copy end of a training epoch, after ``settle``: evaluation (``scores``, when the trainer
+        evaluated the copies together), the epoch's metrics, the best epoch by validation, rewind point (a
+        method's metrics are its hook's ``epoch_end``)."""
+        cfg, stage, epoch = self.cfg, step.stage, step.epoch
+        scores = scores if scores is not None else self.evaluate()
         metrics = {"stage": stage, "round": step.round, "stage_epoch": epoch + 1, "stage_end": step.stage_end,
                    "train_loss": loss_sum / max(batches, 1), **scores,
                    "lr": self.opt.param_groups[0]["lr"], "density": self.density()}

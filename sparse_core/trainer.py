@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from . import hooks as method_hooks
 from .data import train_batches
 from .masks import masked_weight, prunable_layers
+from .metrics import evaluate_packed
 from .models import derived_packed_forward
 from .optim import CopyOptimizer, PackedOptimizer
 from .packed import PACKABLE, pack_key
@@ -235,9 +236,11 @@ class Trainer:
             return
         n = d.x_train.shape[0]
         orders = torch.stack([torch.randperm(n, generator=c.gen["data"]) for c in self.copies]).to(d.x_train.device)
-        for start in range(0, n, bs):
+        for start in range(0, n, bs):  # index_select of the flat indices: the same rows as x[idx], a plain gather
             idx = orders[:, start:start + bs]
-            yield d.x_train[idx], d.y_train[idx]
+            flat = idx.flatten()
+            yield (d.x_train.index_select(0, flat).view(*idx.shape, *d.x_train.shape[1:]),
+                   d.y_train.index_select(0, flat).view(idx.shape))
 
     def train_epoch(self, step: TrainEpoch) -> dict[int, dict]:
         """One training epoch of every live copy, then each copy's end of epoch (evaluation, metrics,
@@ -256,18 +259,39 @@ class Trainer:
             batches += 1
         self.soft.soft = None
         losses = loss_sum.tolist()  # one host sync per epoch
+        for k, c in enumerate(self.copies):
+            if k not in self.failed:
+                try:
+                    c.settle(step, losses[k], batches, total)
+                except TrainingDiverged as e:  # this copy alone
+                    self.failed[k] = e
+        scores = self.evaluate()
         out = {}
         for k, c in enumerate(self.copies):
             if k in self.failed:
                 continue
-            try:
-                out[k] = c.epoch_end(step, losses[k], batches, total)
-            except TrainingDiverged as e:  # this copy alone
-                self.failed[k] = e
-                continue
+            out[k] = c.epoch_end(step, losses[k], batches, total, scores.get(k))
             for h in self.hooks:
                 h.epoch_end(self, c, step, out[k])
         return out
+
+    def evaluate(self) -> dict[int, dict[str, float]]:
+        """Every live copy's validation and test scores from one packed forward per batch, where the model
+        declares its packed forward fit for evaluation (``packed_eval``: nothing in it depends on the train/eval
+        mode) and the lead is live (its modules hold the schedules' values); else {} (each copy evaluates
+        itself)."""
+        if not getattr(self.model, "packed_eval", False) or 0 in self.failed:
+            return {}
+        lead = self.lead
+        d, bs = lead.data, lead.cfg.train.eval_batch_size
+
+        def forward(x):
+            return self.forward(x, self._weight, self.stacks.get, lead.channels_last)
+
+        val = evaluate_packed(forward, self.k, d.x_val, d.y_val, bs, lead.amp)
+        test = evaluate_packed(forward, self.k, d.x_test, d.y_test, bs, lead.amp)
+        return {k: {"val_acc": val[k][0], "val_loss": val[k][1], "test_acc": test[k][0], "test_loss": test[k][1]}
+                for k in range(self.k) if k not in self.failed}
 
     def prune_step(self, k: int, step) -> dict:
         """Copy ``k``'s pruning round (or RigL's sparse start), with the hooks' prune points around it."""
