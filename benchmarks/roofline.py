@@ -22,6 +22,9 @@ Latency measurement is switched off (``train.latency_rounds=0``): it is not trai
     python benchmarks/roofline.py            # about 2-3 min on one idle core
     python benchmarks/roofline.py --quick    # K = 1, 8 and no laptop preset: seconds
     python benchmarks/roofline.py --tiny     # K = 1, 2 at 1 + 2 epochs: the smoke test
+    python benchmarks/roofline.py --vs /path/to/other/checkout --rounds 3
+        # A/B: the laptop preset's trainers of this checkout and of another one (e.g. a worktree of main),
+        # each in its own process, alternating; the paired ratio of their CPU seconds (same configs, same FLOPs)
 """
 
 from __future__ import annotations
@@ -111,6 +114,51 @@ def measure(label: str, flats: list[list[dict]], share_prefix: bool, rows: list,
           f"{rate / ref['bmm']:.3f} of the packed bmm ({ref['bmm'] / 1e9:.1f})", flush=True)
 
 
+AB_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])  # the checkout whose sparse_core trains
+import torch
+from sparse_core.config import from_flat
+from sparse_core.runner import run_packed
+torch.set_num_threads(1)
+groups = json.load(sys.stdin)
+start = time.process_time()
+for group in groups:
+    for r in run_packed([from_flat(f) for f in group], share_prefix=True):
+        if isinstance(r, BaseException):
+            raise r
+print(json.dumps({"cpu": time.process_time() - start}))
+"""
+
+
+def ab(other: str, rounds: int, extra: dict) -> None:
+    """This checkout's trainers against ``other``'s on the laptop preset, alternating, one process each."""
+    import json
+    import os
+    import subprocess
+
+    from sweeps.packing import packs
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    groups = [[{**t.flat, "train.latency_rounds": 0, "train.device": "cpu", **extra} for t in p]
+              for p in packs(laptop_trials(), 8, min_packs=2)]
+    payload = json.dumps(groups)
+
+    def cpu(root: str) -> float:
+        out = subprocess.run([sys.executable, "-c", AB_CHILD, root], input=payload, capture_output=True, text=True,
+                             check=True, cwd=root)
+        return json.loads(out.stdout.strip().splitlines()[-1])["cpu"]
+
+    ratios = []
+    for i in range(rounds):
+        pair = (cpu(other), cpu(here)) if i % 2 == 0 else tuple(reversed((cpu(here), cpu(other))))
+        ratios.append(pair[0] / pair[1])
+        print(f"  round {i + 1}: other {pair[0]:.1f} CPU s, this checkout {pair[1]:.1f} CPU s, "
+              f"other / this = {ratios[-1]:.3f}", flush=True)
+    print(f"\nlaptop preset's trainers ({sum(map(len, groups))} runs): other / this checkout, median of "
+          f"{rounds} paired rounds = {statistics.median(ratios):.3f} (> 1: this checkout needs fewer CPU seconds)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cell", default="base", help="the laptop design's cell packed K times (default base)")
@@ -118,12 +166,17 @@ def main(argv=None) -> int:
     ap.add_argument("--ks", default="1,8,32", help="pack sizes (default 1,8,32)")
     ap.add_argument("--quick", action="store_true", help="K = 1, 8 and no laptop preset")
     ap.add_argument("--tiny", action="store_true", help="K = 1, 2 at 1 + 2 epochs, no laptop preset (smoke test)")
+    ap.add_argument("--vs", metavar="CHECKOUT", help="A/B against another checkout's trainers (laptop preset only)")
+    ap.add_argument("--rounds", type=int, default=3, help="paired rounds of --vs (default 3)")
     args = ap.parse_args(argv)
     extra = {"train.pre_epochs": 1, "train.post_epochs": 2} if args.tiny else {}
     ks = (1, 2) if args.tiny else (1, 8) if args.quick else tuple(int(k) for k in args.ks.split(","))
     torch.set_num_threads(1)
     print_header("roofline: achieved FLOP rate of the trainers against this machine's matmul, 1 thread",
                  [torch.device("cpu")])
+    if args.vs:
+        ab(args.vs, args.rounds, extra)
+        return 0
     rows: list = []
     for k in ks:
         trials = laptop_trials(args.cell, args.density, range(k))

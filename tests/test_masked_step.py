@@ -6,7 +6,7 @@ import torch
 
 from sparse_core.config import Config
 from sparse_core.masks import masked_weight
-from sparse_core.plan import PruneStep
+from sparse_core.plan import PruneStep, TrainEpoch
 from sparse_core.run_state import RunState
 from sparse_core.trainer import Trainer
 
@@ -62,3 +62,61 @@ def test_masked_out_weights_and_optimizer_state_stay_exactly_zero_without_enforc
                 for b in trainer.opt.buffers[name].values():
                     assert torch.count_nonzero(b[off]) == 0, (optimizer, name)
                 assert torch.count_nonzero(trainer.stacks[name][~off]) > 0
+
+
+def _mid_post_pack(**extra) -> Trainer:
+    """Three copies (different densities and seeds) half-way through a soft post-pruning schedule, with
+    a learned mask's scores where ``extra`` asks for one."""
+    flat = {"data.name": "synthetic", "data.synthetic_shape": "1x8x8", "data.synthetic_train": 256,
+            "data.synthetic_test": 70, "model.width": 32, "model.depth": 2, "train.batch_size": 32,
+            "train.eval_batch_size": 24, "train.pre_epochs": 0, "train.post_epochs": 2,
+            "post.soft_activation": True, "post.soft_skip": True, **extra}
+    states = []
+    for seed, density in ((0, 0.2), (1, 0.05), (2, 0.5)):
+        s = RunState(Config().replace(**flat, seed=seed, **{"prune.density": density}))
+        s.prune(PruneStep(0, density, last=True))
+        states.append(s)
+    trainer = Trainer(states)
+    trainer.begin_segment("post", 0, 16)
+    post = next(s for s in states[0].plan if isinstance(s, TrainEpoch) and s.stage == "post")
+    for c in states:
+        c.epoch_begin(post, 16)
+    for x, y in list(trainer.batches())[:5]:
+        trainer.step(x, y, "post", soft=trainer.lead.soft)
+    for c in states:
+        c.settle(post, 1.0, 5, 16)
+    return trainer
+
+
+def test_the_packed_evaluation_gives_each_copy_its_own_models_figures_bitwise():
+    trainer = _mid_post_pack()
+    assert trainer.model.packed_eval and trainer.lead.soft is not None
+    assert 0.0 < trainer.model.blocks[0].act.t < 1.0 or trainer.model.blocks[0].skip_alpha > 0.0  # mid-schedule
+    packed = trainer.evaluate()
+    assert sorted(packed) == [0, 1, 2]
+    for k, c in enumerate(trainer.copies):
+        alone = c.evaluate()  # the copy's own module forward, batch by batch (70 = 24 + 24 + 22 images)
+        assert packed[k] == alone, k
+    assert len({packed[k]["val_loss"] for k in packed}) == 3  # three different networks were scored
+    trainer.failed[1] = RuntimeError("diverged")
+    assert sorted(trainer.evaluate()) == [0, 2]
+    trainer.failed[0] = RuntimeError("diverged")  # the lead's modules hold the schedules: each copy evaluates
+    assert trainer.evaluate() == {}
+
+
+def test_the_packed_evaluation_of_a_learned_mask_in_pre_training_is_each_copys_own():
+    flat = {"data.name": "synthetic", "data.synthetic_shape": "1x8x8", "data.synthetic_train": 256,
+            "data.synthetic_test": 40, "model.width": 16, "model.depth": 2, "train.batch_size": 32,
+            "train.pre_epochs": 2, "train.post_epochs": 1, "mask.kind": "sigmoid"}
+    states = [RunState(Config().replace(**flat, seed=seed, **{"prune.density": d})) for seed, d in ((0, 0.1), (1, 0.02))]
+    trainer = Trainer(states)
+    pre = states[0].plan[0]
+    assert isinstance(pre, TrainEpoch) and pre.stage == "pre"
+    trainer.begin_segment("pre", 0, 16)
+    for c in states:
+        c.epoch_begin(pre, 16)
+    for x, y in list(trainer.batches())[:6]:
+        trainer.step(x, y, "pre")
+    assert trainer.layers["head.weight"].mask_score is not None
+    packed = trainer.evaluate()
+    assert [packed[k] for k in (0, 1)] == [c.evaluate() for c in states]

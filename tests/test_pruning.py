@@ -167,3 +167,29 @@ def test_magnitude_pruning_keeps_the_largest_weights_with_masks_installed():
     assert allw[kept].min() >= allw[~kept].max()
     set_masks(model, masks)
     assert sum(int((w != 0).sum()) for w in prunable_weights(model).values()) == int(kept.sum())
+
+
+def test_first_k_picks_what_a_stable_sort_puts_first_with_ties_infinities_signed_zeros_and_nan():
+    from sparse_core.pruning import first_k
+
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for trial in range(600):
+        n = int(torch.randint(1, 120, (1,), generator=g))
+        values = torch.randint(-3, 4, (n,), generator=g).double()  # many ties
+        values[torch.rand(n, generator=g) < 0.1] = math.inf
+        values[torch.rand(n, generator=g) < 0.1] = -math.inf
+        zeros = values == 0
+        values[zeros] = torch.where(torch.rand(int(zeros.sum()), generator=g) < 0.5, -0.0, 0.0).double()
+        if trial % 4 == 0:
+            values[torch.rand(n, generator=g) < 0.05] = math.nan
+        if trial % 2:
+            values = values.float() + torch.randint(0, 2, (n,), generator=g) * 0.5
+        for k in (-1, 0, 1, n // 3, n // 2, n - 1, n, n + 2):
+            for largest in (True, False):
+                expected = torch.zeros(n, dtype=torch.bool)
+                if k > 0:
+                    expected[torch.sort(values, descending=largest, stable=True).indices[:k]] = True
+                assert torch.equal(first_k(values, k, largest), expected), (trial, k, largest)
+                checked += 1
+    assert checked == 600 * 16
