@@ -125,13 +125,17 @@ from mlflow.tracking import MlflowClient
 from sweeps import tracking
 from sweeps.trial_state import CHECKPOINT_EVERY_S
 
-calls, rows = {}, [0]
+calls, rows, spent = {}, [0], {}
 def counted(name, fn):
     def wrap(self, *a, **k):
         calls[name] = calls.get(name, 0) + 1
         if name == "log_batch":
             rows[0] += len(k.get("metrics") or ())
-        return fn(self, *a, **k)
+        t0 = time.process_time()
+        try:
+            return fn(self, *a, **k)
+        finally:
+            spent[name] = spent.get(name, 0.0) + time.process_time() - t0
     return wrap
 for name in ("log_batch", "set_tag", "set_terminated", "log_dict", "create_run", "search_runs", "update_run",
              "get_metric_history", "get_run", "delete_tag", "log_param", "log_artifact"):
@@ -163,7 +167,7 @@ for s in streams:
 db_rows = sqlite3.connect(db).execute(
     "select t.value, m.key, m.step, m.value from metrics m join tags t on t.run_uuid = m.run_uuid "
     "and t.key = 'run_key' where m.key not like 'final/%'").fetchall()
-json.dump({"open_cpu": open_cpu, "write_cpu": write_cpu, "calls": calls, "rows": rows[0], "stored": db_rows},
+json.dump({"open_cpu": open_cpu, "write_cpu": write_cpu, "calls": calls, "spent": spent, "rows": rows[0], "stored": db_rows},
           open(out_path, "w"))
 """
 
@@ -258,6 +262,10 @@ def report(seen: dict, n_runs: int, baseline: str) -> int:
     ratios = [b["write_cpu"] / n["write_cpu"] for b, n in zip(base, new)]
     print(f"\nwrite CPU per baseline row, baseline / this tree: {statistics.median(ratios):.2f}x "
           f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+    for name, outs in seen.items():
+        spent = outs[0]["spent"]
+        print(f"{name}: CPU s by store call (calls): " + ", ".join(
+            f"{k} {v:.2f} ({outs[0]['calls'][k]})" for k, v in sorted(spent.items(), key=lambda x: -x[1])))
     print(f"keys left out by this tree: {', '.join(dropped) or 'none'}; rows stored twice: {twice}")
     return 0
 

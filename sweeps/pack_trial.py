@@ -196,6 +196,7 @@ def train_pack(config: dict) -> None:
         if c.state is not None:
             c.pos, c.epoch = c.state["step_idx"], len(c.state["history"])
             c.mlrun.resumed(c.epoch)
+            c.mlrun.restore(c.state["history"])  # its epochs that never reached the run (flushes are not writes)
             c.snap(c.state)  # kept in every checkpoint until this copy logs a newer one
             c.snapped = False
     train = [c for c in copies if not c.mlrun.skip and c.error is None]

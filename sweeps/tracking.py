@@ -7,11 +7,17 @@ metrics ``epoch/<key>`` and ``trainer/<key>`` (step = global epoch),
 (run_key, sweep, cell, trial_id, provenance; ``pack_size`` for a copy of a packed trial, ``pretraining_shared_by``
 for a run whose pre-training was trained once for several, ``sparse_core/prefix.py``) and ``layer_density.json``. A trial finds its run
 by run_key (``TrialRun.open``, claims in ``claims.py``): a retried, resumed or re-run trial
-continues it, so there is one run per run_key and no epoch is logged twice. Per-epoch metrics are buffered and written by
-``flush()`` (the trainable flushes before every checkpoint, so a retried trial finds every epoch up
-to its checkpoint in the run), by ``finish()`` and by ``fail()``: one SQLite transaction per epoch
-cost as much as a digits-MLP epoch itself (benchmarks/sweep_efficiency.py). On a local runtime a trial
-buffers the same way (``RunLog``) and the driver writes its run (``sweeps/relay.py``).
+continues it, so there is one run per run_key and no epoch is logged twice. Per-epoch metrics are buffered
+(``RunLog``) and written in few, large store calls: each call costs the driver ~8 ms of CPU whatever its size,
+each row ~60 us (benchmarks/mlflow_writes.py). The trainable calls ``flush()`` before every checkpoint, and it
+writes only when ``FLUSH_EVERY_S`` have passed since the run's last write (so the MLflow UI still follows a
+long run) or when rows are pending that a checkpoint cannot restore (``prune/``); ``finish()`` writes the rest
+with the results in one call, ``fail()`` what is pending. A trial retried from a checkpoint whose epochs never
+reached the run logs them again from the checkpoint's history (``restore``: every ``epoch/`` and ``trainer/``
+key is in it), so every epoch is in the run exactly once. ``checkpoint_dir`` goes with the next write. Not
+logged per epoch (no reader): ``trainer/seconds`` (the total is ``final/seconds``) and ``trainer/mask_mean``
+(= ``trainer/mask_soft_density``). On a local runtime a trial buffers the same way and the driver writes its
+run (``sweeps/relay.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ from .claims import (OPEN_STATUSES, arbitrate, claim_alive, claim_generation, cu
 
 # Per-epoch keys from sparse_core.train that are bookkeeping, not measurements.
 _NOT_METRICS = {"epoch", "epochs", "round", "stage_epoch", "stage", "stage_end", "last_prune"}
+# Per-epoch values not logged: nobody reads them, and a checkpoint's history (``RunLog.restore``) has neither.
+NOT_LOGGED = {"seconds": "the run's time so far (its total is final/seconds)", "mask_mean": "= mask_soft_density"}
+FLUSH_EVERY_S = 30.0  # a checkpoint's flush writes when this long has passed since the run's last write
 # Result keys logged once at the end as ``final/<key>`` (step = number of training epochs).
 FINAL_METRICS = ("test_acc", "test_loss", "at_chance", "chance_acc", "val_acc", "val_loss", "best_val_acc", "best_val_epoch",
                  "test_acc_at_best_val", "pre_val_acc", "pre_test_acc", "prune_val_acc", "prune_test_acc",
@@ -104,7 +113,10 @@ def final_fields(result: dict) -> dict:
 class RunLog:
     """What a trial writes to its run, buffered in the trial's process: the per-epoch and per-round
     metrics as (key, value, timestamp ms, step). ``TrialRun`` writes them to the store itself;
-    ``sweeps/relay.py``'s ``RemoteRun`` hands them to the driver, which writes them."""
+    ``sweeps/relay.py``'s ``RemoteRun`` hands them to the driver, which writes them. ``clock``: seconds,
+    for ``FLUSH_EVERY_S`` (a replay sets its own: benchmarks/mlflow_writes.py)."""
+
+    clock = staticmethod(time.monotonic)
 
     def __init__(self, run_key: str):
         self.run_key = run_key
@@ -114,6 +126,7 @@ class RunLog:
         self.logged_epoch = 0  # epochs <= this are already in the run (from before a retry)
         self.logged_round = 0
         self._pending: list = []  # metrics not yet written (see flush)
+        self._written_at: float | None = None  # clock() of the last write (None: since open)
 
     def _log(self, values: dict, step: int) -> None:
         now = int(time.time() * 1000)
@@ -132,8 +145,25 @@ class RunLog:
                 self.logged_round = rnd
         elif "epoch" in metrics and metrics["epoch"] > self.logged_epoch:
             self._log({(EPOCH_PREFIX if k in CURVES else TRAINER_PREFIX) + k: v for k, v in metrics.items()
-                       if k not in _NOT_METRICS}, metrics["epoch"])
+                       if k not in _NOT_METRICS and k not in NOT_LOGGED}, metrics["epoch"])
             self.logged_epoch = metrics["epoch"]
+
+    def restore(self, history: list[dict]) -> None:
+        """A trial continuing from a checkpoint: buffer its epochs that the run lacks (a flush before the
+        checkpoint is not a write: the run may end before them) from the checkpoint's ``history``."""
+        for epoch, metrics in enumerate(history[self.logged_epoch:], start=self.logged_epoch + 1):
+            self.log_step({**metrics, "epoch": epoch})
+
+    def due(self) -> bool:
+        """Whether a checkpoint's flush writes: ``FLUSH_EVERY_S`` since the last write (or the open), or
+        rows pending that no checkpoint restores (a pruning round's)."""
+        now = self.clock()
+        if self._written_at is None:
+            self._written_at = now
+        return now - self._written_at >= FLUSH_EVERY_S or any(m[0].startswith(PRUNE_PREFIX) for m in self._pending)
+
+    def wrote(self) -> None:
+        self._written_at = self.clock()
 
 
 class TrialRun(RunLog):
@@ -161,6 +191,7 @@ class TrialRun(RunLog):
         self.client = client(uri)
         self.reused = False
         self.other = None  # the run behind skip
+        self._tags: dict = {}  # tags for the next write
         self._claim = claim or this_claim()
 
     def open(self, resumed_at_epoch: int | None = None) -> "TrialRun":
@@ -276,10 +307,10 @@ class TrialRun(RunLog):
         return False
 
     def set_checkpoint_dir(self, location: str) -> None:
-        """Where this trial's checkpoints are (tag ``checkpoint_dir``): a later sweep continuing this
-        run after its driver died starts from the newest of them."""
+        """Where this trial's checkpoints are (tag ``checkpoint_dir``, with the next write): a later sweep
+        continuing this run after its driver died starts from the newest of them."""
         if location != self.checkpoint_dir:
-            _retry(self.client.set_tag, self.run_id, "checkpoint_dir", location)
+            self._tags["checkpoint_dir"] = location
             self.checkpoint_dir = location
 
     @staticmethod
@@ -288,18 +319,27 @@ class TrialRun(RunLog):
         return c.search_runs([experiment_id], max_results=1000, filter_string=f"tags.trial_id = '{trial_id}' "
                                                                               f"and attributes.status = '{status}'")
 
-    def flush(self, tags: dict | None = None) -> None:
-        """Write the buffered metrics, and ``tags`` with the first batch (one write even with no metrics):
-        batches of 1,000 entities, metrics and tags together (MLflow's client splits larger calls)."""
+    def flush(self) -> None:
+        """Before a checkpoint: write what is buffered when ``due`` (else it waits for a later write)."""
+        if self.due():
+            self.write()
+
+    def write(self, tags: dict | None = None) -> None:
+        """Write the buffered metrics and tags, and ``tags``, with the first batch (nothing to write: no
+        call): batches of 1,000 entities, metrics and tags together (MLflow's client splits larger calls)."""
         from mlflow.entities import Metric, RunTag
 
+        if not (self._pending or tags or self._tags):
+            return
         beat = {"heartbeat": f"{time.time():.0f}"}  # keeps this run's claim live (see claim_alive)
-        batch_tags = [RunTag(k, str(v)) for k, v in {**beat, **(tags or {})}.items()]
-        while self._pending or tags:
+        tags, self._tags = {**beat, **self._tags, **(tags or {})}, {}
+        batch_tags = [RunTag(k, str(v)) for k, v in tags.items()]
+        while self._pending or batch_tags:
             batch = [Metric(*m) for m in self._pending[:1000 - len(batch_tags)]]
             _retry(self.client.log_batch, self.run_id, metrics=batch, tags=batch_tags)
             del self._pending[:len(batch)]
-            tags, batch_tags = None, [RunTag(k, v) for k, v in beat.items()]
+            batch_tags = []
+        self.wrote()
 
     def finish(self, result: dict) -> None:
         """The results: every one as a tag ``final/<key>`` (full precision, not charted: what
@@ -323,7 +363,7 @@ class TrialRun(RunLog):
             tags["sparse_path"] = result["sparse_path"]
         if result.get("prefix_shared_by", 1) > 1:  # its pre-training was trained once for this many runs
             tags["pretraining_shared_by"] = str(result["prefix_shared_by"])
-        self.flush(tags)  # with the final metrics: one store call, not four
+        self.write(tags)  # with the final metrics: one store call, not four
         _retry(self.client.log_dict, self.run_id, result["layer_density"], "layer_density.json")
         _retry(self.client.set_terminated, self.run_id, "FINISHED")
 
@@ -345,7 +385,7 @@ class TrialRun(RunLog):
         if self.run_id is None:
             return
         try:
-            self.flush()  # the epochs before the error belong to the run (and a retry skips them)
+            self.write()  # the epochs before the error belong to the run (and a retry skips them)
             _retry(self.client.set_tag, self.run_id, "error", reason)
             _retry(self.client.set_terminated, self.run_id, status)
         except Exception:  # noqa: BLE001 - the original error matters more than this one

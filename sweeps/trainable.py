@@ -74,6 +74,8 @@ def train_trial(config: dict) -> None:
         raise
     resumed_at = len(state["history"]) if state is not None else None
     mlrun.resumed(resumed_at)
+    if state is not None:
+        mlrun.restore(state["history"])  # its epochs that never reached the run (flushes are not writes)
     epoch = resumed_at or 0
     last_sync = last_report = time.monotonic()
     report_every_s = float(meta.get("report_every_s", 0.0))
