@@ -4,8 +4,10 @@ A sweep's trials hand their runs' rows to the driver, which writes them (``sweep
 ``TrialRun``). This benchmark replays a recorded main job through both versions of that code:
 
 1. **record**: the README's main job (``python sweeps/ablation_grid.py``, 132 runs of the laptop
-   preset) into a temporary store, its wall and CPU timed; or ``--store URI``, a store holding a
-   finished sweep ``--sweep``. From it, each run's log as the trainer handed it over: its plan
+   preset) from the baseline's tree and from this tree, alternating (``--job-rounds``), each into a
+   temporary store: wall, the driver's and the whole tree's CPU seconds, and a check that every run's
+   final accuracies are the same; or ``--store URI``, a store holding a finished sweep ``--sweep``.
+   The baseline's (first) store is replayed. From it, each run's log as the trainer handed it over: its plan
    (``sparse_core.plan.build`` of its params: which step ends a stage), per step the metrics of that
    step (``epoch/``, ``trainer/``, ``prune/`` rows) and the time it was logged, and its result.
 2. **replay**, one fresh Python process per variant and round, variants alternating (A B, B A, ...),
@@ -20,7 +22,7 @@ the baseline's write CPU per row (of the baseline's rows, i.e. per row of the sa
 to this tree's, median over rounds. It checks that every row the new policy writes is the
 baseline's (same key, step, value) and names the keys it leaves out.
 
-    python benchmarks/mlflow_writes.py                       # record the main job, 3 rounds (~5 min)
+    python benchmarks/mlflow_writes.py                       # the main job from each tree, 3 replays (~8 min)
     python benchmarks/mlflow_writes.py --store sqlite:////tmp/x.db --rounds 5
     python benchmarks/mlflow_writes.py --tiny                # a 4-run smoke sweep, 1 round
 """
@@ -30,8 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -43,22 +45,33 @@ from timing import ROOT, print_table  # also puts the repo root on sys.path
 TINY = ["--preset", "smoke", "--cells", "base,rigl", "--densities", "0.1,0.01", "--seeds", "0"]
 
 
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+def job(tree: str, work: str, tag: str, tiny: bool) -> dict:
+    """The main job (or the tiny sweep) from ``tree`` into a fresh store: its wall, its driver's and its
+    whole process tree's CPU seconds (procstat: lower bounds), its store and each run's final accuracies."""
+    from procstat import TreeSampler
 
-
-def record(work: str, tiny: bool) -> tuple[str, str, dict]:
-    """Run the main job (or the tiny sweep) into a fresh store: (uri, sweep name, its wall and CPU)."""
-    uri = f"sqlite:///{os.path.join(work, 'recorded.db')}"
+    uri = f"sqlite:///{os.path.join(work, tag + '.db')}"
     argv = [sys.executable, "sweeps/ablation_grid.py", "--mlflow-uri", uri, "--storage-path",
-            os.path.join(work, "ray"), "--no-report", "--name", "recorded", *(TINY if tiny else [])]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    w0, c0 = time.perf_counter(), _cpu()
-    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=3600, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"error: the recorded sweep failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-    return uri, "recorded", {"wall": time.perf_counter() - w0, "cpu": _cpu() - c0}
+            os.path.join(work, tag + "-ray"), "--no-report", "--name", "recorded", *(TINY if tiny else [])]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    load = open("/proc/loadavg").read().split()[0]
+    w0 = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    sampler = TreeSampler(proc.pid, "driver")
+    sampler.start()
+    out = proc.communicate(timeout=3600)[0]
+    wall = time.perf_counter() - w0
+    sampler.finish()
+    if proc.returncode != 0:
+        raise SystemExit(f"error: the sweep in {tree} failed:\n{out[-3000:]}")
+    finals: dict = {}
+    with sqlite3.connect(uri.removeprefix("sqlite:///")) as con:
+        for key, name, value in con.execute(
+                "SELECT k.value, t.key, t.value FROM tags k JOIN tags t ON t.run_uuid = k.run_uuid "
+                "WHERE k.key = 'run_key' AND t.key IN ('final/val_acc', 'final/test_acc')"):
+            finals.setdefault(key, {})[name] = value
+    return {"uri": uri, "wall": wall, "driver": sampler.by_category().get("driver", 0.0),
+            "cpu": sampler.total_cpu(), "load": load, "finals": finals}
 
 
 def _steps(cfg, rows: dict) -> list[dict]:
@@ -202,7 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument("--store", help="a store with a finished sweep to replay (default: record the main job)")
     ap.add_argument("--sweep", default="recorded", help="the sweep (tag) of --store to replay")
     ap.add_argument("--baseline", default="main", help="git revision of the baseline (default main)")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating replay rounds (default 3)")
+    ap.add_argument("--job-rounds", type=int, default=1, help="alternating rounds of the main job (default 1)")
     ap.add_argument("--tiny", action="store_true", help="record a 4-run smoke sweep, 1 round (the smoke test)")
     ap.add_argument("--threads", type=int, help="ignored (the replay is single-threaded)")
     args = ap.parse_args(argv)
@@ -221,28 +235,42 @@ def main(argv=None) -> int:
 
 
 def _run(args, work: str) -> int:
+    base_tree = os.path.join(work, "baseline")
+    os.makedirs(base_tree)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", args.baseline], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", base_tree], input=archive, check=True)
+    trees = {"baseline": base_tree, "this tree": ROOT}
     uri, sweep = args.store, args.sweep
-    if uri is None:
-        uri, sweep, job = record(work, args.tiny)
-        print(f"# recorded job ({'smoke' if args.tiny else 'main job: python sweeps/ablation_grid.py'}): "
-              f"wall {job['wall']:.1f} s, CPU {job['cpu']:.1f} s (driver + workers)")
+    if uri is None:  # the main job, from both trees, alternating; the baseline's first store is replayed
+        jobs: dict[str, list[dict]] = {n: [] for n in trees}
+        for r in range(1 if args.tiny else args.job_rounds):
+            for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
+                jobs[name].append(job(trees[name], work, f"job{r}-{name.split()[0]}", args.tiny))
+        report_jobs(jobs)
+        uri, sweep = jobs["baseline"][0]["uri"], "recorded"
     streams = os.path.join(work, "streams.json")
     data = load_streams(uri, sweep)
     if not data:
         raise SystemExit(f"error: no FINISHED run of sweep {sweep!r} in {uri}")
     with open(streams, "w") as f:
         json.dump(data, f)
-    base_tree = os.path.join(work, "baseline")
-    os.makedirs(base_tree)
-    archive = subprocess.run(["git", "-C", ROOT, "archive", args.baseline], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", base_tree], input=archive, check=True)
-    trees = {"baseline": base_tree, "this tree": ROOT}
     seen: dict[str, list[dict]] = {n: [] for n in trees}
-    rounds = 1 if args.tiny else args.rounds
-    for r in range(rounds):
+    for r in range(1 if args.tiny else args.rounds):
         for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
             seen[name].append(replay(trees[name], streams, work, f"r{r}-{name.split()[0]}"))
     return report(seen, len(data), args.baseline)
+
+
+def report_jobs(jobs: dict) -> None:
+    print_table(["main job", "round", "wall s", "driver CPU s", "tree CPU s", "load (1 min)"],
+                [[name, str(i), f"{j['wall']:.1f}", f"{j['driver']:.1f}", f"{j['cpu']:.1f}", j["load"]]
+                 for name, js in jobs.items() for i, j in enumerate(js)])
+    finals = [j["finals"] for js in jobs.values() for j in js]
+    same = all(f == finals[0] for f in finals)
+    print(f"per-run final/val_acc and final/test_acc by run_key, {len(finals[0])} runs: "
+          f"{'identical in every job' if same else 'DIFFER'}\n")
+    if not same:
+        raise SystemExit("error: the jobs' results differ")
 
 
 def report(seen: dict, n_runs: int, baseline: str) -> int:

@@ -9,7 +9,8 @@ retried, resumed or re-run trial continues its run_key's MLflow run from the new
 (``trial_state.newest_state``). A trial whose run_key is FINISHED, or claimed by a live trial of another
 sweep, reports ``skipped`` and trains nothing (``tracking.TrialRun.open``).
 
-The subtle point is cost. A checkpoint, with the MLflow write of the buffered epochs before it,
+The subtle point is cost. A checkpoint, with the flush of the buffered epochs before it (a write when due:
+``tracking.RunLog.due``; a retry logs the checkpoint's epochs its run lacks, ``RunLog.restore``),
 is taken at the end of each stage (pre-training, pruning, RigL or post-training) and otherwise
 once ``CHECKPOINT_EVERY_S`` have passed since the last one: each costs a ``torch.save``, a copy
 into Tune's storage and an experiment-state snapshot on the driver, each MLflow write a SQLite
