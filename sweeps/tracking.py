@@ -7,42 +7,28 @@ metrics ``epoch/<key>`` and ``trainer/<key>`` (step = global epoch),
 (run_key, sweep, cell, trial_id, provenance; ``pack_size`` for a copy of a packed trial, ``pretraining_shared_by``
 for a run whose pre-training was trained once for several, ``sparse_core/prefix.py``) and ``layer_density.json``. A trial finds its run
 by run_key (``TrialRun.open``, claims in ``claims.py``): a retried, resumed or re-run trial
-continues it, so there is one run per run_key and no epoch is logged twice. Per-epoch metrics are buffered
-(``RunLog``) and written in few, large store calls: each call costs the driver ~8 ms of CPU whatever its size,
-each row ~60 us (benchmarks/mlflow_writes.py). The trainable calls ``flush()`` before every checkpoint, and it
-writes only when ``FLUSH_EVERY_S`` have passed since the run's last write (so the MLflow UI still follows a
-long run) or when rows are pending that a checkpoint cannot restore (``prune/``); ``finish()`` writes the rest
-with the results in one call, ``fail()`` what is pending. A trial retried from a checkpoint whose epochs never
-reached the run logs them again from the checkpoint's history (``restore``: every ``epoch/`` and ``trainer/``
-key is in it), so every epoch is in the run exactly once. ``checkpoint_dir`` goes with the next write. Not
-logged per epoch (no reader): ``trainer/seconds`` (the total is ``final/seconds``) and ``trainer/mask_mean``
-(= ``trainer/mask_soft_density``). On a local runtime a trial buffers the same way and the driver writes its
-run (``sweeps/relay.py``).
+continues it, so there is one run per run_key and no epoch is logged twice. When a run's rows reach the
+store: ``sweeps/run_log.py`` (``RunLog``: few, large writes; a retry logs its checkpoint's missing epochs). On
+a local runtime a trial buffers the same way and the driver writes its run (``sweeps/relay.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from runstore import (CURVES, DEFAULT_TRACKING_URI, EPOCH_PREFIX, FINAL_AS_METRICS, FINAL_PREFIX, PARENT_TAG,
-                      PRUNE_PREFIX, TRAINER_PREFIX,
+from runstore import (DEFAULT_TRACKING_URI, EPOCH_PREFIX, FINAL_AS_METRICS, FINAL_PREFIX, PARENT_TAG, PRUNE_PREFIX,
                       TrackingError, check_reachable, client,  # noqa: F401
                       experiment_id, final_metrics, load_runs, resolve_tracking_uri, search, sqlite_path, unwritable)
 
 from .claims import (OPEN_STATUSES, arbitrate, claim_alive, claim_generation, current_claim, runs_of_key, store_lock,
                      take, this_claim)
+from .run_log import FLUSH_EVERY_S, NOT_LOGGED, RunLog, _finite  # noqa: F401 - the names trials use
 
-# Per-epoch keys from sparse_core.train that are bookkeeping, not measurements.
-_NOT_METRICS = {"epoch", "epochs", "round", "stage_epoch", "stage", "stage_end", "last_prune"}
-# Per-epoch values not logged: nobody reads them, and a checkpoint's history (``RunLog.restore``) has neither.
-NOT_LOGGED = {"seconds": "the run's time so far (its total is final/seconds)", "mask_mean": "= mask_soft_density"}
-FLUSH_EVERY_S = 30.0  # a checkpoint's flush writes when this long has passed since the run's last write
 # Result keys logged once at the end as ``final/<key>`` (step = number of training epochs).
 FINAL_METRICS = ("test_acc", "test_loss", "at_chance", "chance_acc", "val_acc", "val_loss", "best_val_acc", "best_val_epoch",
                  "test_acc_at_best_val", "pre_val_acc", "pre_test_acc", "prune_val_acc", "prune_test_acc",
@@ -76,10 +62,6 @@ def git_commit(repo_root: str | Path) -> str | None:
 
 
 # ---- write: one run per trial ----------------------------------------------------------------
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _retry(fn, *args, attempts: int = 4, **kwargs):
     """SQLite allows one writer at a time; concurrent trials occasionally see 'database is locked'."""
     for i in range(attempts):
@@ -108,62 +90,6 @@ def final_fields(result: dict) -> dict:
     if "at_chance" in out:  # a metric: 1.0 / 0.0 (sparse_core.metrics.at_chance)
         out["at_chance"] = float(bool(out["at_chance"]))
     return out
-
-
-class RunLog:
-    """What a trial writes to its run, buffered in the trial's process: the per-epoch and per-round
-    metrics as (key, value, timestamp ms, step). ``TrialRun`` writes them to the store itself;
-    ``sweeps/relay.py``'s ``RemoteRun`` hands them to the driver, which writes them. ``clock``: seconds,
-    for ``FLUSH_EVERY_S`` (a replay sets its own: benchmarks/mlflow_writes.py)."""
-
-    clock = staticmethod(time.monotonic)
-
-    def __init__(self, run_key: str):
-        self.run_key = run_key
-        self.run_id: str | None = None
-        self.skip: str | None = None  # "finished" or "claimed": do not train (see TrialRun.open)
-        self.checkpoint_dir: str | None = None  # Tune trial dir of the continued run's checkpoints
-        self.logged_epoch = 0  # epochs <= this are already in the run (from before a retry)
-        self.logged_round = 0
-        self._pending: list = []  # metrics not yet written (see flush)
-        self._written_at: float | None = None  # clock() of the last write (None: since open)
-
-    def _log(self, values: dict, step: int) -> None:
-        now = int(time.time() * 1000)
-        self._pending += [(k, float(v), now, step) for k, v in values.items() if _finite(v)]
-
-    def log_step(self, metrics: dict) -> None:
-        """One step of ``sparse_core.train.run``'s log: a training epoch or a pruning round."""
-        stage = metrics.get("stage")
-        if stage == "prune":
-            rnd = metrics["round"] + 1
-            if rnd > self.logged_round:
-                self._log({PRUNE_PREFIX + "val_acc": metrics["val_acc_after_prune"],
-                           PRUNE_PREFIX + "test_acc": metrics["test_acc_after_prune"],
-                           PRUNE_PREFIX + "density": metrics["density"],
-                           PRUNE_PREFIX + "n_collapsed_layers": metrics["n_collapsed_layers"]}, rnd)
-                self.logged_round = rnd
-        elif "epoch" in metrics and metrics["epoch"] > self.logged_epoch:
-            self._log({(EPOCH_PREFIX if k in CURVES else TRAINER_PREFIX) + k: v for k, v in metrics.items()
-                       if k not in _NOT_METRICS and k not in NOT_LOGGED}, metrics["epoch"])
-            self.logged_epoch = metrics["epoch"]
-
-    def restore(self, history: list[dict]) -> None:
-        """A trial continuing from a checkpoint: buffer its epochs that the run lacks (a flush before the
-        checkpoint is not a write: the run may end before them) from the checkpoint's ``history``."""
-        for epoch, metrics in enumerate(history[self.logged_epoch:], start=self.logged_epoch + 1):
-            self.log_step({**metrics, "epoch": epoch})
-
-    def due(self) -> bool:
-        """Whether a checkpoint's flush writes: ``FLUSH_EVERY_S`` since the last write (or the open), or
-        rows pending that no checkpoint restores (a pruning round's)."""
-        now = self.clock()
-        if self._written_at is None:
-            self._written_at = now
-        return now - self._written_at >= FLUSH_EVERY_S or any(m[0].startswith(PRUNE_PREFIX) for m in self._pending)
-
-    def wrote(self) -> None:
-        self._written_at = self.clock()
 
 
 class TrialRun(RunLog):
