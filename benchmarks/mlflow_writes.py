@@ -180,8 +180,8 @@ for s in streams:
 db_rows = sqlite3.connect(db).execute(
     "select t.value, m.key, m.step, m.value from metrics m join tags t on t.run_uuid = m.run_uuid "
     "and t.key = 'run_key' where m.key not like 'final/%'").fetchall()
-json.dump({"open_cpu": open_cpu, "write_cpu": write_cpu, "calls": calls, "spent": spent, "rows": rows[0], "stored": db_rows},
-          open(out_path, "w"))
+json.dump({"open_cpu": open_cpu, "write_cpu": write_cpu, "calls": calls, "spent": spent, "rows": rows[0],
+           "stored": db_rows}, open(out_path, "w"))
 """
 
 

@@ -15,9 +15,9 @@ its epochs logged when it ends, without a state: their first snapshot is one of 
 
 The subtle point is the checkpoint. One Tune checkpoint holds every copy's state, and no state may
 be newer than the epochs already logged to its run (a retry never logs a step before its state
-again; it logs those of the state's epochs that never reached the store: ``tracking.RunLog.restore``). So when a checkpoint is due (a stage end, or ``CHECKPOINT_EVERY_S`` since the last), each
-copy snapshots its own state inside its own log call (serialised at once, since the trainer moves
-on), and the checkpoint is written when every running copy has one, or when a copy that has one
+again; it logs those of the state's epochs that never reached the store: ``tracking.RunLog.restore``).
+So when a checkpoint is due (a stage end, or ``CHECKPOINT_EVERY_S`` since the last), each copy snapshots
+its own state inside its own log call (serialised at once, since the trainer moves on), and the checkpoint is written when every running copy has one, or when a copy that has one
 logs its next step (a copy that failed alone, or waits at another plan position, keeps its older
 snapshot). Tune sees pack-level reports: the mean of the copies' values and the slowest copy's epoch.
 """
