@@ -15,7 +15,7 @@ FINAL_PREFIX = "final/"  # once, at the end (step = number of epochs): the resul
 # to 4 decimals, which the runs table shows, sorts and averages (the run's page charts each as one dot).
 FINAL_AS_METRICS = ("val_acc", "test_acc", "n_collapsed_layers", "at_chance")  # at_chance averaged: the share of seeds
 PRUNE_PREFIX = "prune/"  # per pruning round (step = round): right after pruning
-TRAINER_PREFIX = "trainer/"  # per epoch, the rest: learning rate, density, mask and soft-schedule state, seconds
+TRAINER_PREFIX = "trainer/"  # per epoch, the rest: learning rate, density, mask and soft-schedule state
 CURVES = ("train_loss", "val_acc", "val_loss", "test_acc", "test_loss")  # the epoch/ keys
 # A run's claims on a tracking server (sweeps/claims.py): params ``claim.<n>``, not config keys.
 CLAIM_PARAM = "claim."

@@ -31,7 +31,7 @@ from runstore import CLAIM_PARAM  # + generation: the write-once claims of a run
 from runstore import TrackingError
 from runstore import proc_start as _proc_start, this_claim  # noqa: F401 - a claim names one process (host/pid/start)
 
-# A claim on another host is live while its heartbeat (refreshed at every flush, i.e. every checkpoint)
+# A claim on another host is live while its heartbeat (refreshed at every write: ``tracking.FLUSH_EVERY_S``)
 # is younger than this; on the same host, while the claiming process runs.
 LEASE_S = 900.0
 OPEN_STATUSES = ("RUNNING", "SCHEDULED")

@@ -14,10 +14,10 @@ Copies that share a pre-training (``sparse_core/prefix.py``: e.g. several cells 
 its epochs logged when it ends, without a state: their first snapshot is one of their own steps.
 
 The subtle point is the checkpoint. One Tune checkpoint holds every copy's state, and no state may
-be newer than the epochs already written to its run (a retry never logs a step before its state
-again). So when a checkpoint is due (a stage end, or ``CHECKPOINT_EVERY_S`` since the last), each
-copy snapshots its own state inside its own log call (serialised at once, since the trainer moves
-on), and the checkpoint is written when every running copy has one, or when a copy that has one
+be newer than the epochs already logged to its run (a retry never logs a step before its state
+again; it logs those of the state's epochs that never reached the store: ``tracking.RunLog.restore``).
+So when a checkpoint is due (a stage end, or ``CHECKPOINT_EVERY_S`` since the last), each copy snapshots
+its own state inside its own log call (serialised at once, since the trainer moves on), and the checkpoint is written when every running copy has one, or when a copy that has one
 logs its next step (a copy that failed alone, or waits at another plan position, keeps its older
 snapshot). Tune sees pack-level reports: the mean of the copies' values and the slowest copy's epoch.
 """
@@ -54,7 +54,7 @@ class _Copy:
         self.pos = self.epoch = 0  # plan steps done, training epochs done
         self.stage = ""
         self.started = False  # has logged a step in this process
-        self.snapshot: bytes | None = None  # serialised state, never newer than the epochs written to the run
+        self.snapshot: bytes | None = None  # serialised state, never newer than the epochs logged to the run
         self.snapped = False  # a snapshot was taken since the checkpoint became due
         self.report: dict = {}  # the latest values for Tune
         self.state: dict | None = None
@@ -196,6 +196,7 @@ def train_pack(config: dict) -> None:
         if c.state is not None:
             c.pos, c.epoch = c.state["step_idx"], len(c.state["history"])
             c.mlrun.resumed(c.epoch)
+            c.mlrun.restore(c.state["history"])  # its epochs that never reached the run (flushes are not writes)
             c.snap(c.state)  # kept in every checkpoint until this copy logs a newer one
             c.snapped = False
     train = [c for c in copies if not c.mlrun.skip and c.error is None]

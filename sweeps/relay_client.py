@@ -118,7 +118,13 @@ class RemoteRun(RunLog):
         self._link.call({"op": op, "handle": self._handle, "pending": pending, **args})
 
     def flush(self) -> None:
+        if self.due():  # else the rows wait here (RunLog.due)
+            self.write()
+
+    def write(self) -> None:
+        """The driver's run writes what it holds and what this run buffered."""
         self._call("flush")
+        self.wrote()
 
     def set_checkpoint_dir(self, location: str) -> None:
         if location != self.checkpoint_dir:

@@ -145,7 +145,7 @@ class Relay:
         pass  # the metrics are buffered; the next flush writes them
 
     def _op_flush(self, entry: _Open, request: dict) -> None:
-        entry.run.flush()
+        entry.run.write()  # the trial's RemoteRun found it due
 
     def _op_checkpoint_dir(self, entry: _Open, request: dict) -> None:
         location = check(request.get("location"), str, "location")

@@ -7,33 +7,28 @@ metrics ``epoch/<key>`` and ``trainer/<key>`` (step = global epoch),
 (run_key, sweep, cell, trial_id, provenance; ``pack_size`` for a copy of a packed trial, ``pretraining_shared_by``
 for a run whose pre-training was trained once for several, ``sparse_core/prefix.py``) and ``layer_density.json``. A trial finds its run
 by run_key (``TrialRun.open``, claims in ``claims.py``): a retried, resumed or re-run trial
-continues it, so there is one run per run_key and no epoch is logged twice. Per-epoch metrics are buffered and written by
-``flush()`` (the trainable flushes before every checkpoint, so a retried trial finds every epoch up
-to its checkpoint in the run), by ``finish()`` and by ``fail()``: one SQLite transaction per epoch
-cost as much as a digits-MLP epoch itself (benchmarks/sweep_efficiency.py). On a local runtime a trial
-buffers the same way (``RunLog``) and the driver writes its run (``sweeps/relay.py``).
+continues it, so there is one run per run_key and no epoch is logged twice. When a run's rows reach the
+store: ``sweeps/run_log.py`` (``RunLog``: few, large writes; a retry logs its checkpoint's missing epochs). On
+a local runtime a trial buffers the same way and the driver writes its run (``sweeps/relay.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from runstore import (CURVES, DEFAULT_TRACKING_URI, EPOCH_PREFIX, FINAL_AS_METRICS, FINAL_PREFIX, PARENT_TAG,
-                      PRUNE_PREFIX, TRAINER_PREFIX,
+from runstore import (DEFAULT_TRACKING_URI, EPOCH_PREFIX, FINAL_AS_METRICS, FINAL_PREFIX, PARENT_TAG, PRUNE_PREFIX,
                       TrackingError, check_reachable, client,  # noqa: F401
                       experiment_id, final_metrics, load_runs, resolve_tracking_uri, search, sqlite_path, unwritable)
 
 from .claims import (OPEN_STATUSES, arbitrate, claim_alive, claim_generation, current_claim, runs_of_key, store_lock,
                      take, this_claim)
+from .run_log import FLUSH_EVERY_S, NOT_LOGGED, RunLog, _finite  # noqa: F401 - the names trials use
 
-# Per-epoch keys from sparse_core.train that are bookkeeping, not measurements.
-_NOT_METRICS = {"epoch", "epochs", "round", "stage_epoch", "stage", "stage_end", "last_prune"}
 # Result keys logged once at the end as ``final/<key>`` (step = number of training epochs).
 FINAL_METRICS = ("test_acc", "test_loss", "at_chance", "chance_acc", "val_acc", "val_loss", "best_val_acc", "best_val_epoch",
                  "test_acc_at_best_val", "pre_val_acc", "pre_test_acc", "prune_val_acc", "prune_test_acc",
@@ -67,10 +62,6 @@ def git_commit(repo_root: str | Path) -> str | None:
 
 
 # ---- write: one run per trial ----------------------------------------------------------------
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _retry(fn, *args, attempts: int = 4, **kwargs):
     """SQLite allows one writer at a time; concurrent trials occasionally see 'database is locked'."""
     for i in range(attempts):
@@ -101,41 +92,6 @@ def final_fields(result: dict) -> dict:
     return out
 
 
-class RunLog:
-    """What a trial writes to its run, buffered in the trial's process: the per-epoch and per-round
-    metrics as (key, value, timestamp ms, step). ``TrialRun`` writes them to the store itself;
-    ``sweeps/relay.py``'s ``RemoteRun`` hands them to the driver, which writes them."""
-
-    def __init__(self, run_key: str):
-        self.run_key = run_key
-        self.run_id: str | None = None
-        self.skip: str | None = None  # "finished" or "claimed": do not train (see TrialRun.open)
-        self.checkpoint_dir: str | None = None  # Tune trial dir of the continued run's checkpoints
-        self.logged_epoch = 0  # epochs <= this are already in the run (from before a retry)
-        self.logged_round = 0
-        self._pending: list = []  # metrics not yet written (see flush)
-
-    def _log(self, values: dict, step: int) -> None:
-        now = int(time.time() * 1000)
-        self._pending += [(k, float(v), now, step) for k, v in values.items() if _finite(v)]
-
-    def log_step(self, metrics: dict) -> None:
-        """One step of ``sparse_core.train.run``'s log: a training epoch or a pruning round."""
-        stage = metrics.get("stage")
-        if stage == "prune":
-            rnd = metrics["round"] + 1
-            if rnd > self.logged_round:
-                self._log({PRUNE_PREFIX + "val_acc": metrics["val_acc_after_prune"],
-                           PRUNE_PREFIX + "test_acc": metrics["test_acc_after_prune"],
-                           PRUNE_PREFIX + "density": metrics["density"],
-                           PRUNE_PREFIX + "n_collapsed_layers": metrics["n_collapsed_layers"]}, rnd)
-                self.logged_round = rnd
-        elif "epoch" in metrics and metrics["epoch"] > self.logged_epoch:
-            self._log({(EPOCH_PREFIX if k in CURVES else TRAINER_PREFIX) + k: v for k, v in metrics.items()
-                       if k not in _NOT_METRICS}, metrics["epoch"])
-            self.logged_epoch = metrics["epoch"]
-
-
 class TrialRun(RunLog):
     """The MLflow run of one trial, found by its run_key.
 
@@ -161,6 +117,7 @@ class TrialRun(RunLog):
         self.client = client(uri)
         self.reused = False
         self.other = None  # the run behind skip
+        self._tags: dict = {}  # tags for the next write
         self._claim = claim or this_claim()
 
     def open(self, resumed_at_epoch: int | None = None) -> "TrialRun":
@@ -276,10 +233,10 @@ class TrialRun(RunLog):
         return False
 
     def set_checkpoint_dir(self, location: str) -> None:
-        """Where this trial's checkpoints are (tag ``checkpoint_dir``): a later sweep continuing this
-        run after its driver died starts from the newest of them."""
+        """Where this trial's checkpoints are (tag ``checkpoint_dir``, with the next write): a later sweep
+        continuing this run after its driver died starts from the newest of them."""
         if location != self.checkpoint_dir:
-            _retry(self.client.set_tag, self.run_id, "checkpoint_dir", location)
+            self._tags["checkpoint_dir"] = location
             self.checkpoint_dir = location
 
     @staticmethod
@@ -288,18 +245,27 @@ class TrialRun(RunLog):
         return c.search_runs([experiment_id], max_results=1000, filter_string=f"tags.trial_id = '{trial_id}' "
                                                                               f"and attributes.status = '{status}'")
 
-    def flush(self, tags: dict | None = None) -> None:
-        """Write the buffered metrics, and ``tags`` with the first batch (one write even with no metrics):
-        batches of 1,000 entities, metrics and tags together (MLflow's client splits larger calls)."""
+    def flush(self) -> None:
+        """Before a checkpoint: write what is buffered when ``due`` (else it waits for a later write)."""
+        if self.due():
+            self.write()
+
+    def write(self, tags: dict | None = None) -> None:
+        """Write the buffered metrics and tags, and ``tags``, with the first batch (nothing to write: no
+        call): batches of 1,000 entities, metrics and tags together (MLflow's client splits larger calls)."""
         from mlflow.entities import Metric, RunTag
 
+        if not (self._pending or tags or self._tags):
+            return
         beat = {"heartbeat": f"{time.time():.0f}"}  # keeps this run's claim live (see claim_alive)
-        batch_tags = [RunTag(k, str(v)) for k, v in {**beat, **(tags or {})}.items()]
-        while self._pending or tags:
+        tags, self._tags = {**beat, **self._tags, **(tags or {})}, {}
+        batch_tags = [RunTag(k, str(v)) for k, v in tags.items()]
+        while self._pending or batch_tags:
             batch = [Metric(*m) for m in self._pending[:1000 - len(batch_tags)]]
             _retry(self.client.log_batch, self.run_id, metrics=batch, tags=batch_tags)
             del self._pending[:len(batch)]
-            tags, batch_tags = None, [RunTag(k, v) for k, v in beat.items()]
+            batch_tags = []
+        self.wrote()
 
     def finish(self, result: dict) -> None:
         """The results: every one as a tag ``final/<key>`` (full precision, not charted: what
@@ -323,7 +289,7 @@ class TrialRun(RunLog):
             tags["sparse_path"] = result["sparse_path"]
         if result.get("prefix_shared_by", 1) > 1:  # its pre-training was trained once for this many runs
             tags["pretraining_shared_by"] = str(result["prefix_shared_by"])
-        self.flush(tags)  # with the final metrics: one store call, not four
+        self.write(tags)  # with the final metrics: one store call, not four
         _retry(self.client.log_dict, self.run_id, result["layer_density"], "layer_density.json")
         _retry(self.client.set_terminated, self.run_id, "FINISHED")
 
@@ -345,7 +311,7 @@ class TrialRun(RunLog):
         if self.run_id is None:
             return
         try:
-            self.flush()  # the epochs before the error belong to the run (and a retry skips them)
+            self.write()  # the epochs before the error belong to the run (and a retry skips them)
             _retry(self.client.set_tag, self.run_id, "error", reason)
             _retry(self.client.set_terminated, self.run_id, status)
         except Exception:  # noqa: BLE001 - the original error matters more than this one

@@ -9,7 +9,8 @@ retried, resumed or re-run trial continues its run_key's MLflow run from the new
 (``trial_state.newest_state``). A trial whose run_key is FINISHED, or claimed by a live trial of another
 sweep, reports ``skipped`` and trains nothing (``tracking.TrialRun.open``).
 
-The subtle point is cost. A checkpoint, with the MLflow write of the buffered epochs before it,
+The subtle point is cost. A checkpoint, with the flush of the buffered epochs before it (a write when due:
+``tracking.RunLog.due``; a retry logs the checkpoint's epochs its run lacks, ``RunLog.restore``),
 is taken at the end of each stage (pre-training, pruning, RigL or post-training) and otherwise
 once ``CHECKPOINT_EVERY_S`` have passed since the last one: each costs a ``torch.save``, a copy
 into Tune's storage and an experiment-state snapshot on the driver, each MLflow write a SQLite
@@ -74,6 +75,8 @@ def train_trial(config: dict) -> None:
         raise
     resumed_at = len(state["history"]) if state is not None else None
     mlrun.resumed(resumed_at)
+    if state is not None:
+        mlrun.restore(state["history"])  # its epochs that never reached the run (flushes are not writes)
     epoch = resumed_at or 0
     last_sync = last_report = time.monotonic()
     report_every_s = float(meta.get("report_every_s", 0.0))

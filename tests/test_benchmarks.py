@@ -175,3 +175,17 @@ def test_laptop_e2e_tiny_compares_two_sweeps_and_their_results():
     out = proc.stdout
     assert "before / now: CPU" in out and "trial workers (ray::)" in out, out
     assert "4 trials (cell, density, seed) in both stores (4 now, 4 before), 4 identical in final test and val" in out, out
+
+
+@pytest.mark.slow  # ~90 s: the 4-run smoke sweep from this tree and from HEAD's archive, then one replay each
+def test_mlflow_writes_tiny_replays_the_sweep_through_both_write_policies():
+    out = _run([os.path.join(ROOT, "benchmarks", "mlflow_writes.py"), "--tiny", "--baseline", "HEAD"], timeout=900)
+    assert "per-run final/val_acc and final/test_acc by run_key, 4 runs: identical in every job" in out
+    rows = [line.replace("this tree", "this_tree").split() for line in out.splitlines()
+            if line.startswith(("baseline ", "this tree "))]
+    replay = [r for r in rows if len(r) == 8]  # variant, write CPU, open CPU, calls, log_batch, rows, us/row x2
+    assert [r[0] for r in replay] == ["baseline", "this_tree"]
+    assert all(float(r[1]) > 0 and int(r[5]) > 0 for r in replay)
+    assert replay[0][3:6] == replay[1][3:6]  # HEAD against itself: the same store calls and rows
+    assert "keys left out by this tree: none; rows stored twice: 0" in out
+    assert "write CPU per baseline row, baseline / this tree: " in out

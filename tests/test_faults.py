@@ -532,6 +532,7 @@ def assert_one_finished_run_per_key(uri: str, n_keys: int, experiment: str = "sp
         key = EPOCH_PREFIX + "train_loss" if EPOCH_PREFIX + "train_loss" in r.data.metrics else "train_loss"
         steps = [m.step for m in c.get_metric_history(r.info.run_id, key)]
         assert steps == sorted(set(steps)) and steps == list(range(1, len(steps) + 1)), steps
+        assert len(steps) == int(float(r.data.tags["final/epochs"])), steps  # a retry re-logs what never reached it
     return all_runs
 
 

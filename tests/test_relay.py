@@ -143,7 +143,7 @@ def test_the_claim_names_the_trials_process_and_a_failure_ends_the_run(uri, driv
     assert stored.info.status == "FAILED" and stored.data.tags["error"] == "ValueError: diverged"
     assert [(m.step, m.value) for m in c.get_metric_history(mlrun.run_id, "epoch/val_acc")] == [(1, 0.25)]
     with pytest.raises(tracking.TrackingError, match="no run open for this handle"):
-        mlrun.flush()  # ended: the relay holds no run for it any more
+        mlrun.write()  # ended: the relay holds no run for it any more
 
 
 # ---- the relay as a capability: each attack on the real relay ----------------------------------------------
@@ -328,7 +328,7 @@ def test_connections_are_capped_and_idle_ones_closed(uri, monkeypatch):
         assert mlrun.run_id is not None and mlrun.skip is None
         time.sleep(2.5)  # longer than the relay's idle timeout: the link reconnects, the handle still works
         mlrun.log_step({"epoch": 1, "stage": "pre", "val_acc": 0.5})
-        mlrun.flush()
+        mlrun.write()
         assert MlflowClient(uri).get_metric_history(mlrun.run_id, "epoch/val_acc")[0].value == 0.5
     finally:
         r.close()

@@ -186,19 +186,19 @@ def test_finish_writes_final_metrics_and_tags_in_one_batch(uri, monkeypatch, ext
     assert json.loads(Path(path).read_text()) == result["layer_density"]
 
 
-def test_flush_writes_everything_in_batches_and_the_tags_once(uri, monkeypatch):
+def test_write_writes_everything_in_batches_and_the_tags_once(uri, monkeypatch):
     cfg = from_flat({**TINY, "seed": 20})
     mlrun = tracking.TrialRun(uri, runstore.experiment_id(uri, "finish"), sweep="s", cell="base",
                               flat=cfg.to_flat(), run_key=run_key(cfg)).open()
     for step in range(1, 1201):
         mlrun._log({"trainer/x": step}, step)
     seen = _calls(monkeypatch, mlrun.client, ("log_batch",))
-    mlrun.flush({"a": "b"})
+    mlrun.write({"a": "b"})
     assert seen == ["log_batch", "log_batch"] and not mlrun._pending
     c = MlflowClient(uri)
     assert [m.value for m in c.get_metric_history(mlrun.run_id, "trainer/x")] == list(range(1, 1201))
     assert c.get_run(mlrun.run_id).data.tags["a"] == "b"
-    mlrun.flush()
+    mlrun.write()
     assert seen == ["log_batch", "log_batch"]  # nothing pending and no tags: no write
 
 
