@@ -11,7 +11,7 @@ import re
 from typing import Callable
 
 from .relay_protocol import MAX_METRICS
-from .tracking import FINAL_METRICS, TrackingError
+from .tracking import FINAL_FIELDS, FINAL_METRICS, TrackingError
 
 PROVENANCE_TAGS = ("sparse_core_version", "git_commit", "pack_size")  # the tags a trial may set
 CLAIM = re.compile(r"[A-Za-z0-9_.\-]{1,253}/\d{1,10}/[0-9A-Za-z]{1,24}")
@@ -109,12 +109,11 @@ def pending(request: dict) -> list[tuple]:
 def result(value) -> dict:
     """``finish``'s result, checked: numbers, a list of layer names, a dict of layer densities."""
     check(value, dict, "result")
-    allowed = {*FINAL_METRICS, "collapsed_layers", "device", "sparse_path", "prefix_shared_by", "layer_density",
-               "effective_units"}
+    allowed = set(FINAL_FIELDS)
     unknown = sorted(set(value) - allowed)
     if unknown:
         raise Refused(f"unknown result field(s) {unknown}; valid: {sorted(allowed)}")
-    for key in (*FINAL_METRICS, "prefix_shared_by"):
+    for key in (*FINAL_METRICS, "n_collapsed_layers", "prefix_shared_by"):
         if key in value:
             check(value[key], (int, float), f"result[{key!r}]")
     if not isinstance(value.get("epochs"), int) or value["epochs"] < 0:

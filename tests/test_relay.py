@@ -242,7 +242,7 @@ def test_only_the_caller_that_opened_a_run_writes_it(uri, driver):
         assert "no run open for this handle and claim" in ask(f, {**forged, "handle": "0" * 32})["error"]
     assert MlflowClient(uri).get_run(mine.run_id).info.status == "RUNNING"
     with pytest.raises(tracking.TrackingError, match=r"result\['test_acc'\] must be"):
-        mine.finish({**forged, "test_acc": "0.999"})
+        mine._call("finish", result={**forged["result"], "test_acc": "0.999"})  # what a client's finish sends
     with pytest.raises(tracking.TrackingError, match="not inside the sweep's Tune storage"):
         driver.scope = dataclasses_replace(driver.scope, storage="/nonexistent/ray_results")
         mine.set_checkpoint_dir("/tmp/elsewhere")
