@@ -17,8 +17,8 @@ Every public name is also here, so ``runstore.X`` is all a reader needs.
 from __future__ import annotations
 
 from .experiments import collapse_groups, experiment_id, mark_training_experiment
-from .names import (CLAIM_PARAM, CURVES, EPOCH_PREFIX, FINAL_AS_METRICS, FINAL_PREFIX, PARENT_TAG, PRUNE_PREFIX,
-                    ROLE_TAG, SEARCH_CELL, SWEEP_ROLE, TRAINER_PREFIX)
+from .names import (BASELINE_ROLE, CLAIM_PARAM, CURVES, EPOCH_PREFIX, FINAL_AS_METRICS, FINAL_PREFIX, PARENT_TAG, PRUNE_PREFIX,
+                    METHOD_ROLE, ROLE_TAG, SEARCH_CELL, SWEEP_ROLE, TRAINER_PREFIX)
 from .records import FINAL_FIELDS, FINAL_METRICS, final_fields, final_record, step_metrics
 from .process import claim_alive_here, proc_start, this_claim
 from .rows import RUN_TAGS, final_metrics, load_runs, run_row, run_rows, search, search_ids, typed_config
@@ -28,8 +28,8 @@ from .ui import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, GENAI_KINDS, GROUP_BY, ST
                  group_id, study_view, ui_link)
 
 __all__ = [
-    "CLAIM_PARAM", "CURVES", "DEFAULT_TRACKING_URI", "EPOCH_PREFIX", "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG",
-    "FINAL_AS_METRICS", "FINAL_FIELDS", "FINAL_METRICS", "FINAL_PREFIX", "GENAI_KINDS", "GROUP_BY", "PARENT_TAG", "PRUNE_PREFIX",
+    "BASELINE_ROLE", "CLAIM_PARAM", "CURVES", "DEFAULT_TRACKING_URI", "EPOCH_PREFIX", "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG",
+    "FINAL_AS_METRICS", "FINAL_FIELDS", "FINAL_METRICS", "FINAL_PREFIX", "GENAI_KINDS", "GROUP_BY", "METHOD_ROLE", "PARENT_TAG", "PRUNE_PREFIX",
     "QUICK_CHECK_MAX_BYTES", "ROLE_TAG", "RUN_TAGS", "SEARCH_CELL", "STUDY_VIEW", "SWEEP_ROLE", "TRAINER_PREFIX",
     "TrackingError", "UI_QUERY", "VIEW_TAG", "check_reachable", "claim_alive_here", "client", "collapse_groups",
     "experiment_id", "final_fields", "final_metrics", "final_record", "free_port", "group_id", "load_runs", "mark_training_experiment", "proc_start",

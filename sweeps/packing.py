@@ -109,7 +109,11 @@ def group_key(trials: list, k: int | None = None):
 
 
 def spec(trial) -> dict:
-    return {"cell": trial.cell, "flat": trial.flat}
+    """A copy in a Tune trial's config: its cell, flat config and (a design's trial) its run's role tag."""
+    out = {"cell": trial.cell, "flat": trial.flat}
+    if getattr(trial, "role", None):
+        out["role"] = trial.role
+    return out
 
 
 def param_space(packed: list[list], meta: dict) -> dict:

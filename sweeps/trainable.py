@@ -26,6 +26,7 @@ import torch
 from ray import tune
 
 import sparse_core
+from runstore import ROLE_TAG
 from sparse_core.checkpoint import CheckpointError
 from sparse_core.config import from_flat, run_key, to_flat
 from sparse_core.results import RunResult
@@ -58,8 +59,9 @@ def claim(specs: list[dict], meta: dict) -> list[Copy]:
     copies = []
     for spec in specs:
         cfg = from_flat(spec["flat"])
+        role = {ROLE_TAG: spec["role"]} if spec.get("role") else {}  # baseline or method (a design's trial)
         mlrun = relay.trial_run(meta["tracking_uri"], meta["experiment_id"], sweep=meta["sweep"], cell=spec["cell"],
-                                flat=to_flat(cfg), run_key=run_key(cfg), trial_id=trial_id, tags=tags,
+                                flat=to_flat(cfg), run_key=run_key(cfg), trial_id=trial_id, tags={**tags, **role},
                                 parent_run_id=meta.get("parent_run_id")).open()
         copies.append(Copy(spec["cell"], cfg, mlrun))
     return copies
