@@ -3,7 +3,8 @@
 Columns: every flat config key of ``sparse_core`` (typed by ``from_flat``, so ``prune.density`` is a
 float and ``post.soft_skip`` a bool), the final metrics (``final/test_acc`` read as ``test_acc``; runs
 logged before the prefix read the same, see ``runstore``), the tags
-``cell``, ``run_key``, ``sweep``, ``collapsed_layers``, and ``run_id``, ``experiment``, ``status``.
+``cell``, ``run_key``, ``sweep``, ``role`` (``analysis.table.baseline_rule``), ``collapsed_layers``, and
+``run_id``, ``experiment``, ``status``.
 The subtle point: runs that are not FINISHED (a FAILED trial, a RUNNING one mid-sweep) would bias a
 mean, so they are left out by default and the count per status is logged, never dropped silently;
 so are the runs of Optuna searches (cell ``optuna``: their tuned knobs differ from run to run) unless

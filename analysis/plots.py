@@ -100,13 +100,14 @@ def dense_reference(df: pd.DataFrame, metric: str) -> tuple[float, str] | None:
 PANEL_LINES = 8  # at most this many curves per panel: more cannot be told apart
 
 
-def panels(labels: list) -> list[tuple[str, list]]:
-    """Rows split into panels of at most PANEL_LINES curves: baselines, the full pipeline's leave-one-out
-    cells, the one-component additions to the base, then anything else in chunks."""
+def panels(labels: list, baseline=is_baseline) -> list[tuple[str, list]]:
+    """Rows split into panels of at most PANEL_LINES curves: baselines (``baseline(label)``: the table's
+    ``baselines``, from the runs' role tags), the full pipeline's leave-one-out cells, the one-component
+    additions to the base, then anything else in chunks."""
     groups = {"baselines": [], "full pipeline, one component left out": [], "base + one component": [], "other": []}
     for label in labels:
         text = str(label)
-        if is_baseline(text):
+        if baseline(label):
             groups["baselines"].append(label)
         elif text == "full" or text.startswith("full-"):
             groups["full pipeline, one component left out"].append(label)
@@ -195,7 +196,7 @@ def accuracy_vs_density(df: pd.DataFrame, stem: str, metric: str = "test_acc", r
         check_key(df, x, "--x")
         xmap = df.groupby([rows, DENSITY])[x].mean().to_dict()
     scale = 100.0 if is_percent(metric) else 1.0
-    groups = panels(table.row_order)
+    groups = panels(table.row_order, lambda label: label in table.baselines)
     fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 5.6), sharey=True, squeeze=False)
     ref, styles, chance = dense_reference(df, metric), cell_styles(table.row_order), chance_level(df, metric)
     for ax, (panel_title, members) in zip(axes[0], groups):

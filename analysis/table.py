@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from runstore import BASELINE_ROLE, ROLE_TAG
 from sparse_core.config import FIELD_TYPES, NOT_IDENTITY
 from sparse_core.metrics import CHANCE_FACTOR
 
@@ -78,6 +79,7 @@ class Table:
     col_order: list
     reference: dict = field(default_factory=dict)  # column value -> reference row label
     reference_how: str = ""  # how the reference rows were chosen (for the footnote)
+    baselines: list = field(default_factory=list)  # the rows that are baselines (``baseline_rule``), in row order
 
 
 BETTER, WORSE, REF = "▲", "▼", "ref"
@@ -85,17 +87,26 @@ CHANCE = "chance"  # the mark of a cell whose seeds mostly ended at chance (neve
 
 
 def is_baseline(label) -> bool:
-    """A method outside the paper's pipeline: the plain magnitude ``base``, another pruner, GMP, RigL."""
+    """The label rule, for runs without a role tag (stores from before the tag): a method outside the
+    paper's pipeline, the plain magnitude ``base``, another pruner, GMP, RigL."""
     label = str(label)
     return label in ("base", "gmp", "rigl") or label.startswith("pruner=")
+
+
+def baseline_rule(df: pd.DataFrame, rows: str = "cell"):
+    """``label -> bool``: is this row a baseline. A row whose runs carry the tag ``role`` (a sweep writes
+    it from its design, ``sweeps.designs.baselines``) is one where a run's role is ``baseline``; a row none
+    of whose runs carries it (runs from before the tag) falls back to the label rule ``is_baseline``."""
+    role = (df[ROLE_TAG] if ROLE_TAG in df.columns else pd.Series("", index=df.index)).fillna("").astype(str)
+    tagged, marked = set(df.loc[role != "", rows]), set(df.loc[role == BASELINE_ROLE, rows])
+    return lambda label: label in marked if label in tagged else is_baseline(label)
 
 
 def _per_seed(g: pd.DataFrame, metric: str) -> dict[int, float]:
     return {int(s): float(v) for s, v in zip(g[SEED], g[metric]) if pd.notna(v)}
 
 
-def _pick_reference(data: pd.DataFrame, rows: str, cols: str, col, reference, select: str,
-                    baseline=is_baseline) -> object:
+def _pick_reference(data: pd.DataFrame, rows: str, cols: str, col, reference, select: str, baseline) -> object:
     """The given reference row, else the baseline (any row if none is a baseline) with the best mean of
     ``select`` (validation accuracy) in this column: the comparator is never chosen on test data, nor
     among cells whose *validation* accuracy is at chance (``val_chance_flags``; None when every candidate is)."""
@@ -113,9 +124,10 @@ def _pick_reference(data: pd.DataFrame, rows: str, cols: str, col, reference, se
 
 
 def ablation_table(df: pd.DataFrame, metric: str = "test_acc", rows: str = "cell", cols: str = "prune.density",
-                   reference=None, select_metric: str = "val_acc", baseline=is_baseline) -> Table:
+                   reference=None, select_metric: str = "val_acc", baseline=None) -> Table:
     """Mean and 95 % CI per (row, col) over seeds, and a paired test of each cell against the column's reference
-    row (``reference``, or the best baseline by mean ``select_metric``; ``baseline(label)``: is it one)."""
+    row (``reference``, or the best baseline by mean ``select_metric``; ``baseline(label)``: is it one, by
+    default ``baseline_rule``)."""
     check_metric(df, metric)
     check_key(df, rows, "--rows")
     check_key(df, cols, "--cols")
@@ -125,6 +137,7 @@ def ablation_table(df: pd.DataFrame, metric: str = "test_acc", rows: str = "cell
         raise AnalysisError(f"--reference {reference!r} is not a {rows} of these runs; choose from "
                             f"{', '.join(sorted(map(str, df[rows].unique())))}")
     check_axes(df, [rows, cols])
+    baseline = baseline or baseline_rule(df, rows)
     how = f"the {rows} given by --reference" if reference is not None else None
     if select_metric not in df.columns or df[select_metric].isna().all():
         select_metric = metric  # runs from before the validation split: say so in the footnote
@@ -170,7 +183,7 @@ def ablation_table(df: pd.DataFrame, metric: str = "test_acc", rows: str = "cell
                 marks[i] = BETTER if better == higher_is_better(metric) else WORSE
     cells["reference"] = [refs.get(c) for c in cells[cols]]
     cells["p_value"], cells["p_holm"], cells["mark"] = p, p_holm, marks
-    return Table(cells, rows, cols, metric, row_order, col_order, refs, how)
+    return Table(cells, rows, cols, metric, row_order, col_order, refs, how, [r for r in row_order if baseline(r)])
 
 
 def collapsed_flags(df: pd.DataFrame) -> pd.Series:

@@ -8,6 +8,7 @@ imports neither, nor Ray. Its parts, each a leaf or over the ones before it:
 - ``process``: the processes that claim a run (``host/pid/start``);
 - ``ui``: how MLflow's UI opens a study (experiment kind, the runs-table view, the link);
 - ``experiments``: a study's experiments, found or made, tagged for that view;
+- ``records``: a run's metrics and tags, derived from the typed step events and results it logs;
 - ``rows``: reading runs back as typed configs, results and flat rows.
 
 Every public name is also here, so ``runstore.X`` is all a reader needs.
@@ -16,8 +17,9 @@ Every public name is also here, so ``runstore.X`` is all a reader needs.
 from __future__ import annotations
 
 from .experiments import collapse_groups, experiment_id, mark_training_experiment
-from .names import (CLAIM_PARAM, CURVES, EPOCH_PREFIX, FINAL_AS_METRICS, FINAL_PREFIX, PARENT_TAG, PRUNE_PREFIX,
-                    ROLE_TAG, SEARCH_CELL, SWEEP_ROLE, TRAINER_PREFIX)
+from .names import (BASELINE_ROLE, CLAIM_PARAM, CURVES, EPOCH_PREFIX, FINAL_AS_METRICS, FINAL_PREFIX, PARENT_TAG, PRUNE_PREFIX,
+                    METHOD_ROLE, ROLE_TAG, SEARCH_CELL, SWEEP_ROLE, TRAINER_PREFIX)
+from .records import FINAL_FIELDS, FINAL_METRICS, NOT_LOGGED, final_fields, final_record, step_metrics
 from .process import claim_alive_here, proc_start, this_claim
 from .rows import RUN_TAGS, final_metrics, load_runs, run_row, run_rows, search, search_ids, typed_config
 from .store import (DEFAULT_TRACKING_URI, QUICK_CHECK_MAX_BYTES, TrackingError, check_reachable, client,
@@ -26,11 +28,12 @@ from .ui import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, GENAI_KINDS, GROUP_BY, ST
                  group_id, study_view, ui_link)
 
 __all__ = [
-    "CLAIM_PARAM", "CURVES", "DEFAULT_TRACKING_URI", "EPOCH_PREFIX", "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG",
-    "FINAL_AS_METRICS", "FINAL_PREFIX", "GENAI_KINDS", "GROUP_BY", "PARENT_TAG", "PRUNE_PREFIX",
+    "BASELINE_ROLE", "CLAIM_PARAM", "CURVES", "DEFAULT_TRACKING_URI", "EPOCH_PREFIX", "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG",
+    "FINAL_AS_METRICS", "FINAL_FIELDS", "FINAL_METRICS", "FINAL_PREFIX", "GENAI_KINDS", "GROUP_BY", "METHOD_ROLE", "NOT_LOGGED",
+    "PARENT_TAG", "PRUNE_PREFIX",
     "QUICK_CHECK_MAX_BYTES", "ROLE_TAG", "RUN_TAGS", "SEARCH_CELL", "STUDY_VIEW", "SWEEP_ROLE", "TRAINER_PREFIX",
     "TrackingError", "UI_QUERY", "VIEW_TAG", "check_reachable", "claim_alive_here", "client", "collapse_groups",
-    "experiment_id", "final_metrics", "free_port", "group_id", "load_runs", "mark_training_experiment", "proc_start",
+    "experiment_id", "final_fields", "final_metrics", "final_record", "free_port", "group_id", "load_runs", "mark_training_experiment", "proc_start",
     "resolve_tracking_uri", "run_row", "run_rows", "search", "search_ids", "sqlite_path", "sqlite_problem",
-    "study_view", "this_claim", "tune_sqlite", "typed_config", "ui_link", "unwritable",
+    "step_metrics", "study_view", "this_claim", "tune_sqlite", "typed_config", "ui_link", "unwritable",
 ]

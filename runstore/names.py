@@ -22,3 +22,6 @@ CLAIM_PARAM = "claim."
 SEARCH_CELL = "optuna"  # the cell tag of Optuna search trials (their tuned knobs differ run to run)
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting: a trial's run is a child of its sweep's run
 ROLE_TAG, SWEEP_ROLE = "role", "sweep"  # the sweep's own (parent) run: tags role=sweep, sweep=<name>
+# A design trial's run: role=baseline (a cell outside the method's pipeline, among which a table picks its
+# reference: sweeps/designs.baselines) or role=method; runs without the tag predate it (analysis.table).
+BASELINE_ROLE, METHOD_ROLE = "baseline", "method"

@@ -62,7 +62,7 @@ def final_metrics(metrics: dict[str, float], tags: dict[str, str] | None = None)
     return out
 
 
-RUN_TAGS = ("cell", "run_key", "sweep", "collapsed_layers", "sparse_core_version", "git_commit")  # a row's tags
+RUN_TAGS = ("cell", "run_key", "sweep", ROLE_TAG, "collapsed_layers", "sparse_core_version", "git_commit")  # a row's tags
 
 
 def run_row(run, extra_keys: set | None = None) -> dict | None:

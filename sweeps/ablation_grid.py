@@ -35,7 +35,7 @@ from sparse_core.config import parse_overrides  # noqa: E402
 from sweeps import claims, designs, options, packing, presets, relay, sweep_run, tracking, tune_store  # noqa: E402
 
 # A grid has no scheduler: one Tune report per second (plus stage ends) keeps the progress line
-# live without a driver round-trip per epoch (see sweeps/trainable.py).
+# live without a driver round-trip per epoch (see sweeps/trial_sync.py).
 REPORT_EVERY_S = 1.0
 
 
@@ -240,7 +240,7 @@ def _summarise(args, sweep, trials, uri, exp_id, report: bool = True) -> tuple[l
 
 
 def _tally(results, runs: int = 0) -> dict:
-    """Counts of a finished Tune run, in runs (a packed trial stands for its copies): launched, failed,
+    """Counts of a finished Tune run, in runs (a Tune trial stands for its copies): launched, failed,
     unfinished (and their Tune trial ids), skipped inside the trials, and Tune trials and their seconds.
     ``runs``: the runs of every trial as Progress saw them (a trial that never started has no config in
     its result); those not accounted for are unfinished."""
@@ -255,14 +255,11 @@ def _tally(results, runs: int = 0) -> dict:
             out["unfinished"] += copies
             if metrics.get("trial_id"):
                 out["cut_ids"].append(metrics["trial_id"])
-        elif "runs" in metrics:  # a packed trial: per copy finished, skipped or failed alone
+        else:  # per copy finished, skipped or failed alone
             rows = json.loads(metrics["runs"])
             out["failed"] += sum(row["status"] == "failed" for row in rows)
             out["idle"] += [row["skipped"] for row in rows if row["status"] == "skipped"]
             out["idle_keys"].update((row["run_key"], row["skipped"]) for row in rows if row["status"] == "skipped")
-        elif metrics.get("skipped"):
-            out["idle"].append(metrics["skipped"])
-            out["idle_keys"][metrics.get("run_key")] = metrics["skipped"]
     if runs > out["launched"]:
         out["unfinished"] += runs - out["launched"]
         out["launched"] = runs

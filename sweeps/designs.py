@@ -30,6 +30,7 @@ import itertools
 from dataclasses import dataclass
 
 from sparse_core.config import Config, from_flat, run_key, to_flat
+from runstore import BASELINE_ROLE, METHOD_ROLE
 from sparse_core.registry import TRICKS
 
 # The plain baseline: what every cell starts from (every post-prune trick off).
@@ -63,6 +64,7 @@ DESIGN_KEYS = design_keys()
 class Trial:
     cell: str  # design cell label, e.g. "full-no_soft_skip"
     flat: dict  # the complete flat config (every key)
+    role: str | None = None  # its run's tag role: BASELINE_ROLE for a cell of ``baselines(design)``, else METHOD_ROLE
 
     @property
     def density(self) -> float:
@@ -178,7 +180,7 @@ def trials(design: str, base: dict, densities, seeds, synflow_rounds: int,
     mask_kind = base.get("mask.kind", "sigmoid")
     mask_kind = "sigmoid" if mask_kind == "none" else mask_kind
     base = {k: v for k, v in base.items() if k != "mask.kind"}
-    chosen = cells(design, mask_kind, synflow_rounds)
+    chosen, base_cells = cells(design, mask_kind, synflow_rounds), baselines(design)
     if only_cells:
         known = [label for label, _ in chosen]
         unknown = [c for c in only_cells if c not in known]
@@ -199,7 +201,7 @@ def trials(design: str, base: dict, densities, seeds, synflow_rounds: int,
                     cfg = from_flat(flat)
                 except ValueError as e:
                     raise ValueError(f"cell {label!r} (density {density}, seed {seed}): {e}") from None
-                trial = Trial(label, to_flat(cfg))
+                trial = Trial(label, to_flat(cfg), BASELINE_ROLE if label in base_cells else METHOD_ROLE)
                 key = run_key(cfg)
                 if key in seen:
                     dups.append((trial, seen[key]))

@@ -19,7 +19,7 @@ from ray import tune
 
 from . import packing, relay, tracking
 from .trainable import resources, train_trial
-from .trial_state import FAULT_ENOSPC_ENV
+from .trial_sync import FAULT_ENOSPC_ENV
 from .tune_store import fs_of, latest_run  # noqa: F401 - latest_run: --resume's pick, kept here for its callers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,15 +123,15 @@ def _fmt_s(seconds: float) -> str:
 
 
 def trial_label(trial) -> str:
-    if packing.is_packed(trial.config):
-        return packing.label(trial.config)
-    spec = trial.config.get("trial", {})
-    label = packing.copy_label(spec)
-    return f"{label} #{trial.trial_id.rsplit('_', 1)[-1]}" if spec.get("cell") == "optuna" else label
+    """``packing.label``; a search's trials (one copy each, of one cell) also carry their number."""
+    copies = packing.specs(trial.config)
+    label = packing.label(trial.config)
+    return f"{label} #{trial.trial_id.rsplit('_', 1)[-1]}" if len(copies) == 1 and copies[0].get("cell") == "optuna" \
+        else label
 
 
 def _copies(trial) -> int:
-    """Runs a Tune trial stands for: one, or the copies of a packed trial."""
+    """Runs a Tune trial stands for: its copies (at least one)."""
     return max(1, len(packing.specs(trial.config)))
 
 
@@ -248,42 +248,39 @@ class Progress(tune.Callback):
         self.trial_seconds[trial.trial_id] = result.get("time_total_s", 0.0)
         if not result.get("final"):
             return
-        scored = ([(r.get("val_acc", math.nan), _row_label(r)) for r in json.loads(result["runs"])] if "runs" in result
-                  else [(result.get("val_acc", math.nan), trial_label(trial))])
+        rows = json.loads(result["runs"])
+        scored = [(r.get("val_acc", math.nan), _row_label(r) if len(rows) > 1 else trial_label(trial)) for r in rows]
         for val, label in scored:
             if math.isfinite(val) and (self.best is None or val > self.best[0]):
                 self.best = (val, label)
 
-    def _pack_complete(self, trials, trial, last: dict) -> None:
-        """One line per copy of a packed trial that ran to its end."""
+    def _complete(self, trials, trial, last: dict) -> None:
+        """One line per copy of a trial that ran to its end."""
         rows = json.loads(last["runs"])
         self.failed_copies += sum(r["status"] == "failed" for r in rows)
-        took = f"pack of {len(rows)}, {last.get('time_total_s', 0):.1f}s"
+        took = (f"pack of {len(rows)}, " if len(rows) > 1 else "") + f"{last.get('time_total_s', 0):.1f}s"
         for i, r in enumerate(rows):
             status = f" [{self._status(trials, trial)}]" if i == len(rows) - 1 else ""
+            label = _row_label(r) if len(rows) > 1 else trial_label(trial)
             if r["status"] == "failed":
-                self._print(f"  FAILED {_row_label(r)}: {r.get('error', '')} ({took}){status}")
+                self._print(f"  FAILED {label}: {r.get('error', '')} ({took}){status}")
                 continue
             what = f"val {100 * r.get('val_acc', math.nan):.2f} %, test {100 * r.get('test_acc', math.nan):.2f} %"
             if r.get("skipped") == "finished":
                 what += " (FINISHED already)"
             elif r.get("skipped"):
                 what = "skipped: running in another sweep"
-            self._print(f"  done {_row_label(r)}: {what} ({took}){status}")
+            self._print(f"  done {label}: {what} ({took}){status}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.epochs.pop(trial.trial_id, None)
         last = trial.last_result or {}
-        if last.get("final") and "runs" in last:
-            self._pack_complete(trials, trial, last)
-            return
         if last.get("final"):
-            what = f"val {100 * last.get('val_acc', math.nan):.2f} %, test {100 * last['test_acc']:.2f} %"
-        else:
-            what = "stopped early"
-            tracking.close_unfinished(self.uri, self.experiment_id, [trial.trial_id], "KILLED",
-                                      "stopped early by the Tune scheduler")
-        self._print(f"  done {trial_label(trial)}: {what} ({last.get('time_total_s', 0):.1f}s) "
+            self._complete(trials, trial, last)
+            return
+        tracking.close_unfinished(self.uri, self.experiment_id, [trial.trial_id], "KILLED",
+                                  "stopped early by the Tune scheduler")
+        self._print(f"  done {trial_label(trial)}: stopped early ({last.get('time_total_s', 0):.1f}s) "
                     f"[{self._status(trials, trial)}]")
 
     def setup(self, **info):

@@ -15,6 +15,7 @@ TPE proposes one trial at a time from the results so far, and ASHA stops trials 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -33,7 +34,7 @@ from sparse_core.cli import exit_now  # noqa: E402
 from sparse_core.config import from_flat, run_key, to_flat  # noqa: E402
 from sparse_core.registry import TRICKS  # noqa: E402
 from runstore import SEARCH_CELL, ui_link  # noqa: E402
-from sweeps import designs, optuna_store, options, presets, relay, sweep_run, tracking  # noqa: E402
+from sweeps import designs, optuna_store, options, packing, presets, relay, sweep_run, tracking  # noqa: E402
 
 # knob -> (distribution, low, high, used when); log-uniform for scale-like knobs.
 SPACE = {
@@ -150,16 +151,15 @@ def _tune(args, preset, cfg, fixed, knobs, sweep, uri, exp_id, storage, study, t
             raise SystemExit(f"error: --gpus-per-trial {gpus} but the Ray cluster has no GPU")
         cpus = launch.require_cpus(args.cpus_per_trial or preset.cpus_per_trial)
         dist = {"loguniform": tune.loguniform, "uniform": tune.uniform}
-        flat_space = {**fixed, **{k: dist[SPACE[k][0]](SPACE[k][1], SPACE[k][2]) for k in knobs}}
         meta = {"sweep": sweep, "tracking_uri": uri, "experiment_id": exp_id, "cpus": cpus,
                 "git_commit": tracking.git_commit(launch.ROOT), "parent_run_id": parent}
-        space = {"trial": {"cell": CELL, "flat": flat_space}, "meta": meta}
         concurrent = args.max_concurrent or max(1, int(launch.cluster_cpus() // cpus))
         tune_cfg = search_config(cfg, todo, seed, concurrent, args.asha, study=study,
+                                 packs=(fixed, {k: dist[SPACE[k][0]](SPACE[k][1], SPACE[k][2]) for k in knobs}),
                                  trial_dirname_creator=launch.trial_dirname)
         name = f"{sweep}-{time.strftime('%Y%m%d-%H%M%S')}"
         progress = launch.Progress(todo, uri, exp_id)
-        tuner = launch.tuner(space, cpus=cpus, gpus=gpus, tune_config=tune_cfg,
+        tuner = launch.tuner({"meta": meta}, cpus=cpus, gpus=gpus, tune_config=tune_cfg,
                              run_cfg=launch.run_config(name, storage, args.max_failures, [progress]))
         return launch.fit(tuner, relay.Scope(uri, exp_id, sweep, trial_set(fixed, knobs), storage, parent))
     finally:
@@ -198,8 +198,9 @@ def summarize(results, sweep: str, started: float, knobs, args, uri: str, exp_id
         print(text, flush=True)
         lines.append(text)
 
-    complete = [r for r in results if r.metrics and r.metrics.get("final")]
-    failed = sum(1 for r in results if r.error is not None)
+    ended = [r for r in results if r.error is None and r.metrics and r.metrics.get("final")]
+    complete = [r for r in ended if not r.metrics.get("failed_copies")]  # its copy failed alone: e.g. it diverged
+    failed = len(ended) - len(complete) + sum(1 for r in results if r.error is not None)
     seconds = sum(r.metrics.get("time_total_s", 0.0) for r in results if r.metrics)
     wall = time.time() - started
     say(f"sweep {sweep!r}: {len(results)} trials ({len(complete)} complete, {failed} failed, "
@@ -209,9 +210,11 @@ def summarize(results, sweep: str, started: float, knobs, args, uri: str, exp_id
         say("no trial completed")
         return 1, lines
     best = best_result(complete)
-    tuned = {k: best.config["trial"]["flat"][k] for k in knobs}
+    (spec,) = packing.specs(best.config)  # a search's trial is a pack of one
+    tuned = {k: spec["flat"][k] for k in knobs}
+    (run,) = json.loads(best.metrics["runs"])
     say(f"best by {METRIC}: val {100 * best.metrics[METRIC]:.2f} %, test {100 * best.metrics['test_acc']:.2f} % "
-        f"(mlflow run {best.metrics.get('mlflow_run_id')}, experiment {args.experiment!r}):")
+        f"(mlflow run {run.get('mlflow_run_id')}, experiment {args.experiment!r}):")
     for k, v in tuned.items():
         say(f"  {k} = {v:.6g}")
     extra = [s for s in args.set if s.split("=", 1)[0].strip() not in designs.DESIGN_KEYS]
@@ -239,22 +242,41 @@ def trial_set(fixed: dict, knobs) -> Callable[[str, dict], tuple[str, dict] | No
     return trial
 
 
-def search_config(cfg, num_samples: int, sampler_seed: int, concurrent: int, asha: bool,
-                  study: tuple[str, str] | None = None, **kwargs):
-    """The TuneConfig of the search: seeded TPE (at most ``concurrent`` trials at once) maximising
-    ``METRIC``, with ASHA on the same metric when ``asha`` (rungs start at the first epoch after pruning);
-    ``study``: (Optuna storage URL, study name) that keeps the trials (``optuna_store``), else in memory."""
+def searcher(sampler_seed: int, study: tuple[str, str] | None = None, packs: tuple[dict, dict] | None = None):
+    """Seeded TPE; ``study``: (Optuna storage URL, study name) that keeps the trials (``optuna_store``), else
+    in memory. ``packs``: (fixed flat config, knob -> Tune domain): every suggestion becomes a Tune trial of
+    one copy, ``{"trials": [{"cell": CELL, "flat": {...}}]}`` (``sweeps/packing.py``). Tune cannot search
+    inside a list, so the searcher owns the knobs' space, named ``trial/flat/<knob>`` in the study (the
+    names its trials have had: a study from before continues); without ``packs`` it takes Tune's param space."""
     import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class PackOfOne(OptunaSearch):
+        def suggest(self, trial_id: str):
+            config = super().suggest(trial_id)
+            if isinstance(config, dict) and self.fixed is not None:
+                config = {"trials": [{"cell": CELL, "flat": {**self.fixed, **config["trial"]["flat"]}}]}
+            return config
+
+    kept = {"storage": optuna_store.rdb(study[0]), "study_name": study[1]} if study else {}
+    if packs is not None:
+        kept.update(space={"trial": {"flat": packs[1]}}, metric=METRIC, mode="max")
+    search = PackOfOne(sampler=optuna.samplers.TPESampler(seed=sampler_seed), **kept)
+    search.fixed = dict(packs[0]) if packs is not None else None
+    return search
+
+
+def search_config(cfg, num_samples: int, sampler_seed: int, concurrent: int, asha: bool,
+                  study: tuple[str, str] | None = None, packs: tuple[dict, dict] | None = None, **kwargs):
+    """The TuneConfig of the search: ``searcher`` (at most ``concurrent`` trials at once) maximising
+    ``METRIC``, with ASHA on the same metric when ``asha`` (rungs start at the first epoch after pruning)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     from sparse_core.train import total_epochs
 
-    kept = {"storage": optuna_store.rdb(study[0]), "study_name": study[1]} if study else {}
-    search = ConcurrencyLimiter(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sampler_seed), **kept),
-                                max_concurrent=concurrent)
+    search = ConcurrencyLimiter(searcher(sampler_seed, study, packs), max_concurrent=concurrent)
     scheduler = None
     if asha:
         epochs = total_epochs(cfg)

@@ -6,10 +6,9 @@ cell are grouped, and so are trials of any cells with one pre-training at every 
 (``sparse_core/prefix.py``: e.g. the pruner cells and the post-pruning tricks of a leave-one-out
 design, per seed), which a Tune trial then trains once; each group is cut into packs of at most
 ``k`` copies, as even as possible (30 trials with k = 8: 8, 8, 7, 7), a cell's copies together.
-Inside a Tune trial, copies of one ``pack_key`` train as one pack. A pack is one Tune trial with
-the config ``{"trials": [{"cell", "flat"}, ...], "meta": {...}}``; every copy is still its own
-MLflow run.
-With ``k = 1`` nothing is packed and every trial keeps the single shape ``{"trial": {...}, "meta"}``.
+Inside a Tune trial, copies of one ``pack_key`` train as one pack. Every Tune trial has the config
+``{"trials": [{"cell", "flat"}, ...], "meta": {...}}`` (``sweeps/trainable.py``), every copy its own
+MLflow run; with ``k = 1`` nothing is packed and each Tune trial is a pack of one.
 
 The subtle point is the number of packs: fewer packs than trial slots would leave cores idle
 (a pack trains on the resources of one trial), so ``packs(..., min_packs=slots)`` splits the
@@ -110,28 +109,26 @@ def group_key(trials: list, k: int | None = None):
 
 
 def spec(trial) -> dict:
-    return {"cell": trial.cell, "flat": trial.flat}
+    """A copy in a Tune trial's config: its cell, flat config and (a design's trial) its run's role tag."""
+    out = {"cell": trial.cell, "flat": trial.flat}
+    if getattr(trial, "role", None):
+        out["role"] = trial.role
+    return out
 
 
 def param_space(packed: list[list], meta: dict) -> dict:
-    """Tune's param_space: the single shape when no pack has more than one trial, else the packed one
-    for every trial (a pack of one trains exactly as a single trial does)."""
+    """Tune's param_space: one Tune trial per pack (a pack of one trains exactly as its run alone)."""
     from ray import tune
 
-    if all(len(p) == 1 for p in packed):
-        return {"trial": tune.grid_search([spec(p[0]) for p in packed]), "meta": meta}
     return {"trials": tune.grid_search([[spec(t) for t in p] for p in packed]), "meta": meta}
 
 
 def specs(config: dict) -> list[dict]:
-    """The ``{"cell", "flat"}`` of every copy of a Tune trial's config, either shape."""
+    """The ``{"cell", "flat"}`` of every copy of a Tune trial's config. A Tune run saved by an earlier
+    version (``--resume``) may hold the former single-trial shape ``{"trial": {...}}``: a pack of one."""
     if "trials" in config:
         return list(config["trials"])
     return [config["trial"]] if "trial" in config else []
-
-
-def is_packed(config: dict) -> bool:
-    return "trials" in config
 
 
 def _values(values) -> str:
@@ -145,9 +142,9 @@ def copy_label(s: dict) -> str:
 
 
 def label(config: dict) -> str:
-    """One trial's label: ``full d=0.1 s=0``; a pack: ``full d=0.1,0.01 s=0,1 (pack of 4)``."""
+    """A pack of one's label: ``full d=0.1 s=0``; a pack: ``full d=0.1,0.01 s=0,1 (pack of 4)``."""
     copies = specs(config)
-    if not is_packed(config):
+    if len(copies) < 2:
         return copy_label(copies[0]) if copies else "?"
     cells = _values(s.get("cell", "?") for s in copies)
     densities = _values(s.get("flat", {}).get("prune.density", float("nan")) for s in copies)

@@ -10,6 +10,8 @@ import socket
 import threading
 import time
 
+from sparse_core.results import RunResult
+
 from .claims import this_claim
 from .relay_protocol import BUSY, EXPORT_CHUNK, IDLE_TIMEOUT_S, MAX_LINE, MAX_METRICS, line, read_token
 from .tracking import RunLog, TrackingError, failure, final_fields
@@ -146,7 +148,7 @@ class RemoteRun(RunLog):
                     return
                 chunk = following
 
-    def finish(self, result: dict) -> None:
+    def finish(self, result: RunResult | dict) -> None:
         self._call("finish", result=final_fields(result))
 
     def fail(self, error: BaseException) -> None:

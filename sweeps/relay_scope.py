@@ -10,8 +10,10 @@ import os
 import re
 from typing import Callable
 
+from runstore import ROLE_TAG
+
 from .relay_protocol import MAX_METRICS
-from .tracking import FINAL_METRICS, TrackingError
+from .tracking import FINAL_FIELDS, FINAL_METRICS, TrackingError
 
 PROVENANCE_TAGS = ("sparse_core_version", "git_commit", "pack_size")  # the tags a trial may set
 CLAIM = re.compile(r"[A-Za-z0-9_.\-]{1,253}/\d{1,10}/[0-9A-Za-z]{1,24}")
@@ -28,8 +30,9 @@ class Refused(TrackingError):
 class Scope:
     """What the relay serves while a sweep runs: its store, experiment and sweep, its trial set
     (``trials(run_key, requested flat)`` -> (cell, flat) of that trial, None when it is not one of the
-    sweep's), the Tune storage its trials' checkpoints live in (None: anywhere), and the sweep's parent
-    run (``sweep_run.py``), whose child every run it opens is (None: no parent)."""
+    sweep's), the Tune storage its trials' checkpoints live in (None: anywhere), the sweep's parent
+    run (``sweep_run.py``), whose child every run it opens is (None: no parent), and each trial's role
+    tag by run_key (``designs.Trial.role``; a trial may send only its own, and gets it where it sends none)."""
 
     uri: str
     experiment_id: str
@@ -37,13 +40,15 @@ class Scope:
     trials: Callable[[str, dict], "tuple[str, dict] | None"]
     storage: str | None = None
     parent_run_id: str | None = None
+    roles: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, uri: str, experiment_id: str, sweep: str, trials, storage: str | None = None,
            parent_run_id: str | None = None) -> "Scope":
         """A fixed trial set: objects with ``run_key``, ``cell`` and ``flat`` (``designs.Trial``)."""
         table = {t.run_key: (t.cell, dict(t.flat)) for t in trials}
-        return cls(uri, experiment_id, sweep, lambda key, _flat: table.get(key), storage, parent_run_id)
+        roles = {t.run_key: t.role for t in trials if getattr(t, "role", None)}
+        return cls(uri, experiment_id, sweep, lambda key, _flat: table.get(key), storage, parent_run_id, roles)
 
 
 def inside(location: str, storage: str | None) -> bool:
@@ -80,14 +85,17 @@ def check_open(request: dict, scope: Scope | None) -> tuple[str, str, str | None
         raise Refused(f"open: trial_id {str(trial_id)[:80]!r} is not a Tune trial id")
     if resumed is not None and not (isinstance(resumed, int) and not isinstance(resumed, bool) and resumed >= 0):
         raise Refused(f"open: resumed_at_epoch must be an int >= 0 or null, not {resumed!r}")
-    tags = check(request.get("tags", {}), dict, "tags")
+    tags = dict(check(request.get("tags", {}), dict, "tags"))
+    role, sent = scope.roles.get(key), tags.pop(ROLE_TAG, None)
     bad = sorted(set(tags) - set(PROVENANCE_TAGS))
     if bad:
         raise Refused(f"open: a trial may not set tag(s) {bad}; valid: {list(PROVENANCE_TAGS)}")
     trial = scope.trials(key, check(request.get("flat", {}), dict, "flat"))
     if trial is None:
         raise Refused(f"open: run_key {key[:80]!r} is not one of the trials of sweep {scope.sweep!r}")
-    return key, claim, trial_id, resumed, tags, trial
+    if sent is not None and sent != role:
+        raise Refused(f"open: run_key {key[:80]!r} has role {role!r} in sweep {scope.sweep!r}, not {str(sent)[:40]!r}")
+    return key, claim, trial_id, resumed, {**tags, ROLE_TAG: role} if role else tags, trial
 
 
 def pending(request: dict) -> list[tuple]:
@@ -109,12 +117,11 @@ def pending(request: dict) -> list[tuple]:
 def result(value) -> dict:
     """``finish``'s result, checked: numbers, a list of layer names, a dict of layer densities."""
     check(value, dict, "result")
-    allowed = {*FINAL_METRICS, "collapsed_layers", "device", "sparse_path", "prefix_shared_by", "layer_density",
-               "effective_units"}
+    allowed = set(FINAL_FIELDS)
     unknown = sorted(set(value) - allowed)
     if unknown:
         raise Refused(f"unknown result field(s) {unknown}; valid: {sorted(allowed)}")
-    for key in (*FINAL_METRICS, "prefix_shared_by"):
+    for key in (*FINAL_METRICS, "n_collapsed_layers", "prefix_shared_by"):
         if key in value:
             check(value[key], (int, float), f"result[{key!r}]")
     if not isinstance(value.get("epochs"), int) or value["epochs"] < 0:

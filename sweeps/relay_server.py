@@ -180,7 +180,7 @@ class Relay:
                 entry.export, entry.exported = None, 0
 
     def _op_finish(self, entry: _Open, request: dict) -> None:
-        entry.run.finish(result(request.get("result")))
+        entry.run.write_final(result(request.get("result")))
 
     def _op_fail(self, entry: _Open, request: dict) -> None:
         status, reason = request.get("status"), check(request.get("reason"), str, "reason")

@@ -19,12 +19,10 @@ import math
 import time
 from typing import Any
 
-from runstore import CURVES, EPOCH_PREFIX, PRUNE_PREFIX, TRAINER_PREFIX
+from runstore import NOT_LOGGED, PRUNE_PREFIX, step_metrics  # noqa: F401 - NOT_LOGGED: tracking re-exports it
 
-# Per-epoch keys from sparse_core.train that are bookkeeping, not measurements.
-_NOT_METRICS = {"epoch", "epochs", "round", "stage_epoch", "stage", "stage_end", "last_prune"}
-# Per-epoch values not logged: nobody reads them, and a checkpoint's history (``RunLog.restore``) has neither.
-NOT_LOGGED = {"seconds": "the run's time so far (its total is final/seconds)", "mask_mean": "= mask_soft_density"}
+from sparse_core.results import StepEvent
+
 FLUSH_EVERY_S = 30.0  # a checkpoint's flush writes when this long has passed since the run's last write
 
 
@@ -54,21 +52,18 @@ class RunLog:
         now = int(time.time() * 1000)
         self._pending += [(k, float(v), now, step) for k, v in values.items() if _finite(v)]
 
-    def log_step(self, metrics: dict) -> None:
-        """One step of ``sparse_core.train.run``'s log: a training epoch or a pruning round."""
-        stage = metrics.get("stage")
-        if stage == "prune":
-            rnd = metrics["round"] + 1
-            if rnd > self.logged_round:
-                self._log({PRUNE_PREFIX + "val_acc": metrics["val_acc_after_prune"],
-                           PRUNE_PREFIX + "test_acc": metrics["test_acc_after_prune"],
-                           PRUNE_PREFIX + "density": metrics["density"],
-                           PRUNE_PREFIX + "n_collapsed_layers": metrics["n_collapsed_layers"]}, rnd)
-                self.logged_round = rnd
-        elif "epoch" in metrics and metrics["epoch"] > self.logged_epoch:
-            self._log({(EPOCH_PREFIX if k in CURVES else TRAINER_PREFIX) + k: v for k, v in metrics.items()
-                       if k not in _NOT_METRICS and k not in NOT_LOGGED}, metrics["epoch"])
-            self.logged_epoch = metrics["epoch"]
+    def log_step(self, event: StepEvent | dict) -> None:
+        """One step of a run's log (``runstore.step_metrics``), unless the run has it already (from before a retry)."""
+        record = step_metrics(event if isinstance(event, StepEvent) else StepEvent.from_dict(event))
+        if record is None:
+            return
+        kind, step, values = record
+        if kind == "prune" and step > self.logged_round:
+            self._log(values, step)
+            self.logged_round = step
+        elif kind == "epoch" and step > self.logged_epoch:
+            self._log(values, step)
+            self.logged_epoch = step
 
     def restore(self, history: list[dict]) -> None:
         """A trial continuing from a checkpoint: buffer its epochs that the run lacks (a flush before the

@@ -1,6 +1,6 @@
 """MLflow: one run per trial (the store itself, experiments and reading runs back: ``runstore``).
 
-Every trial (every copy of a packed trial, ``sweeps/pack_trial.py``) is one run:
+Every trial (every copy of a packed trial, ``sweeps/trainable.py``) is one run:
 params = the flat config (on a tracking server also ``claim.<n>``: ``claims.py``),
 metrics ``epoch/<key>`` and ``trainer/<key>`` (step = global epoch),
 ``prune/<key>`` (step = pruning round) and ``final/<key>`` (once, at the end; ``runstore`` says why), tags
@@ -21,27 +21,17 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from runstore import (DEFAULT_TRACKING_URI, EPOCH_PREFIX, FINAL_AS_METRICS, FINAL_PREFIX, PARENT_TAG, PRUNE_PREFIX,
-                      TrackingError, check_reachable, client,  # noqa: F401
-                      experiment_id, final_metrics, load_runs, resolve_tracking_uri, search, sqlite_path, unwritable)
+from runstore import (DEFAULT_TRACKING_URI, EPOCH_PREFIX, FINAL_FIELDS, FINAL_METRICS, PARENT_TAG,  # noqa: F401
+                      PRUNE_PREFIX, TrackingError, check_reachable, client, experiment_id, final_fields,
+                      final_metrics, final_record, load_runs, resolve_tracking_uri, search, sqlite_path, step_metrics,
+                      unwritable)
+
+from sparse_core.results import RunResult
 
 from .claims import (OPEN_STATUSES, arbitrate, claim_alive, claim_generation, current_claim, runs_of_key, store_lock,
                      take, this_claim)
 from .run_log import FLUSH_EVERY_S, NOT_LOGGED, RunLog, _finite  # noqa: F401 - the names trials use
 
-# Result keys logged once at the end as ``final/<key>`` (step = number of training epochs).
-FINAL_METRICS = ("test_acc", "test_loss", "at_chance", "chance_acc", "val_acc", "val_loss", "best_val_acc", "best_val_epoch",
-                 "test_acc_at_best_val", "pre_val_acc", "pre_test_acc", "prune_val_acc", "prune_test_acc",
-                 "density", "density_target", "density_all", "kept_weights", "prunable_weights", "flops_dense",
-                 "flops_sparse", "rigl_regrown", "seconds", "epochs",
-                 # sparse_core.train.MASK_MARKS: a learned mask at the end of pre-training (NaN = none)
-                 "mask_target", "mask_soft_density", "mask_hard_density", "mask_binary_gap", "mask_jaccard",
-                 # sparse_core.connectivity: weights on an input-to-output path (NaN: not a chain of layers)
-                 "effective_density", "effective_weights",
-                 # sparse_core.export.figures: file sizes and CPU inference latency (NaN = not measured)
-                 "model_bytes_dense", "model_bytes_sparse", "latency_threads", "latency_dense_ms_b1",
-                 "latency_sparse_ms_b1", "latency_ratio_b1", "latency_dense_ms_b256", "latency_sparse_ms_b256",
-                 "latency_ratio_b256")
 EXPORT_ARTIFACT = "model.safetensors"  # a trial's compact model (sparse_core.export), with --export
 
 
@@ -82,14 +72,6 @@ def failure(error: BaseException) -> tuple[str, str]:
     return status, reason[:4000]
 
 
-def final_fields(result: dict) -> dict:
-    """What ``finish`` reads of a trial's result (``sparse_core.train.run``'s JSON-able result)."""
-    keys = (*FINAL_METRICS, "collapsed_layers", "device", "sparse_path", "prefix_shared_by", "layer_density", "epochs",
-            "effective_units")
-    out = {k: result[k] for k in keys if k in result}
-    if "at_chance" in out:  # a metric: 1.0 / 0.0 (sparse_core.metrics.at_chance)
-        out["at_chance"] = float(bool(out["at_chance"]))
-    return out
 
 
 class TrialRun(RunLog):
@@ -267,30 +249,18 @@ class TrialRun(RunLog):
             batch_tags = []
         self.wrote()
 
-    def finish(self, result: dict) -> None:
-        """The results: every one as a tag ``final/<key>`` (full precision, not charted: what
-        ``runstore.final_metrics`` reads), and ``FINAL_AS_METRICS`` also as metrics ``final/<key>``, rounded
-        to 4 decimals for the runs table (which shows, sorts and averages them), charted in a section after
-        the per-epoch curves; tags and layer densities; the run ends FINISHED."""
-        final = {k: result[k] for k in FINAL_METRICS if k in result}
-        final["n_collapsed_layers"] = len(result["collapsed_layers"])
-        if "at_chance" in final:  # 1 / 0 (sparse_core.metrics.at_chance: test accuracy near a constant guess)
-            final["at_chance"] = float(bool(final["at_chance"]))
-        # shown rounded (4 decimals: 0.9611, not 0.961111...); the tags keep every value at full precision
-        self._log({FINAL_PREFIX + k: round(v, 4) for k, v in final.items() if k in FINAL_AS_METRICS and _finite(v)},
-                  result["epochs"])
-        tags = {FINAL_PREFIX + k: repr(float(v)) for k, v in final.items() if _finite(v)}
-        tags.update({"collapsed_layers": ",".join(result["collapsed_layers"]), "device": result.get("device", ""),
-                     "effective_units": ",".join(f"{k.removesuffix('.weight')}:{v}"
-                                                 for k, v in result.get("effective_units", {}).items())})
-        if "at_chance" in result:
-            tags["at_chance"] = "true" if result["at_chance"] else "false"
-        if "sparse_path" in result:
-            tags["sparse_path"] = result["sparse_path"]
-        if result.get("prefix_shared_by", 1) > 1:  # its pre-training was trained once for this many runs
-            tags["pretraining_shared_by"] = str(result["prefix_shared_by"])
+    def finish(self, result: RunResult | dict) -> None:
+        """The run's result (a ``RunResult``, or ``train.run``'s dict of one): ``write_final``."""
+        self.write_final(final_fields(result))
+
+    def write_final(self, fields: dict) -> None:
+        """A result's ``final_fields``: its metrics and tags (``final_record``; the metrics charted in a
+        section after the per-epoch curves, step = training epochs), the layer densities; the run ends
+        FINISHED."""
+        metrics, tags = final_record(fields)
+        self._log(metrics, fields["epochs"])
         self.write(tags)  # with the final metrics: one store call, not four
-        _retry(self.client.log_dict, self.run_id, result["layer_density"], "layer_density.json")
+        _retry(self.client.log_dict, self.run_id, fields["layer_density"], "layer_density.json")
         _retry(self.client.set_terminated, self.run_id, "FINISHED")
 
     def log_export(self, path: str) -> None:

@@ -451,3 +451,28 @@ def test_a_boolean_filter_reads_booleans_as_the_config_does():
     assert list(apply_filters(df, ["post.soft_skip=0"])["run_id"]) == ["b"]
     with pytest.raises(AnalysisError, match=r"post\.soft_skip=maybe: post\.soft_skip is true or false"):
         apply_filters(df, ["post.soft_skip=maybe"])
+
+
+def test_a_baseline_is_known_by_its_runs_role_tag_not_its_label(tmp_path):
+    """A design whose baseline has an unusual label ('magnitude-2019', role=baseline) and whose 'base' is a
+    method (role=method): the table's reference is picked among the tagged baselines only (the best by
+    validation, though 'base' has the better validation accuracy) and the plot draws it in the baselines'
+    panel. Runs without the tag (an older store) fall back to the label rule."""
+    from analysis.table import ablation_table, baseline_rule
+
+    cells = {"magnitude-2019": ("baseline", 0.80), "rigl": ("baseline", 0.70), "base": ("method", 0.95),
+             "full": ("method", 0.90)}
+    df = pd.DataFrame([{"cell": c, "role": role, "prune.density": d, "seed": s, "val_acc": val + 0.01 * s,
+                        "test_acc": val - 0.1 + 0.01 * s, "collapsed_layers": ""}
+                       for c, (role, val) in cells.items() for d in (0.1, 0.01) for s in range(3)])
+    table = ablation_table(df)
+    assert table.reference == {0.1: "magnitude-2019", 0.01: "magnitude-2019"}
+    assert table.baselines == ["magnitude-2019", "rigl"]
+    assert plots.panels(table.row_order, lambda label: label in table.baselines)[0] == (
+        "baselines", ["magnitude-2019", "rigl", "full"])  # the full pipeline drawn against the baselines
+    assert plots.accuracy_vs_density(df, str(tmp_path / "acc"), table=table)
+    older = df.drop(columns="role")  # no tag: 'base' and 'rigl' by their labels, the unusual label is a method
+    assert ablation_table(older).reference == {0.1: "base", 0.01: "base"}
+    assert [c for c in cells if baseline_rule(older)(c)] == ["rigl", "base"]
+    mixed = df.assign(role=df["role"].where(df["cell"] != "base", ""))  # base's runs untagged: the label rule
+    assert ablation_table(mixed).reference == {0.1: "base", 0.01: "base"}

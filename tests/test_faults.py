@@ -194,10 +194,12 @@ def test_checkpoint_in_a_missing_directory_fails_before_training(tmp_path, capsy
 
 
 def test_trainable_resumes_from_the_newest_loadable_checkpoint(tmp_path, real_checkpoint):
-    """Tune's pick (checkpoint_000001) is stale; the newest (000003) is damaged: 000002 is used."""
+    """Tune's pick (checkpoint_000001) is stale; the newest (000003) is damaged: 000002 is used. The
+    files are ``state.pt``, the single-trial shape of earlier versions: still resumed. A run's own
+    ``state_<run_key>.pt`` wins over a ``state.pt`` beside it; another run's file is never taken."""
     from ray import tune
 
-    from sweeps.trial_state import CHECKPOINT_FILE, newest_state as _newest_state
+    from sweeps.trial_sync import CHECKPOINT_FILE, copy_file, newest_state as _newest_state
 
     state = load_state(real_checkpoint)
     trial = tmp_path / "trial"
@@ -210,13 +212,19 @@ def test_trainable_resumes_from_the_newest_loadable_checkpoint(tmp_path, real_ch
             torch.save({**state, "step_idx": step}, d / CHECKPOINT_FILE)
         os.utime(d / CHECKPOINT_FILE, (1e9 + i, 1e9 + i))
     stale = tune.Checkpoint.from_directory(str(trial / "checkpoint_000001"))
-    assert _newest_state(stale, None)["step_idx"] == 7
-    assert _newest_state(None, str(trial))["step_idx"] == 7  # from the MLflow run's checkpoint_dir alone
+    assert _newest_state(stale, None, "k1")["step_idx"] == 7
+    assert _newest_state(None, str(trial), "k1")["step_idx"] == 7  # from the MLflow run's checkpoint_dir alone
+    own = trial / "checkpoint_000002" / copy_file("k1")
+    torch.save({**state, "step_idx": 5}, own)
+    torch.save({**state, "step_idx": 6}, trial / "checkpoint_000002" / copy_file("k2"))
+    assert _newest_state(stale, None, "k1")["step_idx"] == 5 and _newest_state(stale, None, "k2")["step_idx"] == 6
+    own.unlink()
     (trial / "checkpoint_000002" / CHECKPOINT_FILE).write_text("not a checkpoint")
     (trial / "checkpoint_000001" / CHECKPOINT_FILE).write_text("not a checkpoint")
+    (trial / "checkpoint_000002" / copy_file("k2")).unlink()
     with pytest.raises(CheckpointError, match="no usable checkpoint"):
-        _newest_state(stale, None)  # never a silent start from scratch
-    assert _newest_state(None, None) is None
+        _newest_state(stale, None, "k1")  # never a silent start from scratch
+    assert _newest_state(None, None, "k1") is None
 
 
 # ---- 3, 4, 5, 8: one run per run_key (claims, without Ray) ------------------------------------------
@@ -770,7 +778,7 @@ def test_a_full_disk_stops_the_sweep_in_one_line_and_the_rerun_completes(tmp_pat
 
 
 def _full_then_rerun(argv, uri: str, disk: str, full_dir: Path | None) -> None:
-    from sweeps.trial_state import FAULT_ENOSPC_ENV
+    from sweeps.trial_sync import FAULT_ENOSPC_ENV
 
     fault = {FAULT_ENOSPC_ENV: "2"} if disk == "injected" else {}
     full = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S, env={**os.environ, **fault})

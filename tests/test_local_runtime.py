@@ -110,8 +110,8 @@ def test_a_trial_of_a_local_runtime_writes_through_the_relay_and_imports_no_mlfl
         def run(self, uri: str, exp: str) -> dict:
             import sys
 
-            import sweeps.pack_trial  # noqa: F401 - what a trial imports
-            import sweeps.trainable  # noqa: F401
+            import sweeps.trainable  # noqa: F401 - what a trial imports
+            import sweeps.trial_sync  # noqa: F401
             from sparse_core.config import from_flat, run_key
             from sparse_core.train import run
             from sweeps import claims, relay

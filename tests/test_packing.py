@@ -1,4 +1,4 @@
-"""Packed trials (``--pack``: sweeps/packing.py, sweeps/pack_trial.py) through the real parts: a real
+"""Packed trials (``--pack``: sweeps/packing.py, sweeps/trainable.py, sweeps/trial_sync.py) through the real parts: a real
 Ray runtime, a real SQLite MLflow store, the smoke preset.
 
 The packed sweep is the session's smoke sweep (``conftest.smoke_sweep``: 36 trials packed by default
@@ -110,13 +110,17 @@ def test_fewer_packs_than_slots_are_split():
     assert packing.default_pack("mlp") == packing.DEFAULT_PACK and packing.default_pack("vgg16") == 1
 
 
-def test_pack_labels_and_both_config_shapes():
+def test_pack_labels_and_one_config_shape():
     trials = smoke_trials(["full"])
     meta = {"sweep": "s"}
-    single = {"trial": packing.spec(trials[0]), "meta": meta}
+    one = {"trials": [packing.spec(trials[0])], "meta": meta}
     pack = {"trials": [packing.spec(t) for t in trials], "meta": meta}
-    assert packing.specs(single) == [single["trial"]] and not packing.is_packed(single)
-    assert packing.label(single) == "full d=0.1 s=0"
+    space = packing.param_space([[t] for t in trials], meta)  # --pack 1: every Tune trial a pack of one
+    assert space["trials"]["grid_search"] == [[packing.spec(t)] for t in trials] and space["meta"] == meta
+    assert packing.param_space([trials], meta)["trials"]["grid_search"] == [pack["trials"]]
+    assert packing.specs(one) == one["trials"] and packing.label(one) == "full d=0.1 s=0"
+    earlier = {"trial": packing.spec(trials[0]), "meta": meta}  # a Tune run saved by an earlier version
+    assert packing.specs(earlier) == one["trials"]
     assert packing.label(pack) == "full d=0.1,0.01 s=0 (pack of 2)"
     assert packing.describe([[t] for t in trials], 2) == "2 trials"
     assert packing.describe([trials], 2) == "2 trials in 1 packed trials of up to 2"
@@ -222,7 +226,7 @@ def test_superset_of_seeds_packs_only_the_new_trials(ray_runtime, sweep_store):
 
 # ---- a FINISHED copy inside a pack (in-process: Tune's session calls stand in) -------------------------
 class _FakeTune:
-    """What pack_trial calls of ``ray.tune``: reports are kept, checkpoints list their files."""
+    """What a trial calls of ``ray.tune``: reports are kept, checkpoints list their files."""
 
     def __init__(self):
         self.reports: list[tuple[dict, list[str] | None]] = []
@@ -237,6 +241,11 @@ class _FakeTune:
         return type("Context", (), {"get_trial_id": staticmethod(lambda: "fake_00000")})()
 
     class Checkpoint:
+        def __new__(cls, path, filesystem=None):  # a checkpoint dir that newest_state opens: Tune's own
+            from ray import tune
+
+            return tune.Checkpoint(path, filesystem=filesystem)
+
         @staticmethod
         def from_directory(d):
             return sorted(p.name for p in Path(d).iterdir())
@@ -245,7 +254,7 @@ class _FakeTune:
 def test_a_finished_copy_is_skipped_inside_its_pack(monkeypatch, sweep_store, torch_one_thread):
     """The driver's skip can be overtaken (another sweep finishes a run_key first, --resume): the copy
     whose run_key is FINISHED skips itself and the others train."""
-    from sweeps import claims, pack_trial, tracking
+    from sweeps import claims, tracking, trainable, trial_sync
 
     store = sweep_store
     done, new = smoke_trials(["base"], densities=(0.1, 0.05))
@@ -255,9 +264,10 @@ def test_a_finished_copy_is_skipped_inside_its_pack(monkeypatch, sweep_store, to
                                  run_key=done.run_key).open()
     runstore.client(store["uri"]).set_terminated(finished.run_id, "FINISHED")
     fake = _FakeTune()
-    monkeypatch.setattr(pack_trial, "tune", fake)
+    monkeypatch.setattr(trainable, "tune", fake)
+    monkeypatch.setattr(trial_sync, "tune", fake)
     meta = {"sweep": "inner-skip", "tracking_uri": store["uri"], "experiment_id": exp_id, "cpus": 1}
-    pack_trial.train_pack({"trials": [packing.spec(done), packing.spec(new)], "meta": meta})
+    trainable.train_trial({"trials": [packing.spec(done), packing.spec(new)], "meta": meta})
     final = fake.reports[-1][0]
     rows = {row["run_key"]: row for row in json.loads(final["runs"])}
     assert rows[done.run_key]["status"] == "skipped" and rows[done.run_key]["skipped"] == "finished"
@@ -297,8 +307,8 @@ def test_a_wrong_content_state_fails_its_copy_alone(monkeypatch, sweep_store, tm
     import torch
     from ray import tune as real_tune
 
-    from sweeps import claims, pack_trial, tracking
-    from sweeps.trial_state import copy_file
+    from sweeps import claims, tracking, trainable, trial_sync
+    from sweeps.trial_sync import copy_file
 
     trials = smoke_trials(["base"], densities=(0.1, 0.05, 0.02, 0.01))
     with claims.store_lock(sweep_store["uri"]):
@@ -310,9 +320,10 @@ def test_a_wrong_content_state_fails_its_copy_alone(monkeypatch, sweep_store, tm
         state = _first_epoch_state(from_flat(t.flat))
         torch.save({"format": state["format"], "step_idx": 0} if t is bad else state, folder / copy_file(t.run_key))
     fake = _TuneWithCheckpoint(real_tune.Checkpoint.from_directory(str(folder)))
-    monkeypatch.setattr(pack_trial, "tune", fake)
+    monkeypatch.setattr(trainable, "tune", fake)
+    monkeypatch.setattr(trial_sync, "tune", fake)
     meta = {"sweep": "wrong-state", "tracking_uri": sweep_store["uri"], "experiment_id": exp_id, "cpus": 1}
-    pack_trial.train_pack({"trials": [packing.spec(t) for t in trials], "meta": meta})
+    trainable.train_trial({"trials": [packing.spec(t) for t in trials], "meta": meta})
     rows = {row["run_key"]: row for row in json.loads(fake.reports[-1][0]["runs"])}
     assert rows[bad.run_key]["status"] == "failed" and "field 'config'" in rows[bad.run_key]["error"]
     assert [rows[t.run_key]["status"] for t in trials if t is not bad] == ["finished"] * 3
@@ -321,3 +332,41 @@ def test_a_wrong_content_state_fails_its_copy_alone(monkeypatch, sweep_store, tm
     assert "\n" not in stored[bad.run_key].data.tags["error"] and "not a checkpoint" in stored[bad.run_key].data.tags["error"]
     good = [stored[t.run_key] for t in trials if t is not bad]
     assert {r.info.status for r in good} == {"FINISHED"} and all(r.data.tags.get("resumed_at_epoch") for r in good)
+
+
+def test_a_pack_of_one_resumes_a_single_trial_checkpoint(monkeypatch, sweep_store, tmp_path, torch_one_thread):
+    """A Tune trial is a pack of one (``--pack 1``, every Optuna trial): retried from a checkpoint of the
+    single-trial shape of earlier versions (``state.pt``), it continues from that state, writes its own
+    ``state_<run_key>.pt`` from then on, and its last report's accuracies are its run's (what a searcher
+    optimises: the pack's mean of one copy)."""
+    import torch
+    from ray import tune as real_tune
+
+    from sweeps import claims, tracking, trainable, trial_sync
+    from sweeps.trial_sync import CHECKPOINT_FILE, copy_file
+
+    (trial,) = smoke_trials(["base"], densities=(0.1,))
+    with claims.store_lock(sweep_store["uri"]):
+        exp_id = tracking.experiment_id(sweep_store["uri"], "old-shape")
+    folder = tmp_path / "trial" / "checkpoint_000000"
+    folder.mkdir(parents=True)
+    torch.save(_first_epoch_state(from_flat(trial.flat)), folder / CHECKPOINT_FILE)
+    fake = _TuneWithCheckpoint(real_tune.Checkpoint.from_directory(str(folder)))
+    monkeypatch.setattr(trainable, "tune", fake)
+    monkeypatch.setattr(trial_sync, "tune", fake)
+    meta = {"sweep": "old-shape", "tracking_uri": sweep_store["uri"], "experiment_id": exp_id, "cpus": 1}
+    trainable.train_trial({"trials": [packing.spec(trial)], "meta": meta})
+    final = fake.reports[-1][0]
+    (row,) = json.loads(final["runs"])
+    (run,) = runs(sweep_store["uri"], "old-shape")
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_at_epoch"] == "1"
+    assert "pack_size" not in run.data.tags  # a pack of one's run is tagged as a single trial's
+    assert row["status"] == "finished" and final["finished_copies"] == 1
+    assert final["val_acc"] == row["val_acc"] == float(run.data.tags["final/val_acc"])
+    assert final["test_acc"] == row["test_acc"] == float(run.data.tags["final/test_acc"])
+    saved = [files for _, files in fake.reports if files is not None]
+    assert saved and all(files == [copy_file(trial.run_key)] for files in saved)
+    epochs = [m.step for m in runstore.client(sweep_store["uri"]).get_metric_history(run.info.run_id, "epoch/val_acc")]
+    # every epoch once: the resumed epoch 1, trained before the checkpoint and missing from this fresh run, is
+    # logged from the checkpoint's history (RunLog.restore), not trained again (resumed_at_epoch above)
+    assert epochs == list(range(1, final["epochs"] + 1))

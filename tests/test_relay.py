@@ -242,7 +242,7 @@ def test_only_the_caller_that_opened_a_run_writes_it(uri, driver):
         assert "no run open for this handle and claim" in ask(f, {**forged, "handle": "0" * 32})["error"]
     assert MlflowClient(uri).get_run(mine.run_id).info.status == "RUNNING"
     with pytest.raises(tracking.TrackingError, match=r"result\['test_acc'\] must be"):
-        mine.finish({**forged, "test_acc": "0.999"})
+        mine._call("finish", result={**forged["result"], "test_acc": "0.999"})  # what a client's finish sends
     with pytest.raises(tracking.TrackingError, match="not inside the sweep's Tune storage"):
         driver.scope = dataclasses_replace(driver.scope, storage="/nonexistent/ray_results")
         mine.set_checkpoint_dir("/tmp/elsewhere")
@@ -360,3 +360,24 @@ def test_a_results_effective_units_are_checked():
     for bad in ({"a": -1}, {"a": "7"}, {"a": True}, [7]):
         with pytest.raises(relay.Refused, match="effective_units"):
             relay._result({**ok, "effective_units": bad})
+
+
+def test_a_runs_role_tag_is_the_one_its_sweep_gives_it():
+    """The driver's scope decides a trial's role tag (designs.Trial.role): a trial that sends none gets it,
+    one that sends another is refused, a trial without a role (an Optuna search's) may not set one."""
+    from sweeps.relay_scope import check_open
+
+    base = Trial("base", to_flat(from_flat({**TINY, "seed": 40})), "baseline")
+    full = Trial("full", to_flat(from_flat({**TINY, "seed": 41})), "method")
+    sc = relay.Scope.of("sqlite:///unused.db", "0", "s", [base, full])
+    hello = {"op": "open", "claim": relay.this_claim(), "tags": {"git_commit": "abc"}}
+    for t in (base, full):
+        *_, tags, (cell, _) = check_open({**hello, "run_key": t.run_key, "flat": t.flat}, sc)
+        assert tags == {"git_commit": "abc", "role": t.role} and cell == t.cell
+        same = {**hello, "run_key": t.run_key, "flat": t.flat, "tags": {"role": t.role}}
+        assert check_open(same, sc)[4] == {"role": t.role}
+    with pytest.raises(relay.Refused, match="has role 'method' in sweep 's', not 'baseline'"):
+        check_open({**hello, "run_key": full.run_key, "flat": full.flat, "tags": {"role": "baseline"}}, sc)
+    search = relay.Scope("sqlite:///unused.db", "0", "s", lambda key, flat: ("optuna", flat))
+    with pytest.raises(relay.Refused, match="has role None"):
+        check_open({**hello, "run_key": base.run_key, "flat": base.flat, "tags": {"role": "baseline"}}, search)

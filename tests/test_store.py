@@ -164,9 +164,10 @@ def test_finish_writes_final_metrics_and_tags_in_one_batch(uri, monkeypatch, ext
                               flat=cfg.to_flat(), run_key=run_key(cfg)).open()
     mlrun.log_step({"epoch": 1, "stage": "post", "val_acc": 0.5, "lr": 0.1})  # buffered, not flushed yet
     result = {"test_acc": 0.9, "val_acc": 0.8, "density": 0.1, "epochs": 3, "latency_ratio_b1": math.nan,
-              "layer_density": {"net.0.weight": 0.0, "net.2.weight": 0.25}, **extra}
+              "layer_density": {"net.0.weight": 0.0, "net.2.weight": 0.25}, **extra,
+              "n_collapsed_layers": len(extra["collapsed_layers"])}  # a result's final_fields (the relay's too)
     seen = _calls(monkeypatch, mlrun.client, ("log_batch", "set_tag", "log_dict", "set_terminated"))
-    mlrun.finish(result)
+    mlrun.write_final(result)
     assert seen == ["log_batch", "log_dict", "set_terminated"]
     c = MlflowClient(uri)
     run = c.get_run(mlrun.run_id)
@@ -184,6 +185,35 @@ def test_finish_writes_final_metrics_and_tags_in_one_batch(uri, monkeypatch, ext
     assert metrics["trainer/lr"] == 0.1 and run.info.status == "FINISHED"
     path = c.download_artifacts(mlrun.run_id, "layer_density.json", str(Path(runstore.sqlite_path(uri)).parent))
     assert json.loads(Path(path).read_text()) == result["layer_density"]
+
+
+def test_a_runs_metrics_and_tags_derive_from_the_typed_records():
+    """``runstore.step_metrics`` / ``final_fields`` / ``final_record``: what the writers log, from a real
+    run's ``StepEvent``s and ``RunResult`` (the collapsed-layer count is the result's own property)."""
+    from sparse_core.results import RunResult, StepEvent
+    from sparse_core.train import run
+
+    seen = []
+    result = RunResult.from_dict(run(from_flat({**TINY, "seed": 30}), lambda metrics, _: seen.append(metrics)))
+    events = [StepEvent.from_dict(m) for m in seen]
+    prune = next(e for e in events if e.stage == "prune")
+    assert runstore.step_metrics(prune) == ("prune", prune.round + 1, {
+        "prune/val_acc": prune.val_acc_after_prune, "prune/test_acc": prune.test_acc_after_prune,
+        "prune/density": prune.density, "prune/n_collapsed_layers": prune.n_collapsed_layers})
+    epoch = next(e for e in events if e.is_epoch)
+    kind, step, values = runstore.step_metrics(epoch)
+    assert (kind, step) == ("epoch", epoch.epoch) and values["epoch/val_acc"] == epoch.val_acc
+    assert values["trainer/lr"] == epoch.lr and not {"epoch/stage", "trainer/stage_end", "trainer/epoch"} & set(values)
+    fields = runstore.final_fields(result)
+    assert fields == runstore.final_fields(result.to_dict())  # train.run's dict reads the same
+    assert fields["n_collapsed_layers"] == result.n_collapsed_layers and fields["at_chance"] in (0.0, 1.0)
+    assert set(fields) <= set(runstore.FINAL_FIELDS) and "history" not in fields and "config" not in fields
+    metrics, tags = runstore.final_record({**fields, "collapsed_layers": ["a.weight", "b.weight"],
+                                           "n_collapsed_layers": 2, "prefix_shared_by": 3})
+    assert metrics == {f"final/{k}": round(fields[k], 4) if k != "n_collapsed_layers" else 2
+                       for k in runstore.FINAL_AS_METRICS}
+    assert tags["final/test_acc"] == repr(float(result.test_acc)) and tags["collapsed_layers"] == "a.weight,b.weight"
+    assert tags["pretraining_shared_by"] == "3" and tags["at_chance"] in ("true", "false")
 
 
 def test_write_writes_everything_in_batches_and_the_tags_once(uri, monkeypatch):

@@ -204,6 +204,7 @@ def test_smoke_sweep_one_finished_run_per_trial(smoke_sweep, store):
         tags = r.data.tags
         assert tags["cell"] == t.cell and tags["sweep"] == "smoke-leave-one-out" and tags["trial_id"]
         assert tags["sparse_core_version"] and "collapsed_layers" in tags
+        assert tags["role"] == t.role == ("baseline" if t.cell in designs.baselines("leave-one-out") else "method")
         assert run_key(from_flat(r.data.params)) == tags["run_key"]
         for k in ("test_acc", "val_acc", "best_val_acc", "test_acc_at_best_val", "density", "density_all",
                   "flops_dense", "flops_sparse", "n_collapsed_layers", "seconds", "at_chance", "chance_acc") + (
