@@ -123,6 +123,20 @@ def _pick_reference(data: pd.DataFrame, rows: str, cols: str, col, reference, se
     return means.idxmax() if higher_is_better(select) else means.idxmin()
 
 
+def _cell_summaries(data: pd.DataFrame, metric: str, rows: str, cols: str) -> pd.DataFrame:
+    """Per (row, col): mean, std, n, 95 % CI over seeds, the seeds, and the collapsed / at-chance marks."""
+    cells = []
+    for (r, c), g in data.groupby([rows, cols], sort=False):
+        values = g[metric].dropna()
+        mean, lo, hi = stats.t_interval(values)
+        cells.append({rows: r, cols: c, "metric": metric, "mean": mean,
+                      "std": values.std(ddof=1) if len(values) > 1 else math.nan, "n": len(values),
+                      "ci_low": lo, "ci_high": hi,
+                      "seeds": ";".join(str(s) for s in sorted(g.loc[values.index, SEED])),
+                      "collapsed": bool(g["_collapsed"].any()), "at_chance": bool(g["_chance"].mean() > 0.5)})
+    return pd.DataFrame(cells)
+
+
 def ablation_table(df: pd.DataFrame, metric: str = "test_acc", rows: str = "cell", cols: str = "prune.density",
                    reference=None, select_metric: str = "val_acc", baseline=None) -> Table:
     """Mean and 95 % CI per (row, col) over seeds, and a paired test of each cell against the column's reference
@@ -144,16 +158,7 @@ def ablation_table(df: pd.DataFrame, metric: str = "test_acc", rows: str = "cell
         how = how or f"the best baseline by mean {metric} (these runs have no validation accuracy)"
     how = how or f"the best baseline by mean {select_metric} (validation), never by test"
     data = df.assign(_collapsed=collapsed_flags(df), _chance=chance_flags(df), _val_chance=val_chance_flags(df))
-    cells = []
-    for (r, c), g in data.groupby([rows, cols], sort=False):
-        values = g[metric].dropna()
-        mean, lo, hi = stats.t_interval(values)
-        cells.append({rows: r, cols: c, "metric": metric, "mean": mean,
-                      "std": values.std(ddof=1) if len(values) > 1 else math.nan, "n": len(values),
-                      "ci_low": lo, "ci_high": hi,
-                      "seeds": ";".join(str(s) for s in sorted(g.loc[values.index, SEED])),
-                      "collapsed": bool(g["_collapsed"].any()), "at_chance": bool(g["_chance"].mean() > 0.5)})
-    cells = pd.DataFrame(cells)
+    cells = _cell_summaries(data, metric, rows, cols)
     col_order = sorted(cells[cols].unique(), reverse=cols == "prune.density")  # the field reads 10 % -> 0.1 %
     row_order = sorted(cells[rows].unique(), key=str)
     cells = cells.set_index([rows, cols]).reindex(pd.MultiIndex.from_product([row_order, col_order], names=[rows, cols]))

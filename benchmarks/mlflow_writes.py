@@ -136,7 +136,10 @@ sys.path.insert(0, os.getcwd())
 streams_path, db, out_path = sys.argv[1:4]
 from mlflow.tracking import MlflowClient
 from sweeps import tracking
-from sweeps.trial_state import CHECKPOINT_EVERY_S
+try:
+    from sweeps.trial_sync import CHECKPOINT_EVERY_S
+except ImportError:  # a baseline from before sweeps/trial_sync.py
+    from sweeps.trial_state import CHECKPOINT_EVERY_S
 
 calls, rows, spent = {}, [0], {}
 def counted(name, fn):
