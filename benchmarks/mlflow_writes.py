@@ -119,7 +119,11 @@ def load_streams(uri: str, sweep: str) -> list[dict]:
         result = {k.removeprefix("final/"): float(v) for k, v in tags.items() if k.startswith("final/")}
         result.update(epochs=int(result["epochs"]), device=tags.get("device", ""),
                       collapsed_layers=[x for x in tags["collapsed_layers"].split(",") if x],
-                      layer_density=_layer_density(run.info.artifact_uri))
+                      layer_density=_layer_density(run.info.artifact_uri),
+                      # fields a typed RunResult needs that the store does not keep (not written by finish)
+                      run_key=tags["run_key"], data_sizes={}, config=flat,
+                      effective_units=dict(item.split(":") for item in tags.get("effective_units", "").split(",")
+                                           if ":" in item))
         out.append({"run_key": tags["run_key"], "cell": tags["cell"], "flat": flat,
                     "steps": _steps(from_flat(flat), rows), "result": result})
     return out
