@@ -54,11 +54,14 @@ def _pack(items):
 def frame(rows: list[dict]):
     import pandas as pd
 
+    from sparse_core.results import RunResult
+
     out = []
     for r in rows:
         row = {**r["config"], **{k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
-        row.update(cell=r["cell"], collapsed_layers=",".join(r["collapsed_layers"]),
-                   n_collapsed_layers=len(r["collapsed_layers"]), run_key=r["run_key"])
+        result = RunResult.from_dict({k: v for k, v in r.items() if k not in ("cell", "cpu_s", "mask_history")})
+        row.update(cell=r["cell"], collapsed_layers=",".join(result.collapsed_layers),
+                   n_collapsed_layers=result.n_collapsed_layers, run_key=result.run_key)
         out.append(row)
     return pd.DataFrame(out)
 

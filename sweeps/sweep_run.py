@@ -18,7 +18,7 @@ import time
 from runstore import ROLE_TAG, SWEEP_ROLE, collapse_groups, search_ids
 
 from .claims import store_lock
-from .tracking import _retry, client
+from .tracking import retry, client
 
 NOTE_TAG = "mlflow.note.content"  # the run's description on its page (Markdown)
 
@@ -36,23 +36,23 @@ def open_parent(uri: str, experiment_id: str, sweep: str, settings: dict, groups
     averaged row each in the experiment's runs-table view (``runstore.collapse_groups``)."""
     c = client(uri)
     with store_lock(uri) as locked:
-        runs = _retry(_parents, c, experiment_id, sweep)
+        runs = retry(_parents, c, experiment_id, sweep)
         if runs:
             run_id = runs[0].info.run_id
-            _retry(c.update_run, run_id, status="RUNNING")
+            retry(c.update_run, run_id, status="RUNNING")
         else:
-            run_id = _retry(c.create_run, experiment_id, run_name=f"sweep {sweep}",
+            run_id = retry(c.create_run, experiment_id, run_name=f"sweep {sweep}",
                             tags={ROLE_TAG: SWEEP_ROLE, "sweep": sweep}).info.run_id
             if not locked:  # a tracking server: two drivers may create one each at once; the oldest wins
-                runs = _retry(_parents, c, experiment_id, sweep)
+                runs = retry(_parents, c, experiment_id, sweep)
                 if runs[0].info.run_id != run_id:
-                    _retry(c.delete_run, run_id)
+                    retry(c.delete_run, run_id)
                     run_id = runs[0].info.run_id
     from mlflow.entities import RunTag
 
     shown = {f"sweep.{k}": str(v)[:500] for k, v in settings.items()}
-    _retry(c.log_batch, run_id, tags=[RunTag(k, v) for k, v in shown.items()])
-    _retry(c.log_dict, run_id, {"sweep": sweep, **settings, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
+    retry(c.log_batch, run_id, tags=[RunTag(k, v) for k, v in shown.items()])
+    retry(c.log_dict, run_id, {"sweep": sweep, **settings, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
            "sweep.json")
     if groups:
         collapse_groups(uri, experiment_id, groups)
@@ -72,9 +72,9 @@ def close_parent(uri: str, run_id: str, counts: dict, summary: list[str], report
                if isinstance(v, (int, float)) and not isinstance(v, bool)]
     text = "\n".join(summary)
     note = "```\n" + text + "\n```" + (f"\n\nReport: artifacts `report/index.html`" if report else "")
-    _retry(c.log_batch, run_id, metrics=metrics)
-    _retry(c.set_tag, run_id, NOTE_TAG, note[:60000])
-    _retry(c.log_text, run_id, text + "\n", "summary.txt")
+    retry(c.log_batch, run_id, metrics=metrics)
+    retry(c.set_tag, run_id, NOTE_TAG, note[:60000])
+    retry(c.log_text, run_id, text + "\n", "summary.txt")
     if report and os.path.isdir(report):
-        _retry(c.log_artifacts, run_id, report, "report")
-    _retry(c.set_terminated, run_id, "FAILED" if failed else "FINISHED")
+        retry(c.log_artifacts, run_id, report, "report")
+    retry(c.set_terminated, run_id, "FAILED" if failed else "FINISHED")

@@ -52,7 +52,7 @@ def git_commit(repo_root: str | Path) -> str | None:
 
 
 # ---- write: one run per trial ----------------------------------------------------------------
-def _retry(fn, *args, attempts: int = 4, **kwargs):
+def retry(fn, *args, attempts: int = 4, **kwargs):
     """SQLite allows one writer at a time; concurrent trials occasionally see 'database is locked'."""
     for i in range(attempts):
         try:
@@ -104,14 +104,14 @@ class TrialRun(RunLog):
 
     def open(self, resumed_at_epoch: int | None = None) -> "TrialRun":
         with store_lock(self.uri) as locked:
-            runs = _retry(runs_of_key, self.client, self.experiment_id, self.run_key)
+            runs = retry(runs_of_key, self.client, self.experiment_id, self.run_key)
             done = [r for r in runs if r.info.status == "FINISHED"]
             if done:
                 self.skip, self.other = "finished", done[-1]
                 for r in runs:  # orphans beside it (duplicates left by older versions): not RUNNING forever
                     if r.info.status in OPEN_STATUSES and not claim_alive(r):
-                        _retry(self.client.set_tag, r.info.run_id, "superseded_by", done[-1].info.run_id)
-                        _retry(self.client.set_terminated, r.info.run_id, "KILLED")
+                        retry(self.client.set_tag, r.info.run_id, "superseded_by", done[-1].info.run_id)
+                        retry(self.client.set_terminated, r.info.run_id, "KILLED")
                 return self
             mine = [r for r in runs if self.trial_id and r.data.tags.get("trial_id") == self.trial_id]
             others = [r for r in runs if not (self.trial_id and r.data.tags.get("trial_id") == self.trial_id)]
@@ -133,8 +133,8 @@ class TrialRun(RunLog):
                     return self
             for r in orphans + mine:
                 if r.info.run_id != self.run_id and r.info.status in OPEN_STATUSES:  # never left RUNNING
-                    _retry(self.client.set_tag, r.info.run_id, "superseded_by", self.run_id)
-                    _retry(self.client.set_terminated, r.info.run_id, "KILLED")
+                    retry(self.client.set_tag, r.info.run_id, "superseded_by", self.run_id)
+                    retry(self.client.set_terminated, r.info.run_id, "KILLED")
         return self
 
     @property
@@ -157,12 +157,12 @@ class TrialRun(RunLog):
         if self.trial_id:
             tags["trial_id"] = self.trial_id
         name = f"{self.cell} d={self.flat['prune.density']:g} s={self.flat['seed']}"
-        run = _retry(self.client.create_run, self.experiment_id, tags={k: str(v) for k, v in tags.items()},
+        run = retry(self.client.create_run, self.experiment_id, tags={k: str(v) for k, v in tags.items()},
                      run_name=name)
         self.run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in self.flat.items()]
         for i in range(0, len(params), 100):
-            _retry(self.client.log_batch, self.run_id, params=params[i:i + 100])
+            retry(self.client.log_batch, self.run_id, params=params[i:i + 100])
 
     def _reopen(self, existing, resumed_at_epoch: int | None) -> None:
         from mlflow.entities import RunTag
@@ -177,10 +177,10 @@ class TrialRun(RunLog):
             tags[PARENT_TAG] = self.tags[PARENT_TAG]
         if "error" in old:  # the error that made Ray retry: keep it, but not as 'error'
             tags["retried_after"] = old["error"]
-        _retry(self.client.log_batch, self.run_id, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
+        retry(self.client.log_batch, self.run_id, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
         if "error" in old:
-            _retry(self.client.delete_tag, self.run_id, "error")
-        _retry(self.client.update_run, self.run_id, status="RUNNING")
+            retry(self.client.delete_tag, self.run_id, "error")
+        retry(self.client.update_run, self.run_id, status="RUNNING")
         history = self.client.get_metric_history
         self.logged_epoch = max((m.step for m in history(self.run_id, EPOCH_PREFIX + "test_acc")), default=0)
         self.logged_round = max((m.step for m in history(self.run_id, PRUNE_PREFIX + "test_acc")), default=0)
@@ -191,12 +191,12 @@ class TrialRun(RunLog):
         if epoch is None or self.run_id is None:
             return
         old = self.client.get_run(self.run_id).data.tags.get("resumed_at_epoch")
-        _retry(self.client.set_tag, self.run_id, "resumed_at_epoch", str(epoch) if not old else f"{old},{epoch}")
+        retry(self.client.set_tag, self.run_id, "resumed_at_epoch", str(epoch) if not old else f"{old},{epoch}")
 
     def _take(self, run) -> bool:
         """Without a lock (a tracking server): take the run's next claim generation (``claims.take``);
         False, with ``skip = "claimed"``, when another trial took it first."""
-        if _retry(take, self.client, run.info.run_id, claim_generation(run) + 1, self._claim):
+        if retry(take, self.client, run.info.run_id, claim_generation(run) + 1, self._claim):
             return True
         self.skip, self.other = "claimed", run
         return False
@@ -205,12 +205,12 @@ class TrialRun(RunLog):
         """Without a lock, after creating a run: ``claims.arbitrate`` among the runs of this run_key
         created at the same moment. False when another creator wins: this run is deleted and
         ``skip = "claimed"`` (or ``"finished"`` if one finished meanwhile)."""
-        runs = _retry(runs_of_key, self.client, self.experiment_id, self.run_key)
+        runs = retry(runs_of_key, self.client, self.experiment_id, self.run_key)
         done = [r for r in runs if r.info.status == "FINISHED"]
-        rival = done[-1] if done else _retry(arbitrate, self.client, runs, self._claim)
+        rival = done[-1] if done else retry(arbitrate, self.client, runs, self._claim)
         if rival is None:
             return True
-        _retry(self.client.delete_run, self.run_id)
+        retry(self.client.delete_run, self.run_id)
         self.skip, self.other, self.run_id = "finished" if done else "claimed", rival, None
         return False
 
@@ -244,7 +244,7 @@ class TrialRun(RunLog):
         batch_tags = [RunTag(k, str(v)) for k, v in tags.items()]
         while self._pending or batch_tags:
             batch = [Metric(*m) for m in self._pending[:1000 - len(batch_tags)]]
-            _retry(self.client.log_batch, self.run_id, metrics=batch, tags=batch_tags)
+            retry(self.client.log_batch, self.run_id, metrics=batch, tags=batch_tags)
             del self._pending[:len(batch)]
             batch_tags = []
         self.wrote()
@@ -260,8 +260,8 @@ class TrialRun(RunLog):
         metrics, tags = final_record(fields)
         self._log(metrics, fields["epochs"])
         self.write(tags)  # with the final metrics: one store call, not four
-        _retry(self.client.log_dict, self.run_id, fields["layer_density"], "layer_density.json")
-        _retry(self.client.set_terminated, self.run_id, "FINISHED")
+        retry(self.client.log_dict, self.run_id, fields["layer_density"], "layer_density.json")
+        retry(self.client.set_terminated, self.run_id, "FINISHED")
 
     def log_export(self, path: str) -> None:
         """The trial's exported model file, as the artifact ``EXPORT_ARTIFACT``."""
@@ -270,7 +270,7 @@ class TrialRun(RunLog):
 
         with tempfile.TemporaryDirectory() as d:
             shutil.copyfile(path, os.path.join(d, EXPORT_ARTIFACT))
-            _retry(self.client.log_artifact, self.run_id, os.path.join(d, EXPORT_ARTIFACT))
+            retry(self.client.log_artifact, self.run_id, os.path.join(d, EXPORT_ARTIFACT))
 
     def fail(self, error: BaseException) -> None:
         """Mark the run FAILED (an exception) or KILLED (interrupted); never leave it RUNNING."""
@@ -282,8 +282,8 @@ class TrialRun(RunLog):
             return
         try:
             self.write()  # the epochs before the error belong to the run (and a retry skips them)
-            _retry(self.client.set_tag, self.run_id, "error", reason)
-            _retry(self.client.set_terminated, self.run_id, status)
+            retry(self.client.set_tag, self.run_id, "error", reason)
+            retry(self.client.set_terminated, self.run_id, status)
         except Exception:  # noqa: BLE001 - the original error matters more than this one
             pass
 
@@ -297,8 +297,8 @@ def close_unfinished(uri: str, experiment_id: str, trial_ids: Iterable[str], sta
         for run in TrialRun.trial_runs(c, experiment_id, tid):
             for attempt in range(3):
                 try:
-                    _retry(c.set_tag, run.info.run_id, "error", reason)
-                    _retry(c.set_terminated, run.info.run_id, status)
+                    retry(c.set_tag, run.info.run_id, "error", reason)
+                    retry(c.set_terminated, run.info.run_id, status)
                     n += 1
                     break
                 except Exception as e:  # noqa: BLE001 - e.g. the trial's own process tags it at the same moment
