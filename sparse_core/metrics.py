@@ -37,7 +37,7 @@ def evaluate_packed(forward, k: int, x: torch.Tensor, y: torch.Tensor, batch_siz
     logits (K, B, classes), one packed forward per batch instead of one forward per copy. Per copy, the loss
     is summed as ``evaluate`` sums it (``cross_entropy`` over the copy's own logits, in batch order), so a
     copy's figures are what its own model gives wherever the packed linear layer computes as the plain one
-    (``tests/test_packed.py`` checks packed and single runs agree)."""
+    (``tests/test_masked_step.py`` checks each copy's figures against its own module's, bit for bit)."""
     correct, loss_sum = torch.zeros(k, dtype=torch.long), [0.0] * k
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and x.is_cuda)
     for xb, yb in eval_batches(x, y, batch_size):
