@@ -25,7 +25,9 @@ from .registry import MODELS
 
 
 class _ReLUUnitGradAtZero(torch.autograd.Function):
-    """ReLU whose derivative at exactly 0 is 1 (ZerO: many pre-activations start at 0)."""
+    """ReLU whose derivative at exactly 0 is 1 (ZerO: many pre-activations start at 0). The backward keeps
+    the gradient where x >= 0, i.e. where x > -(the smallest subnormal): one ``threshold_backward`` (ReLU's
+    own kernel), bitwise ``grad * (x >= 0)`` for every non-NaN x, without a bool mask and its float copy."""
 
     @staticmethod
     def forward(ctx, x):
@@ -35,7 +37,8 @@ class _ReLUUnitGradAtZero(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return grad * (x >= 0)  # the bool promotes inside the multiply: no float copy of the mask
+        info = torch.finfo(x.dtype)  # the smallest subnormal of x's type: smallest normal x epsilon
+        return torch.ops.aten.threshold_backward(grad, x, -info.smallest_normal * info.eps)
 
 
 class Activation(nn.Module):

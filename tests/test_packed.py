@@ -46,6 +46,11 @@ CASES = {
                       "train.batch_size": 32, "train.lr": 0.003, "post.soft_skip": True},
 }
 
+# A grouped and a plain convolution round differently (~1e-6); how far training carries that apart depends on
+# the CPU's kernels: 2e-7 after 3 epochs on one AVX-512 machine, 1.9e-5 on another (torch 2.14.1, 1 thread).
+# Masks and accuracies must still be equal.
+WEIGHT_ATOL = {"vgg_synthetic": 1e-4}
+
 
 def _configs(extra: dict) -> list[Config]:
     out = []
@@ -87,7 +92,8 @@ def test_each_copy_equals_its_single_run(case, torch_one_thread):
             for name in a["masks"]:
                 assert torch.equal(a["masks"][name], b["masks"][name]), (case, k, name)
         for name, w in a["model"].items():
-            assert torch.allclose(w.float(), b["model"][name].float(), atol=1e-5, rtol=0), (case, k, name)
+            assert torch.allclose(w.float(), b["model"][name].float(), atol=WEIGHT_ATOL.get(case, 1e-5), rtol=0), \
+                (case, k, name)
     # the copies really differ from each other (a pack that trained one copy K times would fail here)
     assert packed[0]["history"][0]["train_loss"] != packed[1]["history"][0]["train_loss"]
 
