@@ -7,7 +7,7 @@ page shows the curves first and the final values next); readers take ``final/`` 
 and runs logged before the prefixes read the same.
 """
 
-# Metric names: MLflow 3.17 charts a run in one section per ``prefix/``, sections sorted by name, and
+# Metric names: MLflow (3.17, 3.18) charts a run in one section per ``prefix/``, sections sorted by name, and
 # puts unprefixed metrics last, so the per-epoch curves get the prefix that sorts first.
 EPOCH_PREFIX = "epoch/"  # per training epoch (step = global epoch): the accuracy and loss curves
 FINAL_PREFIX = "final/"  # once, at the end (step = number of epochs): the results

@@ -1,7 +1,7 @@
 """How MLflow's UI opens a study: the experiment kind, the runs-table view (grouped by cell and density)
 and the link.
 
-MLflow 3.17's UI opens an experiment on its GenAI overview unless told otherwise: its experiment page
+MLflow's UI (3.17, 3.18) opens an experiment on its GenAI overview unless told otherwise: its experiment page
 takes the kind from the workflow switch (``?workflowType=`` in the URL, else the browser's saved choice,
 which defaults to ``genai``), and the experiment tag ``mlflow.experimentKind`` is what the UI's kind
 selector writes and reads. Every experiment made or written to here carries ``custom_model_development``

@@ -545,16 +545,18 @@ def assert_one_finished_run_per_key(uri: str, n_keys: int, experiment: str = "sp
 
 
 def assert_rerun_continued(uri: str, n_keys: int, finished_before: dict, orphans: dict,
-                           experiment: str = "sparsity-sweep") -> None:
+                           experiment: str = "sparsity-sweep", output: str = "") -> None:
     """After a killed driver's re-run: one FINISHED run per run_key, the runs FINISHED before the kill
     (run_id -> end_time) untouched, the orphans (run_id -> newest checkpoint's epoch) continued in the
-    same run from that checkpoint."""
+    same run from that checkpoint. ``output``: the re-run's output, shown when an orphan was reopened more
+    than once (a Tune-level retry of its trial says why there)."""
     all_runs = {r.info.run_id: r for r in assert_one_finished_run_per_key(uri, n_keys, experiment)}
     for run_id, end_time in finished_before.items():  # never re-run
         assert all_runs[run_id].info.end_time == end_time and "retries" not in all_runs[run_id].data.tags
     for run_id, epoch in orphans.items():  # continued in the same run, from the newest checkpoint
         tags = all_runs[run_id].data.tags
-        assert tags["retries"] == "1" and tags["resumed_at_epoch"].split(",")[0] == str(epoch), (tags, epoch)
+        assert tags["retries"] == "1" and tags["resumed_at_epoch"].split(",")[0] == str(epoch), \
+            (tags, epoch, output[-6000:])
 
 
 def assert_drivers_shared(procs, outs) -> None:
@@ -598,7 +600,7 @@ def test_driver_killed_then_rerun(tmp_path, rerun):
                           capture_output=True, text=True, timeout=LIMIT_S)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert ("its search state was never written" in done.stdout) == (rerun == "resume-torn"), done.stdout[-4000:]
-    assert_rerun_continued(uri, 6, finished_before, orphans)
+    assert_rerun_continued(uri, 6, finished_before, orphans, output=done.stdout + done.stderr)
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """Our experiments open in MLflow's model-training view, not its GenAI overview.
 
-MLflow 3.17's UI takes an experiment page's kind from its workflow switch: the ``workflowType``
+MLflow's UI (3.17 and 3.18) takes an experiment page's kind from its workflow switch: the ``workflowType``
 URL parameter, else the browser's saved choice, which starts as ``genai``. So the links we print
 carry ``workflowType=machine_learning`` (and ``viewStateShareKey=study``, a runs-table view stored
 as an experiment tag), and experiments carry ``mlflow.experimentKind=custom_model_development``.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -32,10 +33,14 @@ def _bundle() -> str:
     return "".join(open(f, encoding="utf-8", errors="replace").read() for f in files)
 
 
+ID = r"[\w$]+"  # a minified JavaScript name: they change between releases (3.17 -> 3.18), the strings do not
+
+
 def test_the_installed_ui_reads_the_switches_our_links_set():
     js = _bundle()
     # the workflow switch: saved per browser, GenAI unless the URL says otherwise
-    assert 'key:"mlflow.workflowType",version:1,initialValue:c' in js and 'const c=l.GENAI' in js
+    start = re.search(rf'key:"mlflow\.workflowType",version:1,initialValue:({ID})', js)
+    assert start and re.search(rf"(?:const |,){re.escape(start[1])}={ID}\.GENAI\b", js)
     assert 'e.get("workflowType")' in js and 'e.MACHINE_LEARNING="machine_learning"' in js
     assert runstore.UI_QUERY == "workflowType=machine_learning"
     # the experiment kind tag and its training value
@@ -43,12 +48,12 @@ def test_the_installed_ui_reads_the_switches_our_links_set():
     assert (runstore.EXPERIMENT_KIND_TAG, runstore.EXPERIMENT_KIND) == ("mlflow.experimentKind",
                                                                          "custom_model_development")
     # shared views: ?viewStateShareKey=K reads the experiment tag mlflow.sharedViewState.K
-    assert 'U="viewStateShareKey",$="mlflow.sharedViewState."' in js
+    assert re.search(rf'{ID}="viewStateShareKey",{ID}="mlflow\.sharedViewState\."', js)
     assert runstore.VIEW_TAG == "mlflow.sharedViewState." + runstore.STUDY_VIEW
     # the view's Group by: tag/param keys, an aggregate, groups collapsed by id "<mode>.<key>.<value>,..."
     assert '"groupBy","groupsExpanded"' in js and 'e.Tag="tag",e.Param="param"' in js
     assert 'e.Average="average"' in js and "groupByKeys" in js and "aggregateFunction:n,groupByKeys" in js
-    assert 'p=({groupByData:e,mode:t,value:n})=>`${t}.${e}.${n||null}`' in js  # group_id's format
+    assert re.search(ID + re.escape("=({groupByData:e,mode:t,value:n})=>`${t}.${e}.${n||null}`"), js)  # group_id's format
     assert {k["mode"] for k in runstore.GROUP_BY["groupByKeys"]} <= {"tag", "param"}
     assert runstore.group_id("full", 0.01) == "tag.cell.full,param.prune.density.0.01"
     # a trial run nests under its sweep's run by MLflow's tag
