@@ -280,9 +280,10 @@ def penalties(scores: list[tuple[MaskKind, torch.Tensor, float]], targets: torch
     for kind, score, beta in scores:
         p = kind.keep_prob(score, beta)
         dims = tuple(range(1, p.dim()))  # over each copy's entries (a sum, not a reshape: no copy in its backward)
-        # the count of p > 0.5 as 0/1 in p's dtype (exact below 2^24 per layer; a float comparison's output is
-        # several times cheaper than a bool one here), then in float64 across layers
-        s, h = p.sum(dims), torch.gt(p.detach(), 0.5, out=torch.empty_like(p)).sum(dims).double()
+        # the count of p > 0.5 as 0/1 in float32 or wider (exact below 2^24 per layer; a float comparison's output
+        # is several times cheaper than a bool one here), then in float64 across layers
+        ones = torch.empty_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+        s, h = p.sum(dims), torch.gt(p.detach(), 0.5, out=ones).sum(dims).double()
         kept, hard, n = (s if kept is None else kept + s), (h if hard is None else hard + h), n + p[0].numel()
     soft, hard = kept / n, hard.to(kept.dtype) / n
     gap = soft - soft.detach() + (hard - targets)
