@@ -58,7 +58,9 @@ def frame(rows: list[dict]):
 
     out = []
     for r in rows:
-        row = {**r["config"], **{k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+        # numbers, and flags as 0/1 as MLflow stores them (analysis reads at_chance so: the plots' chance marks)
+        row = {**r["config"], **{k: float(v) if isinstance(v, bool) else v for k, v in r.items()
+                                 if isinstance(v, (int, float))}}
         result = RunResult.from_dict({k: v for k, v in r.items() if k not in ("cell", "cpu_s", "mask_history")})
         row.update(cell=r["cell"], collapsed_layers=",".join(result.collapsed_layers),
                    n_collapsed_layers=result.n_collapsed_layers, run_key=result.run_key)

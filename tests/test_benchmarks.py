@@ -189,3 +189,20 @@ def test_mlflow_writes_tiny_replays_the_sweep_through_both_write_policies():
     assert replay[0][3:6] == replay[1][3:6]  # HEAD against itself: the same store calls and rows
     assert "keys left out by this tree: none; rows stored twice: 0" in out
     assert "write CPU per baseline row, baseline / this tree: " in out
+
+
+def test_study_plain_frame_carries_each_runs_chance_flag_for_the_plots():
+    """The plain study's table frame keeps at_chance (a bool in the result) as 0/1, as MLflow stores it, so
+    analysis marks the cells at chance in its tables and plots."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import study_plain
+
+    from analysis.table import chance_flags
+
+    flat = {"data.name": "digits", "model.width": 8, "model.depth": 1, "train.pre_epochs": 1, "train.post_epochs": 1,
+            "train.batch_size": 256, "train.latency_rounds": 0, "prune.density": 0.1}
+    (row,) = study_plain._pack([("base", flat)])
+    rows = [{**row, "at_chance": flag, "run_key": f"{row['run_key']}{flag}"} for flag in (True, False)]
+    df = study_plain.frame(rows)
+    assert df["at_chance"].tolist() == [1.0, 0.0]
+    assert chance_flags(df).tolist() == [True, False]
