@@ -23,8 +23,8 @@ Latency measurement is switched off (``train.latency_rounds=0``): it is not trai
     python benchmarks/roofline.py --quick    # K = 1, 8 and no laptop preset: seconds
     python benchmarks/roofline.py --tiny     # K = 1, 2 at 1 + 2 epochs: the smoke test
     python benchmarks/roofline.py --vs /path/to/other/checkout --rounds 3
-        # A/B: the laptop preset's trainers of this checkout and of another one (e.g. a worktree of main),
-        # each in its own process, alternating; the paired ratio of their CPU seconds (same configs, same FLOPs)
+        # A/B: the laptop preset's trainers of this checkout and of another one (e.g. a worktree of main), one
+        # process each, the packs handed to both in turn; the paired ratio of their CPU seconds (same configs, FLOPs)
 """
 
 from __future__ import annotations
@@ -121,41 +121,61 @@ import torch
 from sparse_core.config import from_flat
 from sparse_core.runner import run_packed
 torch.set_num_threads(1)
-groups = json.load(sys.stdin)
-start = time.process_time()
-for group in groups:
-    for r in run_packed([from_flat(f) for f in group], share_prefix=True):
+for line in sys.stdin:  # one pack per line; its CPU seconds back, one line each
+    start = time.process_time()
+    for r in run_packed([from_flat(f) for f in json.loads(line)], share_prefix=True):
         if isinstance(r, BaseException):
             raise r
-print(json.dumps({"cpu": time.process_time() - start}))
+    print(json.dumps({"cpu": time.process_time() - start}), flush=True)
 """
 
 
+def _child(root: str):
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-c", AB_CHILD, root], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=root)
+
+
+def _train_in(child, line: str) -> float:
+    import json
+
+    child.stdin.write(line + "\n")
+    child.stdin.flush()
+    out = child.stdout.readline()
+    if not out:
+        raise RuntimeError(f"the trainer process of {child.args[-1]} ended (exit {child.wait()})")
+    return json.loads(out)["cpu"]
+
+
 def ab(other: str, rounds: int, extra: dict) -> None:
-    """This checkout's trainers against ``other``'s on the laptop preset, alternating, one process each."""
+    """This checkout's trainers against ``other``'s on the laptop preset: one long-lived process per checkout, the
+    packs handed to both in turn (which goes first alternates pack by pack), so a drift of the machine's speed
+    over minutes falls on both alike."""
     import json
     import os
-    import subprocess
 
     from sweeps.packing import packs
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    groups = [[{**t.flat, "train.latency_rounds": 0, "train.device": "cpu", **extra} for t in p]
-              for p in packs(laptop_trials(), 8, min_packs=2)]
-    payload = json.dumps(groups)
-
-    def cpu(root: str) -> float:
-        out = subprocess.run([sys.executable, "-c", AB_CHILD, root], input=payload, capture_output=True, text=True,
-                             check=True, cwd=root)
-        return json.loads(out.stdout.strip().splitlines()[-1])["cpu"]
-
+    lines = [json.dumps([{**t.flat, "train.latency_rounds": 0, "train.device": "cpu", **extra} for t in p])
+             for p in packs(laptop_trials(), 8, min_packs=2)]
+    children = {"other": _child(other), "this": _child(here)}
     ratios = []
-    for i in range(rounds):
-        pair = (cpu(other), cpu(here)) if i % 2 == 0 else tuple(reversed((cpu(here), cpu(other))))
-        ratios.append(pair[0] / pair[1])
-        print(f"  round {i + 1}: other {pair[0]:.1f} CPU s, this checkout {pair[1]:.1f} CPU s, "
-              f"other / this = {ratios[-1]:.3f}", flush=True)
-    print(f"\nlaptop preset's trainers ({sum(map(len, groups))} runs): other / this checkout, median of "
+    try:
+        for i in range(rounds):
+            cpu = {"other": 0.0, "this": 0.0}
+            for j, line in enumerate(lines):
+                for name in (("other", "this") if (i + j) % 2 == 0 else ("this", "other")):
+                    cpu[name] += _train_in(children[name], line)
+            ratios.append(cpu["other"] / cpu["this"])
+            print(f"  round {i + 1}: other {cpu['other']:.1f} CPU s, this checkout {cpu['this']:.1f} CPU s, "
+                  f"other / this = {ratios[-1]:.3f}", flush=True)
+    finally:
+        for child in children.values():
+            child.stdin.close()
+            child.wait()
+    print(f"\nlaptop preset's trainers ({len(lines)} packs): other / this checkout, median of "
           f"{rounds} paired rounds = {statistics.median(ratios):.3f} (> 1: this checkout needs fewer CPU seconds)")
 
 
