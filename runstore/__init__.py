@@ -19,7 +19,7 @@ from __future__ import annotations
 from .experiments import collapse_groups, experiment_id, mark_training_experiment
 from .names import (BASELINE_ROLE, CLAIM_PARAM, CURVES, EPOCH_PREFIX, FINAL_AS_METRICS, FINAL_PREFIX, PARENT_TAG, PRUNE_PREFIX,
                     METHOD_ROLE, ROLE_TAG, SEARCH_CELL, SWEEP_ROLE, TRAINER_PREFIX)
-from .records import FINAL_FIELDS, FINAL_METRICS, NOT_LOGGED, final_fields, final_record, step_metrics
+from .records import FINAL_FIELDS, FINAL_METRICS, NOT_LOGGED, final_fields, final_record, finite, step_metrics
 from .process import claim_alive_here, proc_start, this_claim
 from .rows import RUN_TAGS, final_metrics, load_runs, run_row, run_rows, search, search_ids, typed_config
 from .store import (DEFAULT_TRACKING_URI, QUICK_CHECK_MAX_BYTES, TrackingError, check_reachable, client,
@@ -33,7 +33,7 @@ __all__ = [
     "PARENT_TAG", "PRUNE_PREFIX",
     "QUICK_CHECK_MAX_BYTES", "ROLE_TAG", "RUN_TAGS", "SEARCH_CELL", "STUDY_VIEW", "SWEEP_ROLE", "TRAINER_PREFIX",
     "TrackingError", "UI_QUERY", "VIEW_TAG", "check_reachable", "claim_alive_here", "client", "collapse_groups",
-    "experiment_id", "final_fields", "final_metrics", "final_record", "free_port", "group_id", "load_runs", "mark_training_experiment", "proc_start",
+    "experiment_id", "final_fields", "final_metrics", "final_record", "finite", "free_port", "group_id", "load_runs", "mark_training_experiment", "proc_start",
     "resolve_tracking_uri", "run_row", "run_rows", "search", "search_ids", "sqlite_path", "sqlite_problem",
     "step_metrics", "study_view", "this_claim", "tune_sqlite", "typed_config", "ui_link", "unwritable",
 ]

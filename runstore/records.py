@@ -36,7 +36,8 @@ FINAL_FIELDS = (*FINAL_METRICS, "n_collapsed_layers", "collapsed_layers", "devic
                 "layer_density", "effective_units")
 
 
-def _finite(value: Any) -> bool:
+def finite(value: Any) -> bool:
+    """A real number (not a bool), neither NaN nor infinite: what MLflow gets as a metric."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -75,8 +76,8 @@ def final_record(fields: dict) -> tuple[dict, dict]:
     them); the collapsed layers, device, effective units, at_chance, sparse path and shared pre-training."""
     final = {k: fields[k] for k in (*FINAL_METRICS, "n_collapsed_layers") if k in fields}
     # shown rounded (4 decimals: 0.9611, not 0.961111...); the tags keep every value at full precision
-    metrics = {FINAL_PREFIX + k: round(v, 4) for k, v in final.items() if k in FINAL_AS_METRICS and _finite(v)}
-    tags = {FINAL_PREFIX + k: repr(float(v)) for k, v in final.items() if _finite(v)}
+    metrics = {FINAL_PREFIX + k: round(v, 4) for k, v in final.items() if k in FINAL_AS_METRICS and finite(v)}
+    tags = {FINAL_PREFIX + k: repr(float(v)) for k, v in final.items() if finite(v)}
     tags.update({"collapsed_layers": ",".join(fields["collapsed_layers"]), "device": fields.get("device", ""),
                  "effective_units": ",".join(f"{k.removesuffix('.weight')}:{v}"
                                              for k, v in fields.get("effective_units", {}).items())})

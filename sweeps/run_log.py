@@ -15,19 +15,13 @@ the driver.
 
 from __future__ import annotations
 
-import math
 import time
-from typing import Any
 
-from runstore import NOT_LOGGED, PRUNE_PREFIX, step_metrics  # noqa: F401 - NOT_LOGGED: tracking re-exports it
+from runstore import PRUNE_PREFIX, finite, step_metrics
 
 from sparse_core.results import StepEvent
 
 FLUSH_EVERY_S = 30.0  # a checkpoint's flush writes when this long has passed since the run's last write
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class RunLog:
@@ -50,7 +44,7 @@ class RunLog:
 
     def _log(self, values: dict, step: int) -> None:
         now = int(time.time() * 1000)
-        self._pending += [(k, float(v), now, step) for k, v in values.items() if _finite(v)]
+        self._pending += [(k, float(v), now, step) for k, v in values.items() if finite(v)]
 
     def log_step(self, event: StepEvent | dict) -> None:
         """One step of a run's log (``runstore.step_metrics``), unless the run has it already (from before a retry)."""

@@ -42,7 +42,7 @@ def open_parent(uri: str, experiment_id: str, sweep: str, settings: dict, groups
             retry(c.update_run, run_id, status="RUNNING")
         else:
             run_id = retry(c.create_run, experiment_id, run_name=f"sweep {sweep}",
-                            tags={ROLE_TAG: SWEEP_ROLE, "sweep": sweep}).info.run_id
+                           tags={ROLE_TAG: SWEEP_ROLE, "sweep": sweep}).info.run_id
             if not locked:  # a tracking server: two drivers may create one each at once; the oldest wins
                 runs = retry(_parents, c, experiment_id, sweep)
                 if runs[0].info.run_id != run_id:
@@ -53,7 +53,7 @@ def open_parent(uri: str, experiment_id: str, sweep: str, settings: dict, groups
     shown = {f"sweep.{k}": str(v)[:500] for k, v in settings.items()}
     retry(c.log_batch, run_id, tags=[RunTag(k, v) for k, v in shown.items()])
     retry(c.log_dict, run_id, {"sweep": sweep, **settings, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
-           "sweep.json")
+          "sweep.json")
     if groups:
         collapse_groups(uri, experiment_id, groups)
     return run_id

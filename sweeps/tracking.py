@@ -23,14 +23,14 @@ from typing import Any, Iterable
 
 from runstore import (DEFAULT_TRACKING_URI, EPOCH_PREFIX, FINAL_FIELDS, FINAL_METRICS, PARENT_TAG,  # noqa: F401
                       PRUNE_PREFIX, TrackingError, check_reachable, client, experiment_id, final_fields,
-                      final_metrics, final_record, load_runs, resolve_tracking_uri, search, sqlite_path, step_metrics,
+                      final_metrics, final_record, load_runs, resolve_tracking_uri, search, sqlite_path,
                       unwritable)
 
 from sparse_core.results import RunResult
 
 from .claims import (OPEN_STATUSES, arbitrate, claim_alive, claim_generation, current_claim, runs_of_key, store_lock,
                      take, this_claim)
-from .run_log import FLUSH_EVERY_S, NOT_LOGGED, RunLog, _finite  # noqa: F401 - the names trials use
+from .run_log import FLUSH_EVERY_S, RunLog  # noqa: F401 - FLUSH_EVERY_S: the flush policy's, read by its tests
 
 EXPORT_ARTIFACT = "model.safetensors"  # a trial's compact model (sparse_core.export), with --export
 
@@ -70,8 +70,6 @@ def failure(error: BaseException) -> tuple[str, str]:
     reason = "stopped by Tune (scheduler or end of sweep)" if isinstance(error, SystemExit) else \
         f"{type(error).__name__}: {error}"
     return status, reason[:4000]
-
-
 
 
 class TrialRun(RunLog):
@@ -158,7 +156,7 @@ class TrialRun(RunLog):
             tags["trial_id"] = self.trial_id
         name = f"{self.cell} d={self.flat['prune.density']:g} s={self.flat['seed']}"
         run = retry(self.client.create_run, self.experiment_id, tags={k: str(v) for k, v in tags.items()},
-                     run_name=name)
+                    run_name=name)
         self.run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in self.flat.items()]
         for i in range(0, len(params), 100):
