@@ -10,8 +10,8 @@ Measured (CPU seconds of this process, ``time.process_time``):
 - ``pack K``: K copies of one laptop cell (default ``base`` at density 0.01, seeds 0..K-1) trained
   as one pack (``sparse_core.runner.run_packed``, no shared pre-training), K = 1, 8, 32;
 - ``laptop preset``: every trial of the main job (the laptop preset's cells and seeds, ``sweeps.presets``),
-  grouped into packs as ``ablation_grid.py --pack 8`` groups them, with shared pre-training, as the
-  main job trains them (no Ray, no MLflow: the trainers only).
+  grouped into packs as ``ablation_grid.py`` groups them by default (``sweeps.packing.DEFAULT_PACK``), with
+  shared pre-training, as the main job trains them (no Ray, no MLflow: the trainers only).
 
 Work counted: the dense-equivalent FLOPs of the prunable layers, which is what the masked layers
 compute: 6 x weights per training image (forward, input and weight gradients) and 2 x weights per
@@ -25,6 +25,8 @@ Latency measurement is switched off (``train.latency_rounds=0``): it is not trai
     python benchmarks/roofline.py --vs /path/to/other/checkout --rounds 3
         # A/B: the laptop preset's trainers of this checkout and of another one (e.g. a worktree of main), one
         # process each, the packs handed to both in turn; the paired ratio of their CPU seconds (same configs, FLOPs)
+    python benchmarks/roofline.py --vs /path/to/other/checkout --other-pack 8
+        # the same, the other checkout's trials grouped into packs of at most 8 (e.g. its own default)
 """
 
 from __future__ import annotations
@@ -148,26 +150,34 @@ def _train_in(child, line: str) -> float:
     return json.loads(out)["cpu"]
 
 
-def ab(other: str, rounds: int, extra: dict) -> None:
+def ab(other: str, rounds: int, extra: dict, other_pack: int | None = None) -> None:
     """This checkout's trainers against ``other``'s on the laptop preset: one long-lived process per checkout, the
     packs handed to both in turn (which goes first alternates pack by pack), so a drift of the machine's speed
-    over minutes falls on both alike."""
+    over minutes falls on both alike. ``other_pack``: the other checkout's trials grouped into packs of at most
+    that many (default: as here, ``sweeps.packing.DEFAULT_PACK``); its i-th pack then alternates with this one's."""
     import json
     import os
+    from itertools import zip_longest
 
-    from sweeps.packing import packs
+    from sweeps.packing import DEFAULT_PACK, packs
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    lines = [json.dumps([{**t.flat, "train.latency_rounds": 0, "train.device": "cpu", **extra} for t in p])
-             for p in packs(laptop_trials(), 8, min_packs=2)]
+
+    def lines(k: int) -> list[str]:
+        return [json.dumps([{**t.flat, "train.latency_rounds": 0, "train.device": "cpu", **extra} for t in p])
+                for p in packs(laptop_trials(), k, min_packs=2)]
+
+    work = {"other": lines(other_pack or DEFAULT_PACK), "this": lines(DEFAULT_PACK)}
     children = {"other": _child(other), "this": _child(here)}
     ratios = []
     try:
         for i in range(rounds):
             cpu = {"other": 0.0, "this": 0.0}
-            for j, line in enumerate(lines):
+            for j, pair in enumerate(zip_longest(work["other"], work["this"])):
                 for name in (("other", "this") if (i + j) % 2 == 0 else ("this", "other")):
-                    cpu[name] += _train_in(children[name], line)
+                    line = pair[0] if name == "other" else pair[1]
+                    if line is not None:
+                        cpu[name] += _train_in(children[name], line)
             ratios.append(cpu["other"] / cpu["this"])
             print(f"  round {i + 1}: other {cpu['other']:.1f} CPU s, this checkout {cpu['this']:.1f} CPU s, "
                   f"other / this = {ratios[-1]:.3f}", flush=True)
@@ -175,8 +185,9 @@ def ab(other: str, rounds: int, extra: dict) -> None:
         for child in children.values():
             child.stdin.close()
             child.wait()
-    print(f"\nlaptop preset's trainers ({len(lines)} packs): other / this checkout, median of "
-          f"{rounds} paired rounds = {statistics.median(ratios):.3f} (> 1: this checkout needs fewer CPU seconds)")
+    print(f"\nlaptop preset's trainers (packs: other {len(work['other'])}, this checkout {len(work['this'])}): "
+          f"other / this checkout, median of {rounds} paired rounds = {statistics.median(ratios):.3f} "
+          "(> 1: this checkout needs fewer CPU seconds)")
 
 
 def main(argv=None) -> int:
@@ -188,6 +199,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="K = 1, 2 at 1 + 2 epochs, no laptop preset (smoke test)")
     ap.add_argument("--vs", metavar="CHECKOUT", help="A/B against another checkout's trainers (laptop preset only)")
     ap.add_argument("--rounds", type=int, default=3, help="paired rounds of --vs (default 3)")
+    ap.add_argument("--other-pack", type=int, metavar="K",
+                    help="--vs: the other checkout's trials in packs of at most K (default: this checkout's default)")
     args = ap.parse_args(argv)
     extra = {"train.pre_epochs": 1, "train.post_epochs": 2} if args.tiny else {}
     ks = (1, 2) if args.tiny else (1, 8) if args.quick else tuple(int(k) for k in args.ks.split(","))
@@ -195,18 +208,19 @@ def main(argv=None) -> int:
     print_header("roofline: achieved FLOP rate of the trainers against this machine's matmul, 1 thread",
                  [torch.device("cpu")])
     if args.vs:
-        ab(args.vs, args.rounds, extra)
+        ab(args.vs, args.rounds, extra, args.other_pack)
         return 0
     rows: list = []
     for k in ks:
         trials = laptop_trials(args.cell, args.density, range(k))
         measure(f"pack K={k} ({args.cell}, d={args.density:g})", [[t.flat for t in trials]], False, rows, extra)
     if not (args.quick or args.tiny):
-        from sweeps.packing import packs
+        from sweeps.packing import DEFAULT_PACK, packs
 
         trials = laptop_trials()
-        groups = [[t.flat for t in p] for p in packs(trials, 8, min_packs=2)]
-        measure(f"laptop preset ({len(trials)} runs, packs of <= 8, shared pre-training)", groups, True, rows, extra)
+        groups = [[t.flat for t in p] for p in packs(trials, DEFAULT_PACK, min_packs=2)]
+        measure(f"laptop preset ({len(trials)} runs, packs of <= {DEFAULT_PACK}, shared pre-training)", groups, True,
+                rows, extra)
     print("\n| trainers | runs | CPU s | GFLOP/s | / sgemm | / packed bmm |\n|---|---|---|---|---|---|")
     for label, runs, cpu, rate, of_sgemm, of_bmm, _ in rows:
         print(f"| {label} | {runs} | {cpu:.1f} | {rate / 1e9:.1f} | {of_sgemm:.3f} | {of_bmm:.3f} |")

@@ -53,7 +53,7 @@ def test_packs_are_even_and_hold_one_cell_and_pack_key():
         assert len({t.cell for t in p}) == 1 and len({pack_key(from_flat(t.flat)) for t in p}) == 1
     assert sorted(t.run_key for p in packs for t in p) == sorted(t.run_key for t in trials)
     assert packing.packs(trials, 1) == [[t] for t in trials]  # --pack 1: every trial alone, in order
-    assert [len(p) for p in packing.packs(trials, None)] == [8, 8, 7, 7] * 3  # default for the MLP: 8
+    assert [len(p) for p in packing.packs(trials, None)] == [15, 15] * 3  # the default for the MLP: 16
 
 
 def test_cells_with_one_pre_training_share_a_trial_per_seed():
@@ -140,13 +140,14 @@ def test_packed_sweep_equals_unpacked_run_by_run(smoke_sweep, sweep_store):
     out, uri = smoke_sweep["out"], sweep_store["uri"]
     assert smoke_sweep["code"] == 0, out
     # 9 cells (base, its three tricks, the four other pruners, gmp: its pre-training is base's in this
-    # preset) share one pre-training: 18 trials in 3 packs of 6; base+zero_init and full-no_mask another:
-    # 1 pack of 4; full and its three post-pruning ablations share one per density (their sigmoid mask
-    # is steered to it): 1 pack of 8; base+mask and full-no_zero_init likewise: 1 pack of 4; rigl: 1 of 2
-    assert f"launching {SMOKE_TRIALS} trials in 7 packed trials of up to 8" in out
-    assert f"| {SMOKE_TRIALS} runs in 7 packed trials |" in out
+    # preset) share one pre-training: 18 trials in 2 packs of 9 (the default pack of 16); base+zero_init
+    # and full-no_mask another: 1 pack of 4; full and its three post-pruning ablations share one per density
+    # (their sigmoid mask is steered to it): 1 pack of 8; base+mask and full-no_zero_init likewise: 1 pack of
+    # 4; rigl: 1 of 2
+    assert f"launching {SMOKE_TRIALS} trials in 6 packed trials of up to 9" in out
+    assert f"| {SMOKE_TRIALS} runs in 6 packed trials |" in out
     assert out.count("  done ") == SMOKE_TRIALS  # a line per run
-    assert all(f"(pack of {k}, " in out for k in (2, 4, 6, 8)), out
+    assert all(f"(pack of {k}, " in out for k in (2, 4, 8, 9)), out
     # base and pruner=snip trained in a trial that shared their pre-training, full in one that shared
     # its pre-training per density; rigl has none
     cells = ["full", "rigl", "base", "pruner=snip"]
@@ -165,10 +166,10 @@ def test_packed_sweep_equals_unpacked_run_by_run(smoke_sweep, sweep_store):
             hist = [(m.step, m.value) for m in c.get_metric_history(run.info.run_id, metric)]
             assert hist and hist == [(m.step, m.value) for m in c.get_metric_history(twin.info.run_id, metric)]
         assert "pack_size" not in run.data.tags and "pretraining_shared_by" not in run.data.tags
-        # packed, base and snip were in a Tune trial of 6 copies with one pre-training, full in one of 8
+        # packed, base and snip were in Tune trials of 9 copies with one pre-training, full in one of 8
         # with one per density (4 cells each); rigl shared none
         shared = twin.data.tags.get("pretraining_shared_by")
-        expected = {"base": "6", "pruner=snip": "6", "full": "4"}.get(run.data.tags["cell"])
+        expected = {"base": "9", "pruner=snip": "9", "full": "4"}.get(run.data.tags["cell"])
         assert shared == expected, (run.data.tags, shared)
     trial_ids = []
     for key, run in packed.items():
@@ -176,7 +177,7 @@ def test_packed_sweep_equals_unpacked_run_by_run(smoke_sweep, sweep_store):
         if tags.get("pack_size") is None:  # runs other tests of the session added to the experiment
             continue
         assert set(run.data.params) == set(FIELD_TYPES) and run_key(from_flat(run.data.params)) == key
-        assert tags["pack_size"] in ("2", "4", "6", "8")
+        assert tags["pack_size"] in ("2", "4", "8", "9")
         assert [a.path for a in c.list_artifacts(run.info.run_id)] == ["layer_density.json"]
         # its checkpoints went to the pack's trial dir, recorded in its run, and were deleted when the pack
         # finished (resume never trains a finished run again; a copy's own state file: test_packing.py below)
