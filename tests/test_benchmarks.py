@@ -145,6 +145,23 @@ def test_roofline_tiny_counts_work_below_the_machines_matmul_rate():
     assert executed_flop({**run, "prefix_shared_by": 4}) == 7 * per_epoch  # a shared pre-training counts once
 
 
+@pytest.mark.slow  # one torch.compile in a fresh inductor cache: ~15-30 s, and it needs a C++ compiler
+def test_compiled_step_tiny_times_the_same_step_three_ways():
+    """The hand-written step it compares against is the trainer's own arithmetic (the script checks the weights
+    after two steps: within 1e-5, 0 on the machines seen; a 1 % other learning rate gives 9e-5 and fails it), and
+    each variant gets a positive, finite ratio to the trainer."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compiled_step.py"), "--tiny"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "# same step: yes (largest weight difference after two steps" in proc.stdout, proc.stdout
+    row = proc.stdout.strip().splitlines()[-1].split()
+    assert row[0] == "2", proc.stdout  # K = 2
+    trainer_ms, eager_ms, compiled_ms = (float(v) for v in row[1:4])
+    ratios = [float(row[4]), float(row[6])]  # eager / trainer, compiled / trainer (each followed by its IQR)
+    assert all(0 < v < 1e3 for v in (trainer_ms, eager_ms, compiled_ms)), row
+    assert all(0.05 < r < 20 for r in ratios) and float(row[-1]) > 0, row  # the compile took time
+
+
 def test_sparse_latency_tiny_reports_finite_ratios_per_density_and_batch():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sparse_latency.py"), "--tiny"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
