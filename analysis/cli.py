@@ -30,7 +30,8 @@ def _common() -> argparse.ArgumentParser:
                    help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--metric", default="test_acc", help="final metric to tabulate/plot (default: test_acc)")
     p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help="keep runs with KEY=VALUE (repeatable; the same key twice keeps either value)")
+                   help="keep runs with KEY=VALUE (repeatable; the same key twice keeps either value); sweep=NAME "
+                        "keeps the sweep's runs, those it found FINISHED by another sweep included")
     p.add_argument("--rows", default="cell", help="column that makes the table rows / plot lines (default: the cell tag)")
     p.add_argument("--status", action="append", metavar="STATUS",
                    help="run statuses to include (repeatable or comma list; default: FINISHED)")

@@ -25,7 +25,7 @@ import pandas as pd
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from runstore import RUN_TAGS, SEARCH_CELL, TRAINER_PREFIX, run_rows, search_ids
+from runstore import RUN_TAGS, SEARCH_CELL, TRAINER_PREFIX, members, run_rows, search_ids
 from runstore import client as store_client
 from sparse_core.config import FIELD_TYPES, parse_bool
 
@@ -124,8 +124,22 @@ def _coerce(column: pd.Series, key: str, value: str):
     return value
 
 
+def sweep_members(df: pd.DataFrame, sweeps: Sequence[str]) -> set[str]:
+    """The run_keys the parent runs of ``sweeps`` list (``runstore.members``), in ``df``'s store and experiments."""
+    uri = df.attrs.get("tracking_uri")
+    if uri is None:
+        return set()
+    client = store_client(uri)
+    try:
+        return members(client, experiment_ids(client, df.attrs.get("experiments", [])).values(), sweeps)
+    except ValueError as e:  # a malformed members file: say which, do not guess
+        raise AnalysisError(str(e)) from e
+
+
 def apply_filters(df: pd.DataFrame, filters: Iterable[str] | None) -> pd.DataFrame:
-    """Keep rows matching every ``key=value``; a key given twice means either value."""
+    """Keep rows matching every ``key=value``; a key given twice means either value. ``sweep=<name>`` keeps the
+    sweep's runs: those it trained (tag ``sweep``) and those it found FINISHED by another sweep and counted as its
+    own (the run_keys its parent run lists, ``runstore.members``)."""
     wanted: dict[str, list[str]] = {}
     for item in filters or ():
         if "=" not in item:
@@ -137,6 +151,8 @@ def apply_filters(df: pd.DataFrame, filters: Iterable[str] | None) -> pd.DataFra
     out = df
     for key, values in wanted.items():
         keep = out[key].isin([_coerce(out[key], key, v) for v in values])
+        if key == "sweep" and "run_key" in out.columns:
+            keep |= out["run_key"].isin(sweep_members(df, values))
         if not keep.any():
             present = ", ".join(sorted({str(v) for v in out[key]}))
             raise AnalysisError(f"--filter {key}={'|'.join(values)} matches no run; values present: {present}")

@@ -9,7 +9,8 @@ imports neither, nor Ray. Its parts, each a leaf or over the ones before it:
 - ``ui``: how MLflow's UI opens a study (experiment kind, the runs-table view, the link);
 - ``experiments``: a study's experiments, found or made, tagged for that view;
 - ``records``: a run's metrics and tags, derived from the typed step events and results it logs;
-- ``rows``: reading runs back as typed configs, results and flat rows.
+- ``rows``: reading runs back as typed configs, results and flat rows;
+- ``members``: which runs belong to a sweep (the run_keys its parent run lists, whichever sweep trained them).
 
 Every public name is also here, so ``runstore.X`` is all a reader needs.
 """
@@ -21,6 +22,7 @@ from .names import (BASELINE_ROLE, CLAIM_PARAM, CURVES, EPOCH_PREFIX, FINAL_AS_M
                     METHOD_ROLE, ROLE_TAG, SEARCH_CELL, SWEEP_ROLE, TRAINER_PREFIX)
 from .records import FINAL_FIELDS, FINAL_METRICS, NOT_LOGGED, final_fields, final_record, finite, step_metrics
 from .process import claim_alive_here, proc_start, this_claim
+from .members import MEMBERS_ARTIFACT, add_members, members, parents, read_members
 from .rows import RUN_TAGS, final_metrics, load_runs, run_row, run_rows, search, search_ids, typed_config
 from .store import (DEFAULT_TRACKING_URI, QUICK_CHECK_MAX_BYTES, TrackingError, check_reachable, client,
                     resolve_tracking_uri, sqlite_path, sqlite_problem, tune_sqlite, unwritable)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 
-from runstore import ROLE_TAG, SWEEP_ROLE, collapse_groups, search_ids
+from runstore import ROLE_TAG, SWEEP_ROLE, add_members, collapse_groups, parents
 
 from .claims import store_lock
 from .tracking import retry, client
@@ -23,20 +23,16 @@ from .tracking import retry, client
 NOTE_TAG = "mlflow.note.content"  # the run's description on its page (Markdown)
 
 
-def _parents(c, experiment_id: str, sweep: str) -> list:
-    quoted = sweep.replace("'", "\\'")
-    runs = search_ids(c, [experiment_id], f"tags.{ROLE_TAG} = '{SWEEP_ROLE}' and tags.sweep = '{quoted}'")
-    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
-
-
-def open_parent(uri: str, experiment_id: str, sweep: str, settings: dict, groups=()) -> str:
+def open_parent(uri: str, experiment_id: str, sweep: str, settings: dict, groups=(), run_keys=()) -> str:
     """The run id of ``sweep``'s parent run, created on its first run and reopened (RUNNING) after;
     ``settings`` (the invocation: preset, design, cells, densities, seeds, overrides) go to
     ``sweep.json`` and, short, to tags. ``groups``: the sweep's (cell, density) pairs, shown as one
-    averaged row each in the experiment's runs-table view (``runstore.collapse_groups``)."""
+    averaged row each in the experiment's runs-table view (``runstore.collapse_groups``). ``run_keys``: the
+    invocation's trials, added to the sweep's members (``runstore.members``: a trial skipped because another
+    sweep finished its run still belongs to this one), under the store's lock where there is one."""
     c = client(uri)
     with store_lock(uri) as locked:
-        runs = retry(_parents, c, experiment_id, sweep)
+        runs = retry(parents, c, [experiment_id], sweep)
         if runs:
             run_id = runs[0].info.run_id
             retry(c.update_run, run_id, status="RUNNING")
@@ -44,10 +40,12 @@ def open_parent(uri: str, experiment_id: str, sweep: str, settings: dict, groups
             run_id = retry(c.create_run, experiment_id, run_name=f"sweep {sweep}",
                            tags={ROLE_TAG: SWEEP_ROLE, "sweep": sweep}).info.run_id
             if not locked:  # a tracking server: two drivers may create one each at once; the oldest wins
-                runs = retry(_parents, c, experiment_id, sweep)
+                runs = retry(parents, c, [experiment_id], sweep)
                 if runs[0].info.run_id != run_id:
                     retry(c.delete_run, run_id)
                     run_id = runs[0].info.run_id
+        if run_keys:  # read, merge, write: under the lock, so two drivers of one sweep keep each other's keys
+            retry(add_members, c, run_id, run_keys)
     from mlflow.entities import RunTag
 
     shown = {f"sweep.{k}": str(v)[:500] for k, v in settings.items()}

@@ -269,6 +269,31 @@ def test_analysis_and_runstore_read_the_same_rows(uri):
     assert runstore.load_runs(uri, "no-such-experiment") == []
 
 
+def test_a_sweeps_runs_include_those_it_found_finished_by_another_sweep(uri):
+    """Sweep b skips the runs sweep a finished and counts them as its own (its summary reads them by run_key), so
+    ``--filter sweep=b`` (its report) must read them too: they are listed on b's parent run, not tagged b."""
+    from analysis.load import AnalysisError, apply_filters
+    from sweeps import sweep_run
+
+    c = MlflowClient(uri)
+    exp_id = runstore.experiment_id(uri, "two-sweeps")
+    keys = [run_key(from_flat({**TINY, "seed": s})) for s in range(4)]
+    for seed in (0, 1):
+        _fake_run(c, exp_id, {**TINY, "seed": seed}, "base", {"final/test_acc": 0.5}, sweep="a")
+    _fake_run(c, exp_id, {**TINY, "seed": 2}, "base", {"final/test_acc": 0.6}, sweep="b")
+    _fake_run(c, exp_id, {**TINY, "seed": 3}, "base", {"final/test_acc": 0.7}, sweep="c")  # nobody lists it
+    parent = sweep_run.open_parent(uri, exp_id, "b", {"preset": "tiny"}, run_keys=keys[:2])
+    assert sweep_run.open_parent(uri, exp_id, "b", {"preset": "tiny"}, run_keys=keys[2:3]) == parent  # a re-run
+    assert runstore.read_members(c, parent) == set(keys[:3])  # adds its keys to the earlier invocation's
+    df = load_runs(uri, ["two-sweeps"])
+    assert sorted(apply_filters(df, ["sweep=b"])["seed"]) == [0, 1, 2]
+    assert sorted(apply_filters(df, ["sweep=a"])["seed"]) == [0, 1]  # a lists nothing: what it trained
+    assert sorted(apply_filters(df, ["sweep=a", "sweep=c"])["seed"]) == [0, 1, 3]
+    c.log_dict(parent, {"run_keys": [keys[0], "../../etc/passwd"]}, runstore.MEMBERS_ARTIFACT)  # not run_keys
+    with pytest.raises(AnalysisError, match="trials.json of sweep run .* is not"):
+        apply_filters(df, ["sweep=b"])
+
+
 # ---- the end-of-sweep summary: reference by validation, CIs, paired tests, chance named ---------------
 def test_sweep_summary_gives_reference_ci_paired_tests_and_chance_in_percent(uri):
     c = MlflowClient(uri)

@@ -287,6 +287,14 @@ def test_a_sweep_has_one_parent_run_whose_children_are_its_trial_runs(smoke_swee
     assert trial_runs and all(r.data.tags[runstore.PARENT_TAG] == parent.info.run_id for r in trial_runs)
     assert parent.data.metrics["sweep/trials"] == 6 and parent.data.metrics["sweep/trained"] == 2  # the last call
     assert parent.data.tags["sweep.densities"] == "0.01,0.05,0.1" and parent.data.tags["sweep.cells"] == "base,rigl"
+    # its members: every trial of every call (the whole design, then base and rigl at 0.05), trained or skipped
+    smoke = presets.get("smoke")
+    base = options.base_overrides(smoke.base, [], None)
+    first = designs.trials("leave-one-out", base, smoke.densities, (0,), smoke.synflow_rounds,
+                           cell_overrides=smoke.cell_overrides)[0]
+    extra = designs.trials("leave-one-out", base, (0.05,), (0,), smoke.synflow_rounds, ["base", "rigl"],
+                           smoke.cell_overrides)[0]
+    assert runstore.read_members(c, parent.info.run_id) == {t.run_key for t in first + extra}
     summary = c.download_artifacts(parent.info.run_id, "summary.txt", store["storage"] + "-dl")
     assert "summary of sweep 'smoke-leave-one-out'" in Path(summary).read_text()
     assert "summary of sweep" in parent.data.tags["mlflow.note.content"]
