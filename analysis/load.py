@@ -13,7 +13,6 @@ so are the runs of Optuna searches (cell ``optuna``: their tuned knobs differ fr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from runstore import RUN_TAGS, SEARCH_CELL, TRAINER_PREFIX, members, run_rows, search_ids
 from runstore import client as store_client
+from runstore import no_progress_bars
 from sparse_core.config import FIELD_TYPES, parse_bool
 
 log = logging.getLogger("analysis")
@@ -162,21 +162,6 @@ def apply_filters(df: pd.DataFrame, filters: Iterable[str] | None) -> pd.DataFra
     return out
 
 
-@contextlib.contextmanager
-def _no_progress_bars():
-    """One tqdm bar per tiny JSON download buries the useful lines on stderr."""
-    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(name)
-    os.environ[name] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
-
-
 def metric_histories(uri: str, run_ids: Iterable[str], keys: Sequence[str]) -> pd.DataFrame:
     """Long form (run_id, epoch, key, value) of per-epoch ``trainer/<key>`` metrics of ``run_ids``."""
     client = store_client(uri)
@@ -196,7 +181,7 @@ def layer_densities(uri: str, run_ids: Iterable[str],
     client = store_client(uri)
     out: dict[str, dict[str, float]] = {}
     missing = 0
-    with tempfile.TemporaryDirectory() as tmp, _no_progress_bars():
+    with tempfile.TemporaryDirectory() as tmp, no_progress_bars():
         for run_id in run_ids:
             dst = os.path.join(tmp, run_id)
             os.makedirs(dst)

@@ -25,7 +25,7 @@ from .process import claim_alive_here, proc_start, this_claim
 from .members import MEMBERS_ARTIFACT, add_members, members, parents, read_members
 from .rows import RUN_TAGS, final_metrics, load_runs, run_row, run_rows, search, search_ids, typed_config
 from .store import (DEFAULT_TRACKING_URI, QUICK_CHECK_MAX_BYTES, TrackingError, check_reachable, client,
-                    resolve_tracking_uri, sqlite_path, sqlite_problem, tune_sqlite, unwritable)
+                    no_progress_bars, resolve_tracking_uri, sqlite_path, sqlite_problem, tune_sqlite, unwritable)
 from .ui import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, GENAI_KINDS, GROUP_BY, STUDY_VIEW, UI_QUERY, VIEW_TAG, free_port,
                  group_id, study_view, ui_link)
 

@@ -17,6 +17,7 @@ from typing import Iterable
 
 from .names import ROLE_TAG, SWEEP_ROLE
 from .rows import search_ids
+from .store import no_progress_bars
 
 MEMBERS_ARTIFACT = "trials.json"  # {"run_keys": [...]} on a sweep's parent run
 _RUN_KEY = re.compile(r"[0-9a-f]{12}")  # sparse_core.config.run_key: 12 hex chars
@@ -36,7 +37,7 @@ def parents(client, experiment_ids: Iterable[str], sweep: str) -> list:
 def read_members(client, run_id: str) -> set[str]:
     """The run_keys listed on parent run ``run_id`` (empty if it lists none); anything but a list of run_keys in
     the file is refused (it is read from a store others write to)."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, no_progress_bars():
         try:
             path = client.download_artifacts(run_id, MEMBERS_ARTIFACT, tmp)
         except Exception:  # noqa: BLE001 - MLflow raises different types per artifact store; no file: no list

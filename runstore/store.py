@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import urllib.error
 import urllib.request
@@ -175,3 +176,18 @@ def client(uri: str):
 
     tune_sqlite()
     return MlflowClient(tracking_uri=uri)
+
+
+@contextlib.contextmanager
+def no_progress_bars():
+    """MLflow's download progress bar off (one tqdm bar per tiny JSON download buries the useful lines on stderr)."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before

@@ -187,7 +187,10 @@ def _open_parent(args, sweep: str, trials, uri: str, exp_id: str) -> str:
                 "seeds": ",".join(sorted({str(t.seed) for t in trials}, key=int)), "trials": len(trials),
                 "set": " ".join(args.set) or "(none)", "pack": args.pack if args.pack is not None else "(default)"}
     groups = sorted({(t.cell, t.flat["prune.density"]) for t in trials})
-    return sweep_run.open_parent(uri, exp_id, sweep, settings, groups, [t.run_key for t in trials])
+    try:
+        return sweep_run.open_parent(uri, exp_id, sweep, settings, groups, [t.run_key for t in trials])
+    except ValueError as e:  # the parent's list of members is not one (runstore.read_members): say so, start nothing
+        options.fail(f"{e}; delete that artifact (the runs are unaffected) or choose another --name")
 
 
 def _counts(uri: str, experiment: str, todo, tally: dict, skipped: int) -> dict:

@@ -169,6 +169,26 @@ def test_bad_input_fails_fast_without_ray_or_runs(tmp_path, module, extra, messa
     assert not db.exists() and not (tmp_path / "ray").exists()  # no MLflow store, no Tune run
 
 
+def test_a_sweep_whose_parent_lists_garbage_as_members_stops_before_ray(tmp_path):
+    """The members list on a sweep's parent run is read from a store others write to: anything but run_keys stops
+    the sweep with one line naming the file, before Ray starts and before any trial run exists."""
+    from sweeps import sweep_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id = runstore.experiment_id(uri, "garbage")
+    parent = sweep_run.open_parent(uri, exp_id, "smoke-leave-one-out", {"preset": "smoke"})
+    runstore.client(uri).log_dict(parent, {"run_keys": ["0123456789ab", "rm -rf /"]}, runstore.MEMBERS_ARTIFACT)
+    argv = ["--preset", "smoke", "--cells", "rigl", "--mlflow-uri", uri, "--experiment", "garbage",
+            "--storage-path", str(tmp_path / "ray")]
+    proc = subprocess.run([sys.executable, "-c", _WRAPPER.format(module="ablation_grid"), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert f"error: trials.json of sweep run {parent} is not" in proc.stderr, proc.stderr
+    assert "Downloading artifacts" not in proc.stderr  # MLflow's progress bar stays off
+    result = proc.stderr.strip().splitlines()[-1]
+    assert "ray_imported=False" in result and "code=2" in result, result
+    assert runs(uri, "garbage") == []
+
+
 def test_laptop_preset_runs_three_paired_seeds_of_cells_that_answer_the_question():
     preset = presets.get("laptop")
     assert len(preset.seeds) >= 3
