@@ -310,6 +310,10 @@ def _run(args, preset, sweep, todo, uri, exp_id, storage, launch, path: str | No
         progress = launch.Progress(len(todo), uri, exp_id)
         if path:
             print(f"resuming {path}", flush=True)
+            refilled = tune_store.refill_checkpoints(path)
+            if refilled:
+                print(f"  {refilled} checkpoint(s) Tune's saved state names had been deleted after it was saved: "
+                      "each refilled with its trial's newest", flush=True)
             tuner = launch.restore(path, cpus=cpus, gpus=gpus)
         else:
             # the pid keeps two drivers started in the same second (on one storage) out of each other's run

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 
 TRIALS_SUFFIX = ".trials"  # <storage>/<run>.trials: the trial-set hash of the Tune run <storage>/<run>
@@ -85,3 +86,45 @@ def drop_finished_checkpoints(results) -> int:
             shutil.rmtree(os.path.join(path, d), ignore_errors=True)
         cleaned += bool(gone)
     return cleaned
+
+
+def _checkpoint_index(name: str) -> int | None:
+    m = re.fullmatch(r"checkpoint_(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def refill_checkpoints(run_path: str) -> int:
+    """Before ``--resume`` restores the Tune run at ``run_path``: a checkpoint its experiment state names but a
+    trial folder lacks, where that folder holds newer ones, is refilled with a copy of the newest; returns how
+    many. Tune deletes a trial's older checkpoints (``num_to_keep``) before its next snapshot of the state, so a
+    driver killed in between leaves a state naming a deleted checkpoint, and Ray's restore of that trial fails
+    ("does not exist on storage anymore") before the trial can look for its newest state itself
+    (``trial_sync.newest_state``, which then picks the copy: the newest file). The names are read from the whole
+    state, not per trial, so a trial may also get a copy under an older name only another trial's entry uses: a
+    duplicate of its newest, deleted with its other checkpoints when it finishes."""
+    import pyarrow.fs as pafs
+
+    fs, base = fs_of(run_path)
+    base = base.rstrip("/")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+        named: set[str] = set()
+        for i in infos:
+            if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json"):
+                with fs.open_input_stream(i.path) as f:
+                    named |= set(re.findall(r"checkpoint_\d{6}", f.readall().decode("utf-8", "replace")))
+    except OSError:
+        return 0
+    refilled = 0
+    for trial in (i for i in infos if i.type == pafs.FileType.Directory):
+        have = {i.base_name: i.path for i in fs.get_file_info(pafs.FileSelector(trial.path))
+                if i.type == pafs.FileType.Directory and _checkpoint_index(i.base_name) is not None}
+        if not have:
+            continue
+        newest = max(have, key=_checkpoint_index)
+        for name in sorted(named - set(have)):
+            if _checkpoint_index(name) < _checkpoint_index(newest):
+                fs.create_dir(f"{trial.path}/{name}")
+                pafs.copy_files(have[newest], f"{trial.path}/{name}", source_filesystem=fs, destination_filesystem=fs)
+                refilled += 1
+    return refilled

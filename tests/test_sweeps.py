@@ -116,6 +116,33 @@ def test_resume_restores_the_newest_run_of_the_same_trial_set(tmp_path):
     assert tune_store.latest_run(str(tmp_path), "s") == str(run_b)
 
 
+def test_resume_refills_a_checkpoint_tunes_state_names_but_had_deleted(tmp_path):
+    """Seen in CI: the driver was killed after Tune deleted a trial's checkpoint_000001 (num_to_keep) and before
+    its next snapshot of the experiment state, which still named it; Ray's restore of that trial then failed.
+    The refill copies the trial's newest checkpoint under the named one; nothing else is touched."""
+    from sweeps import tune_store
+
+    run = tmp_path / "smoke-leave-one-out-20261208-033912-1"
+    (run / "experiment_state-2026-12-08_03-39-12.json").parent.mkdir()
+    (run / "experiment_state-2026-12-08_03-39-12.json").write_text(
+        json.dumps({"trials": [["full_0", "{\"path\": \"full_0/checkpoint_000001\"}"], ["rigl_2", "checkpoint_000000"]]}))
+    for trial, names in (("full_0", ("checkpoint_000002", "checkpoint_000003")), ("rigl_2", ()),
+                         ("base_1", ("checkpoint_000000",))):
+        (run / trial).mkdir()
+        for i, name in enumerate(names):
+            (run / trial / name).mkdir()
+            (run / trial / name / "state_abc.pt").write_bytes(bytes([i]) * 8)
+    # the names are read from the whole state, not per trial: full_0 also gets rigl_2's checkpoint_000000 (a
+    # harmless copy of its newest, older by number, so never Tune's pick; deleted with the rest when it finishes)
+    assert tune_store.refill_checkpoints(str(run)) == 2
+    assert sorted(p.name for p in (run / "full_0").iterdir()) == [f"checkpoint_00000{i}" for i in (0, 1, 2, 3)]
+    assert (run / "full_0" / "checkpoint_000001" / "state_abc.pt").read_bytes() == bytes([1]) * 8  # the newest
+    assert not list((run / "rigl_2").iterdir())  # no checkpoint of its own: Tune starts it afresh, as before
+    assert sorted(p.name for p in (run / "base_1").iterdir()) == ["checkpoint_000000"]  # it has the one named
+    assert tune_store.refill_checkpoints(str(run)) == 0  # nothing left to refill
+    assert tune_store.refill_checkpoints(str(tmp_path / "no-such-run")) == 0
+
+
 def test_a_local_runtime_starts_with_token_auth_and_without_its_warning(tmp_path):
     code = ("import os\nfrom sweeps import launch\nlaunch.connect(num_cpus=1)\n"
             "print('mode', os.environ.get('RAY_AUTH_MODE'))\nlaunch.shutdown()\n")
