@@ -35,13 +35,13 @@ def parents(client, experiment_ids: Iterable[str], sweep: str) -> list:
 
 
 def read_members(client, run_id: str) -> set[str]:
-    """The run_keys listed on parent run ``run_id`` (empty if it lists none); anything but a list of run_keys in
-    the file is refused (it is read from a store others write to)."""
+    """The run_keys listed on parent run ``run_id`` (empty if it has no list); anything but a list of run_keys in
+    the file is refused (it is read from a store others write to). A list that exists but cannot be read raises
+    (MLflow's error): ``add_members`` must never take an unreadable list for an empty one and write over it."""
+    if MEMBERS_ARTIFACT not in {a.path for a in client.list_artifacts(run_id)}:
+        return set()
     with tempfile.TemporaryDirectory() as tmp, no_progress_bars():
-        try:
-            path = client.download_artifacts(run_id, MEMBERS_ARTIFACT, tmp)
-        except Exception:  # noqa: BLE001 - MLflow raises different types per artifact store; no file: no list
-            return set()
+        path = client.download_artifacts(run_id, MEMBERS_ARTIFACT, tmp)
         if os.path.getsize(path) > 16 * 2**20:
             raise ValueError(f"{MEMBERS_ARTIFACT} of sweep run {run_id} is over 16 MiB: not a list of run_keys")
         with open(path) as f:

@@ -119,7 +119,7 @@ def test_resume_restores_the_newest_run_of_the_same_trial_set(tmp_path):
 def test_resume_refills_a_checkpoint_tunes_state_names_but_had_deleted(tmp_path):
     """Seen in CI: the driver was killed after Tune deleted a trial's checkpoint_000001 (num_to_keep) and before
     its next snapshot of the experiment state, which still named it; Ray's restore of that trial then failed.
-    The refill copies the trial's newest checkpoint under the named one; nothing else is touched."""
+    The refill copies the trial's newest checkpoint under a missing name older than it; no other file changes."""
     from sweeps import tune_store
 
     run = tmp_path / "smoke-leave-one-out-20261208-033912-1"
